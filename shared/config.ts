@@ -1,0 +1,179 @@
+/**
+ * Config loading helpers used by both daemons: read a JSON file once, check
+ * every field, report every problem at once (file + field), freeze the result.
+ * Secrets come from a file, an environment variable or (macOS) the Keychain,
+ * never inline in the config, and are never echoed back in errors or logs.
+ */
+import { readFileSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { dirname, isAbsolute, resolve } from "node:path";
+
+export class ConfigError extends Error {
+  readonly problems: string[];
+  constructor(file: string, problems: string[]) {
+    super(`invalid config ${file}:\n  - ${problems.join("\n  - ")}`);
+    this.name = "ConfigError";
+    this.problems = problems;
+  }
+}
+
+type Obj = Record<string, unknown>;
+
+/** Collects problems while reading typed fields out of an untyped object. */
+export class Checker {
+  readonly problems: string[] = [];
+  constructor(readonly file: string) {}
+
+  problem(field: string, msg: string): void {
+    this.problems.push(`${field}: ${msg}`);
+  }
+
+  object(v: unknown, field: string): Obj {
+    if (typeof v === "object" && v !== null && !Array.isArray(v)) return v as Obj;
+    this.problem(field, "must be an object");
+    return {};
+  }
+
+  /** Reports keys that no reader asked for (a typo must not silently fall back to a default). */
+  noUnknown(o: Obj, field: string, known: string[]): void {
+    for (const k of Object.keys(o)) if (!known.includes(k)) this.problem(field ? `${field}.${k}` : k, "unknown field");
+  }
+
+  string(o: Obj, key: string, field: string, opts: { default?: string; pattern?: RegExp; min?: number; max?: number; hint?: string } = {}): string {
+    const v = o[key];
+    const f = field ? `${field}.${key}` : key;
+    if (v === undefined) {
+      if (opts.default !== undefined) return opts.default;
+      this.problem(f, "is required");
+      return "";
+    }
+    if (typeof v !== "string") {
+      this.problem(f, "must be a string");
+      return "";
+    }
+    if (opts.min !== undefined && v.length < opts.min) this.problem(f, `must be at least ${opts.min} characters`);
+    if (opts.max !== undefined && v.length > opts.max) this.problem(f, `must be at most ${opts.max} characters`);
+    if (opts.pattern && !opts.pattern.test(v)) this.problem(f, `must match ${opts.hint ?? opts.pattern}`);
+    return v;
+  }
+
+  optionalString(o: Obj, key: string, field: string): string | undefined {
+    return o[key] === undefined ? undefined : this.string(o, key, field);
+  }
+
+  int(o: Obj, key: string, field: string, opts: { default?: number; min?: number; max?: number } = {}): number {
+    const v = o[key];
+    const f = field ? `${field}.${key}` : key;
+    if (v === undefined) {
+      if (opts.default !== undefined) return opts.default;
+      this.problem(f, "is required");
+      return 0;
+    }
+    if (typeof v !== "number" || !Number.isInteger(v)) {
+      this.problem(f, "must be an integer");
+      return opts.default ?? 0;
+    }
+    if (opts.min !== undefined && v < opts.min) this.problem(f, `must be >= ${opts.min}`);
+    if (opts.max !== undefined && v > opts.max) this.problem(f, `must be <= ${opts.max}`);
+    return v;
+  }
+
+  bool(o: Obj, key: string, field: string, def: boolean): boolean {
+    const v = o[key];
+    if (v === undefined) return def;
+    if (typeof v !== "boolean") this.problem(field ? `${field}.${key}` : key, "must be true or false");
+    return v === true;
+  }
+
+  array(o: Obj, key: string, field: string, opts: { min?: number; optional?: boolean } = {}): unknown[] {
+    const v = o[key];
+    const f = field ? `${field}.${key}` : key;
+    if (v === undefined && opts.optional) return [];
+    if (!Array.isArray(v)) {
+      this.problem(f, "must be an array");
+      return [];
+    }
+    if (opts.min !== undefined && v.length < opts.min) this.problem(f, `must have at least ${opts.min} entries`);
+    return v;
+  }
+
+  /** A path; relative paths are taken from the config file's folder. */
+  path(o: Obj, key: string, field: string, def?: string): string {
+    const p = this.string(o, key, field, def === undefined ? {} : { default: def });
+    return p === "" ? p : isAbsolute(p) ? p : resolve(dirname(this.file), p);
+  }
+
+  /**
+   * A secret reference: {"file": path} | {"env": NAME} | {"keychain": {"service", "account"}}.
+   * Returns the secret's value; problems name the field, never the value.
+   */
+  secret(o: Obj, key: string, field: string, env: NodeJS.ProcessEnv = process.env): string {
+    const f = field ? `${field}.${key}` : key;
+    const ref = o[key];
+    if (typeof ref === "string") {
+      this.problem(f, 'must reference a secret ({"file": …}, {"env": …} or {"keychain": …}), not hold it inline');
+      return "";
+    }
+    const r = this.object(ref, f);
+    const kinds = ["file", "env", "keychain"].filter((k) => r[k] !== undefined);
+    if (kinds.length !== 1) {
+      this.problem(f, 'must have exactly one of "file", "env", "keychain"');
+      return "";
+    }
+    try {
+      if (r.file !== undefined) {
+        const p = this.path(r, "file", f);
+        return readFileSync(p, "utf8").replace(/\r?\n$/, "");
+      }
+      if (r.env !== undefined) {
+        const name = this.string(r, "env", f);
+        const v = env[name];
+        if (v === undefined || v === "") this.problem(f, `environment variable ${name} is not set`);
+        return v ?? "";
+      }
+      const kc = this.object(r.keychain, `${f}.keychain`);
+      const service = this.string(kc, "service", `${f}.keychain`);
+      const account = this.string(kc, "account", `${f}.keychain`);
+      if (process.platform !== "darwin") {
+        this.problem(`${f}.keychain`, "the Keychain is only available on macOS");
+        return "";
+      }
+      return execFileSync("/usr/bin/security", ["find-generic-password", "-a", account, "-s", service, "-w"], {
+        encoding: "utf8",
+        stdio: ["ignore", "pipe", "ignore"],
+      }).replace(/\n$/, "");
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      this.problem(f, `cannot read the secret (${code ?? "lookup failed"})`);
+      return "";
+    }
+  }
+
+  /** Throws one ConfigError listing every problem, if any. */
+  done(): void {
+    if (this.problems.length > 0) throw new ConfigError(this.file, this.problems);
+  }
+}
+
+/** Reads and parses a JSON config file; a read or parse failure is a ConfigError. */
+export function readJsonFile(file: string): unknown {
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch (err) {
+    throw new ConfigError(file, [`cannot read file (${(err as NodeJS.ErrnoException).code ?? "error"})`]);
+  }
+  try {
+    return JSON.parse(text);
+  } catch (err) {
+    throw new ConfigError(file, [`not valid JSON (${(err as Error).message})`]);
+  }
+}
+
+export function deepFreeze<T>(o: T): T {
+  if (typeof o === "object" && o !== null && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o)) deepFreeze(v);
+  }
+  return o;
+}
