@@ -1,0 +1,115 @@
+/**
+ * `xks-agent` command line.
+ *
+ *   xks-agent run          --config FILE                 start the daemon
+ *   xks-agent keys create  --config FILE --label L [--usage encrypt,decrypt|encrypt|decrypt|none]
+ *   xks-agent keys list    --config FILE
+ *   xks-agent keys disable|enable --config FILE --label L   per-key switch (metadata DISABLED, crypto refused)
+ *   xks-agent pause|resume --config FILE                 cut KMS off / let it back in, at once
+ *   xks-agent audit verify --config FILE                 check the audit log's hash chain
+ */
+import { parseArgs } from "node:util";
+import { ConfigError } from "../shared/config.ts";
+import { createLogger } from "../shared/logging.ts";
+import { errorMessage } from "../shared/errors.ts";
+import { verifyAuditLog } from "./audit.ts";
+import { loadAgentConfig, type AgentConfig } from "./config.ts";
+import { Controls } from "./controls.ts";
+import { Hsm } from "./hsm/hsm.ts";
+import { createKey, describeKey, parseUsage } from "./keys.ts";
+import { runAgent } from "./main.ts";
+
+const USAGE = `usage:
+  xks-agent run --config FILE
+  xks-agent keys create --config FILE --label LABEL [--usage encrypt,decrypt]
+  xks-agent keys list --config FILE
+  xks-agent keys disable|enable --config FILE --label LABEL
+  xks-agent pause|resume --config FILE
+  xks-agent audit verify --config FILE`;
+
+function withHsm<T>(config: AgentConfig, fn: (hsm: Hsm) => T): T {
+  const hsm = new Hsm(config.pkcs11, createLogger({ level: "warn", name: "xks-agent" }, process.stderr));
+  try {
+    hsm.open();
+    return fn(hsm);
+  } finally {
+    hsm.close();
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      config: { type: "string", short: "c" },
+      label: { type: "string" },
+      usage: { type: "string", default: "encrypt,decrypt" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  const [cmd, sub] = positionals;
+  if (values.help || !cmd) {
+    console.log(USAGE);
+    return values.help ? 0 : 2;
+  }
+  if (!values.config) {
+    console.error("--config FILE is required\n" + USAGE);
+    return 2;
+  }
+  let config: AgentConfig;
+  try {
+    config = loadAgentConfig(values.config);
+  } catch (err) {
+    console.error(err instanceof ConfigError ? err.message : `cannot load config: ${errorMessage(err)}`);
+    return 2;
+  }
+  const needLabel = () => {
+    if (!values.label) throw new Error("--label LABEL is required");
+    return values.label;
+  };
+  switch (`${cmd}${sub ? " " + sub : ""}`) {
+    case "run": {
+      const agent = await runAgent(config);
+      await new Promise<void>((resolve) => {
+        const onSignal = (sig: string) => {
+          agent.log.info({ signal: sig }, "signal received");
+          void agent.stop().then(resolve);
+        };
+        process.once("SIGTERM", onSignal);
+        process.once("SIGINT", onSignal);
+      });
+      return 0;
+    }
+    case "keys create": {
+      const label = needLabel();
+      const info = withHsm(config, (hsm) => createKey(hsm, label, parseUsage(values.usage!)));
+      console.log(JSON.stringify(describeKey(info)));
+      return 0;
+    }
+    case "keys list": {
+      for (const k of withHsm(config, (hsm) => hsm.listKeys())) console.log(JSON.stringify(describeKey(k)));
+      return 0;
+    }
+    case "keys disable":
+    case "keys enable": {
+      new Controls(config.stateFile).setKeyDisabled(needLabel(), sub === "disable");
+      console.log(`key ${values.label} ${sub}d`);
+      return 0;
+    }
+    case "pause":
+    case "resume": {
+      new Controls(config.stateFile).setPaused(cmd === "pause");
+      console.log(cmd === "pause" ? "paused: KMS requests are refused" : "resumed");
+      return 0;
+    }
+    case "audit verify": {
+      const r = verifyAuditLog(config.auditLog);
+      console.log(r.ok ? `audit log intact: ${r.records} records` : `audit log BROKEN at line ${r.line}: ${r.why}`);
+      return r.ok ? 0 : 1;
+    }
+    default:
+      console.error(`unknown command: ${positionals.join(" ")}\n${USAGE}`);
+      return 2;
+  }
+}

@@ -1,0 +1,294 @@
+/**
+ * The agent's PKCS#11 session owner: loads the module with pkcs11js, finds the
+ * token by label, logs in, keeps one session and a cache of key handles, and
+ * recovers from failures according to agent/hsm/ckr.ts.
+ *
+ * Calls are synchronous on purpose. SoftHSM answers EncryptInit+Encrypt in
+ * tens of microseconds, and pkcs11js's async variants have an open
+ * use-after-free report (pkcs11js#121). With sync calls the JS thread
+ * serialises every operation, so one session is enough and CKR_OPERATION_ACTIVE
+ * cannot happen between callers.
+ */
+import pkcs11js from "pkcs11js"; // NOT `import * as`: under ESM that loses every constant
+import { AgentError } from "../../shared/errors.ts";
+import type { Logger } from "../../shared/logging.ts";
+import { classifyCkr } from "./ckr.ts";
+
+export interface HsmConfig {
+  /** Path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so */
+  module: string;
+  /** Label of the token (slot IDs change on SoftHSM; never use a slot number). */
+  tokenLabel: string;
+  /** The user PIN. Never logged. */
+  pin: string;
+}
+
+export interface KeyInfo {
+  label: string;
+  handle: pkcs11js.Handle;
+  keyType: number;
+  /** Key length in bytes (CKA_VALUE_LEN). */
+  valueLen: number;
+  usage: { encrypt: boolean; decrypt: boolean; sign: boolean; verify: boolean; wrap: boolean; unwrap: boolean; derive: boolean };
+}
+
+export interface TokenInfo {
+  label: string;
+  manufacturer: string;
+  model: string;
+  serial: string;
+}
+
+const CKR_USER_ALREADY_LOGGED_IN = 0x100;
+const CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191;
+
+function ckrOf(err: unknown): number | undefined {
+  if (err instanceof pkcs11js.Pkcs11Error) return err.code;
+  return undefined;
+}
+
+function flag(attr: pkcs11js.Attribute | undefined): boolean {
+  const v = attr?.value;
+  return Buffer.isBuffer(v) ? v.length > 0 && v[0] !== 0 : v === true;
+}
+
+function ulong(attr: pkcs11js.Attribute | undefined): number {
+  const v = attr?.value;
+  if (!Buffer.isBuffer(v) || v.length === 0) return -1;
+  // CK_ULONG in host byte order; 8 bytes on 64-bit, 4 on 32-bit.
+  return v.length >= 8 ? Number(v.readBigUInt64LE(0)) : v.readUInt32LE(0);
+}
+
+export class Hsm {
+  private p11: pkcs11js.PKCS11 | undefined;
+  private initialized = false;
+  private session: pkcs11js.Handle | undefined;
+  private slot: pkcs11js.Handle | undefined;
+  private readonly keys = new Map<string, KeyInfo>();
+  private token: TokenInfo | undefined;
+  /** Counters for health and the dashboard. */
+  readonly stats = { reinitializations: 0, sessionsOpened: 0 };
+
+  constructor(
+    private readonly cfg: HsmConfig,
+    private readonly log: Logger,
+  ) {}
+
+  /** Opens the module, the token and a logged-in session. Throws AgentError(HSM_UNAVAILABLE) on failure. */
+  open(): void {
+    this.ensureSession();
+  }
+
+  /** Closes the session, logs out and finalizes the module. Safe to call twice. */
+  close(): void {
+    this.dropSession();
+    if (this.p11 && this.initialized) {
+      try {
+        this.p11.C_Finalize();
+      } catch {
+        /* already gone */
+      }
+    }
+    this.initialized = false;
+    try {
+      this.p11?.close();
+    } catch {
+      /* already closed */
+    }
+    this.p11 = undefined;
+  }
+
+  tokenInfo(): TokenInfo {
+    this.ensureSession();
+    return this.token!;
+  }
+
+  /**
+   * Runs `fn` on the session. A PKCS#11 failure is classified once (ckr.ts):
+   * caller errors keep the session, session errors drop it (and the key cache),
+   * device errors re-initialize the module. After a session or device failure
+   * the operation is tried once more on a fresh session, since a cached handle
+   * or a session that went bad is not the caller's fault.
+   */
+  run<T>(what: string, fn: (p11: pkcs11js.PKCS11, session: pkcs11js.Handle) => T, opts: { inDecrypt?: boolean } = {}): T {
+    for (let attempt = 1; ; attempt++) {
+      const session = this.ensureSession();
+      try {
+        return fn(this.p11!, session);
+      } catch (err) {
+        if (err instanceof AgentError) throw err;
+        const code = ckrOf(err);
+        if (code === undefined) throw new AgentError("INTERNAL", `${what}: ${(err as Error).message}`, { cause: err });
+        const rule = classifyCkr(code, opts.inDecrypt);
+        const scope = opts.inDecrypt && rule.decryptReason ? "caller" : rule.scope;
+        if (scope === "caller") throw new AgentError(rule.effectiveReason, `${what}: ${rule.name}`);
+        this.log.warn({ what, ckr: rule.name, scope, attempt }, "PKCS#11 failure; recovering");
+        if (scope === "device") this.reinitialize();
+        else this.dropSession();
+        if (attempt >= 2) throw new AgentError(rule.effectiveReason, `${what}: ${rule.name}`);
+      }
+    }
+  }
+
+  /** Finds a secret key by label (= XKS externalKeyId), reading its attributes once and caching them. */
+  key(label: string): KeyInfo {
+    const cached = this.keys.get(label);
+    if (cached) return cached;
+    const info = this.run("find key", (p11, s) => {
+      p11.C_FindObjectsInit(s, [
+        { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
+        { type: pkcs11js.CKA_TOKEN, value: true },
+        { type: pkcs11js.CKA_LABEL, value: label },
+      ]);
+      let found: pkcs11js.Handle[];
+      try {
+        found = p11.C_FindObjects(s, 2);
+      } finally {
+        // Without C_FindObjectsFinal SoftHSM answers CKR_OPERATION_ACTIVE to the next call.
+        p11.C_FindObjectsFinal(s);
+      }
+      if (found.length === 0) throw new AgentError("KEY_NOT_FOUND", `no secret key labelled ${JSON.stringify(label)}`);
+      if (found.length > 1) throw new AgentError("INVALID_STATE", `more than one secret key labelled ${JSON.stringify(label)}`);
+      return this.readKey(p11, s, label, found[0]);
+    });
+    this.keys.set(label, info);
+    return info;
+  }
+
+  /** Lists every secret key on the token (for `xks-agent keys list`). */
+  listKeys(): KeyInfo[] {
+    return this.run("list keys", (p11, s) => {
+      p11.C_FindObjectsInit(s, [{ type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY }]);
+      const handles: pkcs11js.Handle[] = [];
+      try {
+        for (let batch = p11.C_FindObjects(s, 64); batch.length > 0; batch = p11.C_FindObjects(s, 64)) handles.push(...batch);
+      } finally {
+        p11.C_FindObjectsFinal(s);
+      }
+      return handles.map((h) => {
+        const [l] = p11.C_GetAttributeValue(s, h, [{ type: pkcs11js.CKA_LABEL }]);
+        return this.readKey(p11, s, Buffer.isBuffer(l.value) ? l.value.toString("utf8") : String(l.value ?? ""), h);
+      });
+    });
+  }
+
+  /** Forgets cached key handles (after a key was created or deleted). */
+  forgetKeys(): void {
+    this.keys.clear();
+  }
+
+  private readKey(p11: pkcs11js.PKCS11, s: pkcs11js.Handle, label: string, handle: pkcs11js.Handle): KeyInfo {
+    const attrs = p11.C_GetAttributeValue(s, handle, [
+      { type: pkcs11js.CKA_KEY_TYPE },
+      { type: pkcs11js.CKA_ENCRYPT },
+      { type: pkcs11js.CKA_DECRYPT },
+      { type: pkcs11js.CKA_SIGN },
+      { type: pkcs11js.CKA_VERIFY },
+      { type: pkcs11js.CKA_WRAP },
+      { type: pkcs11js.CKA_UNWRAP },
+      { type: pkcs11js.CKA_DERIVE },
+    ]);
+    let valueLen = -1;
+    try {
+      valueLen = ulong(p11.C_GetAttributeValue(s, handle, [{ type: pkcs11js.CKA_VALUE_LEN }])[0]);
+    } catch (err) {
+      // Keys without CKA_VALUE_LEN (e.g. DES3) answer CKR_ATTRIBUTE_TYPE_INVALID: not an AES key anyway.
+      if (ckrOf(err) === undefined) throw err;
+    }
+    return {
+      label,
+      handle,
+      keyType: ulong(attrs[0]),
+      valueLen,
+      usage: {
+        encrypt: flag(attrs[1]),
+        decrypt: flag(attrs[2]),
+        sign: flag(attrs[3]),
+        verify: flag(attrs[4]),
+        wrap: flag(attrs[5]),
+        unwrap: flag(attrs[6]),
+        derive: flag(attrs[7]),
+      },
+    };
+  }
+
+  private ensureSession(): pkcs11js.Handle {
+    if (this.session !== undefined) return this.session;
+    try {
+      if (!this.p11) {
+        this.p11 = new pkcs11js.PKCS11();
+        this.p11.load(this.cfg.module);
+      }
+      if (!this.initialized) {
+        try {
+          // CKF_OS_LOCKING_OK: without it SoftHSM runs without mutexes (field notes, gotcha 2).
+          this.p11.C_Initialize({ flags: pkcs11js.CKF_OS_LOCKING_OK });
+        } catch (err) {
+          if (ckrOf(err) !== CKR_CRYPTOKI_ALREADY_INITIALIZED) throw err;
+        }
+        this.initialized = true;
+      }
+      const p11 = this.p11;
+      this.slot = p11.C_GetSlotList(true).find((slot) => p11.C_GetTokenInfo(slot).label.trim() === this.cfg.tokenLabel);
+      if (this.slot === undefined) throw new AgentError("HSM_UNAVAILABLE", `no token labelled ${JSON.stringify(this.cfg.tokenLabel)}`);
+      const ti = p11.C_GetTokenInfo(this.slot);
+      this.token = {
+        label: ti.label.trim(),
+        manufacturer: ti.manufacturerID.trim(),
+        model: ti.model.trim(),
+        serial: ti.serialNumber.trim(),
+      };
+      const session = p11.C_OpenSession(this.slot, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
+      try {
+        p11.C_Login(session, pkcs11js.CKU_USER, this.cfg.pin);
+      } catch (err) {
+        if (ckrOf(err) !== CKR_USER_ALREADY_LOGGED_IN) {
+          try {
+            p11.C_CloseSession(session);
+          } catch {
+            /* ignore */
+          }
+          throw err;
+        }
+      }
+      this.session = session;
+      this.stats.sessionsOpened++;
+      this.log.info({ tokenLabel: this.token.label, serial: this.token.serial }, "HSM session open");
+      return session;
+    } catch (err) {
+      if (err instanceof AgentError) throw err;
+      const code = ckrOf(err);
+      const detail = code === undefined ? (err as Error).message : classifyCkr(code).name;
+      // A failed open may leave the module half-initialized: start from scratch next time.
+      this.reinitialize();
+      throw new AgentError("HSM_UNAVAILABLE", `cannot open the HSM: ${detail}`, { cause: err });
+    }
+  }
+
+  private dropSession(): void {
+    this.keys.clear();
+    const s = this.session;
+    this.session = undefined;
+    if (s === undefined || !this.p11) return;
+    try {
+      this.p11.C_CloseSession(s);
+    } catch {
+      /* the session may already be gone */
+    }
+  }
+
+  /** C_Finalize and forget everything; the next call initializes the module again. */
+  private reinitialize(): void {
+    this.keys.clear();
+    this.session = undefined;
+    if (this.p11 && this.initialized) {
+      try {
+        this.p11.C_Finalize();
+      } catch {
+        /* ignore */
+      }
+    }
+    this.initialized = false;
+    this.stats.reinitializations++;
+  }
+}

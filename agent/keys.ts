@@ -1,0 +1,56 @@
+/**
+ * Key administration for `xks-agent keys …`: AES-256 token keys that are
+ * sensitive and never extractable, with the usage the owner chooses, so that
+ * encrypt-only, decrypt-only and no-usage keys can be made.
+ */
+import pkcs11js from "pkcs11js";
+import { AgentError } from "../shared/errors.ts";
+import type { Hsm, KeyInfo } from "./hsm/hsm.ts";
+
+export type KeyUsage = "encrypt" | "decrypt";
+export const ALL_USAGES: readonly KeyUsage[] = ["encrypt", "decrypt"];
+
+export function parseUsage(text: string): KeyUsage[] {
+  if (text === "" || text === "none") return [];
+  const parts = text.split(",").map((s) => s.trim().toLowerCase());
+  for (const p of parts) if (!ALL_USAGES.includes(p as KeyUsage)) throw new Error(`unknown usage ${JSON.stringify(p)} (use encrypt, decrypt or none)`);
+  return [...new Set(parts)] as KeyUsage[];
+}
+
+export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): KeyInfo {
+  if (!/^[a-zA-Z0-9._-]{1,128}$/.test(label)) throw new Error("a key label must be 1-128 characters of a-z A-Z 0-9 . _ - (the XKS key id rules)");
+  try {
+    hsm.key(label);
+    throw new AgentError("INVALID_STATE", `a key labelled ${label} already exists`);
+  } catch (err) {
+    if (!(err instanceof AgentError) || err.reason !== "KEY_NOT_FOUND") throw err;
+  }
+  hsm.run("generate key", (p11, s) =>
+    p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, [
+      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
+      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
+      { type: pkcs11js.CKA_VALUE_LEN, value: 32 },
+      { type: pkcs11js.CKA_LABEL, value: label },
+      { type: pkcs11js.CKA_TOKEN, value: true },
+      { type: pkcs11js.CKA_PRIVATE, value: true },
+      { type: pkcs11js.CKA_SENSITIVE, value: true },
+      { type: pkcs11js.CKA_EXTRACTABLE, value: false },
+      { type: pkcs11js.CKA_MODIFIABLE, value: false },
+      { type: pkcs11js.CKA_ENCRYPT, value: usage.includes("encrypt") },
+      { type: pkcs11js.CKA_DECRYPT, value: usage.includes("decrypt") },
+      { type: pkcs11js.CKA_SIGN, value: false },
+      { type: pkcs11js.CKA_VERIFY, value: false },
+      { type: pkcs11js.CKA_WRAP, value: false },
+      { type: pkcs11js.CKA_UNWRAP, value: false },
+      { type: pkcs11js.CKA_DERIVE, value: false },
+    ]),
+  );
+  hsm.forgetKeys();
+  return hsm.key(label);
+}
+
+export function describeKey(k: KeyInfo): { label: string; type: string; bits: number; usage: string[] } {
+  const type = k.keyType === pkcs11js.CKK_AES ? "AES" : `0x${k.keyType.toString(16)}`;
+  const usage = Object.entries(k.usage).filter(([, on]) => on).map(([n]) => n);
+  return { label: k.label, type, bits: k.valueLen > 0 ? k.valueLen * 8 : 0, usage };
+}

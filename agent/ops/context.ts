@@ -1,0 +1,41 @@
+import type { Hsm, KeyInfo } from "../hsm/hsm.ts";
+import { AgentError } from "../../shared/errors.ts";
+
+/** What every operation gets: the HSM and the agent's own settings. */
+export interface OpContext {
+  hsm: Hsm;
+  /** Ciphertext metadata returned by Encrypt (<= 20 bytes, may be empty). */
+  ciphertextMetadata: Buffer;
+  /** Label of the dedicated health-check key. */
+  healthKey: string;
+  /** Stable id of this agent/HSM for ekmFleetDetails. */
+  agentId: string;
+  /** Labels the owner has disabled: metadata reports DISABLED, crypto is refused. */
+  isKeyDisabled(label: string): boolean;
+}
+
+const CKK_AES = 0x1f;
+
+/**
+ * The key for a crypto operation: it must exist, be AES-256, be enabled by
+ * the owner and allow every usage in `needs` (from its own attributes).
+ */
+export function usableKey(ctx: OpContext, label: string, needs: Array<"encrypt" | "decrypt">): KeyInfo {
+  const key = ctx.hsm.key(label);
+  assertAes256(key);
+  if (ctx.isKeyDisabled(label)) throw new AgentError("INVALID_STATE", `key ${label} is disabled by the owner`);
+  for (const n of needs) {
+    if (!key.usage[n]) throw new AgentError("INVALID_KEY_USAGE", `key ${label} does not allow ${n} (CKA_${n.toUpperCase()} is false)`);
+  }
+  return key;
+}
+
+/** Only AES-256 keys are XKS keys; anything else is refused with a clear reason, never a wrong answer. */
+export function assertAes256(key: KeyInfo): void {
+  if (key.keyType !== CKK_AES) {
+    throw new AgentError("INVALID_KEY_USAGE", `key ${key.label} is not an AES key (CKA_KEY_TYPE 0x${key.keyType.toString(16)})`);
+  }
+  if (key.valueLen !== 32) {
+    throw new AgentError("INVALID_KEY_USAGE", `key ${key.label} is AES-${key.valueLen * 8}, XKS needs AES-256`);
+  }
+}

@@ -1,0 +1,54 @@
+import { randomBytes } from "node:crypto";
+import { AgentError, errorMessage } from "../../shared/errors.ts";
+import type { GetHealthStatusResponse } from "../../shared/proto.ts";
+import { VERSION } from "../../shared/version.ts";
+import { decrypt } from "./decrypt.ts";
+import { encrypt } from "./encrypt.ts";
+import type { OpContext } from "./context.ts";
+
+const NO_METADATA = null;
+
+/**
+ * Deep health (spec §1.7): a real encrypt + decrypt on the dedicated health
+ * key, so ACTIVE means an immediately following crypto call would work.
+ * A token that answers but whose health key is unusable is DEGRADED; an HSM
+ * that cannot be reached is UNAVAILABLE.
+ */
+export function getHealthStatus(ctx: OpContext): GetHealthStatusResponse {
+  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false };
+  let token;
+  try {
+    token = ctx.hsm.tokenInfo();
+  } catch (err) {
+    return { ...base, state: "UNAVAILABLE", tokenManufacturer: "", tokenModel: "", tokenSerial: "", tokenLabel: "", detail: short(err) };
+  }
+  const tokenFields = {
+    tokenManufacturer: token.manufacturer,
+    tokenModel: token.model,
+    tokenSerial: token.serial,
+    tokenLabel: token.label,
+  };
+  try {
+    const probe = randomBytes(32);
+    const aad = Buffer.from("xks-agent health check");
+    const enc = encrypt(ctx, { metadata: NO_METADATA, keyId: ctx.healthKey, plaintext: probe, aad, wantIntegrityValue: false });
+    const dec = decrypt(ctx, {
+      metadata: NO_METADATA,
+      keyId: ctx.healthKey,
+      ciphertext: enc.ciphertext,
+      iv: enc.iv,
+      tag: enc.tag,
+      aad,
+      ciphertextMetadata: enc.ciphertextMetadata,
+    });
+    if (!dec.plaintext.equals(probe)) return { ...base, ...tokenFields, state: "DEGRADED", detail: "health round trip mismatch" };
+    return { ...base, ...tokenFields, state: "ACTIVE", detail: "" };
+  } catch (err) {
+    const unavailable = err instanceof AgentError && err.reason === "HSM_UNAVAILABLE";
+    return { ...base, ...tokenFields, state: unavailable ? "UNAVAILABLE" : "DEGRADED", detail: short(err) };
+  }
+}
+
+function short(err: unknown): string {
+  return errorMessage(err).replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
+}

@@ -1,0 +1,214 @@
+/**
+ * The agent's gRPC service: authenticates the proxy, applies the owner's
+ * switches, runs one XKS operation per call and maps failures to a gRPC status
+ * plus the machine-readable `xks-reason` (shared/errors.ts REASONS).
+ * Transport only: the crypto lives in agent/ops/.
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import { chmodSync, lstatSync, mkdirSync, statSync, unlinkSync } from "node:fs";
+import { dirname } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import {
+  AGENT_TOKEN_METADATA_KEY,
+  AgentError,
+  REASON_METADATA_KEY,
+  REASONS,
+  errorMessage,
+} from "../shared/errors.ts";
+import type { Logger } from "../shared/logging.ts";
+import { XksAgentService, type RequestMetadata } from "../shared/proto.ts";
+import type { OpContext } from "./ops/context.ts";
+import { decrypt } from "./ops/decrypt.ts";
+import { encrypt } from "./ops/encrypt.ts";
+import { getHealthStatus } from "./ops/get-health-status.ts";
+import { getKeyMetadata } from "./ops/get-key-metadata.ts";
+import type { Controls } from "./controls.ts";
+
+export type OperationName = "GetHealthStatus" | "GetKeyMetadata" | "Encrypt" | "Decrypt";
+
+/** One record per operation: what the log line, the audit trail and the dashboard receive. Never payloads. */
+export interface OperationRecord {
+  time: string;
+  operation: OperationName;
+  kmsRequestId: string;
+  kmsOperation: string;
+  keyId: string;
+  principal: string;
+  kmsKeyArn: string;
+  viaService: string;
+  sourceVpc: string;
+  sourceVpce: string;
+  keyStore: string;
+  result: string; // "OK" or a reason name or "UNAUTHENTICATED"
+  latencyMs: number;
+}
+
+export interface AgentServiceDeps {
+  ctx: OpContext;
+  /** The credential the proxy must present on every call. */
+  token: string;
+  controls: Controls;
+  log: Logger;
+  /** Called once per finished operation (audit log, dashboard feed). */
+  onOperation?: (rec: OperationRecord) => void;
+}
+
+const digest = (s: string | Buffer) => createHash("sha256").update(s).digest();
+
+/** Constant-time check of the caller's token (hash first so lengths never leak). */
+export function tokenMatches(expected: string, presented: unknown): boolean {
+  if (typeof presented !== "string" || presented.length === 0) return false;
+  return timingSafeEqual(digest(expected), digest(presented));
+}
+
+interface Described {
+  keyId: string;
+  metadata: RequestMetadata | null;
+  kmsRequestId?: string;
+  kmsOperation?: string;
+}
+
+export function createAgentService(deps: AgentServiceDeps): grpc.UntypedServiceImplementation {
+  const { ctx, controls, log } = deps;
+
+  function unary<Req extends Described, Res>(
+    operation: OperationName,
+    run: (req: Req) => Res,
+    opts: { pausable: boolean },
+  ): grpc.handleUnaryCall<Req, Res> {
+    return (call, callback) => {
+      const started = process.hrtime.bigint();
+      const req = call.request;
+      const m = req.metadata;
+      const rec: Omit<OperationRecord, "result" | "latencyMs"> = {
+        time: new Date().toISOString(),
+        operation,
+        kmsRequestId: m?.kmsRequestId ?? req.kmsRequestId ?? "",
+        kmsOperation: m?.kmsOperation ?? req.kmsOperation ?? "",
+        keyId: req.keyId ?? "",
+        principal: m?.awsPrincipalArn ?? "",
+        kmsKeyArn: m?.kmsKeyArn ?? "",
+        viaService: m?.kmsViaService ?? "",
+        sourceVpc: m?.awsSourceVpc ?? "",
+        sourceVpce: m?.awsSourceVpce ?? "",
+        keyStore: m?.keyStore ?? "",
+      };
+      const finish = (result: string, detail?: string) => {
+        const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
+        const full: OperationRecord = { ...rec, result, latencyMs: Math.round(latencyMs * 1000) / 1000 };
+        const level = result === "OK" ? "info" : result === "INTERNAL" || result === "HSM_UNAVAILABLE" ? "error" : "warn";
+        log[level](
+          {
+            op: operation,
+            kmsRequestId: full.kmsRequestId,
+            kmsOperation: full.kmsOperation,
+            key: full.keyId,
+            principal: full.principal,
+            keyStore: full.keyStore,
+            latencyMs: full.latencyMs,
+            result,
+            ...(detail ? { detail } : {}),
+          },
+          "operation",
+        );
+        deps.onOperation?.(full);
+      };
+
+      if (!tokenMatches(deps.token, call.metadata.get(AGENT_TOKEN_METADATA_KEY)[0])) {
+        finish("UNAUTHENTICATED");
+        callback({ code: grpc.status.UNAUTHENTICATED, details: "missing or wrong agent token" });
+        return;
+      }
+      let res: Res;
+      try {
+        if (opts.pausable && controls.paused) throw new AgentError("INVALID_STATE", "the owner has paused the agent");
+        res = run(req);
+      } catch (err) {
+        const ae = err instanceof AgentError ? err : new AgentError("INTERNAL", errorMessage(err), { cause: err });
+        const md = new grpc.Metadata();
+        md.set(REASON_METADATA_KEY, ae.reason);
+        finish(ae.reason, ae.message);
+        // The status details carry the reason only; the detail stays in the owner's log.
+        callback({ code: REASONS[ae.reason].grpc, details: ae.reason, metadata: md });
+        return;
+      }
+      finish("OK");
+      callback(null, res);
+    };
+  }
+
+  return {
+    GetHealthStatus: unary<Described, ReturnType<typeof getHealthStatus>>(
+      "GetHealthStatus",
+      () => {
+        if (controls.paused) {
+          const h = getHealthStatus(ctx);
+          return { ...h, state: "UNAVAILABLE", paused: true, detail: "paused by the owner" };
+        }
+        return getHealthStatus(ctx);
+      },
+      { pausable: false },
+    ),
+    GetKeyMetadata: unary("GetKeyMetadata", (req: Parameters<typeof getKeyMetadata>[1]) => getKeyMetadata(ctx, req), {
+      pausable: true,
+    }),
+    Encrypt: unary("Encrypt", (req: Parameters<typeof encrypt>[1]) => encrypt(ctx, req), { pausable: true }),
+    Decrypt: unary("Decrypt", (req: Parameters<typeof decrypt>[1]) => decrypt(ctx, req), { pausable: true }),
+  };
+}
+
+/**
+ * Prepares a private directory (0700, owned by us) for the agent's socket and
+ * removes a stale socket file left by a previous run.
+ */
+export function preparePrivateSocket(socketPath: string): void {
+  const dir = dirname(socketPath);
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const st = statSync(dir);
+  if (typeof process.getuid === "function" && st.uid !== process.getuid()) {
+    throw new Error(`socket directory ${dir} is not owned by this user`);
+  }
+  if ((st.mode & 0o077) !== 0) chmodSync(dir, 0o700);
+  try {
+    if (lstatSync(socketPath).isSocket()) unlinkSync(socketPath);
+    else throw new Error(`${socketPath} exists and is not a socket`);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+  }
+}
+
+export interface AgentServer {
+  server: grpc.Server;
+  socketPath: string;
+  close(graceMs?: number): Promise<void>;
+}
+
+/** Serves the agent's gRPC service on a Unix socket in a private directory. */
+export async function startAgentServer(socketPath: string, deps: AgentServiceDeps): Promise<AgentServer> {
+  preparePrivateSocket(socketPath);
+  const server = new grpc.Server({
+    "grpc.max_receive_message_length": 1 << 20,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.min_ping_interval_without_data_ms": 5000,
+  });
+  server.addService(XksAgentService, createAgentService(deps));
+  await new Promise<void>((resolve, reject) =>
+    server.bindAsync(`unix://${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())),
+  );
+  chmodSync(socketPath, 0o600);
+  return {
+    server,
+    socketPath,
+    close: (graceMs = 2000) =>
+      new Promise<void>((resolve) => {
+        const timer = setTimeout(() => {
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      }),
+  };
+}

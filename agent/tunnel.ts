@@ -1,0 +1,344 @@
+/**
+ * The agent's reverse tunnel: an ssh2 client that dials OpenSSH sshd on the proxy host, asks it
+ * for a remote forward (a Unix socket by default, loopback TCP as an option) and pipes every
+ * forwarded connection into the agent's local socket. It moves bytes only and knows nothing of
+ * gRPC.
+ *
+ * What must hold (field-notes.md §5–6, gotchas 10–17):
+ * - The host key is pinned: anything but the configured `SHA256:` fingerprint is refused.
+ * - Nagle is off at BOTH ends. `setNoDelay(true)` covers our socket; sshd only sets TCP_NODELAY on a
+ *   connection once a session channel executes something, so we run one `exec` per connection
+ *   (the key's forced command, e.g. /usr/sbin/nologin, exiting 1 is fine). Without it every
+ *   request written in two pieces stalls ~40 ms on sshd's side.
+ * - The forward request is retried every ~500 ms while the connection is up: a half-dead old
+ *   session can hold the TCP port, and the socket path needs sshd `StreamLocalBindUnlink yes`.
+ * - Any close or error → state `down`, reconnect with jittered exponential backoff, reset by a
+ *   successful handshake.
+ */
+import { createHash, timingSafeEqual } from "node:crypto";
+import { EventEmitter } from "node:events";
+import net from "node:net";
+import type { Logger } from "pino";
+import ssh2 from "ssh2";
+import type { Channel, ClientChannel } from "ssh2";
+
+export interface TunnelTarget {
+  /** Short name for logs and state, e.g. "ec2-a". */
+  name: string;
+  host: string;
+  port: number;
+  username: string;
+  /** OpenSSH private key text. Never logged. */
+  privateKey: Buffer | string;
+  /** Pinned host key, `SHA256:<base64 without padding>` as `ssh-keygen -lf` prints it. Required. */
+  hostKeyFingerprint: string;
+  /** Remote Unix socket path (OpenSSH streamlocal forward). Set exactly one of remoteSocket / remoteTcp. */
+  remoteSocket?: string;
+  /** Remote loopback TCP forward. The host string must match sshd's `permitlisten` exactly. */
+  remoteTcp?: { host: string; port: number };
+  /** ssh2 keepalive interval, default 5000 ms. */
+  keepaliveIntervalMs?: number;
+  /** Unanswered keepalives before the connection is dropped, default 3. */
+  keepaliveCountMax?: number;
+  /** Handshake + auth timeout, default 10000 ms. */
+  readyTimeoutMs?: number;
+  /** Reconnect backoff, default 250 ms doubling to 5000 ms, ±20 % jitter. */
+  backoff?: { initialMs: number; maxMs: number };
+}
+
+export type TunnelStateName = "connecting" | "up" | "down" | "stopped";
+
+export interface TunnelState {
+  name: string;
+  state: TunnelStateName;
+  /** ISO time of the last state change. */
+  since: string;
+  /** The most recent connection or forward error; kept after recovery. */
+  lastError?: string;
+  /** Successful handshakes so far. */
+  connects: number;
+  /** Whether the current connection ran its exec, so sshd has TCP_NODELAY on. */
+  nodelayExec: boolean;
+}
+
+const FORWARD_RETRY_MS = 500;
+const STOP_STEP_TIMEOUT_MS = 2000;
+const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
+
+/** `SHA256:<base64, no padding>` of a raw SSH public key blob, as `ssh-keygen -lf` prints it. */
+export function fingerprintOf(hostKey: Buffer): string {
+  return "SHA256:" + createHash("sha256").update(hostKey).digest("base64").replace(/=+$/, "");
+}
+
+/** Constant-time string equality (hashing first makes the lengths equal). */
+function sameFingerprint(a: string, b: string): boolean {
+  const h = (s: string) => createHash("sha256").update(s).digest();
+  return timingSafeEqual(h(a), h(b));
+}
+
+function describe(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** One reverse tunnel to one sshd, reconnecting until `stop()`. Emits `"state"` with a {@link TunnelState}. */
+export class Tunnel extends EventEmitter {
+  private readonly target: TunnelTarget;
+  private readonly localSocketPath: string;
+  private readonly log: Logger;
+  private readonly remote: string;
+  private current: TunnelState;
+  private conn: ssh2.Client | undefined;
+  private forwarded = false;
+  private stopped = true;
+  private attempt = 0;
+  private reconnectTimer: NodeJS.Timeout | undefined;
+  private forwardTimer: NodeJS.Timeout | undefined;
+  private readonly pipes = new Set<net.Socket>();
+
+  constructor(target: TunnelTarget, localSocketPath: string, log: Logger) {
+    super();
+    if (!FINGERPRINT_RE.test(target.hostKeyFingerprint)) {
+      throw new Error(`tunnel ${target.name}: hostKeyFingerprint must look like "SHA256:<43 base64 chars>" (ssh-keygen -lf)`);
+    }
+    if ((target.remoteSocket === undefined) === (target.remoteTcp === undefined)) {
+      throw new Error(`tunnel ${target.name}: set exactly one of remoteSocket or remoteTcp`);
+    }
+    this.target = target;
+    this.localSocketPath = localSocketPath;
+    this.remote = target.remoteSocket ?? `${target.remoteTcp!.host}:${target.remoteTcp!.port}`;
+    this.log = log.child({ tunnel: target.name });
+    this.current = { name: target.name, state: "stopped", since: new Date().toISOString(), connects: 0, nodelayExec: false };
+  }
+
+  state(): TunnelState {
+    return { ...this.current };
+  }
+
+  start(): void {
+    if (!this.stopped) return;
+    this.stopped = false;
+    this.connect();
+  }
+
+  /** Cancels the forward, ends the connection and stops reconnecting; resolves once the connection is closed. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.forwardTimer);
+    const conn = this.conn;
+    this.conn = undefined;
+    if (conn) {
+      const closed = new Promise<void>((resolve) => conn.once("close", () => resolve()));
+      if (this.forwarded) await withTimeout(new Promise<void>((resolve) => this.unforward(conn, () => resolve())));
+      this.forwarded = false;
+      conn.end();
+      if (!(await withTimeout(closed))) {
+        conn.destroy();
+        await withTimeout(closed);
+      }
+    }
+    for (const sock of this.pipes) sock.destroy();
+    this.pipes.clear();
+    this.setState("stopped");
+    this.log.info("tunnel stopped");
+  }
+
+  private setState(state: TunnelStateName, lastError?: string): void {
+    this.current = {
+      ...this.current,
+      state,
+      since: new Date().toISOString(),
+      ...(lastError !== undefined ? { lastError } : {}),
+    };
+    this.emit("state", this.state());
+  }
+
+  private connect(): void {
+    const t = this.target;
+    const conn = new ssh2.Client();
+    this.conn = conn;
+    this.forwarded = false;
+    this.current.nodelayExec = false;
+    this.setState("connecting");
+    this.log.info({ host: t.host, port: t.port, user: t.username, remote: this.remote, attempt: this.attempt }, "tunnel connecting");
+
+    // A host-key refusal surfaces from ssh2 as "Host denied (verification failed)"; keep our clearer message.
+    let refusal: string | undefined;
+    let failure: string | undefined;
+
+    conn.on("ready", () => {
+      if (this.conn !== conn) return;
+      this.attempt = 0;
+      this.current.connects++;
+      conn.setNoDelay(true);
+      this.log.info({ connects: this.current.connects }, "tunnel ssh connection ready");
+      this.turnOnRemoteNodelay(conn);
+    });
+    conn.on("unix connection", (_info, accept, reject) => this.onForwarded(conn, accept, reject));
+    conn.on("tcp connection", (_info, accept, reject) => this.onForwarded(conn, accept, reject));
+    conn.on("error", (err) => {
+      failure = refusal ?? describe(err);
+    });
+    conn.on("close", () => {
+      if (this.conn !== conn) return; // stop() or a superseded connection
+      this.conn = undefined;
+      this.forwarded = false;
+      clearTimeout(this.forwardTimer);
+      const msg = failure ?? "connection closed";
+      this.setState("down", msg);
+      this.scheduleReconnect(msg);
+    });
+
+    try {
+      conn.connect({
+        host: t.host,
+        port: t.port,
+        username: t.username,
+        privateKey: t.privateKey,
+        hostVerifier: (key: Buffer): boolean => {
+          const seen = fingerprintOf(key);
+          if (sameFingerprint(seen, t.hostKeyFingerprint)) return true;
+          refusal = `host key verification failed: expected ${t.hostKeyFingerprint}, seen ${seen}`;
+          this.log.error({ host: t.host, port: t.port, expected: t.hostKeyFingerprint, seen }, "tunnel refused: host key does not match the pinned fingerprint");
+          return false;
+        },
+        keepaliveInterval: t.keepaliveIntervalMs ?? 5000,
+        keepaliveCountMax: t.keepaliveCountMax ?? 3,
+        readyTimeout: t.readyTimeoutMs ?? 10_000,
+      });
+    } catch (err) {
+      // Synchronous config errors (e.g. an unparsable private key): no "close" will follow.
+      this.conn = undefined;
+      const msg = describe(err);
+      this.setState("down", msg);
+      this.scheduleReconnect(msg);
+    }
+  }
+
+  /**
+   * sshd turns TCP_NODELAY on only when a session runs something; one exec does it for the whole
+   * connection. Its output and exit status (nologin exits 1) don't matter. The forward is
+   * requested afterwards either way.
+   */
+  private turnOnRemoteNodelay(conn: ssh2.Client): void {
+    conn.exec("true", (err, stream) => {
+      if (this.conn !== conn) return;
+      if (err) {
+        this.log.warn({ err: err.message }, "tunnel exec for sshd TCP_NODELAY failed; small requests may stall ~40 ms");
+      } else {
+        this.current.nodelayExec = true;
+        this.log.info("tunnel exec done: sshd has TCP_NODELAY on this connection");
+        stream.on("error", () => {}).resume();
+        stream.stderr.resume();
+      }
+      this.requestForward(conn, 0);
+    });
+  }
+
+  private requestForward(conn: ssh2.Client, failures: number): void {
+    const done = (err: Error | null | undefined) => {
+      if (this.conn !== conn) return;
+      if (err) {
+        const msg = `remote forward ${this.remote} failed: ${err.message}`;
+        this.current.lastError = msg;
+        // The first failure is worth a warning; the retries of a stuck bind would flood the log.
+        if (failures === 0) this.log.warn({ remote: this.remote, err: err.message }, "tunnel remote forward failed; retrying");
+        else this.log.debug({ remote: this.remote, err: err.message, failures: failures + 1 }, "tunnel remote forward still failing");
+        this.forwardTimer = setTimeout(() => this.requestForward(conn, failures + 1), FORWARD_RETRY_MS);
+        return;
+      }
+      this.forwarded = true;
+      this.setState("up");
+      this.log.info({ remote: this.remote, nodelayExec: this.current.nodelayExec, retries: failures }, "tunnel up");
+    };
+    const t = this.target;
+    if (t.remoteSocket !== undefined) conn.openssh_forwardInStreamLocal(t.remoteSocket, (err) => done(err));
+    else conn.forwardIn(t.remoteTcp!.host, t.remoteTcp!.port, (err) => done(err));
+  }
+
+  private unforward(conn: ssh2.Client, cb: () => void): void {
+    const t = this.target;
+    const done = (err: Error | null | undefined) => {
+      if (err) this.log.warn({ remote: this.remote, err: err.message }, "tunnel unforward failed");
+      cb();
+    };
+    if (t.remoteSocket !== undefined) conn.openssh_unforwardInStreamLocal(t.remoteSocket, done);
+    else conn.unforwardIn(t.remoteTcp!.host, t.remoteTcp!.port, done);
+  }
+
+  /** Pipes one forwarded channel into a fresh connection to the local socket, both ways. */
+  private onForwarded(conn: ssh2.Client, accept: () => ClientChannel | Channel, reject: () => void): void {
+    if (this.conn !== conn) {
+      reject();
+      return;
+    }
+    const ch = accept();
+    const sock = net.connect(this.localSocketPath);
+    this.pipes.add(sock);
+    let finished = false;
+    const done = (err?: Error) => {
+      if (finished) return;
+      finished = true;
+      this.pipes.delete(sock);
+      if (err) this.log.debug({ err: err.message }, "tunnel forwarded connection failed");
+      sock.destroy();
+      ch.destroy();
+    };
+    ch.pipe(sock).pipe(ch);
+    sock.on("error", done).on("close", () => done());
+    ch.on("error", done).on("close", () => done());
+  }
+
+  private scheduleReconnect(reason: string): void {
+    if (this.stopped) return;
+    const { initialMs, maxMs } = this.target.backoff ?? { initialMs: 250, maxMs: 5000 };
+    const base = Math.min(maxMs, initialMs * 2 ** this.attempt);
+    const delay = Math.round(Math.min(maxMs, base * (0.8 + 0.4 * Math.random())));
+    this.attempt++;
+    this.log.warn({ err: reason, retryInMs: delay, attempt: this.attempt }, "tunnel down");
+    clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = setTimeout(() => {
+      if (!this.stopped) this.connect();
+    }, delay);
+  }
+}
+
+/** Resolves true if `p` settles within the stop step timeout, false otherwise. */
+async function withTimeout(p: Promise<void>): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), STOP_STEP_TIMEOUT_MS);
+  });
+  try {
+    return await Promise.race([p.then(() => true), timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** One tunnel per proxy host, all into the same local socket. */
+export class TunnelSet {
+  private readonly tunnels: Tunnel[];
+
+  constructor(targets: TunnelTarget[], localSocketPath: string, log: Logger) {
+    this.tunnels = targets.map((t) => new Tunnel(t, localSocketPath, log));
+  }
+
+  /** The individual tunnels, e.g. to subscribe to their "state" events. */
+  list(): readonly Tunnel[] {
+    return this.tunnels;
+  }
+
+  start(): void {
+    for (const t of this.tunnels) t.start();
+  }
+
+  async stop(): Promise<void> {
+    await Promise.all(this.tunnels.map((t) => t.stop()));
+  }
+
+  states(): TunnelState[] {
+    return this.tunnels.map((t) => t.state());
+  }
+}
