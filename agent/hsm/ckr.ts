@@ -29,6 +29,8 @@ export const CKR: Record<number, CkrRule> = {
   0x05: { name: "CKR_GENERAL_ERROR", scope: "session", reason: "INTERNAL", decryptReason: "INVALID_CIPHERTEXT" },
   // nShield returns CKR_FUNCTION_FAILED for a GCM tag mismatch.
   0x06: { name: "CKR_FUNCTION_FAILED", scope: "session", reason: "INTERNAL", decryptReason: "INVALID_CIPHERTEXT" },
+  // pkcs11js passes NULL for an empty buffer; modules answer CKR_ARGUMENTS_BAD.
+  0x07: { name: "CKR_ARGUMENTS_BAD", scope: "caller", reason: "VALIDATION", decryptReason: "INVALID_CIPHERTEXT" },
   0x20: { name: "CKR_DATA_INVALID", scope: "caller", reason: "VALIDATION", decryptReason: "INVALID_CIPHERTEXT" },
   0x21: { name: "CKR_DATA_LEN_RANGE", scope: "caller", reason: "VALIDATION", decryptReason: "INVALID_CIPHERTEXT" },
   0x30: { name: "CKR_DEVICE_ERROR", scope: "device", reason: "HSM_UNAVAILABLE" },
@@ -43,6 +45,9 @@ export const CKR: Record<number, CkrRule> = {
   0x71: { name: "CKR_MECHANISM_PARAM_INVALID", scope: "caller", reason: "VALIDATION", decryptReason: "INVALID_CIPHERTEXT" },
   0x82: { name: "CKR_OBJECT_HANDLE_INVALID", scope: "session", reason: "INTERNAL" },
   0x90: { name: "CKR_OPERATION_ACTIVE", scope: "session", reason: "INTERNAL" },
+  // Login failures: the agent cannot serve until the owner fixes the PIN.
+  0xa0: { name: "CKR_PIN_INCORRECT", scope: "device", reason: "HSM_UNAVAILABLE" },
+  0xa4: { name: "CKR_PIN_LOCKED", scope: "device", reason: "HSM_UNAVAILABLE" },
   0xb0: { name: "CKR_SESSION_CLOSED", scope: "session", reason: "INTERNAL" },
   0xb3: { name: "CKR_SESSION_HANDLE_INVALID", scope: "session", reason: "INTERNAL" },
   0xe0: { name: "CKR_TOKEN_NOT_PRESENT", scope: "device", reason: "HSM_UNAVAILABLE" },

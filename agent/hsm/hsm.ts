@@ -111,10 +111,35 @@ export class Hsm {
    * or a session that went bad is not the caller's fault.
    */
   run<T>(what: string, fn: (p11: pkcs11js.PKCS11, session: pkcs11js.Handle) => T, opts: { inDecrypt?: boolean } = {}): T {
-    for (let attempt = 1; ; attempt++) {
+    return this.attempt(what, () => {
       const session = this.ensureSession();
+      return fn(this.p11!, session);
+    }, opts);
+  }
+
+  /**
+   * Like run(), for an operation on a key: the key is looked up (from the
+   * cache) on every attempt, so a retry after a dropped session never uses a
+   * handle from before. `check` vets the key before the HSM is touched.
+   */
+  runWithKey<T>(
+    what: string,
+    label: string,
+    check: (key: KeyInfo) => void,
+    fn: (p11: pkcs11js.PKCS11, session: pkcs11js.Handle, key: KeyInfo) => T,
+    opts: { inDecrypt?: boolean } = {},
+  ): T {
+    return this.attempt(what, () => {
+      const key = this.key(label);
+      check(key);
+      return fn(this.p11!, this.ensureSession(), key);
+    }, opts);
+  }
+
+  private attempt<T>(what: string, body: () => T, opts: { inDecrypt?: boolean }): T {
+    for (let attempt = 1; ; attempt++) {
       try {
-        return fn(this.p11!, session);
+        return body();
       } catch (err) {
         if (err instanceof AgentError) throw err;
         const code = ckrOf(err);

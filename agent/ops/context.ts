@@ -17,17 +17,17 @@ export interface OpContext {
 const CKK_AES = 0x1f;
 
 /**
- * The key for a crypto operation: it must exist, be AES-256, be enabled by
- * the owner and allow every usage in `needs` (from its own attributes).
+ * The check for a crypto operation's key: it must be AES-256, enabled by the
+ * owner, and allow every usage in `needs` (from its own attributes).
  */
-export function usableKey(ctx: OpContext, label: string, needs: Array<"encrypt" | "decrypt">): KeyInfo {
-  const key = ctx.hsm.key(label);
-  assertAes256(key);
-  if (ctx.isKeyDisabled(label)) throw new AgentError("INVALID_STATE", `key ${label} is disabled by the owner`);
-  for (const n of needs) {
-    if (!key.usage[n]) throw new AgentError("INVALID_KEY_USAGE", `key ${label} does not allow ${n} (CKA_${n.toUpperCase()} is false)`);
-  }
-  return key;
+export function keyCheck(ctx: OpContext, needs: Array<"encrypt" | "decrypt">): (key: KeyInfo) => void {
+  return (key) => {
+    assertAes256(key);
+    if (ctx.isKeyDisabled(key.label)) throw new AgentError("INVALID_STATE", `key ${key.label} is disabled by the owner`);
+    for (const n of needs) {
+      if (!key.usage[n]) throw new AgentError("INVALID_KEY_USAGE", `key ${key.label} does not allow ${n} (CKA_${n.toUpperCase()} is false)`);
+    }
+  };
 }
 
 /** Only AES-256 keys are XKS keys; anything else is refused with a clear reason, never a wrong answer. */

@@ -1,9 +1,8 @@
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { DecryptRequest, DecryptResponse } from "../../shared/proto.ts";
-import type { KeyInfo } from "../hsm/hsm.ts";
 import { gcmMechanism, hsmAad, TAG_BYTES } from "../xks-crypto.ts";
-import { usableKey, type OpContext } from "./context.ts";
+import { keyCheck, type OpContext } from "./context.ts";
 
 /**
  * XKS Decrypt (spec §1.6). Any mismatch of tag, AAD, IV, ciphertext metadata
@@ -13,17 +12,20 @@ import { usableKey, type OpContext } from "./context.ts";
 export function decrypt(ctx: OpContext, req: DecryptRequest): DecryptResponse {
   if (req.iv.length !== 12 && req.iv.length !== 16) throw new AgentError("INVALID_CIPHERTEXT", `IV is ${req.iv.length} bytes`);
   if (req.tag.length !== TAG_BYTES) throw new AgentError("INVALID_CIPHERTEXT", `tag is ${req.tag.length} bytes`);
-  const key = usableKey(ctx, req.keyId, ["decrypt"]);
+  // We never make an empty ciphertext (Encrypt refuses empty plaintext).
+  if (req.ciphertext.length === 0) throw new AgentError("INVALID_CIPHERTEXT", "empty ciphertext");
   const aadForHsm = hsmAad(req.aad, req.ciphertextMetadata);
-  return { plaintext: decryptWith(ctx, key, req.ciphertext, req.iv, req.tag, aadForHsm) };
+  return { plaintext: decryptWith(ctx, req.keyId, req.ciphertext, req.iv, req.tag, aadForHsm) };
 }
 
 /** One GCM decrypt on the HSM; also the check-decrypt of Encrypt. */
-export function decryptWith(ctx: OpContext, key: KeyInfo, ct: Buffer, iv: Buffer, tag: Buffer, aadForHsm: Buffer): Buffer {
+export function decryptWith(ctx: OpContext, label: string, ct: Buffer, iv: Buffer, tag: Buffer, aadForHsm: Buffer): Buffer {
   const input = Buffer.concat([ct, tag]);
-  const out = ctx.hsm.run(
+  const out = ctx.hsm.runWithKey(
     "decrypt",
-    (p11: pkcs11js.PKCS11, s) => {
+    label,
+    keyCheck(ctx, ["decrypt"]),
+    (p11: pkcs11js.PKCS11, s, key) => {
       p11.C_DecryptInit(s, gcmMechanism(iv, aadForHsm), key.handle);
       return p11.C_Decrypt(s, input, Buffer.alloc(input.length));
     },

@@ -3,7 +3,7 @@ import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
 import { gcmMechanism, hsmAad, integrityValue, IV_BYTES, TAG_BYTES } from "../xks-crypto.ts";
-import { usableKey, type OpContext } from "./context.ts";
+import { keyCheck, type OpContext } from "./context.ts";
 import { decryptWith } from "./decrypt.ts";
 
 /**
@@ -14,16 +14,18 @@ import { decryptWith } from "./decrypt.ts";
  * produce one (InvalidKeyUsage).
  */
 export function encrypt(ctx: OpContext, req: EncryptRequest): EncryptResponse {
-  const key = usableKey(ctx, req.keyId, req.wantIntegrityValue ? ["encrypt", "decrypt"] : ["encrypt"]);
+  const pt = req.plaintext;
+  // KMS never sends an empty plaintext, and PKCS#11 modules reject an empty buffer.
+  if (pt.length === 0) throw new AgentError("VALIDATION", "empty plaintext");
   const cm = ctx.ciphertextMetadata;
   const aadForHsm = hsmAad(req.aad, cm);
   // SoftHSM cannot generate the IV and accepts any length: always make a fresh 96-bit one here.
   const iv = randomBytes(IV_BYTES);
-  const pt = req.plaintext;
-  const out = ctx.hsm.run("encrypt", (p11: pkcs11js.PKCS11, s) => {
+  const needs: Array<"encrypt" | "decrypt"> = req.wantIntegrityValue ? ["encrypt", "decrypt"] : ["encrypt"];
+  const { out, key } = ctx.hsm.runWithKey("encrypt", req.keyId, keyCheck(ctx, needs), (p11: pkcs11js.PKCS11, s, key) => {
     p11.C_EncryptInit(s, gcmMechanism(iv, aadForHsm), key.handle);
     // Sized pt+16: CKR_BUFFER_TOO_SMALL would leave the operation active.
-    return p11.C_Encrypt(s, pt, Buffer.alloc(pt.length + TAG_BYTES));
+    return { out: p11.C_Encrypt(s, pt, Buffer.alloc(pt.length + TAG_BYTES)), key };
   });
   if (out.length !== pt.length + TAG_BYTES) {
     throw new AgentError("INTERNAL", `HSM returned ${out.length} bytes for ${pt.length} bytes of plaintext (tag missing?)`);
@@ -32,8 +34,9 @@ export function encrypt(ctx: OpContext, req: EncryptRequest): EncryptResponse {
   const tag = Buffer.from(out.subarray(pt.length));
   let cdiv: Buffer = Buffer.alloc(0);
   if (req.wantIntegrityValue) {
+    // Order matters (spec Appendix C): the value is computed from the in-memory result, then verified.
     cdiv = integrityValue(req.aad, cm, iv, ciphertext, tag);
-    const back = decryptWith(ctx, key, ciphertext, iv, tag, aadForHsm);
+    const back = decryptWith(ctx, key.label, ciphertext, iv, tag, aadForHsm);
     if (back.length !== pt.length || !timingSafeEqual(back, pt)) {
       throw new AgentError("INTERNAL", "check-decrypt did not return the plaintext");
     }

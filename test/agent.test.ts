@@ -1,0 +1,424 @@
+/**
+ * The agent through its real gRPC server on a real SoftHSM token.
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:crypto";
+import { readFileSync, statSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import pkcs11js from "pkcs11js";
+import { verifyAuditLog } from "../agent/audit.ts";
+import { Hsm } from "../agent/hsm/hsm.ts";
+import { createLogger } from "../shared/logging.ts";
+import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY } from "../shared/errors.ts";
+import { startTestAgent, type TestAgent } from "./helpers/agent.ts";
+import { agentClient, sampleMetadata, type CallError } from "./helpers/grpc.ts";
+
+let t: TestAgent;
+let c: ReturnType<typeof agentClient>;
+const EXTRACTABLE = "extractable-for-test";
+const AES128 = "aes-128-key";
+let extractableValue: Buffer;
+
+async function rejects(p: Promise<unknown>, reason: string, code?: grpc.status): Promise<CallError> {
+  try {
+    await p;
+  } catch (e) {
+    const err = e as CallError;
+    assert.equal(err.reason, reason, `expected reason ${reason}, got ${JSON.stringify(err)}`);
+    if (code !== undefined) assert.equal(err.code, code);
+    return err;
+  }
+  assert.fail(`expected ${reason}, but the call succeeded`);
+}
+
+const enc = (keyId: string, plaintext: Buffer, extra: Record<string, unknown> = {}) =>
+  c.call("Encrypt", { metadata: sampleMetadata("Encrypt"), keyId, plaintext, ...extra });
+const dec = (keyId: string, fields: Record<string, unknown>) => c.call("Decrypt", { metadata: sampleMetadata("Decrypt"), keyId, ...fields });
+
+before(async () => {
+  t = await startTestAgent();
+  c = agentClient(`unix://${t.socketPath}`, t.token);
+  // Two extra keys made straight through pkcs11js, outside the agent's own key creation:
+  // an extractable AES-256 key (so Node's own AES-GCM can check the agent's output) and an AES-128 key.
+  const hsm = new Hsm(t.config.pkcs11, createLogger({ level: "silent" }));
+  hsm.open();
+  hsm.run("test keys", (p11, s) => {
+    const common = (label: string, len: number, extractable: boolean) => [
+      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
+      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
+      { type: pkcs11js.CKA_VALUE_LEN, value: len },
+      { type: pkcs11js.CKA_LABEL, value: label },
+      { type: pkcs11js.CKA_TOKEN, value: true },
+      { type: pkcs11js.CKA_PRIVATE, value: true },
+      { type: pkcs11js.CKA_SENSITIVE, value: !extractable },
+      { type: pkcs11js.CKA_EXTRACTABLE, value: extractable },
+      { type: pkcs11js.CKA_ENCRYPT, value: true },
+      { type: pkcs11js.CKA_DECRYPT, value: true },
+    ];
+    const k = p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, common(EXTRACTABLE, 32, true));
+    extractableValue = p11.C_GetAttributeValue(s, k, [{ type: pkcs11js.CKA_VALUE }])[0].value as Buffer;
+    p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, common(AES128, 16, false));
+  });
+  hsm.close();
+});
+
+after(async () => {
+  c?.close();
+  await t?.destroy();
+});
+
+describe("encrypt and decrypt", () => {
+  for (const [name, aad] of [
+    ["without AAD", Buffer.alloc(0)],
+    ["with AAD", Buffer.from("project=nile,department=marketing")],
+  ] as const) {
+    test(`round trip ${name}`, async () => {
+      const pt = randomBytes(100);
+      const e = await enc(t.keys.default, pt, { aad });
+      assert.equal(e.ciphertext.length, pt.length, "GCM: ciphertext as long as plaintext");
+      assert.equal(e.iv.length, 12);
+      assert.equal(e.tag.length, 16);
+      assert.ok(e.ciphertextMetadata.length > 0 && e.ciphertextMetadata.length <= 20);
+      assert.equal(e.integrityValue.length, 0, "no integrity value unless asked");
+      assert.notDeepEqual(e.ciphertext, pt);
+      const d = await dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad, ciphertextMetadata: e.ciphertextMetadata });
+      assert.deepEqual(d.plaintext, pt);
+    });
+  }
+
+  test("decrypts a ciphertext made with no ciphertext metadata (hsmAAD with an empty CM)", async () => {
+    const pt = Buffer.from("made elsewhere");
+    const aad = Buffer.from("a");
+    const iv = randomBytes(12);
+    const cipher = createCipheriv("aes-256-gcm", extractableValue, iv);
+    cipher.setAAD(Buffer.concat([Buffer.from([0, 1]), aad, Buffer.from([0])]));
+    const ct = Buffer.concat([cipher.update(pt), cipher.final()]);
+    const d = await dec(EXTRACTABLE, { ciphertext: ct, iv, tag: cipher.getAuthTag(), aad });
+    assert.deepEqual(d.plaintext, pt);
+  });
+
+  test("the output is AES-256-GCM over the spec's hsmAAD layout (checked with Node's own AES-GCM)", async () => {
+    const pt = Buffer.from("Hello World!");
+    const aad = Buffer.from("project=nile,department=marketing");
+    const e = await enc(EXTRACTABLE, pt, { aad });
+    // hsmAAD = u16be(len AAD) || AAD || u8(len CM) || CM, written out by hand here.
+    const layout = Buffer.concat([Buffer.from([0, aad.length]), aad, Buffer.from([e.ciphertextMetadata.length]), e.ciphertextMetadata]);
+    const d = createDecipheriv("aes-256-gcm", extractableValue, e.iv);
+    d.setAAD(layout);
+    d.setAuthTag(e.tag);
+    assert.deepEqual(Buffer.concat([d.update(e.ciphertext), d.final()]), pt);
+  });
+
+  test("fresh random IV on every call", async () => {
+    const ivs = new Set<string>();
+    for (let i = 0; i < 50; i++) ivs.add((await enc(t.keys.default, Buffer.from("same"))).iv.toString("hex"));
+    assert.equal(ivs.size, 50);
+  });
+
+  test("integrity value = SHA-256(AAD || CM || IV || CT || TAG), recomputed independently", async () => {
+    const pt = randomBytes(64);
+    const aad = randomBytes(40);
+    const e = await enc(t.keys.default, pt, { aad, wantIntegrityValue: true });
+    const expected = createHash("sha256").update(Buffer.concat([aad, e.ciphertextMetadata, e.iv, e.ciphertext, e.tag])).digest();
+    assert.deepEqual(e.integrityValue, expected);
+    const noAad = await enc(t.keys.default, pt, { wantIntegrityValue: true });
+    const expected2 = createHash("sha256").update(Buffer.concat([noAad.ciphertextMetadata, noAad.iv, noAad.ciphertext, noAad.tag])).digest();
+    assert.deepEqual(noAad.integrityValue, expected2);
+  });
+
+  test("4300-byte plaintext with 8192-byte AAD", async () => {
+    const pt = randomBytes(4300);
+    const aad = randomBytes(8192);
+    const e = await enc(t.keys.default, pt, { aad, wantIntegrityValue: true });
+    assert.equal(e.ciphertext.length, 4300);
+    const d = await dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad, ciphertextMetadata: e.ciphertextMetadata });
+    assert.deepEqual(d.plaintext, pt);
+  });
+
+  test("empty plaintext and ciphertext are refused, and the session survives", async () => {
+    await rejects(enc(t.keys.default, Buffer.alloc(0)), "VALIDATION");
+    await rejects(dec(t.keys.default, { ciphertext: Buffer.alloc(0), iv: randomBytes(12), tag: randomBytes(16) }), "INVALID_CIPHERTEXT");
+    assert.equal((await enc(t.keys.default, Buffer.from("after"))).ciphertext.length, 5);
+  });
+
+  test("every tampering is InvalidCiphertext", async () => {
+    const pt = randomBytes(48);
+    const aad = Buffer.from("context");
+    const e = await enc(t.keys.default, pt, { aad });
+    const good = { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad, ciphertextMetadata: e.ciphertextMetadata };
+    const flip = (b: Buffer, i = 0) => {
+      const x = Buffer.from(b);
+      x[i] ^= 1;
+      return x;
+    };
+    const cases: Record<string, Record<string, unknown>> = {
+      "tag flipped": { ...good, tag: flip(e.tag) },
+      "AAD changed": { ...good, aad: Buffer.from("Context") },
+      "AAD dropped": { ...good, aad: Buffer.alloc(0) },
+      "IV flipped": { ...good, iv: flip(e.iv) },
+      "IV 16 bytes": { ...good, iv: Buffer.concat([e.iv, Buffer.alloc(4)]) },
+      "IV 8 bytes": { ...good, iv: e.iv.subarray(0, 8) },
+      "IV empty": { ...good, iv: Buffer.alloc(0) },
+      "tag 15 bytes": { ...good, tag: e.tag.subarray(0, 15) },
+      "ciphertext flipped": { ...good, ciphertext: flip(e.ciphertext, 10) },
+      "ciphertext truncated": { ...good, ciphertext: e.ciphertext.subarray(0, 47) },
+      "ciphertext extended": { ...good, ciphertext: Buffer.concat([e.ciphertext, Buffer.from([0])]) },
+      "metadata changed": { ...good, ciphertextMetadata: flip(e.ciphertextMetadata) },
+      "metadata dropped": { ...good, ciphertextMetadata: Buffer.alloc(0) },
+      "metadata moved into AAD": { ...good, aad: Buffer.concat([aad, e.ciphertextMetadata]), ciphertextMetadata: Buffer.alloc(0) },
+      "metadata over 20 bytes": { ...good, ciphertextMetadata: Buffer.alloc(21) },
+    };
+    for (const [name, fields] of Object.entries(cases)) {
+      await rejects(dec(t.keys.default, fields), "INVALID_CIPHERTEXT", grpc.status.INVALID_ARGUMENT).catch((err) => {
+        throw new Error(`${name}: ${(err as Error).message}`);
+      });
+    }
+    // And the session survived all of that.
+    assert.deepEqual((await dec(t.keys.default, good)).plaintext, pt);
+  });
+});
+
+describe("key usage from the key's own attributes", () => {
+  test("encrypt-only key: encrypt works, decrypt and integrity value are refused", async () => {
+    const e = await enc(t.keys.encryptOnly, Buffer.from("x"));
+    assert.equal(e.ciphertext.length, 1);
+    await rejects(
+      dec(t.keys.encryptOnly, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, ciphertextMetadata: e.ciphertextMetadata }),
+      "INVALID_KEY_USAGE",
+      grpc.status.FAILED_PRECONDITION,
+    );
+    await rejects(enc(t.keys.encryptOnly, Buffer.from("x"), { wantIntegrityValue: true }), "INVALID_KEY_USAGE");
+  });
+
+  test("decrypt-only key: encrypt refused", async () => {
+    await rejects(enc(t.keys.decryptOnly, Buffer.from("x")), "INVALID_KEY_USAGE");
+  });
+
+  test("no-usage key: encrypt and decrypt refused", async () => {
+    await rejects(enc(t.keys.noUsage, Buffer.from("x")), "INVALID_KEY_USAGE");
+    await rejects(dec(t.keys.noUsage, { ciphertext: Buffer.alloc(4), iv: randomBytes(12), tag: randomBytes(16) }), "INVALID_KEY_USAGE");
+  });
+
+  test("a non-256-bit AES key is refused with a clear reason, never used", async () => {
+    await rejects(enc(AES128, Buffer.from("x")), "INVALID_KEY_USAGE");
+    await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: AES128 }), "INVALID_KEY_USAGE");
+    assert.match(t.logs.text(), /aes-128-key is AES-128, XKS needs AES-256/);
+  });
+
+  test("unknown key label is KeyNotFound", async () => {
+    await rejects(enc("no-such-key", Buffer.from("x")), "KEY_NOT_FOUND", grpc.status.NOT_FOUND);
+    await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: "no-such-key" }), "KEY_NOT_FOUND");
+  });
+});
+
+describe("metadata", () => {
+  test("AES_256 and usage from the real attributes of a SoftHSM key", async () => {
+    const m = await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.default });
+    assert.deepEqual(m, { keySpec: "AES_256", keyUsage: ["ENCRYPT", "DECRYPT"], keyStatus: "ENABLED" });
+    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("DescribeKey"), keyId: t.keys.encryptOnly })).keyUsage, ["ENCRYPT"]);
+    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.decryptOnly })).keyUsage, ["DECRYPT"]);
+    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.noUsage })).keyUsage, []);
+  });
+});
+
+describe("recovery", () => {
+  test("a session closed under the agent is replaced, and the call still succeeds", async () => {
+    // Another PKCS#11 user of the same module in this process closes every session on the slot.
+    const other = new pkcs11js.PKCS11();
+    other.load(t.softhsm.module);
+    try {
+      other.C_Initialize({ flags: pkcs11js.CKF_OS_LOCKING_OK });
+    } catch {
+      /* already initialized by the agent in this process */
+    }
+    const slot = other.C_GetSlotList(true).find((s) => other.C_GetTokenInfo(s).label.trim() === t.softhsm.tokenLabel)!;
+    const opened = t.agent.hsm.stats.sessionsOpened;
+    other.C_CloseAllSessions(slot);
+    const pt = randomBytes(32);
+    const e = await enc(t.keys.default, pt);
+    const d = await dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, ciphertextMetadata: e.ciphertextMetadata });
+    assert.deepEqual(d.plaintext, pt);
+    assert.equal(t.agent.hsm.stats.sessionsOpened, opened + 1, "exactly one new session");
+    assert.match(t.logs.text(), /PKCS#11 failure; recovering/);
+  });
+});
+
+describe("health", () => {
+  test("deep health is ACTIVE with the token's identity", async () => {
+    const h = await c.call("GetHealthStatus", { kmsRequestId: "h1", kmsOperation: "KmsHealthCheck" });
+    assert.equal(h.state, "ACTIVE");
+    assert.equal(h.agentId, "test-agent");
+    assert.equal(h.tokenLabel, t.softhsm.tokenLabel);
+    assert.equal(h.tokenManufacturer, "SoftHSM project");
+    assert.match(h.tokenModel, /SoftHSM/);
+    assert.match(h.tokenSerial, /^[0-9a-f]+$/);
+  });
+});
+
+describe("authentication", () => {
+  test("a call without the proxy's credential gets nothing", async () => {
+    for (const token of [null, "", "wrong-token", t.token + "x", t.token.slice(0, -1)]) {
+      try {
+        await c.call("Encrypt", { metadata: sampleMetadata("Encrypt"), keyId: t.keys.default, plaintext: Buffer.from("secret") }, { token });
+        assert.fail("unauthenticated call succeeded");
+      } catch (e) {
+        const err = e as CallError;
+        assert.equal(err.code, grpc.status.UNAUTHENTICATED, `token ${JSON.stringify(token)}`);
+        assert.equal(err.reason, undefined);
+      }
+    }
+    await assert.rejects(c.call("GetHealthStatus", {}, { token: null }), (e: CallError) => e.code === grpc.status.UNAUTHENTICATED);
+  });
+
+  test("the socket lives in a private directory", () => {
+    assert.equal(statSync(dirname(t.socketPath)).mode & 0o777, 0o700);
+    assert.ok(statSync(t.socketPath).isSocket());
+    assert.equal(statSync(t.socketPath).mode & 0o077, 0);
+  });
+});
+
+describe("contract", () => {
+  test("an agent ignores request fields it does not know (additive changes)", async () => {
+    // A newer proxy's contract: the same messages with extra fields.
+    const newer = readFileSync(new URL("../proto/xks/agent/v1/agent.proto", import.meta.url), "utf8")
+      .replace("bool want_integrity_value = 5;", "bool want_integrity_value = 5;\n  string future_field = 99;\n  repeated int64 future_list = 100;")
+      .replace("string key_store = 8;", "string key_store = 8;\n  string source_identity = 42;");
+    const file = `${t.dir}/newer.proto`;
+    writeFileSync(file, newer);
+    const def = protoLoader.loadSync(file, { keepCase: false, defaults: true });
+    const pkg = grpc.loadPackageDefinition(def) as any;
+    const client = new pkg.xks.agent.v1.XksAgent(`unix://${t.socketPath}`, grpc.credentials.createInsecure());
+    const md = new grpc.Metadata();
+    md.set(AGENT_TOKEN_METADATA_KEY, t.token);
+    const res: any = await new Promise((resolve, reject) =>
+      client.Encrypt(
+        {
+          metadata: { ...sampleMetadata("Encrypt"), sourceIdentity: "future" },
+          keyId: t.keys.default,
+          plaintext: Buffer.from("forward compatible"),
+          futureField: "ignored",
+          futureList: [1, 2, 3],
+        },
+        md,
+        (err: Error | null, r: unknown) => (err ? reject(err) : resolve(r)),
+      ),
+    );
+    client.close();
+    assert.equal(res.ciphertext.length, "forward compatible".length);
+  });
+
+  test("failures carry the reason in trailing metadata, not in parsed messages", async () => {
+    const md = await new Promise<grpc.Metadata>((resolve) => {
+      const meta = new grpc.Metadata();
+      meta.set(AGENT_TOKEN_METADATA_KEY, t.token);
+      (c.client as any).Encrypt({ keyId: "no-such-key", plaintext: Buffer.from("x") }, meta, (err: grpc.ServiceError) => resolve(err.metadata));
+    });
+    assert.deepEqual(md.get(REASON_METADATA_KEY), ["KEY_NOT_FOUND"]);
+  });
+});
+
+describe("load", () => {
+  test("128 concurrent calls in flight, all answers correct", async () => {
+    const inputs = Array.from({ length: 128 }, (_, i) => ({ pt: randomBytes(16 + i), aad: randomBytes(i % 7) }));
+    const encs = await Promise.all(inputs.map(({ pt, aad }) => enc(t.keys.default, pt, { aad, wantIntegrityValue: true })));
+    const decs = await Promise.all(
+      encs.map((e, i) =>
+        dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad: inputs[i].aad, ciphertextMetadata: e.ciphertextMetadata }),
+      ),
+    );
+    decs.forEach((d, i) => assert.deepEqual(d.plaintext, inputs[i].pt));
+  });
+});
+
+describe("owner controls", () => {
+  test("pause cuts KMS off at once; resume lets it back", async () => {
+    t.agent.controls.setPaused(true);
+    try {
+      await rejects(enc(t.keys.default, Buffer.from("x")), "INVALID_STATE");
+      await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.default }), "INVALID_STATE");
+      const h = await c.call("GetHealthStatus", {});
+      assert.equal(h.state, "UNAVAILABLE");
+      assert.equal(h.paused, true);
+    } finally {
+      t.agent.controls.setPaused(false);
+    }
+    assert.equal((await enc(t.keys.default, Buffer.from("x"))).ciphertext.length, 1);
+  });
+
+  test("a disabled key reports DISABLED and refuses crypto", async () => {
+    t.agent.controls.setKeyDisabled(t.keys.default, true);
+    try {
+      const m = await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.default });
+      assert.equal(m.keyStatus, "DISABLED");
+      await rejects(enc(t.keys.default, Buffer.from("x")), "INVALID_STATE");
+    } finally {
+      t.agent.controls.setKeyDisabled(t.keys.default, false);
+    }
+  });
+
+  test("a pause written by another process (the CLI) is picked up by the running agent", async () => {
+    const file = t.config.stateFile;
+    writeFileSync(file, JSON.stringify({ paused: true, disabledKeys: [] }));
+    try {
+      const deadline = Date.now() + 3000;
+      while (!t.agent.controls.paused && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      await rejects(enc(t.keys.default, Buffer.from("x")), "INVALID_STATE");
+    } finally {
+      t.agent.controls.setPaused(false);
+    }
+  });
+});
+
+describe("records", () => {
+  test("every operation is in the hash-chained audit log, and tampering is detected", async () => {
+    const before = verifyAuditLog(t.config.auditLog);
+    assert.ok(before.ok);
+    const e = await enc(t.keys.default, Buffer.from("audited"), { metadata: { ...sampleMetadata("Encrypt"), kmsRequestId: "audit-me-42" } });
+    assert.ok(e);
+    const text = readFileSync(t.config.auditLog, "utf8");
+    const last = JSON.parse(text.trim().split("\n").pop()!);
+    assert.equal(last.rec.kmsRequestId, "audit-me-42");
+    assert.equal(last.rec.operation, "Encrypt");
+    assert.equal(last.rec.result, "OK");
+    assert.equal(last.rec.principal, "arn:aws:iam::123456789012:user/Alice");
+    const after = verifyAuditLog(t.config.auditLog);
+    assert.ok(after.ok && after.records > (before.ok ? before.records : 0));
+    // Change one character of an old record: verification must fail at that line.
+    const lines = text.trim().split("\n");
+    lines[1] = lines[1].replace('"result":"OK"', '"result":"XX"').replace('"result":"KEY_NOT_FOUND"', '"result":"OK"');
+    const copy = `${t.dir}/audit-copy.log`;
+    writeFileSync(copy, lines.join("\n") + "\n");
+    const broken = verifyAuditLog(copy);
+    assert.equal(broken.ok, false);
+    if (!broken.ok) assert.equal(broken.line, 2);
+  });
+
+  test("logs hold one line per operation and no plaintext, ciphertext, AAD, PIN or token", async () => {
+    const marker = Buffer.from("PLAINTEXT-MARKER-7f3a9c");
+    const aad = Buffer.from("AAD-MARKER-51be02");
+    const e = await enc(t.keys.default, marker, { aad, metadata: { ...sampleMetadata("Encrypt"), kmsRequestId: "log-check-1" } });
+    await dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad, ciphertextMetadata: e.ciphertextMetadata });
+    await c.call("Encrypt", { keyId: t.keys.default, plaintext: marker }, { token: "attacker-guess" }).catch(() => {});
+    const text = t.logs.text();
+    const line = t.logs.json().find((l) => l.kmsRequestId === "log-check-1");
+    assert.ok(line, "the operation's log line");
+    assert.equal(line.op, "Encrypt");
+    assert.equal(line.key, t.keys.default);
+    assert.equal(line.result, "OK");
+    assert.equal(typeof line.latencyMs, "number");
+    assert.equal(line.principal, "arn:aws:iam::123456789012:user/Alice");
+    const forbidden = [
+      marker.toString(), marker.toString("base64"), marker.toString("hex"),
+      aad.toString(), aad.toString("base64"), aad.toString("hex"),
+      e.ciphertext.toString("base64"), e.ciphertext.toString("hex"),
+      t.softhsm.pin, t.token, "attacker-guess",
+    ];
+    for (const f of forbidden) assert.ok(!text.includes(f), `log contains a secret: ${f}`);
+    for (const f of [marker.toString(), aad.toString(), t.softhsm.pin, t.token]) {
+      assert.ok(!readFileSync(t.config.auditLog, "utf8").includes(f), `audit log contains a secret: ${f}`);
+    }
+  });
+});
