@@ -90,6 +90,7 @@ export class Tunnel extends EventEmitter {
   private conn: ssh2.Client | undefined;
   private forwarded = false;
   private stopped = true;
+  private stopping: Promise<void> | undefined;
   private attempt = 0;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private forwardTimer: NodeJS.Timeout | undefined;
@@ -117,13 +118,21 @@ export class Tunnel extends EventEmitter {
   start(): void {
     if (!this.stopped) return;
     this.stopped = false;
+    this.stopping = undefined;
+    this.attempt = 0;
     this.connect();
   }
 
   /** Cancels the forward, ends the connection and stops reconnecting; resolves once the connection is closed. */
-  async stop(): Promise<void> {
-    if (this.stopped) return;
-    this.stopped = true;
+  stop(): Promise<void> {
+    if (!this.stopped) {
+      this.stopped = true;
+      this.stopping = this.shutdown();
+    }
+    return this.stopping ?? Promise.resolve();
+  }
+
+  private async shutdown(): Promise<void> {
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.forwardTimer);
     const conn = this.conn;
@@ -240,11 +249,14 @@ export class Tunnel extends EventEmitter {
     const done = (err: Error | null | undefined) => {
       if (this.conn !== conn) return;
       if (err) {
-        const msg = `remote forward ${this.remote} failed: ${err.message}`;
-        this.current.lastError = msg;
-        // The first failure is worth a warning; the retries of a stuck bind would flood the log.
-        if (failures === 0) this.log.warn({ remote: this.remote, err: err.message }, "tunnel remote forward failed; retrying");
-        else this.log.debug({ remote: this.remote, err: err.message, failures: failures + 1 }, "tunnel remote forward still failing");
+        this.current.lastError = `remote forward ${this.remote} failed: ${err.message}`;
+        // Report the first failure; the retries of a stuck bind would flood the log and the listeners.
+        if (failures === 0) {
+          this.log.warn({ remote: this.remote, err: err.message }, "tunnel remote forward failed; retrying");
+          this.emit("state", this.state());
+        } else {
+          this.log.debug({ remote: this.remote, err: err.message, failures: failures + 1 }, "tunnel remote forward still failing");
+        }
         this.forwardTimer = setTimeout(() => this.requestForward(conn, failures + 1), FORWARD_RETRY_MS);
         return;
       }

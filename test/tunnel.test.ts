@@ -1,0 +1,537 @@
+/**
+ * The agent's reverse tunnel against a REAL OpenSSH sshd (test/helpers/sshd.ts), real sockets, no
+ * stubs. A line-echo server on a Unix socket in a 0700 temp dir stands in for the agent's gRPC
+ * socket; a "far side" client connects to the forward that sshd opened, as the proxy would.
+ *
+ * Echo protocol: the far side sends `<mode>:<payload>\n`; the server answers `echo:<payload>\n`,
+ * in ONE write for mode 1 and in TWO writes ~1 ms apart for mode 2. The far side likewise sends a
+ * mode-2 request in two writes ~1 ms apart. Split messages are what Nagle + delayed ACK turn into
+ * ~40 ms stalls when either end of the SSH connection lacks TCP_NODELAY (field-notes.md §7).
+ */
+import { after, before, describe, test } from "node:test";
+import assert from "node:assert/strict";
+import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import net from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { performance } from "node:perf_hooks";
+import { Writable } from "node:stream";
+import pino from "pino";
+import { Tunnel, TunnelSet, fingerprintOf, type TunnelState, type TunnelTarget } from "../agent/tunnel.ts";
+import { freePort, startSshd, type Sshd } from "./helpers/sshd.ts";
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** A pino logger whose lines the test can read back. */
+function captureLog(): { log: pino.Logger; lines: string[] } {
+  const lines: string[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer | string, _enc, cb) {
+      for (const l of chunk.toString().split("\n")) if (l) lines.push(l);
+      cb();
+    },
+  });
+  return { log: pino({ level: "debug" }, sink), lines };
+}
+
+interface EchoServer {
+  path: string;
+  connections: () => number;
+  close: () => Promise<void>;
+}
+
+/** The local stand-in for the agent's gRPC socket, in a fresh 0700 dir. */
+async function startEchoServer(): Promise<EchoServer> {
+  const dir = mkdtempSync(join(tmpdir(), "xks-agent-")); // mkdtemp creates it 0700
+  const path = join(dir, "agent.sock");
+  const socks = new Set<net.Socket>();
+  let connections = 0;
+  const server = net.createServer((sock) => {
+    connections++;
+    socks.add(sock);
+    sock.on("close", () => socks.delete(sock)).on("error", () => {});
+    sock.setEncoding("utf8");
+    let buf = "";
+    sock.on("data", (d: string) => {
+      buf += d;
+      for (let i = buf.indexOf("\n"); i >= 0; i = buf.indexOf("\n")) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        const payload = line.slice(2);
+        if (line.startsWith("2:")) {
+          sock.write("echo:");
+          setTimeout(() => sock.write(payload + "\n"), 1);
+        } else {
+          sock.write(`echo:${payload}\n`);
+        }
+      }
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(path, () => resolve());
+  });
+  return {
+    path,
+    connections: () => connections,
+    close: async () => {
+      for (const s of socks) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** The far side (the proxy's view): a line-oriented client on the forwarded socket. */
+class FarClient {
+  private buf = "";
+  private readonly ready: string[] = [];
+  private readonly waiters: Array<{ resolve: (l: string) => void; reject: (e: Error) => void }> = [];
+  private closedWith: Error | undefined;
+
+  private constructor(readonly sock: net.Socket) {
+    sock.setEncoding("utf8");
+    sock.on("data", (d: string) => {
+      this.buf += d;
+      for (let i = this.buf.indexOf("\n"); i >= 0; i = this.buf.indexOf("\n")) {
+        const line = this.buf.slice(0, i);
+        this.buf = this.buf.slice(i + 1);
+        const w = this.waiters.shift();
+        if (w) w.resolve(line);
+        else this.ready.push(line);
+      }
+    });
+    const fail = (err?: Error) => {
+      this.closedWith ??= err ?? new Error("far-side connection closed");
+      for (const w of this.waiters.splice(0)) w.reject(this.closedWith);
+    };
+    sock.on("error", fail).on("close", () => fail());
+  }
+
+  static connect(opts: net.NetConnectOpts): Promise<FarClient> {
+    return new Promise((resolve, reject) => {
+      const sock = net.connect(opts);
+      sock.once("connect", () => {
+        sock.off("error", reject);
+        resolve(new FarClient(sock));
+      });
+      sock.once("error", reject);
+    });
+  }
+
+  next(): Promise<string> {
+    const l = this.ready.shift();
+    if (l !== undefined) return Promise.resolve(l);
+    if (this.closedWith) return Promise.reject(this.closedWith);
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+
+  /** One write, one reply; returns the reply line. */
+  async ask(payload: string): Promise<string> {
+    this.sock.write(`1:${payload}\n`);
+    return this.next();
+  }
+
+  /**
+   * A two-piece request (two writes ~1 ms apart) answered by a two-piece reply. Returns the ms
+   * from the request's second write to the complete reply.
+   */
+  async askSplit(payload: string): Promise<number> {
+    this.sock.write("2:" + payload.slice(0, 3));
+    await sleep(1);
+    const t0 = performance.now();
+    this.sock.write(payload.slice(3) + "\n");
+    const reply = await this.next();
+    const ms = performance.now() - t0;
+    assert.equal(reply, `echo:${payload}`);
+    return ms;
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+/** Records every state a tunnel reports. */
+function watch(tunnel: Tunnel): TunnelState[] {
+  const history: TunnelState[] = [];
+  tunnel.on("state", (s: TunnelState) => history.push(s));
+  return history;
+}
+
+/** Resolves with the first state (current or future) matching `pred`; fails after `timeoutMs`. */
+function waitForState(tunnel: Tunnel, pred: (s: TunnelState) => boolean, timeoutMs: number, what: string): Promise<TunnelState> {
+  const now = tunnel.state();
+  if (pred(now)) return Promise.resolve(now);
+  return new Promise((resolve, reject) => {
+    const onState = (s: TunnelState) => {
+      if (!pred(s)) return;
+      clearTimeout(timer);
+      tunnel.off("state", onState);
+      resolve(s);
+    };
+    const timer = setTimeout(() => {
+      tunnel.off("state", onState);
+      reject(new Error(`timed out after ${timeoutMs} ms waiting for ${what}; state now ${JSON.stringify(tunnel.state())}`));
+    }, timeoutMs);
+    tunnel.on("state", onState);
+  });
+}
+
+function targetFor(sshd: Sshd, over: Partial<TunnelTarget>): TunnelTarget {
+  return {
+    name: "ec2-test",
+    host: "127.0.0.1",
+    port: sshd.port,
+    username: sshd.user,
+    privateKey: sshd.clientPrivateKey,
+    hostKeyFingerprint: sshd.hostKeyFingerprint,
+    keepaliveIntervalMs: 1000,
+    backoff: { initialMs: 100, maxMs: 1000 },
+    ...over,
+  };
+}
+
+/** No log line may carry the private key (or any piece of its body). */
+function assertNoKeyInLogs(lines: string[], sshd: Sshd): void {
+  const keyBody = sshd.clientPrivateKey.split("\n").filter((l) => l && !l.startsWith("-----"));
+  for (const line of lines) {
+    assert.ok(!line.includes("PRIVATE KEY"), `log line carries key material: ${line}`);
+    for (const part of keyBody) assert.ok(!line.includes(part), "log line carries a piece of the private key");
+  }
+}
+
+const percentile = (sorted: number[], p: number) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+
+describe("tunnel over the streamlocal (Unix socket) remote forward", () => {
+  let sshd: Sshd;
+  let echo: EchoServer;
+  let tunnel: Tunnel;
+  let remoteSocket: string;
+  const { log, lines } = captureLog();
+
+  before(async () => {
+    sshd = await startSshd();
+    echo = await startEchoServer();
+    remoteSocket = join(sshd.dir, "xks.sock");
+    tunnel = new Tunnel(targetFor(sshd, { remoteSocket }), echo.path, log);
+    tunnel.start();
+    await waitForState(tunnel, (s) => s.state === "up", 10_000, "up");
+  });
+
+  after(async () => {
+    await tunnel?.stop();
+    await echo?.close();
+    await sshd?.stop();
+  });
+
+  test("(a) a client of the remote socket reaches the local server and gets the right bytes", { timeout: 15_000 }, async () => {
+    const far = await FarClient.connect({ path: remoteSocket });
+    try {
+      assert.equal(await far.ask("hello"), "echo:hello");
+      assert.equal(await far.ask("second message"), "echo:second message");
+      // Larger than one SSH channel window, so flow control is exercised both ways.
+      const big = "abcdefghijklmnopqrstuvwxyz0123456789".repeat(90_000);
+      assert.equal(await far.ask(big), `echo:${big}`);
+      // Several concurrent far-side connections are independent channels.
+      const others = await Promise.all([1, 2, 3].map(() => FarClient.connect({ path: remoteSocket })));
+      const replies = await Promise.all(others.map((c, i) => c.ask(`conn-${i}`)));
+      assert.deepEqual(replies, ["echo:conn-0", "echo:conn-1", "echo:conn-2"]);
+      for (const c of others) c.close();
+    } finally {
+      far.close();
+    }
+    assertNoKeyInLogs(lines, sshd);
+    assert.ok(lines.some((l) => l.includes('"tunnel up"')), "an 'up' log line");
+  });
+
+  test("(f) the connection ran its exec so sshd has TCP_NODELAY on", { timeout: 5_000 }, () => {
+    const s = tunnel.state();
+    assert.equal(s.state, "up");
+    assert.equal(s.nodelayExec, true);
+    assert.equal(s.connects, 1);
+    assert.equal(s.name, "ec2-test");
+    assert.ok(!Number.isNaN(Date.parse(s.since)));
+    assert.ok(lines.some((l) => l.includes("TCP_NODELAY")), "the exec is logged");
+    // The forced command ran (nologin) and was the only exec: sshd logged one session.
+    assert.match(sshd.logs(), /Accepted publickey for/);
+  });
+
+  test("(g) ≥2000 sequential split request/replies show no Nagle stalls", { timeout: 40_000 }, async (t) => {
+    const far = await FarClient.connect({ path: remoteSocket });
+    t.after(() => far.close());
+
+    // Plain latency: one write each way.
+    for (let i = 0; i < 200; i++) await far.ask(`warm-${i}`);
+    const plain: number[] = [];
+    for (let i = 0; i < 2000; i++) {
+      const t0 = performance.now();
+      const r = await far.ask(`p-${i}`);
+      plain.push(performance.now() - t0);
+      assert.equal(r, `echo:p-${i}`);
+    }
+
+    // Split messages in both directions: each stalls ~40 ms if either end still runs Nagle.
+    // Stop early once it is clearly stalling (2000 stalls would take ~90 s).
+    const split: number[] = [];
+    let stalls = 0;
+    for (let i = 0; i < 2000 && stalls <= 20; i++) {
+      const ms = await far.askSplit(`req-${i}-abcdefgh`);
+      split.push(ms);
+      if (ms > 30) stalls++;
+    }
+    plain.sort((a, b) => a - b);
+    split.sort((a, b) => a - b);
+    t.diagnostic(
+      `plain 1-write exchanges: p50 ${percentile(plain, 50).toFixed(3)} ms, p99 ${percentile(plain, 99).toFixed(3)} ms, max ${plain.at(-1)!.toFixed(1)} ms`,
+    );
+    t.diagnostic(
+      `split 2-write exchanges (incl. the server's 1 ms gap): p50 ${percentile(split, 50).toFixed(3)} ms, p99 ${percentile(split, 99).toFixed(3)} ms, max ${split.at(-1)!.toFixed(1)} ms, >30 ms: ${stalls}`,
+    );
+    // With Nagle on at either end nearly every split exchange stalls; allow a couple of scheduler hiccups.
+    assert.ok(stalls <= 2, `${stalls} of the first ${split.length} split exchanges took > 30 ms (Nagle/delayed-ACK stalls?)`);
+    assert.equal(split.length, 2000);
+    assert.ok(percentile(split, 50) < 10, `split p50 ${percentile(split, 50)} ms`);
+  });
+});
+
+test("fingerprintOf matches ssh-keygen -lf", { timeout: 10_000 }, async (t) => {
+  const sshd = await startSshd();
+  t.after(() => sshd.stop());
+  const blob = Buffer.from(readFileSync(join(sshd.dir, "keys", "host_ed25519.pub"), "utf8").split(" ")[1], "base64");
+  assert.equal(fingerprintOf(blob), sshd.hostKeyFingerprint);
+});
+
+test("(b) the loopback TCP remote forward carries traffic too", { timeout: 15_000 }, async (t) => {
+  const remotePort = await freePort();
+  const sshd = await startSshd({ permitListen: `127.0.0.1:${remotePort}` });
+  const echo = await startEchoServer();
+  const { log, lines } = captureLog();
+  const tunnel = new Tunnel(targetFor(sshd, { remoteTcp: { host: "127.0.0.1", port: remotePort } }), echo.path, log);
+  t.after(async () => {
+    await tunnel.stop();
+    await echo.close();
+    await sshd.stop();
+  });
+  tunnel.start();
+  const up = await waitForState(tunnel, (s) => s.state === "up", 10_000, "up");
+  assert.equal(up.nodelayExec, true);
+
+  // Like grpc-js (transport.ts calls setNoDelay), the far side disables Nagle on its own TCP
+  // socket: without it, its split writes stall ~40 ms before they even reach sshd.
+  const far = await FarClient.connect({ host: "127.0.0.1", port: remotePort, noDelay: true });
+  t.after(() => far.close());
+  assert.equal(await far.ask("over tcp"), "echo:over tcp");
+  let stalls = 0;
+  for (let i = 0; i < 200 && stalls <= 5; i++) if ((await far.askSplit(`tcp-${i}-xyz`)) > 30) stalls++;
+  assert.ok(stalls <= 1, `${stalls} split exchanges over the TCP forward took > 30 ms (Nagle stalls?)`);
+  assertNoKeyInLogs(lines, sshd);
+});
+
+test("a remote forward that cannot bind yet is retried until it binds", { timeout: 15_000 }, async (t) => {
+  const remotePort = await freePort();
+  // Something already holds the port on the sshd host, as a half-dead old session would (gotcha 15).
+  const squatter = net.createServer();
+  await new Promise<void>((resolve) => squatter.listen(remotePort, "127.0.0.1", () => resolve()));
+  const sshd = await startSshd({ permitListen: `127.0.0.1:${remotePort}` });
+  const echo = await startEchoServer();
+  const { log } = captureLog();
+  const tunnel = new Tunnel(targetFor(sshd, { remoteTcp: { host: "127.0.0.1", port: remotePort } }), echo.path, log);
+  t.after(async () => {
+    await tunnel.stop();
+    await echo.close();
+    await sshd.stop();
+    squatter.close();
+  });
+  tunnel.start();
+  const failing = await waitForState(tunnel, (s) => /remote forward .* failed/.test(s.lastError ?? ""), 10_000, "a failed forward");
+  assert.equal(failing.state, "connecting");
+  assert.equal(failing.connects, 1);
+  await sleep(700); // a retry or two, still failing
+  assert.equal(tunnel.state().state, "connecting");
+
+  await new Promise<void>((resolve) => squatter.close(() => resolve()));
+  await waitForState(tunnel, (s) => s.state === "up", 3_000, "up once the port is free");
+  assert.equal(tunnel.state().connects, 1, "same SSH connection, only the forward was retried");
+  const far = await FarClient.connect({ host: "127.0.0.1", port: remotePort, noDelay: true });
+  t.after(() => far.close());
+  assert.equal(await far.ask("bound"), "echo:bound");
+});
+
+test("(c) a wrong pinned host key is refused: never up, no forward, clear log", { timeout: 15_000 }, async (t) => {
+  const sshd = await startSshd();
+  const echo = await startEchoServer();
+  const { log, lines } = captureLog();
+  const remoteSocket = join(sshd.dir, "xks.sock");
+  // A real but different key, as after a host-key change.
+  const clientPub = readFileSync(`${sshd.clientKeyPath}.pub`, "utf8").split(" ")[1];
+  const wrong = fingerprintOf(Buffer.from(clientPub, "base64"));
+  assert.notEqual(wrong, sshd.hostKeyFingerprint);
+  const tunnel = new Tunnel(targetFor(sshd, { remoteSocket, hostKeyFingerprint: wrong }), echo.path, log);
+  const history = watch(tunnel);
+  t.after(async () => {
+    await tunnel.stop();
+    await echo.close();
+    await sshd.stop();
+  });
+  tunnel.start();
+
+  const down = await waitForState(tunnel, (s) => s.state === "down", 10_000, "down");
+  assert.match(down.lastError ?? "", /host key verification failed/);
+  assert.ok(down.lastError!.includes(wrong) && down.lastError!.includes(sshd.hostKeyFingerprint), down.lastError);
+  // Let it retry a few times (backoff 100 ms → 1 s): every attempt is refused the same way.
+  await sleep(1200);
+  assert.ok(history.filter((s) => s.state === "down").length >= 2, "it keeps retrying");
+  assert.ok(!history.some((s) => s.state === "up"), "never up");
+  assert.equal(tunnel.state().connects, 0);
+  assert.equal(tunnel.state().nodelayExec, false);
+  assert.equal(existsSync(remoteSocket), false, "no forward was created");
+  assert.doesNotMatch(sshd.logs(), /Accepted publickey/, "the client never authenticated");
+
+  const refusal = lines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === "tunnel refused: host key does not match the pinned fingerprint");
+  assert.ok(refusal, "a refusal log line");
+  assert.equal(refusal.expected, wrong);
+  assert.equal(refusal.seen, sshd.hostKeyFingerprint);
+  assert.equal(refusal.level, 50);
+  assertNoKeyInLogs(lines, sshd);
+  assert.equal(echo.connections(), 0);
+});
+
+test("(d) kill -9 of the sshd session: down, back up within 3 s, traffic flows again", { timeout: 20_000 }, async (t) => {
+  const sshd = await startSshd();
+  const echo = await startEchoServer();
+  const { log, lines } = captureLog();
+  const remoteSocket = join(sshd.dir, "xks.sock");
+  const tunnel = new Tunnel(targetFor(sshd, { remoteSocket, backoff: { initialMs: 250, maxMs: 5000 } }), echo.path, log);
+  const history = watch(tunnel);
+  t.after(async () => {
+    await tunnel.stop();
+    await echo.close();
+    await sshd.stop();
+  });
+  tunnel.start();
+  await waitForState(tunnel, (s) => s.state === "up", 10_000, "up");
+  const old = await FarClient.connect({ path: remoteSocket });
+  t.after(() => old.close());
+  assert.equal(await old.ask("before"), "echo:before");
+
+  const t0 = performance.now();
+  let killed = 0;
+  for (const pid of sshd.sessionPids()) {
+    try {
+      process.kill(pid, "SIGKILL");
+      killed++;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ESRCH") throw err; // a process that was exiting anyway
+    }
+  }
+  assert.ok(killed >= 1, "killed the sshd session process");
+
+  await waitForState(tunnel, (s) => s.state === "down", 3_000, "down");
+  const down = performance.now() - t0;
+  const up = await waitForState(tunnel, (s) => s.state === "up" && s.connects === 2, 3_000, "up again");
+  const back = performance.now() - t0;
+  t.diagnostic(`down after ${down.toFixed(0)} ms, up again after ${back.toFixed(0)} ms`);
+  assert.equal(up.nodelayExec, true);
+  await assert.rejects(old.next(), "the old far-side connection was cut");
+
+  const again = await FarClient.connect({ path: remoteSocket });
+  t.after(() => again.close());
+  assert.equal(await again.ask("after"), "echo:after");
+  assert.deepEqual(
+    history.map((s) => s.state),
+    ["connecting", "up", "down", "connecting", "up"],
+  );
+  assert.ok(lines.some((l) => l.includes('"tunnel down"')), "a 'down' log line");
+});
+
+test("(e) sshd stopped and restarted: the tunnel comes back by itself", { timeout: 20_000 }, async (t) => {
+  const sshd = await startSshd();
+  const echo = await startEchoServer();
+  const { log } = captureLog();
+  const remoteSocket = join(sshd.dir, "xks.sock");
+  const tunnel = new Tunnel(targetFor(sshd, { remoteSocket }), echo.path, log);
+  const history = watch(tunnel);
+  t.after(async () => {
+    await tunnel.stop();
+    await echo.close();
+    await sshd.stop();
+  });
+  tunnel.start();
+  await waitForState(tunnel, (s) => s.state === "up", 10_000, "up");
+
+  const restarting = sshd.restart(1000); // a full outage of ~1 s
+  await waitForState(tunnel, (s) => s.state === "down", 3_000, "down");
+  await restarting;
+  const t0 = performance.now();
+  await waitForState(tunnel, (s) => s.state === "up" && s.connects === 2, 5_000, "up after the restart");
+  t.diagnostic(`up ${(performance.now() - t0).toFixed(0)} ms after sshd accepted connections again`);
+  // While sshd was down, reconnect attempts were refused and reported.
+  assert.ok(history.some((s) => s.state === "down" && /ECONNREFUSED/.test(s.lastError ?? "")), JSON.stringify(history));
+
+  const far = await FarClient.connect({ path: remoteSocket });
+  t.after(() => far.close());
+  assert.equal(await far.ask("after restart"), "echo:after restart");
+
+  // stop(): unforward, close, no reconnect afterwards.
+  await tunnel.stop();
+  assert.equal(tunnel.state().state, "stopped");
+  const stoppedAt = history.length;
+  await sleep(300);
+  assert.equal(history.length, stoppedAt, "no state change after stop");
+  for (let i = 0; i < 50 && sshd.sessionPids().length > 0; i++) await sleep(20);
+  assert.deepEqual(sshd.sessionPids(), [], "the sshd session ended");
+});
+
+test("TunnelSet runs one tunnel per target and reports each state", { timeout: 15_000 }, async (t) => {
+  const [a, b] = await Promise.all([startSshd(), startSshd()]);
+  const echo = await startEchoServer();
+  const { log } = captureLog();
+  const set = new TunnelSet(
+    [
+      targetFor(a, { name: "ec2-a", remoteSocket: join(a.dir, "xks.sock") }),
+      targetFor(b, { name: "ec2-b", remoteSocket: join(b.dir, "xks.sock") }),
+    ],
+    echo.path,
+    log,
+  );
+  t.after(async () => {
+    await set.stop();
+    await echo.close();
+    await Promise.all([a.stop(), b.stop()]);
+  });
+  set.start();
+  await Promise.all(set.list().map((tun) => waitForState(tun, (s) => s.state === "up", 10_000, "up")));
+  assert.deepEqual(
+    set.states().map((s) => [s.name, s.state]),
+    [
+      ["ec2-a", "up"],
+      ["ec2-b", "up"],
+    ],
+  );
+  for (const sshd of [a, b]) {
+    const far = await FarClient.connect({ path: join(sshd.dir, "xks.sock") });
+    assert.equal(await far.ask(sshd.dir), `echo:${sshd.dir}`);
+    far.close();
+  }
+  await set.stop();
+  assert.deepEqual(set.states().map((s) => s.state), ["stopped", "stopped"]);
+});
+
+test("a target without a valid pinned fingerprint or with two remotes is rejected up front", () => {
+  const { log } = captureLog();
+  const base: TunnelTarget = {
+    name: "x",
+    host: "127.0.0.1",
+    port: 22,
+    username: "u",
+    privateKey: "",
+    hostKeyFingerprint: "SHA256:" + "A".repeat(43),
+    remoteSocket: "/tmp/x.sock",
+  };
+  assert.doesNotThrow(() => new Tunnel(base, "/tmp/agent.sock", log));
+  assert.throws(() => new Tunnel({ ...base, hostKeyFingerprint: "" }, "/tmp/agent.sock", log), /hostKeyFingerprint/);
+  assert.throws(() => new Tunnel({ ...base, hostKeyFingerprint: "MD5:aa:bb" }, "/tmp/agent.sock", log), /hostKeyFingerprint/);
+  assert.throws(() => new Tunnel({ ...base, remoteTcp: { host: "127.0.0.1", port: 7000 } }, "/tmp/agent.sock", log), /exactly one/);
+  assert.throws(() => new Tunnel({ ...base, remoteSocket: undefined }, "/tmp/agent.sock", log), /exactly one/);
+});
