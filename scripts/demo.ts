@@ -1,0 +1,187 @@
+/**
+ * The demo: the whole chain on this machine, from nothing.
+ *
+ *   fresh SoftHSM token + keys → real OpenSSH sshd on a free loopback port ("EC2")
+ *   → proxy (bin/xks-proxy.js) ← agent's ssh2 reverse tunnel ← agent (bin/xks-agent.js)
+ *
+ * then a SigV4-signed health, metadata, encrypt and decrypt round trip (signed
+ * by AWS's own signer and by curl), usage enforcement on the restricted keys,
+ * and it keeps running until Ctrl-C. Everything a client needs is written to
+ * .demo/demo.json. Run it with ./scripts/demo.sh (which also does the set-up).
+ */
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { PACKAGE_ROOT } from "../shared/paths.ts";
+import { curlPost } from "../test/helpers/sigv4.ts";
+import { startChain, type Chain } from "./lib/chain.ts";
+
+const { values } = parseArgs({ options: { dir: { type: "string", default: join(PACKAGE_ROOT, ".demo") }, "no-wait": { type: "boolean" } } });
+const dir = values.dir!;
+
+const bold = (s: string) => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
+const green = (s: string) => (process.stdout.isTTY ? `\x1b[32m${s}\x1b[0m` : s);
+const red = (s: string) => (process.stdout.isTTY ? `\x1b[31m${s}\x1b[0m` : s);
+const step = (s: string) => console.log(`\n${bold("==>")} ${s}`);
+
+/** Stops whatever a previous run left behind (its children are recorded in .demo/pids and sshd's pid file). */
+function killLeftovers(): void {
+  const files = [join(dir, "pids"), join(dir, "ssh", "sshd.pid")];
+  for (const f of files) {
+    if (!existsSync(f)) continue;
+    for (const pid of readFileSync(f, "utf8").split(/\s+/).filter(Boolean).map(Number)) {
+      try {
+        const cmd = readFileSync(`/proc/${pid}/cmdline`, "utf8");
+        if (!/xks-|sshd/.test(cmd)) continue; // the pid was reused by something else
+      } catch {
+        if (process.platform === "linux") continue; // not running
+      }
+      try {
+        process.kill(pid, "SIGTERM");
+        console.log(`stopped a leftover process from an earlier run (pid ${pid})`);
+      } catch {
+        /* already gone */
+      }
+    }
+  }
+}
+
+let failures = 0;
+function show(label: string, r: { status: number; text: string }, expectStatus: number, expectErrorName?: string): void {
+  const ok = r.status === expectStatus && (!expectErrorName || r.text.includes(`"errorName":"${expectErrorName}"`));
+  if (!ok) failures++;
+  console.log(`${ok ? green("ok ") : red("BAD")} ${label}: HTTP ${r.status} ${r.text}`);
+}
+
+async function roundTrip(chain: Chain): Promise<void> {
+  const md = (op: string, extra: Record<string, string> = {}) => ({
+    awsPrincipalArn: "arn:aws:iam::123456789012:user/demo",
+    kmsKeyArn: "arn:aws:kms:us-east-1:123456789012:key/demo",
+    kmsOperation: op,
+    kmsRequestId: crypto.randomUUID(),
+    ...extra,
+  });
+  step("GetHealthStatus (signed with AWS's @smithy/signature-v4)");
+  show("health", await chain.post("health", { requestMetadata: { kmsRequestId: crypto.randomUUID(), kmsOperation: "KmsHealthCheck" } }), 200);
+
+  step("GetKeyMetadata");
+  show(`metadata ${chain.keys.default}`, await chain.post(`keys/${chain.keys.default}/metadata`, { requestMetadata: md("CreateKey") }), 200);
+
+  step("Encrypt with AAD and the integrity value, then Decrypt");
+  const plaintext = Buffer.from("Hello from the owner's HSM");
+  const aad = Buffer.from("project=nile,department=marketing");
+  const enc = await chain.post(`keys/${chain.keys.default}/encrypt`, {
+    requestMetadata: md("Encrypt"),
+    plaintext: plaintext.toString("base64"),
+    additionalAuthenticatedData: aad.toString("base64"),
+    encryptionAlgorithm: "AES_GCM",
+    ciphertextDataIntegrityValueAlgorithm: "SHA_256",
+  });
+  show("encrypt", enc, 200);
+  const e = enc.json as Record<string, string>;
+  const dec = await chain.post(`keys/${chain.keys.default}/decrypt`, {
+    requestMetadata: md("Decrypt"),
+    ciphertext: e.ciphertext,
+    initializationVector: e.initializationVector,
+    authenticationTag: e.authenticationTag,
+    ciphertextMetadata: e.ciphertextMetadata,
+    additionalAuthenticatedData: aad.toString("base64"),
+    encryptionAlgorithm: "AES_GCM",
+  });
+  show("decrypt", dec, 200);
+  const back = Buffer.from((dec.json as { plaintext?: string })?.plaintext ?? "", "base64").toString();
+  if (back !== plaintext.toString()) failures++;
+  console.log(`    plaintext back: ${JSON.stringify(back)} ${back === plaintext.toString() ? green("(matches)") : red("(MISMATCH)")}`);
+
+  step("The same Encrypt signed by curl --aws-sigv4 (an independent signer)");
+  const curlBody = JSON.stringify({ requestMetadata: md("Encrypt"), plaintext: plaintext.toString("base64"), encryptionAlgorithm: "AES_GCM" });
+  show("curl encrypt", await curlPost(chain.url, `${chain.uriPath}/keys/${chain.keys.default}/encrypt`, curlBody, chain, { region: chain.region }), 200);
+
+  step("Usage enforcement on restricted keys");
+  const encBody = (key: string, cdiv = false) =>
+    chain.post(`keys/${key}/encrypt`, {
+      requestMetadata: md("Encrypt"),
+      plaintext: plaintext.toString("base64"),
+      encryptionAlgorithm: "AES_GCM",
+      ...(cdiv ? { ciphertextDataIntegrityValueAlgorithm: "SHA_256" } : {}),
+    });
+  show(`encrypt with ${chain.keys.encryptOnly}`, await encBody(chain.keys.encryptOnly), 200);
+  show(`encrypt+integrity value with ${chain.keys.encryptOnly}`, await encBody(chain.keys.encryptOnly, true), 400, "InvalidKeyUsageException");
+  show(`encrypt with ${chain.keys.decryptOnly}`, await encBody(chain.keys.decryptOnly), 400, "InvalidKeyUsageException");
+  show(`encrypt with ${chain.keys.noUsage}`, await encBody(chain.keys.noUsage), 400, "InvalidKeyUsageException");
+  show("tampered tag", await chain.post(`keys/${chain.keys.default}/decrypt`, {
+    requestMetadata: md("Decrypt"),
+    ciphertext: e.ciphertext,
+    initializationVector: e.initializationVector,
+    authenticationTag: Buffer.alloc(16).toString("base64"),
+    ciphertextMetadata: e.ciphertextMetadata,
+    additionalAuthenticatedData: aad.toString("base64"),
+    encryptionAlgorithm: "AES_GCM",
+  }), 400, "InvalidCiphertextException");
+}
+
+async function main(): Promise<number> {
+  killLeftovers();
+  step(`Building the chain in ${dir}`);
+  console.log("    fresh SoftHSM token and keys, a real OpenSSH sshd on a free loopback port, the proxy and the agent");
+  const chain = await startChain({ dir });
+  let stopping = false;
+  const stop = async (code: number) => {
+    if (stopping) return;
+    stopping = true;
+    console.log("\nstopping agent, proxy and sshd…");
+    await chain.stop();
+    process.exit(code);
+  };
+  process.on("SIGINT", () => void stop(0));
+  process.on("SIGTERM", () => void stop(0));
+  try {
+    await chain.waitActive(30000);
+  } catch (err) {
+    console.error(red((err as Error).message));
+    await stop(1);
+  }
+  console.log(`    sshd on 127.0.0.1:${chain.sshd.port} (host key ${chain.sshd.hostKeyFingerprint})`);
+  console.log(`    proxy on ${chain.url}, agent tunnel → ${chain.remoteSocket}`);
+  const tunnelLine = chain.agent.logs().split("\n").find((l) => l.includes("TCP_NODELAY"));
+  if (tunnelLine) console.log(`    agent: ${JSON.parse(tunnelLine).msg}`);
+
+  const demoJson = {
+    url: chain.url,
+    region: chain.region,
+    uriPath: chain.uriPath,
+    accessKeyId: chain.accessKeyId,
+    secretAccessKey: chain.secretAccessKey,
+    keys: { ...chain.keys },
+  };
+  writeFileSync(join(dir, "demo.json"), JSON.stringify(demoJson, null, 2) + "\n", { mode: 0o600 });
+
+  await roundTrip(chain);
+
+  step(failures === 0 ? green("All demo checks passed.") : red(`${failures} demo check(s) failed.`));
+  console.log(`\nClient settings written to ${join(dir, "demo.json")}. Logs: ${join(dir, "logs")}/`);
+  console.log("Try it yourself (curl signs with SigV4 itself):\n");
+  const body = JSON.stringify({
+    requestMetadata: { awsPrincipalArn: "arn:aws:iam::123456789012:user/you", kmsOperation: "Encrypt", kmsRequestId: "try-1", kmsKeyArn: "arn:aws:kms:us-east-1:123456789012:key/demo" },
+    plaintext: Buffer.from("hi there").toString("base64"),
+    encryptionAlgorithm: "AES_GCM",
+  });
+  console.log(
+    `  curl -s --aws-sigv4 "aws:amz:${chain.region}:kms-xks-proxy" --user "${chain.accessKeyId}:${chain.secretAccessKey}" \\\n` +
+      `    -H 'Content-Type: application/json' --data '${body}' \\\n` +
+      `    ${chain.url}${chain.uriPath}/keys/${chain.keys.default}/encrypt\n`,
+  );
+  console.log(`Owner controls: node bin/xks-agent.js pause --config ${chain.agentConfigFile}   (and resume)`);
+  if (values["no-wait"]) {
+    await stop(failures === 0 ? 0 : 1);
+    return 0;
+  }
+  console.log("\nRunning. Press Ctrl-C to stop everything.");
+  await new Promise(() => {});
+  return 0;
+}
+
+main().catch((err) => {
+  console.error(red(`demo failed: ${(err as Error).stack ?? err}`));
+  process.exit(1);
+});
