@@ -52,19 +52,21 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
   controls.on("change", (state) => log.warn({ paused: state.paused, disabledKeys: state.disabledKeys }, "owner controls changed"));
   const audit = new AuditLog(config.auditLog);
   const events = new EventEmitter();
+  const tunnels = new TunnelSet(config.tunnels, config.socket, log);
   const ctx: OpContext = {
     hsm,
     ciphertextMetadata: config.ciphertextMetadata,
     healthKey: config.healthKey,
     agentId: config.agentId,
     isKeyDisabled: (label) => controls.isKeyDisabled(label),
+    tunnels: () =>
+      tunnels.states().map((t) => ({ name: t.name, state: t.state, since: t.since, lastError: t.lastError ?? "", connects: t.connects, nodelayExec: t.nodelayExec })),
   };
   const onOperation = (rec: OperationRecord) => {
     audit.append(rec);
     events.emit("operation", rec);
   };
   const server = await startAgentServer(config.socket, { ctx, token: config.proxyToken, controls, log, onOperation });
-  const tunnels = new TunnelSet(config.tunnels, config.socket, log);
   tunnels.start();
   log.info({ socket: config.socket, paused: controls.paused }, "listening");
 

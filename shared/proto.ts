@@ -71,4 +71,13 @@ export interface GetHealthStatusResponse {
   detail: string;
   agentVersion: string;
   paused: boolean;
+  tunnels?: TunnelStatus[];
+}
+export interface TunnelStatus {
+  name: string;
+  state: string;
+  since: string;
+  lastError: string;
+  connects: number;
+  nodelayExec: boolean;
 }

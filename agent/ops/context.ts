@@ -1,5 +1,6 @@
 import type { Hsm, KeyInfo } from "../hsm/hsm.ts";
 import { AgentError } from "../../shared/errors.ts";
+import type { TunnelStatus } from "../../shared/proto.ts";
 
 /** What every operation gets: the HSM and the agent's own settings. */
 export interface OpContext {
@@ -12,6 +13,8 @@ export interface OpContext {
   agentId: string;
   /** Labels the owner has disabled: metadata reports DISABLED, crypto is refused. */
   isKeyDisabled(label: string): boolean;
+  /** The reverse tunnels' states, for health. */
+  tunnels(): TunnelStatus[];
 }
 
 const CKK_AES = 0x1f;

@@ -15,7 +15,7 @@ const NO_METADATA = null;
  * that cannot be reached is UNAVAILABLE.
  */
 export function getHealthStatus(ctx: OpContext): GetHealthStatusResponse {
-  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false };
+  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels() };
   let token;
   try {
     token = ctx.hsm.tokenInfo();

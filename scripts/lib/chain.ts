@@ -59,7 +59,9 @@ export class Daemon {
 
   start(): void {
     const out = createWriteStream(this.logFile, { flags: "a" });
-    const p = spawn(process.execPath, this.args, { env: this.env, stdio: ["ignore", "pipe", "pipe"] });
+    // XKS_NODE_ARGS: extra node flags for the daemons, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
+    const nodeArgs = (process.env.XKS_NODE_ARGS ?? "").split(" ").filter(Boolean);
+    const p = spawn(process.execPath, [...nodeArgs, ...this.args], { env: this.env, stdio: ["ignore", "pipe", "pipe"] });
     p.stdout!.pipe(out, { end: false });
     p.stderr!.pipe(out, { end: false });
     this.exited = new Promise((resolve) => p.once("exit", () => resolve()));

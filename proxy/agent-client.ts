@@ -1,0 +1,316 @@
+/**
+ * The proxy's gRPC client to its agent(s) (proto/xks/agent/v1/agent.proto).
+ *
+ * - One unary call per XKS request, with a deadline well inside KMS's 250 ms
+ *   budget and the proxy's token in metadata `x-xks-agent-token`.
+ * - Short reconnect backoff and keepalive, so a restarted agent or tunnel is
+ *   picked up within about a second, and an unreachable agent fails fast
+ *   (waitForReady is off: a channel in TRANSIENT_FAILURE fails the call at once).
+ * - Failures are mapped to XKS errors in ONE place, `agentErrorToXks`.
+ * - Several agents: each call goes to the next agent (round-robin) whose last
+ *   health is not UNAVAILABLE; if none qualifies, to the next one anyway.
+ * - Health: a background refresh calls every agent's GetHealthStatus; the
+ *   request path only ever reads the cache (`healthSnapshot`), never awaits
+ *   an agent.
+ */
+import * as grpc from "@grpc/grpc-js";
+import {
+  AGENT_TOKEN_METADATA_KEY,
+  REASON_METADATA_KEY,
+  REASONS,
+  XksError,
+  errorMessage,
+  isReason,
+  type XksErrorName,
+} from "../shared/errors.ts";
+import type { Logger } from "../shared/logging.ts";
+import {
+  XksAgentClient,
+  type DecryptRequest,
+  type DecryptResponse,
+  type EncryptRequest,
+  type EncryptResponse,
+  type GetHealthStatusRequest,
+  type GetHealthStatusResponse,
+  type GetKeyMetadataRequest,
+  type GetKeyMetadataResponse,
+  type HealthState,
+} from "../shared/proto.ts";
+import type { AgentConfig } from "./config.ts";
+
+/** Request/response types per RPC. */
+export interface AgentMethods {
+  GetKeyMetadata: { req: GetKeyMetadataRequest; res: GetKeyMetadataResponse };
+  Encrypt: { req: EncryptRequest; res: EncryptResponse };
+  Decrypt: { req: DecryptRequest; res: DecryptResponse };
+  GetHealthStatus: { req: GetHealthStatusRequest; res: GetHealthStatusResponse };
+}
+export type AgentMethod = Exclude<keyof AgentMethods, "GetHealthStatus">;
+
+export interface AgentCallResult<T> {
+  response: T;
+  /** The configured id of the agent that answered. */
+  agentId: string;
+}
+
+/** What the cache knows about one configured agent. */
+export interface AgentHealth {
+  /** Configured agent id. */
+  id: string;
+  /** ACTIVE / DEGRADED / UNAVAILABLE; UNAVAILABLE before the first answer, after a failure, or when older than 60 s. */
+  state: HealthState;
+  /** When the entry was last updated (ms since the epoch); undefined before the first refresh completes. */
+  checkedAt?: number;
+  /** The agent's last successful answer, if any. */
+  report?: GetHealthStatusResponse;
+}
+
+/**
+ * The narrow interface the HTTP layer uses. AgentPool implements it over gRPC;
+ * in-process unit tests may pass a stub.
+ */
+export interface AgentApi {
+  call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>>;
+  /** The cached health of every configured agent, in config order. Never blocks; kicks a refresh when stale. */
+  healthSnapshot(): AgentHealth[];
+}
+
+/** Channel options: fast reconnect (defaults are 1 s initial, 120 s max) and keepalive. */
+export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  "grpc.initial_reconnect_backoff_ms": 100,
+  "grpc.max_reconnect_backoff_ms": 1000,
+  "grpc.keepalive_time_ms": 10_000,
+  "grpc.keepalive_timeout_ms": 5_000,
+  "grpc.keepalive_permit_without_calls": 1,
+  "grpc.max_receive_message_length": 4 << 20,
+  "grpc.max_send_message_length": 4 << 20,
+};
+
+/** No `xks-reason` in the trailers: the gRPC status alone decides. */
+const STATUS_TO_XKS: Partial<Record<grpc.status, XksErrorName>> = {
+  [grpc.status.DEADLINE_EXCEEDED]: "DependencyTimeoutException",
+  [grpc.status.UNAVAILABLE]: "DependencyTimeoutException",
+  // The agent refused our token: a misconfiguration on our side, not the caller's.
+  [grpc.status.UNAUTHENTICATED]: "InternalException",
+};
+
+function statusName(code: unknown): string {
+  return typeof code === "number" ? (grpc.status[code] ?? String(code)) : "UNKNOWN";
+}
+
+/**
+ * THE mapping from a failed agent call to the XKS error (one table):
+ * trailing metadata `xks-reason` → REASONS[reason].xks; otherwise
+ * DEADLINE_EXCEEDED / UNAVAILABLE → 503 DependencyTimeoutException,
+ * UNAUTHENTICATED → 500 InternalException, anything else → 500 InternalException.
+ */
+export function agentErrorToXks(err: unknown, agentId = "?"): XksError {
+  const se = err as Partial<grpc.ServiceError>;
+  const code = se?.code;
+  let reason: unknown;
+  try {
+    reason = se?.metadata instanceof grpc.Metadata ? se.metadata.get(REASON_METADATA_KEY)[0] : undefined;
+  } catch {
+    reason = undefined;
+  }
+  const name: XksErrorName = isReason(reason)
+    ? REASONS[reason].xks
+    : (typeof code === "number" ? STATUS_TO_XKS[code as grpc.status] : undefined) ?? "InternalException";
+  const details = typeof se?.details === "string" ? se.details.slice(0, 200) : errorMessage(err).slice(0, 200);
+  const detail = `agent ${agentId}: ${statusName(code)}${isReason(reason) ? ` ${reason}` : ""}: ${details}`;
+  return new XksError(name, detail, { cause: err });
+}
+
+/** True when the failure says the agent (or the path to it) is down rather than the request being bad. */
+function isTransportFailure(err: unknown): boolean {
+  const se = err as Partial<grpc.ServiceError>;
+  const hasReason = se?.metadata instanceof grpc.Metadata && se.metadata.get(REASON_METADATA_KEY).length > 0;
+  return !hasReason && (se?.code === grpc.status.UNAVAILABLE || se?.code === grpc.status.DEADLINE_EXCEEDED);
+}
+
+type UnaryFn = (
+  req: unknown,
+  md: grpc.Metadata,
+  opts: grpc.CallOptions,
+  cb: (err: grpc.ServiceError | null, res?: unknown) => void,
+) => grpc.ClientUnaryCall;
+
+interface Conn {
+  cfg: AgentConfig;
+  client: grpc.Client;
+  /** What health checks said (the only source of the reported health). */
+  health: AgentHealth;
+  /** A call just failed in transport: route around it until the next health check answers. */
+  suspect: boolean;
+}
+
+export interface AgentPoolOptions {
+  agents: readonly AgentConfig[];
+  /** Deadline of GetKeyMetadata / Encrypt / Decrypt calls. */
+  deadlineMs: number;
+  /** Deadline of one background GetHealthStatus call. */
+  healthDeadlineMs: number;
+  /** Background refresh period. */
+  healthRefreshMs: number;
+  log: Logger;
+  now?: () => number;
+}
+
+/** Cached health older than this is reported UNAVAILABLE (spec: cached result ≤ 1 minute old). */
+export const HEALTH_MAX_AGE_MS = 60_000;
+
+export class AgentPool implements AgentApi {
+  private readonly conns: Conn[];
+  private readonly opts: AgentPoolOptions;
+  private readonly now: () => number;
+  private next = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private refreshing: Promise<void> | undefined;
+  private lastRefreshAt = Number.NEGATIVE_INFINITY;
+  private kickTimer: NodeJS.Timeout | undefined;
+  private closed = false;
+
+  constructor(opts: AgentPoolOptions) {
+    this.opts = opts;
+    this.now = opts.now ?? Date.now;
+    this.conns = opts.agents.map((cfg) => {
+      const client = new XksAgentClient(cfg.target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+      // Connect eagerly so the first KMS request does not pay for the handshake.
+      client.getChannel().getConnectivityState(true);
+      return { cfg, client, health: { id: cfg.id, state: "UNAVAILABLE" }, suspect: false };
+    });
+  }
+
+  /** Starts the background health refresh (one immediately, then every healthRefreshMs). */
+  start(): this {
+    if (this.timer || this.closed) return this;
+    void this.refreshHealth();
+    this.timer = setInterval(() => void this.refreshHealth(), this.opts.healthRefreshMs);
+    this.timer.unref();
+    return this;
+  }
+
+  close(): void {
+    this.closed = true;
+    if (this.timer) clearInterval(this.timer);
+    if (this.kickTimer) clearTimeout(this.kickTimer);
+    this.timer = undefined;
+    this.kickTimer = undefined;
+    for (const c of this.conns) c.client.close();
+  }
+
+  private metadata(c: Conn): grpc.Metadata {
+    const md = new grpc.Metadata();
+    md.set(AGENT_TOKEN_METADATA_KEY, c.cfg.token);
+    return md;
+  }
+
+  private unary<T>(c: Conn, method: keyof AgentMethods, request: unknown, deadlineMs: number): Promise<T> {
+    const fn = (c.client as unknown as Record<string, UnaryFn>)[method];
+    return new Promise<T>((resolve, reject) => {
+      fn.call(c.client, request, this.metadata(c), { deadline: Date.now() + deadlineMs }, (err, res) => {
+        if (err) reject(err);
+        else resolve(res as T);
+      });
+    });
+  }
+
+  /** Round-robin among agents whose last health is not UNAVAILABLE (and not just failed); otherwise among all. */
+  private pick(): Conn {
+    const n = this.conns.length;
+    for (let i = 0; i < n; i++) {
+      const c = this.conns[(this.next + i) % n];
+      if (c.health.state !== "UNAVAILABLE" && !c.suspect) {
+        this.next = (this.next + i + 1) % n;
+        return c;
+      }
+    }
+    const c = this.conns[this.next % n];
+    this.next = (this.next + 1) % n;
+    return c;
+  }
+
+  async call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
+    const c = this.pick();
+    try {
+      const response = await this.unary<AgentMethods[M]["res"]>(c, method, request, this.opts.deadlineMs);
+      return { response, agentId: c.cfg.id };
+    } catch (err) {
+      if (isTransportFailure(err)) {
+        // Route around it until a health check answers, and check now. The reported
+        // health is left to that check, so one slow call does not flip KMS's view.
+        c.suspect = true;
+        this.kick();
+      }
+      throw agentErrorToXks(err, c.cfg.id);
+    }
+  }
+
+  private setHealth(c: Conn, h: Omit<AgentHealth, "id">, why: string): void {
+    const before = c.health.state;
+    c.health = { id: c.cfg.id, ...h };
+    if (before !== h.state) {
+      const fields = { agent: c.cfg.id, from: before, to: h.state, why };
+      if (h.state === "UNAVAILABLE") this.opts.log.warn(fields, "agent health changed");
+      else this.opts.log.info(fields, "agent health changed");
+    }
+  }
+
+  private async checkOne(c: Conn): Promise<void> {
+    try {
+      const res = await this.unary<GetHealthStatusResponse>(
+        c,
+        "GetHealthStatus",
+        { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" } satisfies GetHealthStatusRequest,
+        this.opts.healthDeadlineMs,
+      );
+      const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
+      this.setHealth(c, { state, checkedAt: this.now(), report: res }, res.detail ? res.detail.slice(0, 200) : "health check");
+    } catch (err) {
+      const e = agentErrorToXks(err, c.cfg.id);
+      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report }, e.message);
+    }
+    c.suspect = false;
+  }
+
+  /** Refreshes every agent's health once (concurrent calls share one refresh). */
+  refreshHealth(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    if (!this.refreshing) {
+      this.lastRefreshAt = this.now();
+      this.refreshing = Promise.all(this.conns.map((c) => this.checkOne(c))).then(
+        () => { this.refreshing = undefined; },
+        () => { this.refreshing = undefined; },
+      );
+    }
+    return this.refreshing;
+  }
+
+  /** A non-blocking refresh soon: now, or (at most one per second) as soon as the last one is 1 s old. */
+  private kick(): void {
+    if (this.refreshing || this.kickTimer || this.closed) return;
+    const wait = 1000 - (this.now() - this.lastRefreshAt);
+    if (wait <= 0) {
+      void this.refreshHealth();
+      return;
+    }
+    this.kickTimer = setTimeout(() => {
+      this.kickTimer = undefined;
+      void this.refreshHealth();
+    }, wait);
+    this.kickTimer.unref();
+  }
+
+  healthSnapshot(): AgentHealth[] {
+    const now = this.now();
+    let stale = false;
+    const out = this.conns.map((c) => {
+      const h = c.health;
+      if (h.checkedAt === undefined || now - h.checkedAt > this.opts.healthRefreshMs * 2) stale = true;
+      if (h.checkedAt !== undefined && now - h.checkedAt > HEALTH_MAX_AGE_MS) return { ...h, state: "UNAVAILABLE" as const };
+      return { ...h };
+    });
+    if (stale) this.kick();
+    return out;
+  }
+}

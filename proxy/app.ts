@@ -1,0 +1,277 @@
+/**
+ * buildApp(deps): the XKS proxy's express application, without listen()
+ * (proxy/main.ts does the process wiring).
+ *
+ * Request pipeline, in this order:
+ *   1. request log state + one completion line per request (allow-listed fields only)
+ *   2. GET /ping                                  → 200 "pong from xks-proxy <version>" (no auth)
+ *   3. resolve the route on the raw path          → 404 InvalidUriPathException (before any auth)
+ *      non-POST on an API URI                     → 405 (XKS-style JSON body, Allow: POST)
+ *   4. read the raw body (hard cap, no inflation) → 501 UnsupportedOperationException if over the cap
+ *   5. SigV4 over the raw bytes                   → 401 AuthenticationFailedException
+ *   6. Content-Type, JSON, per-operation fields   → 400 ValidationException / 501 for sizes
+ *   7. key allow-list of the key store            → 404 KeyNotFoundException
+ *   8. the operation: ONE agent call (or the health cache)
+ *   9. ONE error middleware, last: every failure becomes compact {"errorName","errorMessage"} JSON.
+ */
+import express, { type NextFunction, type Request, type Response } from "express";
+import { XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
+import type { Logger } from "../shared/logging.ts";
+import { VERSION } from "../shared/version.ts";
+import type { AgentApi } from "./agent-client.ts";
+import type { KeyStoreConfig, Limits, ProxyConfig } from "./config.ts";
+import type { OpContext } from "./handlers/context.ts";
+import { decrypt, parseDecryptRequest } from "./handlers/decrypt.ts";
+import { encrypt, parseEncryptRequest } from "./handlers/encrypt.ts";
+import { getHealthStatus, parseGetHealthStatusRequest } from "./handlers/get-health-status.ts";
+import { getKeyMetadata, parseGetKeyMetadataRequest } from "./handlers/get-key-metadata.ts";
+import { KeyStoreRegistry, parseXksPath, splitTarget, type Operation } from "./routes.ts";
+import { verifySigV4 } from "./sigv4.ts";
+import { parseJsonBody, peekRequestId, type Json } from "./validate.ts";
+
+export interface AppDeps {
+  config: Readonly<ProxyConfig>;
+  log: Logger;
+  agents: AgentApi;
+  /** Key stores by prefix; defaults to config.keyStores. Pass one to swap stores at runtime (SIGHUP reload). */
+  keyStores?: KeyStoreRegistry;
+  /** Clock for SigV4's ±5 minutes (tests). */
+  now?: () => number;
+}
+
+/** Per-request state behind the completion log line. Only allow-listed, non-secret fields. */
+interface RequestState {
+  start: bigint;
+  operation?: Operation;
+  keyStore?: string;
+  key?: string;
+  kmsRequestId?: string;
+  kmsOperation?: string;
+  principal?: string;
+  accessKeyId?: string;
+  agent?: string;
+  errorName?: string;
+  detail?: string;
+  store?: Readonly<KeyStoreConfig>;
+}
+
+function state(res: Response): RequestState {
+  return res.locals.xks as RequestState;
+}
+
+/** 405 on an API URI. The spec defines no errorName for it; the body still has the XKS shape. */
+class MethodNotAllowedError extends Error {
+  constructor(method: string) {
+    super(`method ${method.slice(0, 16)} not allowed`);
+    this.name = "MethodNotAllowedError";
+  }
+}
+const METHOD_NOT_ALLOWED_BODY = JSON.stringify({
+  errorName: "UnsupportedOperationException",
+  errorMessage: "Only POST is allowed on this URI.",
+});
+
+/**
+ * A body over limits.maxBodyBytes. Answered as 501 UnsupportedOperationException:
+ * the spec's name for "a parameter exceeds the implementation's max size"
+ * (the cap sits above what the per-field limits admit), and XKS has no 413.
+ */
+class BodyTooLargeError extends XksError {
+  constructor(declared?: number) {
+    super("UnsupportedOperationException", `body larger than limits.maxBodyBytes${declared ? ` (Content-Length ${declared})` : ""}`);
+  }
+}
+
+interface OpDef {
+  parse(body: Json, limits: Limits): unknown;
+  run(input: unknown, ctx: OpContext): Promise<object>;
+}
+function op<I, O extends object>(parse: (b: Json, l: Limits) => I, run: (i: I, c: OpContext) => Promise<O>): OpDef {
+  return { parse, run: run as (i: unknown, c: OpContext) => Promise<O> };
+}
+
+/** The four XKS operations: validation + logic, one module each under proxy/handlers/. */
+const OPERATIONS: Record<Operation, OpDef> = {
+  GetKeyMetadata: op(parseGetKeyMetadataRequest, getKeyMetadata),
+  Encrypt: op(parseEncryptRequest, encrypt),
+  Decrypt: op(parseDecryptRequest, decrypt),
+  GetHealthStatus: op(parseGetHealthStatusRequest, getHealthStatus),
+};
+
+function sendJson(res: Response, status: number, body: object | string): void {
+  res.status(status);
+  res.set("Content-Type", "application/json");
+  res.send(typeof body === "string" ? body : JSON.stringify(body));
+}
+
+/** Maps anything thrown to the XKS error it is on the wire. */
+function toXksError(err: unknown): XksError {
+  if (err instanceof XksError) return err;
+  const e = err as { type?: unknown; status?: unknown };
+  switch (e?.type) {
+    // Hard body cap (checked on Content-Length before reading, or while streaming):
+    // the spec's "parameter exceeds the implementation's max size" → 501.
+    case "entity.too.large":
+      return new BodyTooLargeError();
+    case "encoding.unsupported":
+    case "request.size.invalid":
+    case "request.aborted":
+    case "entity.parse.failed":
+    case "charset.unsupported":
+      return new XksError("ValidationException", `body: ${String(e.type)}`, { cause: err });
+  }
+  if (typeof e?.status === "number" && e.status >= 400 && e.status < 500) {
+    return new XksError("ValidationException", errorMessage(err).slice(0, 200), { cause: err });
+  }
+  return new XksError("InternalException", errorMessage(err).slice(0, 200), { cause: err });
+}
+
+export function buildApp(deps: AppDeps): express.Express {
+  const { config, log, agents } = deps;
+  const registry = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
+  const now = deps.now ?? Date.now;
+  const app = express();
+  app.disable("x-powered-by");
+  app.set("etag", false);
+  app.set("query parser", false);
+
+  // 1. One completion line per request, level from the status.
+  app.use((req: Request, res: Response, next: NextFunction) => {
+    const st: RequestState = { start: process.hrtime.bigint() };
+    res.locals.xks = st;
+    res.once("close", () => {
+      const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
+      // 499 (nginx's "client closed request") when the client left before any answer.
+      const status = res.headersSent ? res.statusCode : 499;
+      const line = {
+        kmsRequestId: st.kmsRequestId,
+        operation: st.operation,
+        kmsOperation: st.kmsOperation,
+        keyStore: st.keyStore,
+        key: st.key,
+        principal: st.principal,
+        accessKeyId: st.accessKeyId,
+        agent: st.agent,
+        method: req.method,
+        path: splitTarget(req.originalUrl).path.slice(0, 300),
+        status,
+        errorName: st.errorName,
+        detail: st.detail,
+        latencyMs,
+        aborted: res.writableFinished ? undefined : true,
+      };
+      if (req.path === "/ping" && status < 400) log.debug(line, "request");
+      else if (status >= 500) log.error(line, "request");
+      else if (status >= 400) log.warn(line, "request");
+      else log.info(line, "request");
+    });
+    next();
+  });
+
+  // 2. Load balancer health check, unauthenticated.
+  app.get("/ping", (_req, res) => {
+    res.type("text/plain").send(`pong from xks-proxy ${VERSION}`);
+  });
+
+  // 3. Route resolution on the raw path, before anything reads the body or checks a signature.
+  app.use((req: Request, res: Response, next: NextFunction) => {
+    const st = state(res);
+    const parsed = parseXksPath(splitTarget(req.originalUrl).path);
+    const store = parsed ? registry.get(parsed.prefix) : undefined;
+    if (!parsed || !store) {
+      next(new XksError("InvalidUriPathException", "no such key store or API path"));
+      return;
+    }
+    st.operation = parsed.operation;
+    st.keyStore = parsed.prefix;
+    st.key = parsed.keyId?.slice(0, 128);
+    st.store = store;
+    if (req.method !== "POST") {
+      next(new MethodNotAllowedError(req.method));
+      return;
+    }
+    next();
+  });
+
+  // 4. The raw body, any content type, capped, never inflated (the bytes SigV4 covers).
+  //    A declared length over the cap is refused before a byte of the body is read.
+  app.use((req: Request, _res: Response, next: NextFunction) => {
+    const declared = Number(req.headers["content-length"] ?? 0);
+    if (declared > config.limits.maxBodyBytes) {
+      next(new BodyTooLargeError(declared));
+      return;
+    }
+    next();
+  });
+  app.use(express.raw({ type: () => true, limit: config.limits.maxBodyBytes, inflate: false }));
+
+  // 5. SigV4 over those bytes, with this key store's credentials.
+  app.use((req: Request, res: Response, next: NextFunction) => {
+    const st = state(res);
+    const { path, query } = splitTarget(req.originalUrl);
+    const body = Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0);
+    const { accessKeyId } = verifySigV4(
+      { method: req.method, path, query, rawHeaders: req.rawHeaders, body },
+      { region: config.region, credentials: st.store!.credentials, now: now() },
+    );
+    st.accessKeyId = accessKeyId;
+    next();
+  });
+
+  // 6–8. Validate, allow-list, run.
+  app.use(async (req: Request, res: Response) => {
+    const st = state(res);
+    const operation = st.operation!;
+    const store = st.store!;
+    const body = parseJsonBody(Buffer.isBuffer(req.body) ? req.body : Buffer.alloc(0), req.get("content-type"));
+    st.kmsRequestId = peekRequestId(body);
+    const def = OPERATIONS[operation];
+    const input = def.parse(body, config.limits) as { metadata: { kmsOperation: string; awsPrincipalArn: string } };
+    st.kmsOperation = input.metadata.kmsOperation.slice(0, 64);
+    st.principal = input.metadata.awsPrincipalArn ? input.metadata.awsPrincipalArn.slice(0, 2048) : undefined;
+    const keyId = st.key ?? "";
+    if (operation !== "GetHealthStatus" && !store.keys.includes(keyId)) {
+      throw new XksError("KeyNotFoundException", "key not in the key store's allow-list");
+    }
+    const ctx: OpContext = {
+      agents,
+      keyStore: store.uriPathPrefix,
+      keyId,
+      limits: config.limits,
+      fleetSize: config.fleetSize,
+      vendor: config.vendor,
+      ekmVendor: config.ekmVendor,
+      served: (agentId) => {
+        st.agent = agentId;
+      },
+    };
+    const out = await def.run(input, ctx);
+    sendJson(res, 200, out);
+  });
+
+  // 9. The one error handler. Wire bodies carry only the name and its fixed message.
+  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+    const st = state(res) ?? { start: process.hrtime.bigint() };
+    if (res.headersSent) {
+      st.detail = `error after headers were sent: ${errorMessage(err).slice(0, 200)}`;
+      res.destroy();
+      return;
+    }
+    if (err instanceof MethodNotAllowedError) {
+      st.errorName = "MethodNotAllowed";
+      st.detail = err.message;
+      res.set("Allow", "POST");
+      sendJson(res, 405, METHOD_NOT_ALLOWED_BODY);
+      return;
+    }
+    const xe = toXksError(err);
+    const name: XksErrorName = xe.errorName;
+    st.errorName = name;
+    st.detail = xe.message === name ? undefined : xe.message.slice(0, 300);
+    // Do not keep reading (or keep alive) a connection whose body we refused.
+    if (xe instanceof BodyTooLargeError) res.set("Connection", "close");
+    sendJson(res, XKS_ERRORS[name].status, xe.toJSON());
+  });
+
+  return app;
+}

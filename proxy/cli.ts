@@ -1,0 +1,208 @@
+/**
+ * xks-proxy command line.
+ *
+ *   xks-proxy serve --config FILE        validate the config, log it (no secrets), listen;
+ *                                        SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
+ *                                        (credentials, allow-lists) from the same file
+ *   xks-proxy check --config FILE        validate the config and exit (0 = valid)
+ *   xks-proxy credentials new [--prefix /p]
+ *                                        print a fresh SigV4 credential and the KMS
+ *                                        "proxy configuration file" JSON for it
+ *   xks-proxy version
+ */
+import { randomBytes } from "node:crypto";
+import { ConfigError } from "../shared/config.ts";
+import { createLogger } from "../shared/logging.ts";
+import { VERSION } from "../shared/version.ts";
+import { loadProxyConfig, prefixProblem } from "./config.ts";
+import { serve } from "./main.ts";
+import { API_BASE } from "./routes.ts";
+
+const USAGE = `usage:
+  xks-proxy serve --config FILE
+  xks-proxy check --config FILE
+  xks-proxy credentials new [--prefix /uri/path/prefix]
+  xks-proxy version`;
+
+const BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+/** RFC 4648 base32 without padding. */
+export function base32(bytes: Uint8Array): string {
+  let out = "";
+  let bits = 0;
+  let value = 0;
+  for (const b of bytes) {
+    value = (value << 8) | b;
+    bits += 8;
+    while (bits >= 5) {
+      out += BASE32[(value >>> (bits - 5)) & 31];
+      bits -= 5;
+    }
+  }
+  if (bits > 0) out += BASE32[(value << (5 - bits)) & 31];
+  return out;
+}
+
+export interface NewCredential {
+  accessKeyId: string;
+  secretAccessKey: string;
+  /** The KMS console's "proxy configuration file" for CreateCustomKeyStore. */
+  proxyConfigurationFile: {
+    XksProxyUriPath: string;
+    XksProxyAuthenticationCredential: { AccessKeyId: string; RawSecretAccessKey: string };
+  };
+}
+
+/**
+ * A fresh credential: access key id = base32 of 16 random bytes (26 chars of
+ * A-Z2-7, spec: 20–30), secret = base64 of 32 random bytes (44 chars, 256 bits,
+ * spec: 43–64 of a-zA-Z0-9/+=).
+ */
+export function newCredential(prefix = ""): NewCredential {
+  const accessKeyId = base32(randomBytes(16));
+  const secretAccessKey = randomBytes(32).toString("base64");
+  return {
+    accessKeyId,
+    secretAccessKey,
+    proxyConfigurationFile: {
+      XksProxyUriPath: `${prefix}${API_BASE}`,
+      XksProxyAuthenticationCredential: { AccessKeyId: accessKeyId, RawSecretAccessKey: secretAccessKey },
+    },
+  };
+}
+
+function flag(argv: string[], name: string): string | undefined {
+  const i = argv.indexOf(name);
+  if (i < 0) return undefined;
+  const v = argv[i + 1];
+  return v === undefined || v.startsWith("--") ? "" : v;
+}
+
+function out(s: string): void {
+  process.stdout.write(`${s}\n`);
+}
+function err(s: string): void {
+  process.stderr.write(`${s}\n`);
+}
+
+async function cmdServe(argv: string[]): Promise<number> {
+  const file = flag(argv, "--config");
+  if (!file) {
+    err(USAGE);
+    return 2;
+  }
+  let config;
+  try {
+    config = loadProxyConfig(file, process.env);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      err(e.message);
+      return 1;
+    }
+    throw e;
+  }
+  const log = createLogger({ level: config.log.level, name: "xks-proxy" });
+  let proxy;
+  try {
+    proxy = await serve(config, log);
+  } catch (e) {
+    log.fatal({ err: { code: (e as NodeJS.ErrnoException).code, message: (e as Error).message } }, "cannot start");
+    log.flush();
+    return 1;
+  }
+  const running = proxy;
+  return await new Promise<number>((resolve) => {
+    const stop = (signal: string) => {
+      log.info({ signal }, "shutting down");
+      process.off("SIGTERM", onTerm);
+      process.off("SIGINT", onInt);
+      process.off("SIGHUP", onHup);
+      void running.close(5000).then(() => {
+        log.info("stopped");
+        log.flush();
+        resolve(0);
+      });
+    };
+    const onTerm = () => stop("SIGTERM");
+    const onInt = () => stop("SIGINT");
+    // Credential rotation without restart: re-read the file, swap key stores if it is valid.
+    const onHup = () => {
+      try {
+        const next = loadProxyConfig(file, process.env);
+        running.keyStores.replace(next.keyStores);
+        log.info({ keyStores: next.keyStores.map((s) => ({ uriPathPrefix: s.uriPathPrefix, accessKeyIds: s.credentials.map((c) => c.accessKeyId), keys: s.keys.length })) }, "key stores reloaded (other settings need a restart)");
+      } catch (e) {
+        log.error({ problems: e instanceof ConfigError ? e.problems : [(e as Error).message] }, "reload rejected; keeping the running config");
+      }
+    };
+    process.on("SIGTERM", onTerm);
+    process.on("SIGINT", onInt);
+    process.on("SIGHUP", onHup);
+  });
+}
+
+function cmdCheck(argv: string[]): number {
+  const file = flag(argv, "--config");
+  if (!file) {
+    err(USAGE);
+    return 2;
+  }
+  try {
+    loadProxyConfig(file, process.env);
+    out(`${file}: OK`);
+    return 0;
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      err(e.message);
+      return 1;
+    }
+    throw e;
+  }
+}
+
+function cmdCredentials(argv: string[]): number {
+  if (argv[0] !== "new") {
+    err(USAGE);
+    return 2;
+  }
+  const prefix = flag(argv, "--prefix") ?? "";
+  const problem = prefixProblem(prefix);
+  if (problem) {
+    err(`--prefix ${problem}`);
+    return 2;
+  }
+  const c = newCredential(prefix);
+  out(`AccessKeyId:     ${c.accessKeyId}`);
+  out(`SecretAccessKey: ${c.secretAccessKey}`);
+  out("");
+  out("Store the secret in a file readable only by the proxy and reference it from the config:");
+  out(`  {"accessKeyId":"${c.accessKeyId}","secretAccessKey":{"file":"<path>"}}`);
+  out("");
+  out("KMS proxy configuration file (CreateCustomKeyStore / UpdateCustomKeyStore):");
+  out(JSON.stringify(c.proxyConfigurationFile));
+  return 0;
+}
+
+/** Runs the CLI; resolves with the process exit code (serve resolves after a graceful stop). */
+export async function main(argv: string[]): Promise<number> {
+  switch (argv[0]) {
+    case "serve":
+      return cmdServe(argv.slice(1));
+    case "check":
+      return cmdCheck(argv.slice(1));
+    case "credentials":
+      return cmdCredentials(argv.slice(1));
+    case "version":
+    case "--version":
+      out(`xks-proxy ${VERSION}`);
+      return 0;
+    case "help":
+    case "--help":
+    case "-h":
+      out(USAGE);
+      return 0;
+    default:
+      err(USAGE);
+      return 2;
+  }
+}
