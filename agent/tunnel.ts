@@ -42,7 +42,7 @@ export interface TunnelTarget {
   keepaliveCountMax?: number;
   /** Handshake + auth timeout, default 10000 ms. */
   readyTimeoutMs?: number;
-  /** Reconnect backoff, default 250 ms doubling to 5000 ms, ±20 % jitter. */
+  /** Reconnect backoff, default 250 ms doubling to 2000 ms, ±20 % jitter (a refused dial is cheap; KMS wants the path back fast). */
   backoff?: { initialMs: number; maxMs: number };
 }
 
@@ -304,7 +304,7 @@ export class Tunnel extends EventEmitter {
 
   private scheduleReconnect(reason: string): void {
     if (this.stopped) return;
-    const { initialMs, maxMs } = this.target.backoff ?? { initialMs: 250, maxMs: 5000 };
+    const { initialMs, maxMs } = this.target.backoff ?? { initialMs: 250, maxMs: 2000 };
     const base = Math.min(maxMs, initialMs * 2 ** this.attempt);
     const delay = Math.round(Math.min(maxMs, base * (0.8 + 0.4 * Math.random())));
     this.attempt++;

@@ -75,10 +75,10 @@ export interface AgentApi {
   healthSnapshot(): AgentHealth[];
 }
 
-/** Channel options: fast reconnect (defaults are 1 s initial, 120 s max) and keepalive. */
+/** Channel options: fast reconnect (defaults are 1 s initial, 120 s max; a refused local connect is cheap) and keepalive. */
 export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   "grpc.initial_reconnect_backoff_ms": 100,
-  "grpc.max_reconnect_backoff_ms": 1000,
+  "grpc.max_reconnect_backoff_ms": 500,
   "grpc.keepalive_time_ms": 10_000,
   "grpc.keepalive_timeout_ms": 5_000,
   "grpc.keepalive_permit_without_calls": 1,

@@ -9,7 +9,7 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { createWriteStream, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createKey, type KeyUsage } from "../../agent/keys.ts";
@@ -58,12 +58,12 @@ export class Daemon {
   ) {}
 
   start(): void {
-    const out = createWriteStream(this.logFile, { flags: "a" });
+    // stdout/stderr go straight to the log file (as under launchd/systemd), not through this process.
+    const fd = openSync(this.logFile, "a", 0o600);
     // XKS_NODE_ARGS: extra node flags for the daemons, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
     const nodeArgs = (process.env.XKS_NODE_ARGS ?? "").split(" ").filter(Boolean);
-    const p = spawn(process.execPath, [...nodeArgs, ...this.args], { env: this.env, stdio: ["ignore", "pipe", "pipe"] });
-    p.stdout!.pipe(out, { end: false });
-    p.stderr!.pipe(out, { end: false });
+    const p = spawn(process.execPath, [...nodeArgs, ...this.args], { env: this.env, stdio: ["ignore", fd, fd] });
+    closeSync(fd);
     this.exited = new Promise((resolve) => p.once("exit", () => resolve()));
     this.proc = p;
   }
