@@ -7,7 +7,7 @@
  */
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, renameSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { startChain, type Chain } from "../scripts/lib/chain.ts";
@@ -107,6 +107,18 @@ test("agent restarted", async () => {
     return when(() => countTunnelUp() > ups, 10000, "the new agent's tunnel");
   });
   check("agent restarted", r);
+});
+
+test("the HSM fails (token directory gone) for a second and comes back", async () => {
+  const tokens = join(chain.softhsm.dir, "tokens");
+  const r = await underTraffic(async () => {
+    renameSync(tokens, `${tokens}.gone`);
+    await sleep(1000);
+    renameSync(`${tokens}.gone`, tokens);
+    return performance.now();
+  });
+  check("HSM failed", r);
+  assert.ok((r.specErrors["503 DependencyTimeoutException"] ?? 0) > 0, "the outage was seen as 503 DependencyTimeoutException");
 });
 
 test("proxy restarted", async () => {

@@ -40,6 +40,7 @@ export interface TokenInfo {
 }
 
 const CKR_USER_ALREADY_LOGGED_IN = 0x100;
+const OPEN_RETRY_MS = 100;
 const CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191;
 
 function ckrOf(err: unknown): number | undefined {
@@ -66,6 +67,8 @@ export class Hsm {
   private slot: pkcs11js.Handle | undefined;
   private readonly keys = new Map<string, KeyInfo>();
   private token: TokenInfo | undefined;
+  /** After a failed open, calls fail fast until this time instead of re-initializing the module per call. */
+  private retryOpenAt = 0;
   /** Counters for health and the dashboard. */
   readonly stats = { reinitializations: 0, sessionsOpened: 0 };
 
@@ -239,6 +242,7 @@ export class Hsm {
 
   private ensureSession(): pkcs11js.Handle {
     if (this.session !== undefined) return this.session;
+    if (Date.now() < this.retryOpenAt) throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
     try {
       if (!this.p11) {
         this.p11 = new pkcs11js.PKCS11();
@@ -284,8 +288,10 @@ export class Hsm {
       if (err instanceof AgentError) throw err;
       const code = ckrOf(err);
       const detail = code === undefined ? (err as Error).message : classifyCkr(code).name;
-      // A failed open may leave the module half-initialized: start from scratch next time.
+      // A failed open may leave the module half-initialized: start from scratch next time,
+      // but not before OPEN_RETRY_MS, so a dead HSM costs each call microseconds, not a C_Initialize.
       this.reinitialize();
+      this.retryOpenAt = Date.now() + OPEN_RETRY_MS;
       throw new AgentError("HSM_UNAVAILABLE", `cannot open the HSM: ${detail}`, { cause: err });
     }
   }
