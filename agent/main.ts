@@ -3,6 +3,7 @@
  * Shutdown runs in reverse: tunnels, server (drain), audit log, HSM.
  */
 import { AuditLog } from "./audit.ts";
+import { startDashboard, type Dashboard } from "./dashboard.ts";
 import type { AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
 import { Hsm } from "./hsm/hsm.ts";
@@ -22,6 +23,7 @@ export interface RunningAgent {
   tunnels: TunnelSet;
   /** Emits "operation" (OperationRecord) for every finished call. */
   events: EventEmitter;
+  dashboard: Dashboard | undefined;
   log: Logger;
   stop(): Promise<void>;
 }
@@ -68,6 +70,9 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
   };
   const server = await startAgentServer(config.socket, { ctx, token: config.proxyToken, controls, log, onOperation });
   tunnels.start();
+  const dashboard = config.dashboard
+    ? await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, events, log })
+    : undefined;
   log.info({ socket: config.socket, paused: controls.paused }, "listening");
 
   let stopped: Promise<void> | undefined;
@@ -75,11 +80,12 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
     (stopped ??= (async () => {
       log.info("stopping");
       unwatchControls();
+      await dashboard?.close();
       await tunnels.stop();
       await server.close();
       audit.close();
       hsm.close();
       log.info("stopped");
     })());
-  return { config, hsm, controls, server, tunnels, events, log, stop };
+  return { config, hsm, controls, server, tunnels, events, dashboard, log, stop };
 }

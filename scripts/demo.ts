@@ -172,6 +172,8 @@ async function main(): Promise<number> {
       `    ${chain.url}${chain.uriPath}/keys/${chain.keys.default}/encrypt\n`,
   );
   console.log(`Owner controls: node bin/xks-agent.js pause --config ${chain.agentConfigFile}   (and resume)`);
+  const dashFile = join(dir, "agent", "state", "dashboard-url");
+  if (existsSync(dashFile)) console.log(`Live dashboard (what KMS is doing, pause switch): ${readFileSync(dashFile, "utf8").trim()}`);
   if (values["no-wait"]) {
     await stop(failures === 0 ? 0 : 1);
     return 0;

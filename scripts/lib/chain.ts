@@ -153,6 +153,7 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
         socket: "run/agent.sock",
         proxyToken: { file: "agent-token" },
         healthKey: HEALTH_KEY,
+        dashboard: { port: 0 },
         tunnels: [
           {
             name: "local-sshd",

@@ -1,0 +1,49 @@
+/**
+ * Everything the bench starts registers how to undo it here (processes, the
+ * chain, network namespaces, TUN devices). `runAll()` undoes it in reverse
+ * order, once; Ctrl-C and SIGTERM run it too before the process exits.
+ */
+type Undo = () => void | Promise<void>;
+
+const steps: Array<{ what: string; undo: Undo }> = [];
+let running: Promise<void> | undefined;
+
+/** Registers an undo step; returns a function that runs it early (and removes it). */
+export function onCleanup(what: string, undo: Undo): () => Promise<void> {
+  const step = { what, undo };
+  steps.push(step);
+  return async () => {
+    const i = steps.indexOf(step);
+    if (i < 0) return;
+    steps.splice(i, 1);
+    await undo();
+  };
+}
+
+/** Runs every registered step, last registered first. Failures are reported and do not stop the rest. */
+export function runAll(): Promise<void> {
+  running ??= (async () => {
+    while (steps.length > 0) {
+      const step = steps.pop()!;
+      try {
+        await step.undo();
+      } catch (err) {
+        console.error(`cleanup: ${step.what}: ${(err as Error).message}`);
+      }
+    }
+  })();
+  return running;
+}
+
+/** On Ctrl-C / SIGTERM: clean up, then exit 130 / 143. A second Ctrl-C exits at once. */
+export function cleanupOnSignals(): void {
+  let interrupted = false;
+  const handler = (signal: NodeJS.Signals, code: number) => {
+    if (interrupted) process.exit(code);
+    interrupted = true;
+    console.error(`\n${signal}: stopping everything the bench started…`);
+    void runAll().finally(() => process.exit(code));
+  };
+  process.on("SIGINT", () => handler("SIGINT", 130));
+  process.on("SIGTERM", () => handler("SIGTERM", 143));
+}

@@ -1,0 +1,95 @@
+/** Messages between the bench (parent) and the load-generator child process (loadgen/child.ts). */
+import type { LatencySummary } from "../stats.ts";
+
+export type XksOp = "Encrypt" | "Decrypt";
+
+/** One kind of request: the operation and its plaintext size in bytes. */
+export interface Case {
+  op: XksOp;
+  size: number;
+}
+
+/** Where and how to reach the proxy (from scripts/lib/chain.ts). */
+export interface Target {
+  url: string;
+  uriPath: string;
+  region: string;
+  accessKeyId: string;
+  secretAccessKey: string;
+  keyId: string;
+  /** Keep-alive sockets to the proxy. */
+  sockets: number;
+}
+
+/** Requests sent on a fixed schedule, whatever the answers do. Cases are used in turn. */
+export interface OpenLoopSpec {
+  kind: "openLoop";
+  cases: Case[];
+  rate: number;
+  durationS: number;
+  /** Encrypt answers decrypted back after the run (spread over the run). */
+  sampleDecrypts: number;
+}
+
+/** One caller, one request at a time. `windows` returns each request's [send, done] in process.hrtime ns. */
+export interface SequentialSpec {
+  kind: "sequential";
+  case: Case;
+  count: number;
+  warmup: number;
+  /** Pause after each answer (lets a WAN link go quiet between operations). */
+  gapMs: number;
+  windows: boolean;
+}
+
+/** The agent's gRPC service called directly on its Unix socket (no tunnel, no HTTP). */
+export interface GrpcSpec {
+  kind: "grpc";
+  socket: string;
+  token: string;
+  keyId: string;
+  case: Case;
+  /** 1 = sequential calls; more = that many calls kept in flight. */
+  concurrency: number;
+  durationS: number;
+}
+
+export type JobSpec = OpenLoopSpec | SequentialSpec | GrpcSpec;
+
+export interface ErrorSample {
+  count: number;
+  example: string;
+}
+
+export interface JobResult {
+  /** Requests completed (answered or failed). */
+  completed: number;
+  errors: number;
+  /** Errors by kind ("HTTP 503 DependencyTimeoutException", "bad IV length", "timeout", …). */
+  errorKinds: Record<string, ErrorSample>;
+  /** Latency of every completed request in ms; for an open loop measured from its SCHEDULED send time. */
+  latency: LatencySummary;
+  /** Latency from the actual send (open loop only: shows how late the generator itself was). */
+  serviceLatency?: LatencySummary;
+  /** How late the generator sent, worst case, ms. */
+  maxSendLagMs?: number;
+  /** Requests the background signer had not signed in time (signed on the spot, late). */
+  lateSigned?: number;
+  /** Wall time from the first scheduled send to the last answer, s. */
+  elapsedS: number;
+  /** Completed per second over elapsedS. */
+  achievedRate: number;
+  /** Sampled Encrypt answers decrypted back through the chain, and how many did not match. */
+  sampled?: { checked: number; failed: number };
+  /** sequential + windows: [sendNs, doneNs] per measured request, as decimal strings. */
+  windows?: Array<[string, string]>;
+}
+
+export type ParentMessage =
+  | { id: number; type: "init"; target: Target }
+  | { id: number; type: "run"; spec: JobSpec };
+
+export type ChildMessage =
+  | { id: number; type: "started" }
+  | { id: number; type: "done"; result?: JobResult }
+  | { id: number; type: "failed"; message: string };

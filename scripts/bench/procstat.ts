@@ -1,0 +1,75 @@
+/**
+ * Per-process CPU time and RSS from /proc (Linux): utime+stime of
+ * /proc/<pid>/stat (all threads, including libuv's pool) and the resident set
+ * of /proc/<pid>/statm. A process that is gone reads as 0.
+ */
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+
+const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+const PAGE_SIZE = (() => {
+  try {
+    return Number(execFileSync("getconf", ["PAGESIZE"], { encoding: "utf8" }).trim()) || 4096;
+  } catch {
+    return 4096;
+  }
+})();
+
+/** CPU seconds (user + system) used so far by `pid`. */
+export function cpuSeconds(pid: number): number {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // "pid (comm) state ppid …": comm may contain spaces; utime and stime are fields 14 and 15.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+  } catch {
+    return 0;
+  }
+}
+
+/** Resident set size of `pid` in bytes. */
+export function rssBytes(pid: number): number {
+  try {
+    return Number(readFileSync(`/proc/${pid}/statm`, "utf8").split(" ")[1]) * PAGE_SIZE;
+  } catch {
+    return 0;
+  }
+}
+
+/** The processes to watch, by role; a role may be several processes (sshd's session pair), read at each sample. */
+export type ProcessSet = Record<string, () => number[]>;
+
+export type CpuReport = Record<string, number>;
+
+/** CPU seconds per role between `start()` and the returned `stop()`. */
+export function startCpuMeter(procs: ProcessSet): { stop(): CpuReport } {
+  const read = (): Map<string, Map<number, number>> =>
+    new Map(Object.entries(procs).map(([role, pids]) => [role, new Map(pids().map((pid) => [pid, cpuSeconds(pid)]))]));
+  const before = read();
+  return {
+    stop() {
+      const after = read();
+      const out: CpuReport = {};
+      for (const [role, pids] of after) {
+        let total = 0;
+        // A process that started during the window counts from 0.
+        for (const [pid, s] of pids) total += s - (before.get(role)?.get(pid) ?? 0);
+        out[role] = total;
+      }
+      return out;
+    },
+  };
+}
+
+/** RSS per role, summed over the role's processes. */
+export function rssByRole(procs: ProcessSet): Record<string, number> {
+  const out: Record<string, number> = {};
+  for (const [role, pids] of Object.entries(procs)) out[role] = pids().reduce((sum, pid) => sum + rssBytes(pid), 0);
+  return out;
+}

@@ -1,0 +1,16 @@
+/**
+ * A TCP echo server for calibrating the WAN link (run on the agent's side:
+ * `ip netns exec … node --import tsx echo-server.ts <host> <port>`).
+ * Prints "listening" once bound; exits when stdin closes.
+ */
+import net from "node:net";
+
+const [host, port] = process.argv.slice(2);
+const server = net.createServer((sock) => {
+  sock.setNoDelay(true);
+  sock.on("error", () => sock.destroy());
+  sock.pipe(sock);
+});
+server.listen(Number(port), host, () => console.log("listening"));
+process.stdin.resume();
+process.stdin.on("end", () => process.exit(0));
