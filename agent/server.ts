@@ -190,6 +190,7 @@ export async function startAgentServer(socketPath: string, deps: AgentServiceDep
     "grpc.max_receive_message_length": 1 << 20,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 5000,
+    "grpc.enable_channelz": 0,
   });
   server.addService(XksAgentService, createAgentService(deps));
   await new Promise<void>((resolve, reject) =>

@@ -84,6 +84,10 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   "grpc.keepalive_permit_without_calls": 1,
   "grpc.max_receive_message_length": 4 << 20,
   "grpc.max_send_message_length": 4 << 20,
+  // No gRPC-level retries (one call per KMS request, inside its deadline) and no channelz
+  // bookkeeping: together about a quarter of the client's CPU per call.
+  "grpc.enable_retries": 0,
+  "grpc.enable_channelz": 0,
 };
 
 /** No `xks-reason` in the trailers: the gRPC status alone decides. */

@@ -75,6 +75,26 @@ export function signingKey(secret: string, date: string, region: string, service
   return hmac(hmac(hmac(hmac(`AWS4${secret}`, date), region), service), "aws4_request");
 }
 
+/**
+ * Signing keys change once a day per credential: keep the ones in use (per
+ * credential object, so nothing keyed by secret text) instead of four HMACs per request.
+ */
+const signingKeys = new WeakMap<object, Map<string, Buffer>>();
+const UNKNOWN_CREDENTIAL = {};
+function cachedSigningKey(credential: Credential | undefined, date: string, region: string, service: string): Buffer {
+  const owner = credential ?? UNKNOWN_CREDENTIAL;
+  let keys = signingKeys.get(owner);
+  if (!keys) signingKeys.set(owner, (keys = new Map()));
+  const id = `${date}/${region}/${service}`;
+  let key = keys.get(id);
+  if (!key) {
+    if (keys.size >= 8) keys.clear();
+    key = signingKey(credential?.secretAccessKey ?? DUMMY_SECRET, date, region, service);
+    keys.set(id, key);
+  }
+  return key;
+}
+
 /** RFC 3986 encoding as SigV4 wants it: unreserved characters kept, everything else %XX (uppercase). */
 function uriEncode(s: string): string {
   return encodeURIComponent(s).replace(/[!'()*]/g, (ch) => `%${ch.charCodeAt(0).toString(16).toUpperCase()}`);
@@ -220,7 +240,7 @@ export function verifySigV4(req: SignedRequest, opts: VerifyOptions): VerifiedSi
   ].join("\n");
   const scope = `${auth.date}/${auth.region}/${service}/aws4_request`;
   const stringToSign = `${ALGORITHM}\n${amzDate}\n${scope}\n${sha256Hex(canonicalRequest)}`;
-  const key = signingKey(credential?.secretAccessKey ?? DUMMY_SECRET, auth.date, auth.region, service);
+  const key = cachedSigningKey(credential, auth.date, auth.region, service);
   const expected = hmac(key, stringToSign);
   const given = Buffer.from(auth.signature, "hex");
   const match = timingSafeEqual(expected, given);
