@@ -27,6 +27,14 @@
  *     "maxAadBytes": 16384,                             // [16384] >= 8192
  *     "maxBodyBytes": 65536                             // [65536] hard cap, checked before reading the body -> 501
  *   },
+ *   "http": {                                           // HTTP server hardening (slow or idle clients)
+ *     "headersTimeoutMs": 10000,                        // [10000] request line + headers must arrive within this, 100..60000;
+ *                                                       //   a new connection that sends nothing is closed after it too
+ *     "requestTimeoutMs": 15000,                        // [15000] whole request (headers + body), 100..300000, >= headersTimeoutMs
+ *     "keepAliveTimeoutMs": 65000,                      // [65000] idle keep-alive connection closed after this, 100..600000;
+ *                                                       //   keep it ABOVE the load balancer's idle timeout (ALB: 60 s)
+ *     "maxConnections": 4096                            // [4096] open connections at most; more are closed at accept, 16..1000000
+ *   },
  *   "keyStores": [                                      // 1+
  *     { "uriPathPrefix": "/example/prefix",             // "" or 9..117 chars of [a-zA-Z0-9/_-], starts with "/",
  *                                                       //   no trailing "/" and no "//"; unique
@@ -77,6 +85,14 @@ export interface Limits {
   maxBodyBytes: number;
 }
 
+/** HTTP server hardening against slow, idle and too many clients (proxy/main.ts applies it). */
+export interface HttpServerConfig {
+  headersTimeoutMs: number;
+  requestTimeoutMs: number;
+  keepAliveTimeoutMs: number;
+  maxConnections: number;
+}
+
 export interface ProxyConfig {
   file: string;
   listen: ListenConfig;
@@ -89,6 +105,7 @@ export interface ProxyConfig {
   healthRefreshMs: number;
   healthDeadlineMs: number;
   limits: Limits;
+  http: HttpServerConfig;
   keyStores: KeyStoreConfig[];
   log: { level: LogLevel };
 }
@@ -141,7 +158,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const root = c.object(raw, "(root)");
   c.noUnknown(root, "", [
     "listen", "region", "fleetSize", "vendor", "ekmVendor", "agents", "agentDeadlineMs",
-    "healthRefreshMs", "healthDeadlineMs", "limits", "keyStores", "log",
+    "healthRefreshMs", "healthDeadlineMs", "limits", "http", "keyStores", "log",
   ]);
 
   const listenObj = root.listen === undefined ? {} : c.object(root.listen, "listen");
@@ -192,6 +209,17 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     c.problem("limits.maxBodyBytes", `must be >= ${needBody} to admit the largest request the other limits allow`);
   }
   const limits: Limits = { maxPlaintextBytes, maxCiphertextBytes, maxAadBytes, maxBodyBytes };
+
+  // HTTP server hardening
+  const httpObj = root.http === undefined ? {} : c.object(root.http, "http");
+  c.noUnknown(httpObj, "http", ["headersTimeoutMs", "requestTimeoutMs", "keepAliveTimeoutMs", "maxConnections"]);
+  const http: HttpServerConfig = {
+    headersTimeoutMs: c.int(httpObj, "headersTimeoutMs", "http", { default: 10_000, min: 100, max: 60_000 }),
+    requestTimeoutMs: c.int(httpObj, "requestTimeoutMs", "http", { default: 15_000, min: 100, max: 300_000 }),
+    keepAliveTimeoutMs: c.int(httpObj, "keepAliveTimeoutMs", "http", { default: 65_000, min: 100, max: 600_000 }),
+    maxConnections: c.int(httpObj, "maxConnections", "http", { default: 4096, min: 16, max: 1_000_000 }),
+  };
+  if (http.requestTimeoutMs < http.headersTimeoutMs) c.problem("http.requestTimeoutMs", "must be >= http.headersTimeoutMs");
 
   // key stores
   const keyStores: KeyStoreConfig[] = [];
@@ -264,6 +292,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     healthRefreshMs,
     healthDeadlineMs,
     limits,
+    http,
     keyStores,
     log: { level },
   });
@@ -282,6 +311,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
     healthRefreshMs: cfg.healthRefreshMs,
     healthDeadlineMs: cfg.healthDeadlineMs,
     limits: cfg.limits,
+    http: cfg.http,
     keyStores: cfg.keyStores.map((s) => ({
       uriPathPrefix: s.uriPathPrefix,
       accessKeyIds: s.credentials.map((k) => k.accessKeyId),

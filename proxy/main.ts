@@ -4,6 +4,7 @@
  */
 import { createServer, type Server } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
+import type { Duplex } from "node:stream";
 import * as grpc from "@grpc/grpc-js";
 import { XksError } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
@@ -24,17 +25,43 @@ export interface RunningProxy {
   close(graceMs?: number): Promise<void>;
 }
 
-/** A non-HTTP/garbled request never gets Node's bare 400; it gets the XKS JSON shape too. */
-function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
-  if (!socket.writable || err.code === "ECONNRESET") {
+/**
+ * Answers on a raw socket (no ServerResponse exists) with the XKS JSON shape, then
+ * closes the connection for good: the server is allow-half-open, so a bare end()
+ * would leave the socket readable for as long as a hostile client keeps it open.
+ */
+function answerRaw(socket: Duplex, status: number, reason: string, error: XksError): void {
+  const body = JSON.stringify(error.toJSON());
+  socket.end(
+    `HTTP/1.1 ${status} ${reason}\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
+  );
+  socket.once("finish", () => socket.destroy());
+  setTimeout(() => socket.destroy(), 1000).unref();
+}
+
+/**
+ * A non-HTTP/garbled request, a head over Node's size limit, or a request too slow
+ * for headersTimeout/requestTimeout never gets Node's bare 400/408/431; it gets the
+ * XKS JSON shape too, and the connection is closed. A connection that timed out
+ * without sending a single byte asked nothing: it is just closed (cheapest, when
+ * thousands of idle connections expire in the same check).
+ */
+function answerClientError(err: NodeJS.ErrnoException, socket: Duplex): void {
+  const silentTimeout = err.code === "ERR_HTTP_REQUEST_TIMEOUT" && (socket as Socket).bytesRead === 0;
+  if (!socket.writable || err.code === "ECONNRESET" || silentTimeout) {
     socket.destroy();
     return;
   }
-  const body = JSON.stringify(new XksError("ValidationException").toJSON());
-  socket.end(
-    `HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
-  );
+  answerRaw(socket, 400, "Bad Request", new XksError("ValidationException"));
 }
+
+/** How often Node sweeps connections for header/request timeouts: 1/8 of headersTimeout, 50..250 ms. */
+export function connectionsCheckingInterval(headersTimeoutMs: number): number {
+  return Math.max(50, Math.min(250, Math.floor(headersTimeoutMs / 8)));
+}
+
+/** At most this many request headers are parsed (KMS sends a handful; an ALB adds a few X-Forwarded-*). */
+export const MAX_HEADERS_COUNT = 100;
 
 let grpcLoggerSet = false;
 /** Routes grpc-js's own diagnostics into pino (once per process). */
@@ -61,12 +88,34 @@ export async function serve(config: Readonly<ProxyConfig>, log: Logger, opts: { 
   }).start();
   const keyStores = new KeyStoreRegistry(config.keyStores);
   const app = buildApp({ config, log, agents, keyStores, now: opts.now });
-  const server = createServer(app);
+  const h = config.http;
+  const server = createServer(
+    {
+      // Slow clients (slowloris, a body a byte at a time, connections that never send):
+      // the head must be complete within headersTimeout, the whole request within
+      // requestTimeout, checked every connectionsCheckingInterval (Node's default, 30 s,
+      // would let a timeout overrun by up to 30 s; a short one also spreads the closing
+      // of a crowd of idle connections over several small batches). Expiry → clientError.
+      headersTimeout: h.headersTimeoutMs,
+      requestTimeout: h.requestTimeoutMs,
+      connectionsCheckingInterval: connectionsCheckingInterval(h.headersTimeoutMs),
+      // Node answers an HTTP/1.1 request without Host with a bare, bodiless 400; let the
+      // pipeline answer it instead (a route + SigV4, which needs a signed host → 401 JSON).
+      requireHostHeader: false,
+    },
+    app,
+  );
   // Behind an ALB (idle timeout 60 s) the server must outlive the balancer's keep-alive.
-  server.keepAliveTimeout = 65_000;
-  server.headersTimeout = 66_000;
-  server.requestTimeout = 10_000;
+  server.keepAliveTimeout = h.keepAliveTimeoutMs;
+  server.maxHeadersCount = MAX_HEADERS_COUNT;
+  // Past this many open connections new ones are closed at accept (fd/memory exhaustion).
+  server.maxConnections = h.maxConnections;
   server.on("clientError", answerClientError);
+  // `Expect: <anything but 100-continue>`: Node would answer a bare 417; the expectation
+  // is ignored (RFC 9110 §10.1.1 allows that) and the request takes the normal pipeline.
+  server.on("checkExpectation", app);
+  // CONNECT never names an API URI; without a listener Node drops the connection unanswered.
+  server.on("connect", (_req, socket: Duplex) => answerRaw(socket, 404, "Not Found", new XksError("InvalidUriPathException")));
 
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
