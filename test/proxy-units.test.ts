@@ -435,3 +435,13 @@ describe("buildApp in-process with a stub agent", () => {
     assert.equal(line.level, 50);
   });
 });
+
+it("requestMetadata values longer than the spec's 2048-character ARNs are refused (never logged or audited)", async () => {
+  const { parseRequestMetadata, MAX_METADATA_CHARS } = await import("../proxy/validate.ts");
+  const ok = { requestMetadata: { awsPrincipalArn: "a".repeat(MAX_METADATA_CHARS), kmsOperation: "CreateKey", kmsRequestId: "r" } };
+  assert.equal(parseRequestMetadata(ok, "GetKeyMetadata").awsPrincipalArn.length, 2048);
+  for (const f of ["awsPrincipalArn", "kmsRequestId", "kmsOperation", "kmsViaService"]) {
+    const bad = { requestMetadata: { ...ok.requestMetadata, [f]: "x".repeat(MAX_METADATA_CHARS + 1) } };
+    assert.throws(() => parseRequestMetadata(bad, "GetKeyMetadata"), (e: { errorName?: string }) => e.errorName === "ValidationException", f);
+  }
+});
