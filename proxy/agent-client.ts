@@ -90,6 +90,17 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   "grpc.enable_channelz": 0,
 };
 
+/** Extra time grpc-js's own deadline gets over ours (see AgentPool.unary). */
+const DEADLINE_GRACE_MS = 50;
+
+function deadlineExceeded(afterMs: number): grpc.ServiceError {
+  return Object.assign(new Error(`Deadline exceeded after ${afterMs} ms`), {
+    code: grpc.status.DEADLINE_EXCEEDED,
+    details: `Deadline exceeded after ${afterMs} ms`,
+    metadata: new grpc.Metadata(),
+  });
+}
+
 /** No `xks-reason` in the trailers: the gRPC status alone decides. */
 const STATUS_TO_XKS: Partial<Record<grpc.status, XksErrorName>> = {
   [grpc.status.DEADLINE_EXCEEDED]: "DependencyTimeoutException",
@@ -209,13 +220,34 @@ export class AgentPool implements AgentApi {
     return md;
   }
 
+  /**
+   * One unary call with a deadline of `deadlineMs`. The deadline is kept here rather
+   * than by grpc-js alone: when our timer fires we let the event loop poll its sockets
+   * once more (setImmediate runs after the poll phase) before giving up, so an answer
+   * that arrived in time but was not yet read, because a burst kept the loop busy, is
+   * not turned into a timeout. grpc-js still gets a deadline (with that grace), which
+   * is also sent to the agent.
+   */
   private unary<T>(c: Conn, method: keyof AgentMethods, request: unknown, deadlineMs: number): Promise<T> {
     const fn = (c.client as unknown as Record<string, UnaryFn>)[method];
+    const started = Date.now();
     return new Promise<T>((resolve, reject) => {
-      fn.call(c.client, request, this.metadata(c), { deadline: Date.now() + deadlineMs }, (err, res) => {
+      let settled = false;
+      const call = fn.call(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
         if (err) reject(err);
         else resolve(res as T);
       });
+      const timer = setTimeout(() => {
+        setImmediate(() => {
+          if (settled) return;
+          settled = true;
+          call.cancel();
+          reject(deadlineExceeded(Date.now() - started));
+        });
+      }, deadlineMs);
     });
   }
 

@@ -10,6 +10,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import http from "node:http";
 import { join } from "node:path";
 import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createKey, type KeyUsage } from "../../agent/keys.ts";
@@ -18,7 +19,7 @@ import { createLogger } from "../../shared/logging.ts";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
 import { createSoftHsmToken, type SoftHsmToken } from "../../test/helpers/softhsm.ts";
 import { freePort, startSshd, type Sshd } from "../../test/helpers/sshd.ts";
-import { signedPost, type Resp } from "../../test/helpers/sigv4.ts";
+import { presignPost, signedPost, type Resp } from "../../test/helpers/sigv4.ts";
 
 export const CHAIN_KEYS = {
   default: "demo-key",
@@ -105,6 +106,8 @@ export interface Chain {
   remoteSocket: string;
   /** Signs (AWS's own signer) and POSTs to `<uriPath>/<rest>`. */
   post(rest: string, body: unknown): Promise<Resp>;
+  /** Signs now, sends when the returned function is called (bursts: sign all, then send all at once). */
+  presign(rest: string, body: unknown): Promise<() => Promise<Resp>>;
   /** Resolves once health reports the agent ACTIVE (throws after timeoutMs). */
   waitActive(timeoutMs?: number): Promise<void>;
   stop(): Promise<void>;
@@ -212,6 +215,8 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
   const url = `http://127.0.0.1:${proxyPort}`;
   const uriPath = `${CHAIN_PREFIX}/kms/xks/v1`;
   const creds = { accessKeyId: cred.accessKeyId, secretAccessKey: cred.secretAccessKey };
+  // Like KMS behind its load balancer: connections are kept and reused.
+  const keepAlive = new http.Agent({ keepAlive: true, keepAliveMsecs: 1000, maxSockets: 256 });
   const chain: Chain = {
     dir: o.dir,
     url,
@@ -228,7 +233,8 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
     agentConfigFile,
     proxyConfigFile,
     remoteSocket,
-    post: (rest, body) => signedPost(url, `${uriPath}/${rest}`, body, creds, { sign: { region: CHAIN_REGION } }),
+    post: (rest, body) => signedPost(url, `${uriPath}/${rest}`, body, creds, { sign: { region: CHAIN_REGION }, agent: keepAlive }),
+    presign: (rest, body) => presignPost(url, `${uriPath}/${rest}`, body, creds, { sign: { region: CHAIN_REGION }, agent: keepAlive }),
     waitActive: async (timeoutMs = 20000) => {
       const deadline = Date.now() + timeoutMs;
       let last = "";
@@ -245,6 +251,7 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
       throw new Error(`the chain did not become ACTIVE within ${timeoutMs} ms (last: ${last})\nagent log:\n${agent.logs().slice(-3000)}\nproxy log:\n${proxy.logs().slice(-3000)}`);
     },
     stop: async () => {
+      keepAlive.destroy();
       await Promise.all([agent.stop(), proxy.stop()]);
       await sshd.stop();
     },

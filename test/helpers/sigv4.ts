@@ -9,7 +9,7 @@
  */
 import { spawn } from "node:child_process";
 import { createHash, createHmac, type Hash, type Hmac } from "node:crypto";
-import { request as httpRequest } from "node:http";
+import { request as httpRequest, type Agent } from "node:http";
 import { HttpRequest } from "@smithy/protocol-http";
 import { SignatureV4 } from "@smithy/signature-v4";
 
@@ -98,12 +98,12 @@ export async function smithySign(baseUrl: string, req: PlainRequest, o: SignOpti
 }
 
 /** Sends exactly the given headers and body (no signing). */
-export function send(baseUrl: string, req: PlainRequest): Promise<Resp> {
+export function send(baseUrl: string, req: PlainRequest, agent: Agent | false = false): Promise<Resp> {
   const u = new URL(baseUrl);
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
     const r = httpRequest(
-      { host: u.hostname, port: Number(u.port), method: req.method ?? "POST", path: req.path, headers: req.headers ?? {}, agent: false },
+      { host: u.hostname, port: Number(u.port), method: req.method ?? "POST", path: req.path, headers: req.headers ?? {}, agent },
       (res) => {
         const chunks: Buffer[] = [];
         res.on("data", (c: Buffer) => chunks.push(c));
@@ -132,17 +132,24 @@ export interface PostOptions {
   after?: (h: Record<string, string>, body: string | Buffer) => { headers: Record<string, string>; body: string | Buffer };
   method?: string;
   sign?: Partial<SignOptions>;
+  /** A keep-alive agent to reuse connections (as KMS's load balancer does); default: a new connection per request. */
+  agent?: Agent;
 }
 
 /** Signs with smithy and sends. `body` objects are JSON.stringify'd. */
 export async function signedPost(baseUrl: string, path: string, body: unknown, creds: Creds, opts: PostOptions = {}): Promise<Resp> {
+  return (await presignPost(baseUrl, path, body, creds, opts))();
+}
+
+/** Signs now; the returned function sends (so a burst of requests can be signed first and sent at once). */
+export async function presignPost(baseUrl: string, path: string, body: unknown, creds: Creds, opts: PostOptions = {}): Promise<() => Promise<Resp>> {
   const raw = typeof body === "string" || Buffer.isBuffer(body) ? body : JSON.stringify(body);
   const headers = { "content-type": "application/json", ...(opts.headers ?? {}) };
   const method = opts.method ?? "POST";
   let h = await smithySign(baseUrl, { method, path, headers, body: raw }, { ...creds, ...opts.sign });
   let b: string | Buffer = raw;
   if (opts.after) ({ headers: h, body: b } = opts.after(h, raw));
-  return send(baseUrl, { method, path, headers: { ...h, "content-length": String(Buffer.byteLength(b)) }, body: b });
+  return () => send(baseUrl, { method, path, headers: { ...h, "content-length": String(Buffer.byteLength(b)) }, body: b }, opts.agent ?? false);
 }
 
 /**
