@@ -6,11 +6,11 @@ import { randomBytes } from "node:crypto";
 import { mkdtempSync, writeFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Writable } from "node:stream";
 import { loadAgentConfig, type AgentConfig } from "../../agent/config.ts";
 import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createKey, type KeyUsage } from "../../agent/keys.ts";
 import { runAgent, type RunningAgent } from "../../agent/main.ts";
+import { LogCapture } from "./logs.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { createSoftHsmToken, type SoftHsmToken } from "./softhsm.ts";
 
@@ -30,20 +30,6 @@ const KEY_USAGE: Record<keyof typeof TEST_KEYS, KeyUsage[]> = {
   health: ["encrypt", "decrypt"],
 };
 
-/** A pino destination that keeps every line in memory. */
-export class LogCapture extends Writable {
-  readonly lines: string[] = [];
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.lines.push(...chunk.toString("utf8").split("\n").filter(Boolean));
-    cb();
-  }
-  text(): string {
-    return this.lines.join("\n");
-  }
-  json(): Array<Record<string, unknown>> {
-    return this.lines.map((l) => JSON.parse(l) as Record<string, unknown>);
-  }
-}
 
 export interface TestAgent {
   dir: string;
@@ -125,3 +111,5 @@ export async function startTestAgent(opts: { configExtra?: Record<string, unknow
   };
   return t;
 }
+
+export { LogCapture };

@@ -15,6 +15,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY, REASONS, isReason } from "../../shared/errors.ts";
+import { LogCapture } from "./logs.ts";
 import { createLogger } from "../../shared/logging.ts";
 import {
   XksAgentService,
@@ -26,27 +27,8 @@ import {
 } from "../../shared/proto.ts";
 import { loadProxyConfig, type ProxyConfig } from "../../proxy/config.ts";
 import { serve, type RunningProxy } from "../../proxy/main.ts";
-import { Writable } from "node:stream";
 import type { Creds } from "./sigv4.ts";
 
-/** A pino destination keeping every line in memory. */
-export class LogCapture extends Writable {
-  readonly lines: string[] = [];
-  override _write(chunk: Buffer, _enc: BufferEncoding, cb: () => void): void {
-    this.lines.push(...chunk.toString("utf8").split("\n").filter(Boolean));
-    cb();
-  }
-  text(): string {
-    return this.lines.join("\n");
-  }
-  json(): Array<Record<string, any>> {
-    return this.lines.map((l) => JSON.parse(l) as Record<string, any>);
-  }
-  /** The per-request completion lines. */
-  requests(): Array<Record<string, any>> {
-    return this.json().filter((l) => l.msg === "request");
-  }
-}
 
 export interface FakeAgent {
   target: string;
@@ -268,3 +250,5 @@ export function md(kmsOperation: string, extra: Record<string, string> = {}): Re
     ...extra,
   };
 }
+
+export { LogCapture };
