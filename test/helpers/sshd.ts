@@ -137,10 +137,13 @@ const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 /** Starts a real sshd; resolves once it accepts TCP connections on 127.0.0.1:port. */
 export async function startSshd(opts: StartSshdOptions = {}): Promise<Sshd> {
   // sshd refuses to start without its privilege-separation directory.
-  try {
-    mkdirSync("/run/sshd", { recursive: true, mode: 0o755 });
-  } catch (err) {
-    throw new Error(`sshd needs /run/sshd; create it once with: sudo mkdir -p -m 0755 /run/sshd (${(err as Error).message})`);
+  // Linux sshd refuses to start without its privilege-separation directory (macOS uses /var/empty).
+  if (process.platform === "linux") {
+    try {
+      mkdirSync("/run/sshd", { recursive: true, mode: 0o755 });
+    } catch (err) {
+      throw new Error(`sshd needs /run/sshd; create it once with: sudo mkdir -p -m 0755 /run/sshd (${(err as Error).message})`);
+    }
   }
 
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "xks-sshd-"));
