@@ -8,7 +8,7 @@
  * Lines are written with a synchronous append so that nothing acknowledged is
  * lost if the agent dies; a write costs a few microseconds.
  */
-import { createHash } from "node:crypto";
+import { hash } from "node:crypto";
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeSync } from "node:fs";
 import { dirname } from "node:path";
 import type { OperationRecord } from "./server.ts";
@@ -16,7 +16,7 @@ import type { OperationRecord } from "./server.ts";
 const GENESIS = "0".repeat(64);
 
 function lineHash(prev: string, body: string): string {
-  return createHash("sha256").update(prev).update("\n").update(body).digest("hex");
+  return hash("sha256", `${prev}\n${body}`, "hex");
 }
 
 export class AuditLog {

@@ -51,7 +51,10 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
   }
   const controls = new Controls(config.stateFile);
   const unwatchControls = controls.watch();
-  controls.on("change", (state) => log.warn({ paused: state.paused, disabledKeys: state.disabledKeys }, "owner controls changed"));
+  controls.on("change", (state) => {
+    log.warn({ paused: state.paused, disabledKeys: state.disabledKeys }, "owner controls changed");
+    log.flush();
+  });
   const audit = new AuditLog(config.auditLog);
   const events = new EventEmitter();
   const tunnels = new TunnelSet(config.tunnels, config.socket, log);
@@ -74,6 +77,7 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
     ? await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, events, log })
     : undefined;
   log.info({ socket: config.socket, paused: controls.paused }, "listening");
+  log.flush();
 
   let stopped: Promise<void> | undefined;
   const stop = () =>

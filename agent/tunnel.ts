@@ -210,6 +210,7 @@ export class Tunnel extends EventEmitter {
           if (sameFingerprint(seen, t.hostKeyFingerprint)) return true;
           refusal = `host key verification failed: expected ${t.hostKeyFingerprint}, seen ${seen}`;
           this.log.error({ host: t.host, port: t.port, expected: t.hostKeyFingerprint, seen }, "tunnel refused: host key does not match the pinned fingerprint");
+          this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
           return false;
         },
         keepaliveInterval: t.keepaliveIntervalMs ?? 5000,
@@ -238,6 +239,7 @@ export class Tunnel extends EventEmitter {
       } else {
         this.current.nodelayExec = true;
         this.log.info("tunnel exec done: sshd has TCP_NODELAY on this connection");
+        this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
         stream.on("error", () => {}).resume();
         stream.stderr.resume();
       }
@@ -263,6 +265,7 @@ export class Tunnel extends EventEmitter {
       this.forwarded = true;
       this.setState("up");
       this.log.info({ remote: this.remote, nodelayExec: this.current.nodelayExec, retries: failures }, "tunnel up");
+      this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
     };
     const t = this.target;
     if (t.remoteSocket !== undefined) conn.openssh_forwardInStreamLocal(t.remoteSocket, (err) => done(err));
@@ -309,6 +312,7 @@ export class Tunnel extends EventEmitter {
     const delay = Math.round(Math.min(maxMs, base * (0.8 + 0.4 * Math.random())));
     this.attempt++;
     this.log.warn({ err: reason, retryInMs: delay, attempt: this.attempt }, "tunnel down");
+    this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(() => {
       if (!this.stopped) this.connect();

@@ -2,7 +2,7 @@
  * The XKS cryptographic layout (XKS Proxy API spec §4), with no I/O: pure
  * functions over buffers, unit-tested on their own.
  */
-import { createHash } from "node:crypto";
+import { createHash, randomFillSync } from "node:crypto";
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../shared/errors.ts";
 
@@ -11,6 +11,24 @@ export const TAG_BYTES = 16;
 export const TAG_BITS = TAG_BYTES * 8;
 export const MAX_CIPHERTEXT_METADATA_BYTES = 20;
 export const MAX_AAD_BYTES = 0xffff;
+
+/**
+ * A fresh random 96-bit IV per encryption, from the OS CSPRNG. Drawn from a
+ * pool refilled 4 KiB at a time (one getrandom call per ~340 IVs instead of
+ * one per IV); every IV is returned as its own copy and never reused.
+ */
+const IV_POOL = Buffer.alloc(4092);
+let ivPoolOffset = IV_POOL.length;
+export function freshIv(): Buffer {
+  if (ivPoolOffset + IV_BYTES > IV_POOL.length) {
+    randomFillSync(IV_POOL);
+    ivPoolOffset = 0;
+  }
+  const iv = Buffer.from(IV_POOL.subarray(ivPoolOffset, ivPoolOffset + IV_BYTES));
+  IV_POOL.fill(0, ivPoolOffset, ivPoolOffset + IV_BYTES);
+  ivPoolOffset += IV_BYTES;
+  return iv;
+}
 
 /**
  * The AAD handed to the HSM, binding the ciphertext metadata to the ciphertext:

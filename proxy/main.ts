@@ -127,6 +127,7 @@ export async function serve(config: Readonly<ProxyConfig>, log: Logger, opts: { 
   const addr = server.address() as AddressInfo;
   const host = addr.family === "IPv6" ? `[${addr.address}]` : addr.address;
   log.info({ version: VERSION, config: describeConfig(config), address: `${host}:${addr.port}` }, "xks-proxy listening");
+  log.flush();
 
   let closing: Promise<void> | undefined;
   const close = (graceMs = 5000): Promise<void> => {

@@ -105,3 +105,15 @@ test("agent config: every problem reported at once, with file and field, never t
   assert.equal(ok.socket, join(dir, "run/a.sock"));
   assert.ok(Object.isFrozen(ok) && Object.isFrozen(ok.pkcs11));
 });
+
+test("IVs are 12 fresh random bytes, distinct across pool refills", async () => {
+  const { freshIv } = await import("../agent/xks-crypto.ts");
+  const seen = new Set<string>();
+  for (let i = 0; i < 3000; i++) {
+    const iv = freshIv();
+    assert.equal(iv.length, 12);
+    seen.add(iv.toString("hex"));
+  }
+  assert.equal(seen.size, 3000, "no IV repeats (3000 draws span ~9 pool refills)");
+  assert.ok(!seen.has("000000000000000000000000"));
+});

@@ -245,9 +245,19 @@ describe("records on the owner's machine", () => {
   test("no plaintext, AAD, secret or Authorization value in any process's log", async () => {
     const marker = Buffer.from("E2E-PLAINTEXT-MARKER-91c2");
     const aad = Buffer.from("E2E-AAD-MARKER-44d1");
-    const e = await encrypt(chain.keys.default, marker, aad);
+    const e = await chain.post(`keys/${chain.keys.default}/encrypt`, {
+      requestMetadata: { ...md("Encrypt"), kmsRequestId: "e2e-log-marker" },
+      plaintext: marker.toString("base64"),
+      additionalAuthenticatedData: aad.toString("base64"),
+      encryptionAlgorithm: "AES_GCM",
+    });
     await chain.post(`keys/${chain.keys.default}/decrypt`, decryptBody(e.json, aad));
-    await new Promise((r) => setTimeout(r, 300)); // let the async log writers flush
+    // Log lines are written in batches (at most a second late): wait until both daemons logged this request.
+    const deadline = Date.now() + 5000;
+    while (!(chain.agent.logs().includes("e2e-log-marker") && chain.proxy.logs().includes("e2e-log-marker"))) {
+      assert.ok(Date.now() < deadline, "the request's log lines never appeared");
+      await new Promise((r) => setTimeout(r, 100));
+    }
     const logs = chain.agent.logs() + chain.proxy.logs() + chain.sshd.logs();
     for (const s of [marker.toString(), marker.toString("base64"), aad.toString(), aad.toString("base64"), chain.secretAccessKey, chain.agentToken, chain.softhsm.pin, "Signature=", (e.json as { ciphertext: string }).ciphertext]) {
       assert.ok(!logs.includes(s), `a log contains ${s}`);

@@ -1,8 +1,8 @@
-import { randomBytes, timingSafeEqual } from "node:crypto";
+import { timingSafeEqual } from "node:crypto";
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
-import { gcmMechanism, hsmAad, integrityValue, IV_BYTES, TAG_BYTES } from "../xks-crypto.ts";
+import { freshIv, gcmMechanism, hsmAad, integrityValue, TAG_BYTES } from "../xks-crypto.ts";
 import { keyCheck, type OpContext } from "./context.ts";
 import { decryptWith } from "./decrypt.ts";
 
@@ -20,7 +20,7 @@ export function encrypt(ctx: OpContext, req: EncryptRequest): EncryptResponse {
   const cm = ctx.ciphertextMetadata;
   const aadForHsm = hsmAad(req.aad, cm);
   // SoftHSM cannot generate the IV and accepts any length: always make a fresh 96-bit one here.
-  const iv = randomBytes(IV_BYTES);
+  const iv = freshIv();
   const needs: Array<"encrypt" | "decrypt"> = req.wantIntegrityValue ? ["encrypt", "decrypt"] : ["encrypt"];
   const { out, key } = ctx.hsm.runWithKey("encrypt", req.keyId, keyCheck(ctx, needs), (p11: pkcs11js.PKCS11, s, key) => {
     p11.C_EncryptInit(s, gcmMechanism(iv, aadForHsm), key.handle);
