@@ -3,6 +3,8 @@
  * chain, network namespaces, TUN devices). `runAll()` undoes it in reverse
  * order, once; Ctrl-C and SIGTERM run it too before the process exits.
  */
+import { readFileSync } from "node:fs";
+
 type Undo = () => void | Promise<void>;
 
 const steps: Array<{ what: string; undo: Undo }> = [];
@@ -46,4 +48,30 @@ export function cleanupOnSignals(): void {
   };
   process.on("SIGINT", () => handler("SIGINT", 130));
   process.on("SIGTERM", () => handler("SIGTERM", 143));
+}
+
+/**
+ * sshd's session processes outlive their listener. On a terminal Ctrl-C the
+ * listener (same process group) dies at once and its sessions are re-parented,
+ * so the sshd helper can no longer find them to stop them. This remembers
+ * every session pid seen and, at cleanup (after the chain's own stop), ends
+ * those still running, by pid, if they are still sshd processes.
+ */
+export function trackSshdSessions(sshd: { sessionPids(): number[] }, what: string): { pids(): number[] } {
+  const seen = new Set<number>();
+  const pids = () => {
+    const now = sshd.sessionPids();
+    for (const pid of now) seen.add(pid);
+    return now;
+  };
+  onCleanup(`${what} sshd sessions`, () => {
+    for (const pid of seen) {
+      try {
+        if (readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "sshd") process.kill(pid, "SIGTERM");
+      } catch {
+        /* gone */
+      }
+    }
+  });
+  return { pids };
 }

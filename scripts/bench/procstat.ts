@@ -47,22 +47,48 @@ export type ProcessSet = Record<string, () => number[]>;
 
 export type CpuReport = Record<string, number>;
 
-/** CPU seconds per role between `start()` and the returned `stop()`. */
-export function startCpuMeter(procs: ProcessSet): { stop(): CpuReport } {
+/** Busy CPU seconds of the whole machine so far (all CPUs; everything but idle and iowait), from /proc/stat. */
+export function machineBusySeconds(): number {
+  try {
+    const f = readFileSync("/proc/stat", "utf8").split("\n")[0].trim().split(/\s+/).slice(1).map(Number);
+    // user nice system idle iowait irq softirq steal (guest time is already inside user)
+    return (f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] ?? 0)) / CLK_TCK;
+  } catch {
+    return NaN;
+  }
+}
+
+export interface CpuWindow {
+  /** CPU seconds per role. */
+  byRole: CpuReport;
+  /** Busy CPU seconds of the whole machine, and the window's wall time. */
+  machineBusyS: number;
+  wallS: number;
+  /** Busy CPU of everything that is not one of the roles (other sessions' tests, this bench's own bookkeeping), in cores. */
+  otherCores: number;
+}
+
+/** CPU seconds per role (and of the whole machine) between `start()` and the returned `stop()`. */
+export function startCpuMeter(procs: ProcessSet): { stop(): CpuWindow } {
   const read = (): Map<string, Map<number, number>> =>
     new Map(Object.entries(procs).map(([role, pids]) => [role, new Map(pids().map((pid) => [pid, cpuSeconds(pid)]))]));
   const before = read();
+  const machine0 = machineBusySeconds();
+  const t0 = performance.now();
   return {
     stop() {
       const after = read();
-      const out: CpuReport = {};
+      const machineBusyS = machineBusySeconds() - machine0;
+      const wallS = (performance.now() - t0) / 1000;
+      const byRole: CpuReport = {};
       for (const [role, pids] of after) {
         let total = 0;
         // A process that started during the window counts from 0.
         for (const [pid, s] of pids) total += s - (before.get(role)?.get(pid) ?? 0);
-        out[role] = total;
+        byRole[role] = total;
       }
-      return out;
+      const ours = Object.values(byRole).reduce((a, b) => a + b, 0);
+      return { byRole, machineBusyS, wallS, otherCores: Math.max(0, machineBusyS - ours) / wallS };
     },
   };
 }

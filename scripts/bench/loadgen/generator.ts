@@ -8,7 +8,7 @@ type Unsent<T> = T extends unknown ? Omit<T, "id"> : never;
 
 const CHILD = fileURLToPath(new URL("./child.ts", import.meta.url));
 
-export class Generator {
+export class LoadGenerator {
   private readonly proc: ChildProcess;
   private nextId = 1;
   private readonly pending = new Map<number, { resolve(r: JobResult | undefined): void; reject(e: Error): void; started?: () => void }>();

@@ -38,7 +38,7 @@ export async function grpcDirect(spec: GrpcSpec, onStarted: () => void): Promise
     }
   };
   try {
-    for (let i = 0; i < 300; i++) await one(false); // warm-up
+    for (let i = 0; i < 1500; i++) await one(false); // warm-up (JIT)
     onStarted();
     const start = performance.now();
     const end = start + spec.durationS * 1000;

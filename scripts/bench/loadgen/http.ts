@@ -3,7 +3,7 @@ import http from "node:http";
 
 export interface OutgoingRequest {
   path: string;
-  /** Exactly the headers to send (the signed ones). */
+  /** Exactly the headers to send (the signed ones and content-length). */
   headers: Record<string, string>;
   body: Buffer;
 }
@@ -15,6 +15,7 @@ export interface Answer {
 
 export class HttpClient {
   private readonly agent: http.Agent;
+  private readonly inFlight = new Set<http.ClientRequest>();
   private readonly host: string;
   private readonly port: number;
 
@@ -33,7 +34,7 @@ export class HttpClient {
           port: this.port,
           method: "POST",
           path: req.path,
-          headers: { ...req.headers, "content-length": String(req.body.length) },
+          headers: req.headers,
           agent: this.agent,
         },
         (res) => {
@@ -43,10 +44,18 @@ export class HttpClient {
           res.on("error", reject);
         },
       );
+      this.inFlight.add(r);
+      r.once("close", () => this.inFlight.delete(r));
       r.setTimeout(this.timeoutMs, () => r.destroy(new Error("timeout")));
       r.on("error", reject);
       r.end(req.body);
     });
+  }
+
+  /** Destroys every request still waiting (queued for a socket or for its answer). */
+  abortAll(): void {
+    for (const r of this.inFlight) r.destroy(new Error("aborted"));
+    this.inFlight.clear();
   }
 
   close(): void {

@@ -24,6 +24,8 @@ export interface Target {
 /** Requests sent on a fixed schedule, whatever the answers do. Cases are used in turn. */
 export interface OpenLoopSpec {
   kind: "openLoop";
+  /** Goes into every measured request's kmsRequestId ("bench-<run>-<tag>-<n>"), to find them in the daemons' logs. */
+  tag?: string;
   cases: Case[];
   rate: number;
   durationS: number;
@@ -34,6 +36,7 @@ export interface OpenLoopSpec {
 /** One caller, one request at a time. `windows` returns each request's [send, done] in process.hrtime ns. */
 export interface SequentialSpec {
   kind: "sequential";
+  tag?: string;
   case: Case;
   count: number;
   warmup: number;
@@ -62,7 +65,9 @@ export interface ErrorSample {
 }
 
 export interface JobResult {
-  /** Requests completed (answered or failed). */
+  /** Open loop: requests scheduled (= answered + cut off unanswered at the end). */
+  sent?: number;
+  /** Requests that got an answer or failed on their own (not cut off). */
   completed: number;
   errors: number;
   /** Errors by kind ("HTTP 503 DependencyTimeoutException", "bad IV length", "timeout", …). */
@@ -73,6 +78,8 @@ export interface JobResult {
   serviceLatency?: LatencySummary;
   /** How late the generator sent, worst case, ms. */
   maxSendLagMs?: number;
+  /** The generator's own event-loop delay while it ran (its GC pauses and stalls show here), ms. */
+  generatorLoopDelayMs?: { p99: number; max: number };
   /** Requests the background signer had not signed in time (signed on the spot, late). */
   lateSigned?: number;
   /** Wall time from the first scheduled send to the last answer, s. */

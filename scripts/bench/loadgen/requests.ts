@@ -31,6 +31,8 @@ export class XksRequests {
   private readonly plaintexts = new Map<number, Buffer>();
   private readonly ciphertexts = new Map<number, Ciphertext[]>();
   private seq = 0;
+  /** Prefix of the kmsRequestIds signed from now on, so a job's requests can be found in the daemons' logs. */
+  tag = "prep";
 
   constructor(private readonly target: Target) {}
 
@@ -46,7 +48,7 @@ export class XksRequests {
       awsPrincipalArn: "arn:aws:iam::123456789012:user/bench",
       kmsKeyArn: "arn:aws:kms:us-east-1:123456789012:key/bench",
       kmsOperation: op,
-      kmsRequestId: `bench-${RUN_ID}-${++this.seq}`,
+      kmsRequestId: `bench-${RUN_ID}-${this.tag}-${++this.seq}`,
       kmsViaService: "ebs",
     };
   }
@@ -74,6 +76,7 @@ export class XksRequests {
     const path = `${t.uriPath}/keys/${t.keyId}/${c.op === "Encrypt" ? "encrypt" : "decrypt"}`;
     const raw = Buffer.from(JSON.stringify(body));
     const headers = await smithySign(t.url, { path, headers: { "content-type": "application/json" }, body: raw }, t);
+    headers["content-length"] = String(raw.length); // not signed, as KMS does not sign it either
     return { case: c, path, headers, body: raw };
   }
 

@@ -7,6 +7,7 @@
  *  - sequential: one caller, one request at a time.
  * Every answer is checked (requests.ts).
  */
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { summarize } from "../stats.ts";
 import type { HttpClient } from "./http.ts";
@@ -76,8 +77,13 @@ export async function openLoop(spec: OpenLoopSpec, reqs: XksRequests, http: Http
   const total = Math.max(1, Math.round(spec.rate * spec.durationS));
   const caseOf = (i: number) => spec.cases[i % spec.cases.length];
   await reqs.prepare(spec.cases, http);
-  const pool = new SignedPool(reqs, caseOf, total, Math.round(spec.rate * 30));
-  await pool.fill(Math.round(spec.rate * 60));
+  reqs.tag = spec.tag ?? "run";
+  // Runs up to a minute are signed in full beforehand (no signing while measuring); longer ones
+  // (the soak) keep 10-20 s signed ahead, so the generator's heap, and its GC pauses, stay small.
+  const long = spec.durationS > 60;
+  const pool = new SignedPool(reqs, caseOf, total, Math.round(spec.rate * (long ? 20 : 60)));
+  await pool.fill(long ? Math.round(spec.rate * 20) : total);
+  const loopDelay = monitorEventLoopDelay({ resolution: 5 });
 
   const latency = new Float64Array(total);
   const service = new Float64Array(total);
@@ -89,15 +95,24 @@ export async function openLoop(spec: OpenLoopSpec, reqs: XksRequests, http: Http
   let maxLag = 0;
   let lastDone = 0;
 
+  // An overloaded chain builds a queue that could take minutes to drain: requests still
+  // unanswered this long after the schedule ends are cut off and counted as errors.
+  const graceMs = Math.max(5, 0.2 * spec.durationS) * 1000;
+  const answered = new Uint8Array(total);
+  let cutOff = false;
+  let cutOffTimer: NodeJS.Timeout | undefined;
   const t0 = performance.now() + 5;
   onStarted();
+  loopDelay.enable();
   await new Promise<void>((resolve) => {
     const fire = async (i: number, scheduled: number) => {
       const req = await pool.take(i);
+      if (cutOff) return;
       const sent = performance.now();
       maxLag = Math.max(maxLag, sent - scheduled);
       try {
         const ans = await http.post(req);
+        if (cutOff) return;
         const problem = reqs.check(req.case, ans);
         if (problem) errors.add(problem, ans.body.toString("utf8").slice(0, 200));
         else if (sampleEvery && req.case.op === "Encrypt" && i % sampleEvery === 0) {
@@ -106,13 +121,31 @@ export async function openLoop(spec: OpenLoopSpec, reqs: XksRequests, http: Http
           samples.set(req.case.size, list);
         }
       } catch (err) {
+        if (cutOff) return;
         errors.add((err as Error).message === "timeout" ? "timeout (10 s)" : `transport: ${(err as Error).message}`);
       }
       const now = performance.now();
+      answered[i] = 1;
       latency[i] = now - scheduled;
       service[i] = now - sent;
       lastDone = now;
-      if (++completed === total) resolve();
+      if (++completed === total) {
+        clearTimeout(cutOffTimer);
+        resolve();
+      }
+    };
+    const cutOffLeftovers = () => {
+      cutOff = true;
+      const now = performance.now();
+      for (let i = 0; i < total; i++) {
+        if (answered[i]) continue;
+        latency[i] = now - (t0 + i * interval); // a lower bound: it had not been answered yet
+        service[i] = NaN;
+        errors.add(`no answer ${Math.round(graceMs / 1000)} s after the schedule ended`);
+      }
+      http.abortAll();
+      lastDone = now;
+      resolve();
     };
     let next = 0;
     const tick = () => {
@@ -122,10 +155,12 @@ export async function openLoop(spec: OpenLoopSpec, reqs: XksRequests, http: Http
         next++;
       }
       if (next < total) setTimeout(tick, Math.max(0, t0 + next * interval - performance.now()));
+      else cutOffTimer = setTimeout(cutOffLeftovers, graceMs);
     };
     setTimeout(tick, Math.max(0, t0 - performance.now()));
   });
   const elapsedS = (lastDone - t0) / 1000;
+  loopDelay.disable();
 
   let checked = 0;
   let failed = 0;
@@ -135,12 +170,14 @@ export async function openLoop(spec: OpenLoopSpec, reqs: XksRequests, http: Http
   }
   if (failed > 0) for (let k = 0; k < failed; k++) errors.add("sampled Encrypt answer did not decrypt back");
   return {
+    sent: total,
     completed,
     errors: errors.count,
     errorKinds: errors.kinds,
     latency: summarize(latency),
-    serviceLatency: summarize(service),
+    serviceLatency: summarize(service.filter((v) => !Number.isNaN(v))),
     maxSendLagMs: maxLag,
+    generatorLoopDelayMs: { p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 },
     lateSigned: pool.lateSigned,
     elapsedS,
     achievedRate: completed / elapsedS,
@@ -155,6 +192,7 @@ export async function sequential(spec: SequentialSpec, reqs: XksRequests, http: 
   const windows: Array<[string, string]> = [];
   let started = 0;
   for (let i = 0; i < spec.warmup + spec.count; i++) {
+    reqs.tag = i < spec.warmup ? "warmup" : (spec.tag ?? "run");
     if (i === spec.warmup) {
       onStarted();
       started = performance.now();

@@ -15,7 +15,7 @@ import { join } from "node:path";
 import { PACKAGE_ROOT } from "../../../shared/paths.ts";
 import { freePort, startSshd, type Sshd } from "../../../test/helpers/sshd.ts";
 import { startChain, type Chain } from "../../lib/chain.ts";
-import { onCleanup } from "../cleanup.ts";
+import { onCleanup, trackSshdSessions } from "../cleanup.ts";
 import type { WanLink } from "./link.ts";
 
 export interface WanChain {
@@ -23,7 +23,10 @@ export interface WanChain {
   sshd: Sshd;
   /** sshd's port on the EC2 end of the link (the port the delay line filters on). */
   wanPort: number;
+  /** The WAN sshd's session processes (remembered for cleanup). */
+  sshdSessions(): number[];
   agentPid(): number | undefined;
+  agentLogFile: string;
   stop(): Promise<void>;
 }
 
@@ -34,6 +37,7 @@ export async function startWanChain(o: { dir: string; link: WanLink; logLevel?: 
 
   const wanPort = await freePort();
   const sshd = await startSshd({ dir: join(o.dir, "ssh-wan"), extraConfig: `ListenAddress ${o.link.ec2Addr}:${wanPort}` });
+  const sessions = trackSshdSessions(sshd, "WAN");
   const stopSshd = onCleanup("WAN sshd", () => sshd.stop());
   await chain.sshd.stop(); // the loopback-only one is not used any more
 
@@ -47,7 +51,8 @@ export async function startWanChain(o: { dir: string; link: WanLink; logLevel?: 
   // XKS_NODE_ARGS (e.g. --cpu-prof) applies here as in the chain's own Daemon.
   const nodeArgs = (process.env.XKS_NODE_ARGS ?? "").split(" ").filter(Boolean);
   const argv = o.link.agentSide([process.execPath, ...nodeArgs, join(PACKAGE_ROOT, "bin/xks-agent.js"), "run", "--config", chain.agentConfigFile]);
-  const log = createWriteStream(join(o.dir, "logs", "agent-wan.log"), { flags: "a" });
+  const agentLogFile = join(o.dir, "logs", "agent-wan.log");
+  const log = createWriteStream(agentLogFile, { flags: "a" });
   const agent: ChildProcess = spawn(argv[0], argv.slice(1), { env: { ...process.env, ...chain.softhsm.env }, stdio: ["ignore", "pipe", "pipe"] });
   agent.stdout!.pipe(log, { end: false });
   agent.stderr!.pipe(log, { end: false });
@@ -64,7 +69,9 @@ export async function startWanChain(o: { dir: string; link: WanLink; logLevel?: 
     chain,
     sshd,
     wanPort,
+    sshdSessions: sessions.pids,
     agentPid: () => agent.pid,
+    agentLogFile,
     stop: async () => {
       await stopAgent();
       await stopSshd();

@@ -10,8 +10,10 @@
  *                                  way, ACKs too
  *
  * 198.18.0.0/15 is the benchmarking range (RFC 2544): point-to-point /32
- * routes on our own TUN devices, reaching nothing else. The kernel has no
- * sch_netem here (checked by `netemAvailable()`), hence the userspace line.
+ * routes on our own TUN devices, reaching nothing else. These kernels have no
+ * sch_netem (`netemAvailable()` checks and the report says so); the userspace
+ * line is used either way, because it also logs every segment, which is how
+ * round trips are counted.
  */
 import { execFileSync } from "node:child_process";
 import { onCleanup } from "../cleanup.ts";

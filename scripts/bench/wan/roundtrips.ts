@@ -25,6 +25,9 @@ export interface RoundTripCount {
   ops: number;
   /** Round trips per op. */
   median: number;
+  /** Round trips in all windows together, and the windows' total length in s. */
+  total: number;
+  windowS: number;
   mean: number;
   max: number;
   /** How many ops had 0, 1, 2, … round trips. */
@@ -88,6 +91,8 @@ export function countRoundTrips(segments: Segment[], windows: Array<[bigint, big
   return {
     ops: trips.length,
     median: median(trips),
+    total: trips.reduce((a, b) => a + b, 0),
+    windowS: sorted.reduce((sum, [a, b]) => sum + Number(b - a) / 1e9, 0),
     mean: mean(trips),
     max: Math.max(...trips),
     histogram,

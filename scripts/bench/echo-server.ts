@@ -1,6 +1,6 @@
 /**
- * A TCP echo server for calibrating the WAN link (run on the agent's side:
- * `ip netns exec … node --import tsx echo-server.ts <host> <port>`).
+ * A TCP echo server for calibrating round trips (run in its own process:
+ * `node --import tsx echo-server.ts <host> <port>`, possibly under `ip netns exec`).
  * Prints "listening" once bound; exits when stdin closes.
  */
 import net from "node:net";

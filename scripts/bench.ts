@@ -1,0 +1,368 @@
+/**
+ * `npm run bench`: the whole chain on this machine, measured side by side in
+ * one run (scripts/bench/ holds one module per concern):
+ *
+ *   1. the floor: the agent's own encrypt()/decrypt() on SoftHSM, in-process;
+ *   2. the agent's gRPC service called directly on its Unix socket;
+ *   3. the full chain (SigV4 HTTP → proxy → SSH tunnel → agent → SoftHSM) at low
+ *      load, at a fixed OPEN-loop rate, and a step search for the highest rate
+ *      with p99 < 100 ms, with CPU per 1,000 requests for every process;
+ *   4. the same chain over a simulated WAN (TUN delay line), with round trips
+ *      per operation counted on the wire.
+ *
+ * Options (npm run bench -- --help): durations, rate, RTT, and two other modes:
+ * --soak SECONDS (RSS over time at --soak-rate) and --profile (CPU profiles of
+ * proxy, agent and generator at the fixed rate). Prints a table, writes
+ * .bench/results.json, and stops everything it started, also on Ctrl-C.
+ */
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, loadavg, release } from "node:os";
+import { dirname, join, relative, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { PACKAGE_ROOT } from "../shared/paths.ts";
+import { freePort } from "../test/helpers/sshd.ts";
+import type { Chain } from "./lib/chain.ts";
+import { cleanupOnSignals, onCleanup, runAll } from "./bench/cleanup.ts";
+import { measureEcho } from "./bench/echo.ts";
+import { measureFloor } from "./bench/floor.ts";
+import type { LoadGenerator } from "./bench/loadgen/generator.ts";
+import type { Case, JobSpec } from "./bench/loadgen/protocol.ts";
+import { insideLatency, markLogs } from "./bench/logs.ts";
+import { rssByRole, startCpuMeter } from "./bench/procstat.ts";
+import { profilesIn, renderProfile, summarizeProfile } from "./bench/profile.ts";
+import { evaluateTargets, fmtDuration, int, ms, progress, renderReport, type BenchResults, type StepSearch } from "./bench/report.ts";
+import { caseName, loadTarget, measure, openLoop, rigFor, setQuietWait, startBenchChain, startGenerator, waitForQuiet, type Rig } from "./bench/rig.ts";
+import { ensureBuilt, stopLeftovers, tcpCongestionControl } from "./bench/setup.ts";
+import { startWanChain } from "./bench/wan/chain.ts";
+import { netemAvailable, startWanLink } from "./bench/wan/link.ts";
+import { countRoundTrips } from "./bench/wan/roundtrips.ts";
+
+const HELP = `npm run bench -- [options]
+  --duration S         main case (Encrypt 32 B) at the fixed rate, seconds      [30]
+  --short-duration S   the other fixed-rate cases, seconds                      [10]
+  --rate N             fixed offered rate, req/s                                [1800]
+  --step-seconds S     length of each step of the max-rate search               [3]
+  --search WHICH       max-rate search for: all | main | none                   [all]
+  --rtt MS             simulated WAN round-trip time                            [35]
+  --no-wan             skip the WAN part
+  --sockets N          keep-alive HTTP sockets of the generator                 [32]
+  --quiet-wait S       before each measurement, wait up to S s for other processes
+                       on the machine to go quiet (they share its cores)        [0]
+  --log-level L        proxy and agent log level (production: info)             [info]
+  --soak S             instead of the bench: a soak of S seconds with RSS sampled
+  --soak-rate N        soak rate, req/s                                         [1000]
+  --profile            instead of the bench: CPU-profile proxy, agent and generator
+                       at the fixed rate for --duration (at most 20 s)
+  --dir DIR            working folder (chains, logs, results.json)              [.bench]`;
+
+const { values: opt } = parseArgs({
+  options: {
+    duration: { type: "string", default: "30" },
+    "short-duration": { type: "string", default: "10" },
+    rate: { type: "string", default: "1800" },
+    "step-seconds": { type: "string", default: "3" },
+    search: { type: "string", default: "all" },
+    rtt: { type: "string", default: "35" },
+    "no-wan": { type: "boolean", default: false },
+    sockets: { type: "string", default: "32" },
+    "quiet-wait": { type: "string", default: "0" },
+    "log-level": { type: "string", default: "info" },
+    soak: { type: "string" },
+    "soak-rate": { type: "string", default: "1000" },
+    profile: { type: "boolean", default: false },
+    dir: { type: "string", default: join(PACKAGE_ROOT, ".bench") },
+    help: { type: "boolean", default: false },
+  },
+});
+
+const num = (name: keyof typeof opt): number => {
+  const v = Number(opt[name]);
+  if (!Number.isFinite(v) || v <= 0) throw new Error(`--${name} must be a positive number`);
+  return v;
+};
+
+const DIR = opt.dir!;
+const RATE = num("rate");
+const MAIN_S = num("duration");
+const SHORT_S = num("short-duration");
+const STEP_S = num("step-seconds");
+const ENC32: Case = { op: "Encrypt", size: 32 };
+const CASES: Case[] = [ENC32, { op: "Encrypt", size: 4300 }, { op: "Decrypt", size: 32 }, { op: "Decrypt", size: 4300 }];
+
+const sleep = (msec: number) => new Promise((r) => setTimeout(r, msec));
+
+// ---------------------------------------------------------------- the parts
+
+async function floorPart(r: BenchResults): Promise<void> {
+  progress("1/4 floor: agent/ops encrypt()/decrypt() in-process on SoftHSM");
+  r.floor = measureFloor(join(DIR, "floor"), [32, 4300], 2);
+}
+
+async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> {
+  progress("2/4 agent gRPC direct (Unix socket)");
+  // The agent's own gRPC socket, as its config names it (relative paths are from the config's folder).
+  const socket = resolve(dirname(chain.agentConfigFile), (JSON.parse(readFileSync(chain.agentConfigFile, "utf8")) as { socket: string }).socket);
+  r.grpc = [];
+  for (const size of [32, 4300]) {
+    const c: Case = { op: "Encrypt", size };
+    for (const concurrency of [1, 16]) {
+      const label = `${caseName(c)}, ${concurrency === 1 ? "1 caller" : `${concurrency} in flight`}`;
+      r.grpc.push(await measure(rig, label, c, { kind: "grpc", socket, token: chain.agentToken, keyId: chain.keys.default, case: c, concurrency, durationS: 2 }));
+    }
+  }
+}
+
+async function lowLoadPart(r: BenchResults, rig: Rig): Promise<void> {
+  progress("3/4 full chain: low load");
+  r.lowLoad = [
+    await measure(rig, "Encrypt 32 B, 1 caller", ENC32, { kind: "sequential", case: ENC32, count: 1000, warmup: 200, gapMs: 0, windows: false }),
+    await measure(rig, "Encrypt 32 B, 20 req/s open loop", ENC32, openLoop(ENC32, 20, SHORT_S)),
+  ];
+  const port = await freePort();
+  r.loopbackEcho = [
+    { label: "back to back (like 1 caller)", latency: (await measureEcho({ host: "127.0.0.1", port, count: 2000, gapMs: 0 })).latency },
+    { label: "one every 50 ms (like 20 req/s)", latency: (await measureEcho({ host: "127.0.0.1", port, count: 100, gapMs: 50 })).latency },
+  ];
+}
+
+async function fixedRatePart(r: BenchResults, rig: Rig): Promise<void> {
+  progress(`3/4 full chain: ${int(RATE)} req/s open loop (warm-up 3 s first)`);
+  await rig.gen.run(openLoop(ENC32, RATE, 3));
+  await sleep(1000);
+  r.fixedRate = [];
+  for (const c of CASES) {
+    const secs = c === ENC32 ? MAIN_S : SHORT_S;
+    r.fixedRate.push(await measure(rig, `${caseName(c)} at ${int(RATE)}/s for ${secs} s`, c, openLoop(c, RATE, secs, 100)));
+    await sleep(1000);
+  }
+}
+
+/** Highest offered rate with p99 < 100 ms, no errors and the answers keeping up: grow by 30 % until a step fails, then bisect. */
+async function stepSearch(rig: Rig, c: Case, hint: number): Promise<StepSearch> {
+  const steps: StepSearch["steps"] = [];
+  let pass = 0;
+  let fail = Infinity;
+  let rate = Math.max(50, Math.round(hint));
+  for (let i = 0; i < 7; i++) {
+    await waitForQuiet(rig);
+    let meter: ReturnType<typeof startCpuMeter> | undefined;
+    const res = await rig.gen.run(openLoop(c, rate, STEP_S), () => (meter = startCpuMeter(rig.procs)));
+    const otherCores = meter?.stop().otherCores ?? NaN;
+    const ok = res.errors === 0 && res.latency.p99 < 100 && res.achievedRate >= 0.97 * rate;
+    steps.push({ rate, pass: ok, p99: res.latency.p99, errors: res.errors, achieved: res.achievedRate, otherCores });
+    progress(`   ${caseName(c)} step ${int(rate)}/s: p99 ${ms(res.latency.p99)} ms, ${res.errors} errors, other load ${otherCores.toFixed(2)} → ${ok ? "pass" : "fail"}`);
+    if (ok) pass = Math.max(pass, rate);
+    else fail = Math.min(fail, rate);
+    if (fail === Infinity) rate = Math.round(rate * 1.3);
+    else if (pass === 0) rate = Math.round(rate / 1.6);
+    else if ((fail - pass) / pass <= 0.08) break;
+    else rate = Math.round((pass + fail) / 2);
+    if (rate < 20) break;
+    await sleep(1000); // let queues drain
+  }
+  return { case: c, maxRate: pass, steps };
+}
+
+async function maxRatePart(r: BenchResults, rig: Rig): Promise<void> {
+  const which = opt.search === "none" ? [] : opt.search === "main" ? [ENC32] : CASES;
+  if (which.length === 0) return;
+  progress(`3/4 full chain: highest rate with p99 < 100 ms (${STEP_S} s steps)`);
+  r.maxRate = [];
+  for (const c of which) {
+    const fixed = r.fixedRate?.find((x) => x.case === c)?.result;
+    // Start near where the fixed-rate run says the answer is.
+    const hint = fixed && fixed.errors === 0 && fixed.latency.p99 < 100 ? RATE * 1.2 : (fixed?.achievedRate ?? RATE) * 0.8;
+    r.maxRate.push(await stepSearch(rig, c, hint));
+  }
+}
+
+async function wanPart(r: BenchResults, gen: LoadGenerator): Promise<void> {
+  const rttMs = num("rtt");
+  progress(`4/4 WAN: ${rttMs} ms RTT delay line`);
+  const netem = netemAvailable();
+  const link = await startWanLink({ rttMs, binDir: join(DIR, "bin") });
+  onCleanup("WAN link", () => link.stop());
+  const segFile = join(DIR, "segments.txt");
+
+  // A bare round trip over the same link, counted the same way.
+  const echoPort = 7007;
+  await link.line.filter(echoPort);
+  await link.line.reset();
+  const echo = await measureEcho({ host: link.agentAddr, port: echoPort, count: 200, gapMs: 5, wrap: link.agentSide });
+  const oneWay = echo.latency.p50 / 2;
+  const echoTrips = countRoundTrips(await link.line.segments(segFile), echo.windows, oneWay);
+  progress(`   echo: p50 ${ms(echo.latency.p50)} ms, round trips ${echoTrips.median}`);
+
+  const wan = await startWanChain({ dir: join(DIR, "wan-chain"), link, logLevel: opt["log-level"] });
+  writeFileSync(join(DIR, "wan-chain", "wan-agent.pid"), `${wan.agentPid()}\n`);
+  await wan.chain.waitActive(30_000);
+  wan.sshdSessions(); // remembered for cleanup
+  await gen.init(loadTarget(wan.chain, num("sockets")));
+  const rig = rigFor({ chain: wan.chain, sshdSessions: wan.sshdSessions }, gen, { pid: wan.agentPid, logFile: wan.agentLogFile });
+  await link.line.filter(wan.wanPort);
+
+  // The idle tunnel's own exchanges, so that one landing inside an op's window is recognised as such.
+  const idleS = 6;
+  await link.line.reset();
+  const idleFrom = process.hrtime.bigint();
+  await sleep(idleS * 1000);
+  const idle = countRoundTrips(await link.line.segments(segFile), [[idleFrom, process.hrtime.bigint()]], oneWay);
+  const background = { seconds: idleS, roundTrips: idle.total, perSecond: idle.total / idleS };
+  progress(`   idle tunnel: ${idle.total} round trips in ${idleS} s`);
+
+  const sequential: NonNullable<BenchResults["wan"]>["sequential"] = [];
+  for (const [c, count] of [[ENC32, 200], [{ op: "Encrypt", size: 4300 }, 100]] as Array<[Case, number]>) {
+    await link.line.reset();
+    const m = await measure(rig, `${caseName(c)}, 1 caller`, c, { kind: "sequential", case: c, count, warmup: 20, gapMs: 5, windows: true });
+    const windows = m.result.windows!.map(([a, b]) => [BigInt(a), BigInt(b)] as [bigint, bigint]);
+    delete m.result.windows;
+    const roundTrips = countRoundTrips(await link.line.segments(segFile), windows, oneWay);
+    progress(`   ${m.label}: round trips median ${roundTrips.median}, mean ${roundTrips.mean.toFixed(3)}`);
+    sequential.push({ ...m, roundTrips });
+  }
+  const lowRate = await measure(rig, "Encrypt 32 B, 20 req/s", ENC32, openLoop(ENC32, 20, SHORT_S, 20));
+  r.wan = { rttMs, netem, echo: { latency: echo.latency, roundTrips: echoTrips }, background, sequential, lowRate };
+  await wan.stop();
+  await link.stop();
+  rmSync(segFile, { force: true });
+}
+
+// ---------------------------------------------------------------- the modes
+
+async function bench(r: BenchResults): Promise<void> {
+  await floorPart(r);
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
+  const gen = startGenerator();
+  await gen.init(loadTarget(bc.chain, num("sockets")));
+  const rig = rigFor(bc, gen);
+  await grpcPart(r, bc.chain, rig);
+  await lowLoadPart(r, rig);
+  await fixedRatePart(r, rig);
+  await maxRatePart(r, rig);
+  await bc.chain.stop();
+  if (!opt["no-wan"]) await wanPart(r, gen);
+}
+
+async function soak(r: BenchResults): Promise<void> {
+  const durationS = num("soak");
+  const rate = num("soak-rate");
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
+  const gen = startGenerator();
+  await gen.init(loadTarget(bc.chain, num("sockets")));
+  const rig = rigFor(bc, gen);
+  const { procs } = rig;
+  progress(`soak: ${int(rate)} req/s for ${fmtDuration(durationS)} (Encrypt and Decrypt 32 B), RSS every 5 s; 5 s warm-up first`);
+  await gen.run(openLoop(ENC32, rate, 5));
+  const everyS = 5;
+  const rss: Record<string, number[]> = {};
+  const sample = () => {
+    for (const [role, bytes] of Object.entries(rssByRole(procs))) (rss[role] ??= []).push(bytes);
+  };
+  let timer: NodeJS.Timeout | undefined;
+  let meter: ReturnType<typeof startCpuMeter> | undefined;
+  const tag = `soak${Date.now().toString(36)}`;
+  const spec: JobSpec = { kind: "openLoop", cases: [ENC32, { op: "Decrypt", size: 32 }], rate, durationS, sampleDecrypts: 200, tag };
+  const mark = markLogs(rig.logs);
+  const result = await gen.run(spec, () => {
+    meter = startCpuMeter(procs);
+    sample();
+    timer = setInterval(sample, everyS * 1000);
+  });
+  clearInterval(timer);
+  sample();
+  const w = meter?.stop();
+  const inside = await insideLatency(mark, tag);
+  r.soak = { rate, durationS, result, cpuS: w?.byRole ?? {}, otherCores: w?.otherCores ?? NaN, inside, rss, everyS };
+  await bc.chain.stop();
+}
+
+async function profile(r: BenchResults): Promise<string> {
+  const profDir = join(DIR, "profiles");
+  rmSync(profDir, { recursive: true, force: true });
+  mkdirSync(profDir, { recursive: true });
+  const flags = `--cpu-prof --cpu-prof-dir=${profDir}`;
+  process.env.XKS_NODE_ARGS = flags; // read by scripts/lib/chain.ts's Daemon
+  process.env.BENCH_GEN_NODE_ARGS = flags;
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
+  const { chain } = bc;
+  const gen = startGenerator();
+  await gen.init(loadTarget(chain, num("sockets")));
+  const rig = rigFor(bc, gen);
+  const secs = Math.min(MAIN_S, 20);
+  progress(`profile: ${caseName(ENC32)} at ${int(RATE)} req/s for ${secs} s, proxy/agent/generator under --cpu-prof`);
+  await gen.run(openLoop(ENC32, RATE, 3));
+  r.fixedRate = [await measure(rig, `${caseName(ENC32)} at ${int(RATE)}/s (profiled)`, ENC32, openLoop(ENC32, RATE, secs, 100))];
+  const roles = new Map<number, string>([
+    [chain.proxy.pid!, "proxy"],
+    [chain.agent.pid!, "agent"],
+    [gen.pid, "generator"],
+  ]);
+  await gen.stop();
+  await chain.stop(); // SIGTERM: the daemons exit normally and write their profiles
+  const m = r.fixedRate[0];
+  const out: string[] = [`CPU PROFILES (${relative(process.cwd(), profDir)}/; open in Chrome DevTools or speedscope for the call trees)`];
+  for (const file of profilesIn(profDir)) {
+    const s = summarizeProfile(file);
+    const role = roles.get(s.pid) ?? "other";
+    if (s.busyMs < 0.05 * s.totalMs) continue; // a helper thread (e.g. tsx's module loader) that sat idle
+    out.push("", renderProfile(role, s, ((m.cpuS[role] ?? NaN) * 1e6) / m.result.completed));
+  }
+  if (out.length === 1) out.push("no profiles were written (does scripts/lib/chain.ts pass XKS_NODE_ARGS to the daemons?)");
+  return out.join("\n");
+}
+
+// ---------------------------------------------------------------- main
+
+async function main(): Promise<number> {
+  if (opt.help) {
+    console.log(HELP);
+    return 0;
+  }
+  cleanupOnSignals();
+  setQuietWait(Number(opt["quiet-wait"]) || 0);
+  const started = performance.now();
+  mkdirSync(DIR, { recursive: true });
+  stopLeftovers(DIR);
+  ensureBuilt();
+  const r: BenchResults = {
+    meta: {
+      date: new Date().toISOString().replace("T", " ").slice(0, 16) + " UTC",
+      node: process.version,
+      cpus: cpus().length,
+      kernel: release(),
+      tcpCongestionControl: tcpCongestionControl(),
+      rate: RATE,
+      mainDurationS: MAIN_S,
+      otherDurationS: SHORT_S,
+      sockets: num("sockets"),
+      runTimeS: 0,
+      loadAverage: loadavg()[0],
+    },
+    targets: [],
+  };
+  let extra = "";
+  try {
+    if (opt.soak !== undefined) await soak(r);
+    else if (opt.profile) extra = await profile(r);
+    else await bench(r);
+  } finally {
+    await runAll();
+  }
+  r.meta.runTimeS = (performance.now() - started) / 1000;
+  r.targets = opt.profile ? [] : evaluateTargets(r);
+  const file = join(DIR, opt.soak !== undefined ? "soak.json" : opt.profile ? "profile.json" : "results.json");
+  writeFileSync(file, JSON.stringify(r, null, 2) + "\n");
+  console.log(renderReport(r));
+  if (extra) console.log(`\n${extra}`);
+  console.log(`\nJSON: ${relative(process.cwd(), file)}   logs: ${relative(process.cwd(), DIR)}/*/logs/`);
+  return 0;
+}
+
+main().then(
+  (code) => process.exit(code),
+  async (err) => {
+    console.error(`bench failed: ${(err as Error).stack ?? err}`);
+    await runAll();
+    process.exit(1);
+  },
+);
