@@ -88,6 +88,9 @@ export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
   // bookkeeping: together about a quarter of the client's CPU per call.
   "grpc.enable_retries": 0,
   "grpc.enable_channelz": 0,
+  // HTTP/2 receive window for the agent's answers (default 64 KiB): a burst of answers must not wait
+  // for WINDOW_UPDATEs that a busy event loop sends late.
+  "grpc-node.flow_control_window": 8 << 20,
 };
 
 /** Extra time grpc-js's own deadline gets over ours (see AgentPool.unary). */
