@@ -18,7 +18,7 @@ import type { Logger } from "../shared/logging.ts";
 import type { Controls } from "./controls.ts";
 import type { OperationRecord } from "./server.ts";
 import type { TunnelSet } from "./tunnel.ts";
-import { tokenMatches } from "./server.ts";
+import { tokenChecker } from "./server.ts";
 import type { EventEmitter } from "node:events";
 
 const RECENT = 200;
@@ -43,6 +43,7 @@ type ClientMessage = { type: "setPaused"; paused: boolean } | { type: "setKeyDis
 
 export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
   const token = randomBytes(24).toString("base64url");
+  const tokenMatches = tokenChecker(token);
   const recent: OperationRecord[] = [];
   const tokenOf = (req: IncomingMessage) => new URL(req.url ?? "/", "http://x").searchParams.get("token") ?? "";
 
@@ -52,7 +53,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
       res.writeHead(404).end();
       return;
     }
-    if (!tokenMatches(token, tokenOf(req))) {
+    if (!tokenMatches(tokenOf(req))) {
       res.writeHead(401, { "content-type": "text/plain" }).end("open the URL in the agent's state/dashboard-url file\n");
       return;
     }
@@ -70,7 +71,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
     const host = req.headers.host ?? "";
     const origin = req.headers.origin;
     const path = new URL(req.url ?? "/", "http://x").pathname;
-    if (path !== "/feed" || !tokenMatches(token, tokenOf(req)) || (origin !== undefined && origin !== `http://${host}`)) {
+    if (path !== "/feed" || !tokenMatches(tokenOf(req)) || (origin !== undefined && origin !== `http://${host}`)) {
       socket.end("HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\n");
       return;
     }

@@ -56,10 +56,13 @@ export interface AgentServiceDeps {
 
 const digest = (s: string | Buffer) => createHash("sha256").update(s).digest();
 
-/** Constant-time check of the caller's token (hash first so lengths never leak). */
-export function tokenMatches(expected: string, presented: unknown): boolean {
-  if (typeof presented !== "string" || presented.length === 0) return false;
-  return timingSafeEqual(digest(expected), digest(presented));
+/**
+ * A constant-time check of a presented token against the expected one (both
+ * hashed first so lengths never leak; the expected digest is computed once).
+ */
+export function tokenChecker(expected: string): (presented: unknown) => boolean {
+  const want = digest(expected);
+  return (presented) => typeof presented === "string" && presented.length > 0 && timingSafeEqual(want, digest(presented));
 }
 
 interface Described {
@@ -71,6 +74,7 @@ interface Described {
 
 export function createAgentService(deps: AgentServiceDeps): grpc.UntypedServiceImplementation {
   const { ctx, controls, log } = deps;
+  const authorized = tokenChecker(deps.token);
 
   function unary<Req extends Described, Res>(
     operation: OperationName,
@@ -115,7 +119,7 @@ export function createAgentService(deps: AgentServiceDeps): grpc.UntypedServiceI
         deps.onOperation?.(full);
       };
 
-      if (!tokenMatches(deps.token, call.metadata.get(AGENT_TOKEN_METADATA_KEY)[0])) {
+      if (!authorized(call.metadata.get(AGENT_TOKEN_METADATA_KEY)[0])) {
         finish("UNAUTHENTICATED");
         callback({ code: grpc.status.UNAUTHENTICATED, details: "missing or wrong agent token" });
         return;
