@@ -5,16 +5,12 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { XKS_ERRORS, type XksErrorName } from "../shared/errors.ts";
-import { SOFTHSM_MODULE_CANDIDATES } from "./helpers/softhsm.ts";
 import { CREDS, PREFIX, md, startProxy, until, type ProxyFixture } from "./helpers/proxy-fixtures.ts";
 import { curlPost, signedPost, type Resp } from "./helpers/sigv4.ts";
 import type { TestAgent } from "./helpers/agent.ts";
 
-const haveSoftHsm = SOFTHSM_MODULE_CANDIDATES.some((p) => existsSync(p));
-if (!haveSoftHsm) console.warn("# SKIPPING proxy-agent tests: SoftHSM v2 (libsofthsm2.so) not found; install softhsm2");
 
 const API = `${PREFIX}/kms/xks/v1`;
 const NOT_IN_HSM = "allowed-but-absent";
@@ -34,7 +30,7 @@ const encBody = (plaintext: Buffer | string, aad?: Buffer | string, cdiv = false
   ...(cdiv ? { ciphertextDataIntegrityValueAlgorithm: "SHA_256" } : {}),
 });
 
-describe("proxy ⇄ real agent on SoftHSM", { skip: !haveSoftHsm }, () => {
+describe("proxy ⇄ real agent on SoftHSM", () => {
   let agent: TestAgent;
   let fx: ProxyFixture;
   let K: TestAgent["keys"];

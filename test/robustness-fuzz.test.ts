@@ -38,14 +38,11 @@ import { MAX_HEADERS_COUNT } from "../proxy/main.ts";
 import type { TestAgent } from "./helpers/agent.ts";
 import { CREDS, OTHER_PREFIX, PREFIX, startProxy, until, type ProxyFixture } from "./helpers/proxy-fixtures.ts";
 import { Sha256, signedPost, type Creds } from "./helpers/sigv4.ts";
-import { SOFTHSM_MODULE_CANDIDATES } from "./helpers/softhsm.ts";
 
 // A full GC before each memory sample, so that RSS growth means retained memory, not garbage not yet collected.
 setFlagsFromString("--expose-gc");
 const gc = runInNewContext("gc") as () => void;
 
-const haveSoftHsm = SOFTHSM_MODULE_CANDIDATES.some((p) => existsSync(p));
-if (!haveSoftHsm) console.warn("# SKIPPING robustness fuzz: SoftHSM v2 (libsofthsm2.so) not found; install softhsm2");
 
 // ---------------------------------------------------------------- knobs
 
@@ -1325,7 +1322,7 @@ function matches(outcome: Outcome, expect: Set<Outcome>): boolean {
 
 // ---------------------------------------------------------------- the test
 
-describe("robustness: >= 10,000 seeded bad requests against the proxy and the real agent", { skip: !haveSoftHsm }, () => {
+describe("robustness: >= 10,000 seeded bad requests against the proxy and the real agent", () => {
   let agent: TestAgent;
   let fx: ProxyFixture;
 

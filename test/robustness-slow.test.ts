@@ -18,7 +18,7 @@
  * Every loop is bounded in count and time.
  */
 import assert from "node:assert/strict";
-import { readFileSync, existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { readFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { Agent as HttpAgent, request as httpRequest } from "node:http";
 import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
@@ -32,10 +32,7 @@ import { parseProxyConfig } from "../proxy/config.ts";
 import type { TestAgent } from "./helpers/agent.ts";
 import { CREDS, PREFIX, md, startProxy, until, type ProxyFixture } from "./helpers/proxy-fixtures.ts";
 import { smithySign } from "./helpers/sigv4.ts";
-import { SOFTHSM_MODULE_CANDIDATES } from "./helpers/softhsm.ts";
 
-const haveSoftHsm = SOFTHSM_MODULE_CANDIDATES.some((p) => existsSync(p));
-if (!haveSoftHsm) console.warn("# SKIPPING robustness-slow tests: SoftHSM v2 (libsofthsm2.so) not found; install softhsm2");
 
 const API = `${PREFIX}/kms/xks/v1`;
 /**
@@ -310,7 +307,7 @@ class IdleAttackers {
 /** Node's answer to a timed-out / refused request head, as the proxy shapes it: 400 XKS JSON, then close. */
 const TIMEOUT_ANSWER = /^HTTP\/1\.1 400 Bad Request\r\nContent-Type: application\/json\r\nContent-Length: \d+\r\nConnection: close\r\n\r\n\{"errorName":"ValidationException","errorMessage":"[\x20-\x7e]+"\}$/;
 
-describe("robustness: slow, idle and too many clients (real proxy, real agent)", { skip: !haveSoftHsm }, () => {
+describe("robustness: slow, idle and too many clients (real proxy, real agent)", () => {
   let agent: TestAgent;
   let fx: ProxyFixture;
   let good: GoodClient;
