@@ -14,7 +14,7 @@ import { createWriteStream, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { PACKAGE_ROOT } from "../../../shared/paths.ts";
 import { freePort, startSshd, type Sshd } from "../../../test/helpers/sshd.ts";
-import { startChain, type Chain } from "../../lib/chain.ts";
+import { DAEMON_NODE_FLAGS, startChain, type Chain } from "../../lib/chain.ts";
 import { onCleanup, trackSshdSessions } from "../cleanup.ts";
 import type { WanLink } from "./link.ts";
 
@@ -50,7 +50,7 @@ export async function startWanChain(o: { dir: string; link: WanLink; logLevel?: 
 
   // XKS_NODE_ARGS (e.g. --cpu-prof) applies here as in the chain's own Daemon.
   const nodeArgs = (process.env.XKS_NODE_ARGS ?? "").split(" ").filter(Boolean);
-  const argv = o.link.agentSide([process.execPath, ...nodeArgs, join(PACKAGE_ROOT, "bin/xks-agent.js"), "run", "--config", chain.agentConfigFile]);
+  const argv = o.link.agentSide([process.execPath, ...DAEMON_NODE_FLAGS, ...nodeArgs, join(PACKAGE_ROOT, "bin/xks-agent.js"), "run", "--config", chain.agentConfigFile]);
   const agentLogFile = join(o.dir, "logs", "agent-wan.log");
   const log = createWriteStream(agentLogFile, { flags: "a" });
   const agent: ChildProcess = spawn(argv[0], argv.slice(1), { env: { ...process.env, ...chain.softhsm.env }, stdio: ["ignore", "pipe", "pipe"] });
