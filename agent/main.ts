@@ -68,7 +68,10 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
       tunnels.states().map((t) => ({ name: t.name, state: t.state, since: t.since, lastError: t.lastError ?? "", connects: t.connects, nodelayExec: t.nodelayExec })),
   };
   const onOperation = (rec: OperationRecord) => {
-    audit.append(rec);
+    // The audit log records key operations. Health checks (the proxies' background
+    // refreshes, every few seconds; KMS's own health calls are answered from the
+    // proxy's cache) stay in the operational log and the dashboard feed.
+    if (rec.operation !== "GetHealthStatus") audit.append(rec);
     events.emit("operation", rec);
   };
   const server = await startAgentServer(config.socket, { ctx, token: config.proxyToken, controls, log, onOperation });

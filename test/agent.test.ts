@@ -384,6 +384,9 @@ describe("records", () => {
     assert.equal(last.rec.operation, "Encrypt");
     assert.equal(last.rec.result, "OK");
     assert.equal(last.rec.principal, "arn:aws:iam::123456789012:user/Alice");
+    const records = text.trim().split("\n").map((l) => JSON.parse(l).rec);
+    assert.ok(records.some((r) => r.operation === "Decrypt") && records.some((r) => r.operation === "GetKeyMetadata"));
+    assert.ok(!records.some((r) => r.operation === "GetHealthStatus"), "health checks are not key operations");
     const after = verifyAuditLog(t.config.auditLog);
     assert.ok(after.ok && after.records > (before.ok ? before.records : 0));
     // Change one character of an old record: verification must fail at that line.
