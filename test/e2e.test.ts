@@ -6,7 +6,7 @@
 import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, randomBytes, randomUUID } from "node:crypto";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
@@ -212,8 +212,6 @@ describe("the tunnel", () => {
     raw.stateFile = join(root, "wrong-hostkey", "controls.json");
     raw.auditLog = join(root, "wrong-hostkey", "audit.log");
     raw.tunnels[0].remoteSocket = join(root, "wrong-hostkey-remote.sock");
-    const file = join(root, "wrong-hostkey.json");
-    writeFileSync(file, JSON.stringify(raw));
     const logs = new LogCapture();
     const agent = await runAgent(parseAgentConfig(raw, chain.agentConfigFile), { destination: logs });
     try {

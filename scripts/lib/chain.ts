@@ -17,6 +17,7 @@ import { createKey, type KeyUsage } from "../../agent/keys.ts";
 import { newCredential } from "../../proxy/cli.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
+import { writeAgentConfig } from "../../test/helpers/agent.ts";
 import { createSoftHsmToken, type SoftHsmToken } from "../../test/helpers/softhsm.ts";
 import { freePort, startSshd, type Sshd } from "../../test/helpers/sshd.ts";
 import { presignPost, signedPost, type Resp } from "../../test/helpers/sigv4.ts";
@@ -149,37 +150,24 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
 
   // Agent config (the owner's machine).
   const a = join(o.dir, "agent");
-  writeFileSync(join(a, "pin"), softhsm.pin, { mode: 0o600 });
-  writeFileSync(join(a, "agent-token"), agentToken, { mode: 0o600 });
   writeFileSync(join(a, "id_ed25519"), sshd.clientPrivateKey, { mode: 0o600 });
-  const agentConfigFile = join(a, "agent.json");
-  writeFileSync(
-    agentConfigFile,
-    JSON.stringify(
+  const agentConfigFile = writeAgentConfig(a, softhsm, agentToken, {
+    agentId: "owner-machine",
+    healthKey: HEALTH_KEY,
+    dashboard: { port: 0 },
+    tunnels: [
       {
-        agentId: "owner-machine",
-        pkcs11: { module: softhsm.module, tokenLabel: softhsm.tokenLabel, pin: { file: "pin" } },
-        socket: "run/agent.sock",
-        proxyToken: { file: "agent-token" },
-        healthKey: HEALTH_KEY,
-        dashboard: { port: 0 },
-        tunnels: [
-          {
-            name: "local-sshd",
-            host: "127.0.0.1",
-            port: sshd.port,
-            username: sshd.user,
-            privateKey: { file: "id_ed25519" },
-            hostKeyFingerprint: sshd.hostKeyFingerprint,
-            ...(o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket }),
-          },
-        ],
-        log: { level: o.logLevel ?? "info" },
+        name: "local-sshd",
+        host: "127.0.0.1",
+        port: sshd.port,
+        username: sshd.user,
+        privateKey: { file: "id_ed25519" },
+        hostKeyFingerprint: sshd.hostKeyFingerprint,
+        ...(o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket }),
       },
-      null,
-      2,
-    ),
-  );
+    ],
+    log: { level: o.logLevel ?? "info" },
+  });
 
   // Proxy config ("EC2").
   const p = join(o.dir, "proxy");
