@@ -10,66 +10,18 @@
  *                                        "proxy configuration file" JSON for it
  *   xks-proxy version
  */
-import { randomBytes } from "node:crypto";
 import { ConfigError } from "../shared/config.ts";
 import { createLogger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, prefixProblem } from "./config.ts";
+import { newCredential } from "./credentials.ts";
 import { serve } from "./main.ts";
-import { API_BASE } from "./routes.ts";
 
 const USAGE = `usage:
   xks-proxy serve --config FILE
   xks-proxy check --config FILE
   xks-proxy credentials new [--prefix /uri/path/prefix]
   xks-proxy version`;
-
-const BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-
-/** RFC 4648 base32 without padding. */
-export function base32(bytes: Uint8Array): string {
-  let out = "";
-  let bits = 0;
-  let value = 0;
-  for (const b of bytes) {
-    value = (value << 8) | b;
-    bits += 8;
-    while (bits >= 5) {
-      out += BASE32[(value >>> (bits - 5)) & 31];
-      bits -= 5;
-    }
-  }
-  if (bits > 0) out += BASE32[(value << (5 - bits)) & 31];
-  return out;
-}
-
-export interface NewCredential {
-  accessKeyId: string;
-  secretAccessKey: string;
-  /** The KMS console's "proxy configuration file" for CreateCustomKeyStore. */
-  proxyConfigurationFile: {
-    XksProxyUriPath: string;
-    XksProxyAuthenticationCredential: { AccessKeyId: string; RawSecretAccessKey: string };
-  };
-}
-
-/**
- * A fresh credential: access key id = base32 of 16 random bytes (26 chars of
- * A-Z2-7, spec: 20–30), secret = base64 of 32 random bytes (44 chars, 256 bits,
- * spec: 43–64 of a-zA-Z0-9/+=).
- */
-export function newCredential(prefix = ""): NewCredential {
-  const accessKeyId = base32(randomBytes(16));
-  const secretAccessKey = randomBytes(32).toString("base64");
-  return {
-    accessKeyId,
-    secretAccessKey,
-    proxyConfigurationFile: {
-      XksProxyUriPath: `${prefix}${API_BASE}`,
-      XksProxyAuthenticationCredential: { AccessKeyId: accessKeyId, RawSecretAccessKey: secretAccessKey },
-    },
-  };
-}
 
 function flag(argv: string[], name: string): string | undefined {
   const i = argv.indexOf(name);

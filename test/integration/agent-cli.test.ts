@@ -6,11 +6,11 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { createSoftHsmToken, type SoftHsmToken } from "./helpers/softhsm.ts";
-import { writeAgentConfig } from "./helpers/agent.ts";
+import { writeAgentConfig } from "../../testbed/configs.ts";
+import { createSoftHsmToken, type SoftHsmToken } from "../../testbed/hsm.ts";
 
 const run = promisify(execFile);
-const BIN = new URL("../bin/xks-agent.js", import.meta.url).pathname;
+const BIN = new URL("../../bin/xks-agent.js", import.meta.url).pathname;
 let dir: string;
 let hsm: SoftHsmToken;
 let config: string;
@@ -28,7 +28,7 @@ async function cli(...args: string[]): Promise<{ code: number; stdout: string; s
 before(() => {
   dir = mkdtempSync(join(tmpdir(), "xks-cli-"));
   hsm = createSoftHsmToken({ dir: join(dir, "hsm") });
-  config = writeAgentConfig(dir, hsm, "cli-test-token-0123456789");
+  config = writeAgentConfig(dir, { token: hsm, proxyToken: "cli-test-token-0123456789" });
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 

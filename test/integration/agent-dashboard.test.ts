@@ -4,15 +4,17 @@ import assert from "node:assert/strict";
 import { readFileSync, statSync } from "node:fs";
 import { join, dirname } from "node:path";
 import WebSocket from "ws";
-import { startTestAgent, type TestAgent } from "./helpers/agent.ts";
-import { agentClient, sampleMetadata, type CallError } from "./helpers/grpc.ts";
+import { agentClient, type AgentTestClient, type CallError } from "../../testbed/grpc-client.ts";
+import { startTestAgent, type TestAgent } from "../../testbed/in-process.ts";
+import { GENEROUS_MS } from "../../testbed/wait.ts";
+import { agentMetadata as sampleMetadata } from "../../testbed/xks/metadata.ts";
 
 let t: TestAgent;
-let c: ReturnType<typeof agentClient>;
+let c: AgentTestClient;
 
 before(async () => {
-  t = await startTestAgent({ configExtra: { dashboard: { port: 0 } } });
-  c = agentClient(`unix://${t.socketPath}`, t.token);
+  t = await startTestAgent({ extra: { dashboard: { port: 0 } } });
+  c = agentClient(t.target, t.token);
 });
 after(async () => {
   c?.close();
@@ -34,7 +36,7 @@ function open(url: string, headers: Record<string, string> = {}): Promise<{ ws: 
         messages,
         next: (type, pred = () => true) =>
           new Promise((res, rej) => {
-            const timer = setTimeout(() => rej(new Error(`no ${type} message`)), 3000);
+            const timer = setTimeout(() => rej(new Error(`no ${type} message within ${GENEROUS_MS} ms`)), GENEROUS_MS);
             const check = () => {
               const m = messages.find((x) => x.type === type && pred(x));
               if (m) {

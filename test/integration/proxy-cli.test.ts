@@ -9,11 +9,13 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { ACCESS_KEY_ID_RE, SECRET_ACCESS_KEY_RE } from "../proxy/config.ts";
-import { CREDS, PREFIX, startFakeAgent, until, writeProxyConfig, type FakeAgent } from "./helpers/proxy-fixtures.ts";
-import { send, signedPost } from "./helpers/sigv4.ts";
+import { ACCESS_KEY_ID_RE, SECRET_ACCESS_KEY_RE } from "../../proxy/config.ts";
+import { CREDS, PREFIX, testKeyStores, writeProxyConfig } from "../../testbed/configs.ts";
+import { type FakeAgent, startFakeAgent } from "../../testbed/fake-agent.ts";
+import { GENEROUS_MS, until } from "../../testbed/wait.ts";
+import { send, signedPost } from "../../testbed/xks/client.ts";
 
-const ROOT = new URL("..", import.meta.url).pathname;
+const ROOT = new URL("../..", import.meta.url).pathname;
 const RUN = "import { main } from './proxy/cli.ts'; process.exitCode = await main(process.argv.slice(1));";
 
 function cli(args: string[]): ChildProcess {
@@ -59,7 +61,7 @@ describe("xks-proxy CLI", () => {
   });
 
   it("check validates a config file and lists every problem", async () => {
-    const good = writeProxyConfig(dir, { agents: [{ id: "a", target: agent.target, token: agent.token }] });
+    const good = writeProxyConfig(dir, { agents: [{ id: "a", target: agent.target, token: agent.token }], keyStores: testKeyStores() });
     const ok = await run(["check", "--config", good]);
     assert.equal(ok.code, 0, ok.stderr);
     const badFile = join(dir, "bad.json");
@@ -73,7 +75,7 @@ describe("xks-proxy CLI", () => {
   });
 
   it("serve: logs the config once without secrets, serves, reloads credentials on SIGHUP, stops cleanly on SIGTERM", async () => {
-    const file = writeProxyConfig(dir, { agents: [{ id: "a", target: agent.target, token: agent.token }] });
+    const file = writeProxyConfig(dir, { agents: [{ id: "a", target: agent.target, token: agent.token }], keyStores: testKeyStores() });
     const p = cli(["serve", "--config", file]);
     let stdout = "";
     let stderr = "";
@@ -81,7 +83,8 @@ describe("xks-proxy CLI", () => {
     p.stderr!.on("data", (c: Buffer) => (stderr += c.toString()));
     const exited = new Promise<number | null>((r) => p.on("close", (code) => r(code)));
     try {
-      assert.ok(await until(() => stdout.includes("xks-proxy listening"), 10_000), `started: ${stderr}`);
+      await until(() => stdout.includes("xks-proxy listening") || p.exitCode !== null, "the proxy to start");
+      assert.ok(stdout.includes("xks-proxy listening"), `started: ${stderr}`);
       const start = stdout.split("\n").filter(Boolean).map((l) => JSON.parse(l)).find((l) => l.msg === "xks-proxy listening");
       assert.deepEqual(start.config.keyStores[0], { uriPathPrefix: PREFIX, accessKeyIds: [CREDS.a.accessKeyId, CREDS.b.accessKeyId], keys: ["foo"] });
       for (const s of [CREDS.a.secretAccessKey, CREDS.b.secretAccessKey, agent.token]) assert.ok(!stdout.includes(s), "no secret in the start-up log");
@@ -97,19 +100,19 @@ describe("xks-proxy CLI", () => {
       cfg.keyStores[0].credentials = [cfg.keyStores[0].credentials[1], { accessKeyId: fresh.accessKeyId, secretAccessKey: { file: "fresh.secret" } }];
       writeFileSync(file, JSON.stringify(cfg));
       p.kill("SIGHUP");
-      assert.ok(await until(() => stdout.includes("key stores reloaded"), 5000));
+      await until(() => stdout.includes("key stores reloaded"), "the reload");
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, fresh)).status, 200);
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, CREDS.b)).status, 200);
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, CREDS.a)).status, 401);
       // An invalid file on SIGHUP keeps the running config.
       writeFileSync(file, "{broken");
       p.kill("SIGHUP");
-      assert.ok(await until(() => stdout.includes("reload rejected"), 5000));
+      await until(() => stdout.includes("reload rejected"), "the refused reload");
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, fresh)).status, 200);
       assert.ok(!stdout.includes(fresh.secretAccessKey));
 
       p.kill("SIGTERM");
-      const code = await Promise.race([exited, new Promise<"timeout">((r) => setTimeout(() => r("timeout"), 5000).unref())]);
+      const code = await Promise.race([exited, new Promise<"timeout">((r) => setTimeout(() => r("timeout"), GENEROUS_MS).unref())]);
       assert.equal(code, 0, stderr);
       assert.ok(stdout.includes('"msg":"stopped"'));
     } finally {

@@ -1,7 +1,7 @@
 /**
  * The proxy over a REAL port (127.0.0.1:0), requests signed by an independent
  * signer (@smithy/signature-v4) and by real `curl --aws-sigv4`, talking gRPC
- * to fake agents (real grpc-js servers; see helpers/proxy-fixtures.ts) so that
+ * to fake agents (real grpc-js servers; see testbed/fake-agent.ts) so that
  * every agent failure reason can be provoked. The real agent on SoftHSM is
  * exercised in proxy-agent.test.ts.
  */
@@ -13,31 +13,29 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { gzipSync } from "node:zlib";
 import { after, before, describe, it } from "node:test";
-import { XKS_ERRORS, type XksErrorName } from "../shared/errors.ts";
-import { CREDS, OTHER_PREFIX, PREFIX, md, startFakeAgent, startProxy, until, type FakeAgent, type ProxyFixture } from "./helpers/proxy-fixtures.ts";
-import { curlPost, send, signedPost, type Resp } from "./helpers/sigv4.ts";
+import { XKS_ERRORS, type XksErrorName } from "../../shared/errors.ts";
+import { CREDS, OTHER_PREFIX, PREFIX } from "../../testbed/configs.ts";
+import { type FakeAgent, startFakeAgent } from "../../testbed/fake-agent.ts";
+import { type ProxyFixture, startProxy } from "../../testbed/in-process.ts";
+import { until } from "../../testbed/wait.ts";
+import { b64, encryptBody, healthBody } from "../../testbed/xks/bodies.ts";
+import { curlPost, type Resp, send, signedPost } from "../../testbed/xks/client.ts";
+import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
+import { assertSpecError } from "../../testbed/xks/oracle.ts";
 
 const REASON_KEYS = [
   "reason-KEY_NOT_FOUND", "reason-INVALID_KEY_USAGE", "reason-INVALID_CIPHERTEXT", "reason-INVALID_STATE", "reason-ACCESS_DENIED",
   "reason-THROTTLING", "reason-INTERNAL", "reason-VALIDATION", "reason-HSM_UNAVAILABLE",
 ];
-const KEYS = ["foo", "slow", "status-internal", "bad-answer", ...REASON_KEYS];
+const KEYS = ["foo", "never", "status-internal", "bad-answer", ...REASON_KEYS];
 const API = `${PREFIX}/kms/xks/v1`;
-const b64 = (s: string | Buffer) => Buffer.from(s).toString("base64");
 
 function expectError(r: Resp, name: XksErrorName, label = ""): void {
-  assert.equal(r.status, XKS_ERRORS[name].status, `${label} status: ${r.text}`);
-  assert.equal(r.text, JSON.stringify({ errorName: name, errorMessage: XKS_ERRORS[name].message }), `${label} body`);
+  assertSpecError(r, name, label);
   if (Object.keys(r.headers).length) assert.match(String(r.headers["content-type"]), /^application\/json/);
 }
 
-const encBody = (plaintext: string | Buffer = "hello world", extra: Record<string, unknown> = {}) => ({
-  requestMetadata: md("Encrypt"),
-  plaintext: b64(plaintext),
-  encryptionAlgorithm: "AES_GCM",
-  ...extra,
-});
-const healthBody = () => ({ requestMetadata: { kmsRequestId: "9b1d1a4c-0000-4000-8000-000000000001", kmsOperation: "KmsHealthCheck" } });
+const encBody = (plaintext: string | Buffer = "hello world", over: Record<string, unknown> = {}) => encryptBody(plaintext, { over });
 
 describe("proxy over a real port (fake agent)", () => {
   let agent: FakeAgent;
@@ -48,7 +46,7 @@ describe("proxy over a real port (fake agent)", () => {
     dir = mkdtempSync(join(tmpdir(), "xks-proxy-http-"));
     agent = await startFakeAgent({ dir });
     fx = await startProxy({ agents: [{ id: "mac-1", target: agent.target, token: agent.token }], keys: KEYS });
-    assert.ok(await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE"), "agent healthy");
+    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the agent to be healthy");
   });
   after(async () => {
     await fx.close();
@@ -121,7 +119,7 @@ describe("proxy over a real port (fake agent)", () => {
       ["InternalException", () => reasonCase("bad-answer")],
       ["UnsupportedOperationException", () => signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(Buffer.alloc(8193)), CREDS.a)],
       ["DependencyTimeoutException", () => reasonCase("reason-HSM_UNAVAILABLE")],
-      ["DependencyTimeoutException", () => reasonCase("slow")],
+      ["DependencyTimeoutException", () => reasonCase("never")], // the agent never answers: the deadline is certain to pass
     ];
     for (const [name, run] of cases) expectError(await run(), name, name);
     const named = new Set(cases.map((c) => c[0]));
@@ -304,7 +302,7 @@ describe("proxy over a real port (fake agent)", () => {
     const e = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(marker, { additionalAuthenticatedData: b64(aadMarker) }), CREDS.a);
     await signedPost(fx.url, `${API}/keys/reason-INTERNAL/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a);
     await signedPost(fx.url, `${API}/keys/reason-INVALID_STATE/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a);
-    await until(() => fx.logs.requests().length >= before + 3);
+    await until(() => fx.logs.requests().length >= before + 3, "three completion lines");
     const lines = fx.logs.requests().slice(before);
     const [ok, five, four] = lines;
     assert.equal(ok.level, 30);
@@ -352,30 +350,22 @@ describe("proxy with unreachable / misconfigured agents", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  it("crypto calls fail fast with 503 DependencyTimeoutException", async () => {
-    for (let i = 0; i < 4; i++) {
-      const r = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(), CREDS.a);
-      expectError(r, "DependencyTimeoutException");
-      assert.ok(r.ms < 1000, `answered in ${r.ms} ms`);
-    }
+  it("crypto calls get 503 DependencyTimeoutException, every time", async () => {
+    for (let i = 0; i < 4; i++) expectError(await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(), CREDS.a), "DependencyTimeoutException");
   });
 
-  it("health answers at once, every entry UNAVAILABLE", async () => {
+  it("health answers from the cache, every entry UNAVAILABLE", async () => {
     const r = await curlPost(fx.url, `${API}/health`, JSON.stringify(healthBody()), CREDS.a);
     assert.equal(r.status, 200);
-    assert.ok(r.ms < 1000);
     assert.deepEqual(r.json.ekmFleetDetails, [
       { id: "gone-unix", model: "unknown", healthStatus: "UNAVAILABLE" },
       { id: "gone-tcp", model: "unknown", healthStatus: "UNAVAILABLE" },
     ]);
-    const t0 = performance.now();
-    await signedPost(fx.url, `${API}/health`, healthBody(), CREDS.a);
-    assert.ok(performance.now() - t0 < 250, "health well inside KMS's 250 ms");
   });
 
   it("an agent that refuses the proxy's token → 500 InternalException (misconfiguration), health UNAVAILABLE", async () => {
     expectError(await signedPost(wrongToken.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a), "InternalException");
-    assert.ok(await until(() => wrongToken.proxy.agents.healthSnapshot()[0].checkedAt !== undefined));
+    await until(() => wrongToken.proxy.agents.healthSnapshot()[0].checkedAt !== undefined, "a health check");
     assert.equal(wrongToken.proxy.agents.healthSnapshot()[0].state, "UNAVAILABLE");
     assert.equal(agent.calls.GetKeyMetadata, undefined, "the agent ran nothing");
   });
@@ -396,7 +386,7 @@ describe("several agents: routing to healthy ones, health per agent", () => {
         { id: "mac-2", target: a2.target, token: a2.token },
       ],
     });
-    assert.ok(await until(() => fx.proxy.agents.healthSnapshot().every((h) => h.state === "ACTIVE")));
+    await until(() => fx.proxy.agents.healthSnapshot().every((h) => h.state === "ACTIVE"), "both agents ACTIVE");
   });
   after(async () => {
     await fx.close();
@@ -411,7 +401,7 @@ describe("several agents: routing to healthy ones, health per agent", () => {
     assert.equal(a2.calls.GetKeyMetadata, 3);
     a2.health.state = "UNAVAILABLE";
     a1.health.state = "DEGRADED";
-    assert.ok(await until(() => fx.proxy.agents.healthSnapshot()[1].state === "UNAVAILABLE"));
+    await until(() => fx.proxy.agents.healthSnapshot()[1].state === "UNAVAILABLE", "agent two UNAVAILABLE");
     const h = await signedPost(fx.url, `${API}/health`, healthBody(), CREDS.a);
     assert.deepEqual(h.json.ekmFleetDetails.map((e: { id: string; healthStatus: string }) => [e.id, e.healthStatus]), [["fake-one", "DEGRADED"], ["fake-two", "UNAVAILABLE"]]);
     for (let i = 0; i < 4; i++) assert.equal((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status, 200);
@@ -422,12 +412,12 @@ describe("several agents: routing to healthy ones, health per agent", () => {
   it("a stopped agent costs at most one 503, then traffic goes to the other", async () => {
     a2.health.state = "ACTIVE";
     a1.health.state = "ACTIVE";
-    assert.ok(await until(() => fx.proxy.agents.healthSnapshot().every((h) => h.state === "ACTIVE")));
+    await until(() => fx.proxy.agents.healthSnapshot().every((h) => h.state === "ACTIVE"), "both agents ACTIVE");
     await a2.stop();
     const statuses: number[] = [];
     for (let i = 0; i < 8; i++) statuses.push((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status);
     assert.ok(statuses.filter((s) => s === 503).length <= 1, `statuses ${statuses}`);
-    assert.ok(await until(() => fx.proxy.agents.healthSnapshot()[1].state === "UNAVAILABLE", 2000));
+    await until(() => fx.proxy.agents.healthSnapshot()[1].state === "UNAVAILABLE", "the stopped agent UNAVAILABLE");
   });
 });
 

@@ -5,11 +5,11 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
-import { CKR, classifyCkr } from "../agent/hsm/ckr.ts";
-import { hsmAad, integrityValue } from "../agent/xks-crypto.ts";
-import { parseAgentConfig } from "../agent/config.ts";
-import { ConfigError } from "../shared/config.ts";
-import { REASONS, XKS_ERRORS } from "../shared/errors.ts";
+import { CKR, classifyCkr } from "../../agent/hsm/ckr.ts";
+import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
+import { parseAgentConfig } from "../../agent/config.ts";
+import { ConfigError } from "../../shared/config.ts";
+import { REASONS, XKS_ERRORS } from "../../shared/errors.ts";
 
 test("hsmAAD = u16be(len AAD) || AAD || u8(len CM) || CM", () => {
   assert.deepEqual(hsmAad(Buffer.from("ab"), Buffer.from("xyz")), Buffer.from([0, 2, 0x61, 0x62, 3, 0x78, 0x79, 0x7a]));
@@ -107,7 +107,7 @@ test("agent config: every problem reported at once, with file and field, never t
 });
 
 test("IVs are 12 fresh random bytes, distinct across pool refills", async () => {
-  const { freshIv } = await import("../agent/xks-crypto.ts");
+  const { freshIv } = await import("../../agent/xks-crypto.ts");
   const seen = new Set<string>();
   for (let i = 0; i < 3000; i++) {
     const iv = freshIv();

@@ -10,19 +10,21 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import * as grpc from "@grpc/grpc-js";
-import { ConfigError } from "../shared/config.ts";
-import { REASONS, REASON_METADATA_KEY, XKS_ERRORS, XksError, type Reason } from "../shared/errors.ts";
-import { createLogger } from "../shared/logging.ts";
-import type { EncryptRequest } from "../shared/proto.ts";
-import { AgentPool, agentErrorToXks, type AgentApi, type AgentHealth, type AgentMethod } from "../proxy/agent-client.ts";
-import { buildApp } from "../proxy/app.ts";
-import { newCredential, base32 } from "../proxy/cli.ts";
-import { ACCESS_KEY_ID_RE, SECRET_ACCESS_KEY_RE, loadProxyConfig, parseProxyConfig, prefixProblem } from "../proxy/config.ts";
-import { buildHealthResponse } from "../proxy/handlers/get-health-status.ts";
-import { parseXksPath } from "../proxy/routes.ts";
-import { isCanonicalBase64, parseJsonBody, parseRequestMetadata, base64Field } from "../proxy/validate.ts";
-import { CREDS, LogCapture, PREFIX, md, startFakeAgent, until } from "./helpers/proxy-fixtures.ts";
-import { send, signedPost } from "./helpers/sigv4.ts";
+import { ConfigError } from "../../shared/config.ts";
+import { REASONS, REASON_METADATA_KEY, XKS_ERRORS, XksError, type Reason } from "../../shared/errors.ts";
+import { createLogger } from "../../shared/logging.ts";
+import type { EncryptRequest } from "../../shared/proto.ts";
+import { agentErrorToXks, type AgentApi, type AgentHealth, type AgentMethod } from "../../proxy/agent-client.ts";
+import { buildApp } from "../../proxy/app.ts";
+import { base32, newCredential } from "../../proxy/credentials.ts";
+import { ACCESS_KEY_ID_RE, SECRET_ACCESS_KEY_RE, loadProxyConfig, parseProxyConfig, prefixProblem } from "../../proxy/config.ts";
+import { buildHealthResponse } from "../../proxy/handlers/get-health-status.ts";
+import { parseXksPath } from "../../proxy/routes.ts";
+import { isCanonicalBase64, parseJsonBody, parseRequestMetadata, base64Field } from "../../proxy/validate.ts";
+import { CREDS, PREFIX } from "../../testbed/configs.ts";
+import { LogCapture } from "../../testbed/logs.ts";
+import { send, signedPost } from "../../testbed/xks/client.ts";
+import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
 
 describe("canonical standard Base64", () => {
   const good = ["", "AA==", "AAA=", "AAAA", "SGVsbG8gV29ybGQh", "a2V5X3ZlcnNpb249MQ==", "+/+/", "vBxN2ncH1oEkR8WVXpmyYQ=="];
@@ -260,45 +262,6 @@ describe("health response builder", () => {
   });
 });
 
-describe("agent pool health cache", () => {
-  it("UNAVAILABLE before the first answer; older than 60 s → UNAVAILABLE; a stale cache kicks a refresh", async () => {
-    const fa = await startFakeAgent({ name: "cache" });
-    let now = 1_000_000;
-    const pool = new AgentPool({
-      agents: [{ id: "x", target: fa.target, token: fa.token }],
-      deadlineMs: 200,
-      healthDeadlineMs: 500,
-      healthRefreshMs: 10_000,
-      log: createLogger({ level: "silent" }),
-      now: () => now,
-    });
-    try {
-      // No start(): the first snapshot itself must kick the refresh, and must not wait for it.
-      const t0 = performance.now();
-      assert.deepEqual(pool.healthSnapshot(), [{ id: "x", state: "UNAVAILABLE" }]);
-      assert.ok(performance.now() - t0 < 20);
-      assert.ok(await until(() => pool.healthSnapshot()[0].state === "ACTIVE"));
-      assert.equal(fa.calls.GetHealthStatus, 1);
-      now += 25_000; // stale (> 2 refresh periods) but < 60 s: still reported, and refreshed in the background
-      assert.equal(pool.healthSnapshot()[0].state, "ACTIVE");
-      assert.ok(await until(() => fa.calls.GetHealthStatus === 2));
-      await until(() => pool.healthSnapshot()[0].checkedAt === now);
-      now += 61_000; // older than a minute: never reported as ACTIVE
-      assert.equal(pool.healthSnapshot()[0].state, "UNAVAILABLE");
-      assert.ok(await until(() => pool.healthSnapshot()[0].state === "ACTIVE"), "fresh again after the kicked refresh");
-      fa.health.state = "DEGRADED";
-      await pool.refreshHealth();
-      assert.equal(pool.healthSnapshot()[0].state, "DEGRADED");
-      await fa.stop();
-      await pool.refreshHealth();
-      assert.equal(pool.healthSnapshot()[0].state, "UNAVAILABLE");
-    } finally {
-      pool.close();
-      await fa.stop();
-    }
-  });
-});
-
 describe("credentials new", () => {
   it("makes spec-valid credentials and the KMS proxy configuration file", () => {
     const c = newCredential("/example/uri/path/prefix");
@@ -437,7 +400,7 @@ describe("buildApp in-process with a stub agent", () => {
 });
 
 it("requestMetadata values longer than the spec's 2048-character ARNs are refused (never logged or audited)", async () => {
-  const { parseRequestMetadata, MAX_METADATA_CHARS } = await import("../proxy/validate.ts");
+  const { parseRequestMetadata, MAX_METADATA_CHARS } = await import("../../proxy/validate.ts");
   const ok = { requestMetadata: { awsPrincipalArn: "a".repeat(MAX_METADATA_CHARS), kmsOperation: "CreateKey", kmsRequestId: "r" } };
   assert.equal(parseRequestMetadata(ok, "GetKeyMetadata").awsPrincipalArn.length, 2048);
   for (const f of ["awsPrincipalArn", "kmsRequestId", "kmsOperation", "kmsViaService"]) {

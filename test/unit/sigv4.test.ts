@@ -1,19 +1,20 @@
 /**
  * Unit tests of proxy/sigv4.ts against an independent signer
  * (@smithy/signature-v4, applyChecksum:false) and the AWS SigV4 test suite's
- * get-vanilla vector. Port-level and curl interop are in proxy-http.test.ts.
+ * get-vanilla vector. Port-level and curl interop are in test/integration/proxy-http.test.ts.
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { describe, it } from "node:test";
-import { XksError } from "../shared/errors.ts";
-import { canonicalQuery, verifySigV4, type SignedRequest } from "../proxy/sigv4.ts";
-import { smithySign, type Creds } from "./helpers/sigv4.ts";
+import { XksError } from "../../shared/errors.ts";
+import { canonicalQuery, verifySigV4, type SignedRequest } from "../../proxy/sigv4.ts";
+import { CREDS } from "../../testbed/configs.ts";
+import { type Creds, smithySign } from "../../testbed/xks/sign.ts";
 
 const BASE = "http://127.0.0.1:8443";
 const PATH = "/example/uri/path/prefix/kms/xks/v1/keys/foo/encrypt";
-const A: Creds = { accessKeyId: "AAAAAAAAAAAAAAAAAAAAAAAAAA", secretAccessKey: "c2VjcmV0LWEtc2VjcmV0LWEtc2VjcmV0LWEtc2VjcmV0LWE=" };
-const B: Creds = { accessKeyId: "BBBBBBBBBBBBBBBBBBBBBBBB22", secretAccessKey: "c2VjcmV0LWItc2VjcmV0LWItc2VjcmV0LWItc2VjcmV0LWI=" };
+const A: Creds = CREDS.a;
+const B: Creds = CREDS.b;
 const BODY = JSON.stringify({ requestMetadata: { kmsRequestId: "1", kmsOperation: "Encrypt" }, plaintext: "AAAA" });
 const NOW = Date.UTC(2024, 4, 15, 12, 0, 0);
 

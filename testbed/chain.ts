@@ -1,0 +1,186 @@
+/**
+ * The whole chain on one machine, from nothing, each part a real process: a
+ * fresh SoftHSM token with a key set, a real OpenSSH sshd on a free port
+ * (standing in for EC2), the proxy (bin/xks-proxy.js) and the agent
+ * (bin/xks-agent.js) whose ssh2 tunnel reaches the proxy through that sshd.
+ * The demo, the end-to-end tests and the bench all start it here; the bench's
+ * WAN variant only sets options (where sshd also listens, where the agent's
+ * tunnel dials, how the agent is started).
+ *
+ * Needs `npm run build` first: the bins run dist/.
+ */
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { newCredential } from "../proxy/credentials.ts";
+import { PACKAGE_ROOT } from "../shared/paths.ts";
+import { secretFile, writeAgentConfig, writeProxyConfig } from "./configs.ts";
+import { createKeySet, createSoftHsmToken, DEMO_KEYS, type KeySet, kmsKeys, type SoftHsmToken } from "./hsm.ts";
+import { freePort } from "./ports.ts";
+import { Daemon } from "./procs.ts";
+import { startSshd, type Sshd } from "./sshd.ts";
+import { GENEROUS_MS, until } from "./wait.ts";
+import { healthBody } from "./xks/bodies.ts";
+import { XksClient, type XksEndpoint } from "./xks/client.ts";
+
+export const CHAIN_PREFIX = "/xks-demo";
+export const CHAIN_REGION = "us-east-1";
+
+export interface ChainOptions {
+  /** Folder for everything (wiped first). */
+  dir: string;
+  /** Key labels (default: the demo's). */
+  keys?: KeySet;
+  /** Remote forward kind: an OpenSSH Unix socket (default) or a loopback TCP port. */
+  tunnel?: "socket" | "tcp";
+  /** The proxy's port (default: a free one). */
+  proxyPort?: number;
+  /** Proxy and agent log level (default info). */
+  logLevel?: string;
+  /** Extra proxy config fields (merged at the top level). */
+  proxyExtra?: Record<string, unknown>;
+  /**
+   * The agent on the far side of a network link: sshd also listens on
+   * `sshdHost` (same port), the agent's tunnel dials that address, and the
+   * agent's command is wrapped by `agentWrap` (e.g. `ip netns exec <ns>`).
+   */
+  remoteAgent?: { sshdHost: string; agentWrap: (argv: string[]) => string[] };
+}
+
+export interface Chain extends XksEndpoint {
+  dir: string;
+  keys: KeySet;
+  softhsm: SoftHsmToken;
+  sshd: Sshd;
+  agent: Daemon;
+  proxy: Daemon;
+  agentToken: string;
+  agentConfigFile: string;
+  proxyConfigFile: string;
+  /** The agent's own gRPC socket on the owner's machine. */
+  agentSocket: string;
+  /** The forwarded socket sshd makes on "EC2" (the proxy's agent target), in socket mode. */
+  remoteSocket: string;
+  /** Signs like KMS and sends, with keep-alive connections. */
+  client: XksClient;
+  /** Resolves once health reports the agent ACTIVE. */
+  waitActive(capMs?: number): Promise<void>;
+  stop(): Promise<void>;
+}
+
+const BIN_AGENT = join(PACKAGE_ROOT, "bin/xks-agent.js");
+const BIN_PROXY = join(PACKAGE_ROOT, "bin/xks-proxy.js");
+
+/** The pid files a chain in `dir` leaves (for stopping what an interrupted run left behind). */
+export const chainPidFiles = (dir: string) => [join(dir, "pids"), join(dir, "ssh", "sshd.pid")];
+
+export async function startChain(o: ChainOptions): Promise<Chain> {
+  if (!existsSync(join(PACKAGE_ROOT, "dist/agent/cli.js"))) throw new Error("dist/ is missing: run `npm run build` first");
+  rmSync(o.dir, { recursive: true, force: true });
+  for (const d of ["agent", "proxy", "logs", "ec2"]) mkdirSync(join(o.dir, d), { recursive: true, mode: 0o700 });
+  const keys = o.keys ?? DEMO_KEYS;
+  const logLevel = o.logLevel ?? "info";
+
+  // The owner's HSM: a fresh token and the keys.
+  const softhsm = createSoftHsmToken({ dir: join(o.dir, "hsm"), tokenLabel: "xks-demo" });
+  createKeySet(softhsm, keys);
+
+  // "EC2": a real OpenSSH sshd; the agent's remote forward lands in o.dir/ec2.
+  const tcpPort = o.tunnel === "tcp" ? await freePort() : 0;
+  const sshd = await startSshd({
+    dir: join(o.dir, "ssh"),
+    listenHosts: o.remoteAgent ? [o.remoteAgent.sshdHost] : [],
+    permitListen: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : undefined,
+  });
+  const remoteSocket = join(o.dir, "ec2", "agent.sock");
+  const agentToken = randomBytes(32).toString("base64url");
+  const cred = newCredential(CHAIN_PREFIX);
+  const proxyPort = o.proxyPort ?? (await freePort());
+
+  // The owner's machine.
+  const a = join(o.dir, "agent");
+  const agentConfigFile = writeAgentConfig(a, {
+    token: softhsm,
+    proxyToken: agentToken,
+    agentId: "owner-machine",
+    healthKey: keys.health,
+    extra: {
+      dashboard: { port: 0 },
+      tunnels: [
+        {
+          name: "local-sshd",
+          host: o.remoteAgent?.sshdHost ?? "127.0.0.1",
+          port: sshd.port,
+          username: sshd.user,
+          privateKey: secretFile(a, "id_ed25519", sshd.clientPrivateKey),
+          hostKeyFingerprint: sshd.hostKeyFingerprint,
+          ...(o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket }),
+        },
+      ],
+      log: { level: logLevel },
+    },
+  });
+
+  // "EC2": the proxy.
+  const proxyConfigFile = writeProxyConfig(join(o.dir, "proxy"), {
+    port: proxyPort,
+    region: CHAIN_REGION,
+    agents: [{ id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken }],
+    keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys) }],
+    extra: { healthRefreshMs: 1000, log: { level: logLevel }, ...o.proxyExtra },
+  });
+
+  const env = { ...process.env, ...softhsm.env };
+  const proxy = new Daemon("proxy", [BIN_PROXY, "serve", "--config", proxyConfigFile], env, join(o.dir, "logs", "proxy.log"));
+  const agent = new Daemon("agent", [BIN_AGENT, "run", "--config", agentConfigFile], env, join(o.dir, "logs", "agent.log"), o.remoteAgent?.agentWrap);
+  proxy.start();
+  agent.start();
+  writeFileSync(join(o.dir, "pids"), `${proxy.pid}\n${agent.pid}\n`);
+
+  const endpoint: XksEndpoint = {
+    url: `http://127.0.0.1:${proxyPort}`,
+    uriPath: `${CHAIN_PREFIX}/kms/xks/v1`,
+    region: CHAIN_REGION,
+    accessKeyId: cred.accessKeyId,
+    secretAccessKey: cred.secretAccessKey,
+  };
+  const client = new XksClient(endpoint);
+  const chain: Chain = {
+    ...endpoint,
+    dir: o.dir,
+    keys,
+    softhsm,
+    sshd,
+    agent,
+    proxy,
+    agentToken,
+    agentConfigFile,
+    proxyConfigFile,
+    agentSocket: join(a, "run", "agent.sock"),
+    remoteSocket,
+    client,
+    waitActive: async (capMs = GENEROUS_MS) => {
+      let last = "";
+      try {
+        await until(
+          async () => {
+            const r = await client.post("health", healthBody()).catch((err: Error) => ({ status: 0, text: err.message, json: undefined }));
+            last = r.text;
+            return r.status === 200 && r.json?.ekmFleetDetails?.[0]?.healthStatus === "ACTIVE";
+          },
+          "the chain to report the agent ACTIVE",
+          capMs,
+          100,
+        );
+      } catch (err) {
+        throw new Error(`${(err as Error).message} (last answer: ${last})\nagent log:\n${agent.logs().slice(-3000)}\nproxy log:\n${proxy.logs().slice(-3000)}`);
+      }
+    },
+    stop: async () => {
+      client.close();
+      await Promise.all([agent.stop(), proxy.stop()]);
+      await sshd.stop();
+    },
+  };
+  return chain;
+}

@@ -1,0 +1,48 @@
+/**
+ * A gRPC client of the agent for tests and the bench: promisified calls with
+ * the proxy's token (or another, or none), the failure reason read from the
+ * `xks-reason` trailer.
+ */
+import * as grpc from "@grpc/grpc-js";
+import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY } from "../shared/errors.ts";
+import { XksAgentClient } from "../shared/proto.ts";
+import { GENEROUS_MS } from "./wait.ts";
+
+export interface CallError {
+  code: grpc.status;
+  reason: string | undefined;
+  details: string;
+}
+
+export interface CallOptions {
+  /** The token to present: default the client's, `null` for none. */
+  token?: string | null;
+  deadlineMs?: number;
+}
+
+export type AgentMethodName = "GetHealthStatus" | "GetKeyMetadata" | "Encrypt" | "Decrypt";
+
+export interface AgentTestClient {
+  call(method: AgentMethodName, req: Record<string, unknown>, opts?: CallOptions): Promise<any>;
+  client: grpc.Client;
+  close(): void;
+}
+
+/** A client of the agent at `target` (e.g. `unix:///path/agent.sock`) presenting `token`. Rejections are {@link CallError}s. */
+export function agentClient(target: string, token: string): AgentTestClient {
+  const client = new XksAgentClient(target, grpc.credentials.createInsecure());
+  const call: AgentTestClient["call"] = (method, req, opts = {}) =>
+    new Promise((resolve, reject) => {
+      const md = new grpc.Metadata();
+      const tok = opts.token === undefined ? token : opts.token;
+      if (tok !== null) md.set(AGENT_TOKEN_METADATA_KEY, tok);
+      const fn = (client as unknown as Record<string, Function>)[method].bind(client);
+      fn(req, md, { deadline: Date.now() + (opts.deadlineMs ?? GENEROUS_MS) }, (err: grpc.ServiceError | null, res: unknown) => {
+        if (err) {
+          const reason = err.metadata?.get(REASON_METADATA_KEY)[0];
+          reject({ code: err.code, reason: typeof reason === "string" ? reason : undefined, details: err.details } satisfies CallError);
+        } else resolve(res);
+      });
+    });
+  return { call, client, close: () => client.close() };
+}

@@ -1,0 +1,115 @@
+/**
+ * A real SoftHSM v2 token in a folder of its own, and the named key sets the
+ * tests, the demo and the bench put on it. Sets SOFTHSM2_CONF in this
+ * process's environment (pkcs11js reads it at C_Initialize) and returns it for
+ * child processes too.
+ */
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Hsm } from "../agent/hsm/hsm.ts";
+import { createKey, type KeyUsage } from "../agent/keys.ts";
+import { createLogger } from "../shared/logging.ts";
+
+export const SOFTHSM_MODULE_CANDIDATES = [
+  "/usr/lib/softhsm/libsofthsm2.so",
+  "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+  "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+  "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+  "/usr/local/lib/softhsm/libsofthsm2.so",
+];
+
+export function findSoftHsmModule(): string {
+  const found = SOFTHSM_MODULE_CANDIDATES.find((p) => existsSync(p));
+  if (!found) throw new Error(`SoftHSM v2 not found (looked in ${SOFTHSM_MODULE_CANDIDATES.join(", ")}); install softhsm2`);
+  return found;
+}
+
+export interface SoftHsmToken {
+  dir: string;
+  conf: string;
+  module: string;
+  tokenLabel: string;
+  pin: string;
+  soPin: string;
+  env: Record<string, string>;
+}
+
+export function createSoftHsmToken(opts: { dir?: string; tokenLabel?: string; pin?: string } = {}): SoftHsmToken {
+  const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "xks-softhsm-"));
+  const tokens = join(dir, "tokens");
+  mkdirSync(tokens, { recursive: true, mode: 0o700 });
+  const conf = join(dir, "softhsm2.conf");
+  writeFileSync(
+    conf,
+    [
+      `directories.tokendir = ${tokens}`,
+      "objectstore.backend = file",
+      "log.level = ERROR",
+      "slots.removable = false",
+      "slots.mechanisms = ALL",
+      "library.reset_on_fork = false",
+      "",
+    ].join("\n"),
+  );
+  const tokenLabel = opts.tokenLabel ?? "xks-test";
+  const pin = opts.pin ?? "1234-test-pin";
+  const soPin = "5678-so-pin";
+  const env = { SOFTHSM2_CONF: conf };
+  execFileSync("softhsm2-util", ["--init-token", "--free", "--label", tokenLabel, "--so-pin", soPin, "--pin", pin], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  process.env.SOFTHSM2_CONF = conf;
+  return { dir, conf, module: findSoftHsmModule(), tokenLabel, pin, soPin, env };
+}
+
+/** The roles a key set fills: one key per usage case, and the agent's health key. */
+export interface KeySet {
+  default: string;
+  encryptOnly: string;
+  decryptOnly: string;
+  noUsage: string;
+  health: string;
+}
+
+export const KEY_USAGE: Record<keyof KeySet, KeyUsage[]> = {
+  default: ["encrypt", "decrypt"],
+  encryptOnly: ["encrypt"],
+  decryptOnly: ["decrypt"],
+  noUsage: [],
+  health: ["encrypt", "decrypt"],
+};
+
+/** Labels for the tests. */
+export const TEST_KEYS: KeySet = { default: "foo", encryptOnly: "enc-only", decryptOnly: "dec-only", noUsage: "no-usage", health: "xks-health" };
+
+/** Labels for the demo and the bench (what a person reads in their output). */
+export const DEMO_KEYS: KeySet = {
+  default: "demo-key",
+  encryptOnly: "demo-encrypt-only",
+  decryptOnly: "demo-decrypt-only",
+  noUsage: "demo-no-usage",
+  health: "xks-health",
+};
+
+/** The keys a KMS key store may use: every key of the set but the health key. */
+export function kmsKeys(keys: KeySet): string[] {
+  return [keys.default, keys.encryptOnly, keys.decryptOnly, keys.noUsage];
+}
+
+/**
+ * Creates every key of `keys` on the token with the agent's own key creation
+ * (AES-256, sensitive, never extractable, usage per role), through an Hsm
+ * that is closed again afterwards.
+ */
+export function createKeySet(token: SoftHsmToken, keys: KeySet): void {
+  const hsm = new Hsm({ module: token.module, tokenLabel: token.tokenLabel, pin: token.pin }, createLogger({ level: "silent" }));
+  try {
+    hsm.open();
+    for (const role of Object.keys(KEY_USAGE) as Array<keyof KeySet>) createKey(hsm, keys[role], KEY_USAGE[role]);
+  } finally {
+    hsm.close();
+  }
+}

@@ -1,0 +1,209 @@
+/**
+ * The HTTP client that talks to the proxy like KMS: every request signed by
+ * an independent signer (smithy or real curl), connections kept alive as
+ * behind KMS's load balancer when asked, and a retry of the spec's "busy"
+ * answers where a caller needs success.
+ */
+import { spawn } from "node:child_process";
+import { Agent, request as httpRequest } from "node:http";
+import { GENEROUS_MS, sleep } from "../wait.ts";
+import { smithySign, type Creds, type PlainRequest, type SignOptions } from "./sign.ts";
+
+export interface Resp {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  text: string;
+  json: any;
+  /** From the first byte sent to the last byte received. */
+  ms: number;
+}
+
+function parse(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+export interface SendOptions {
+  /** A keep-alive agent to reuse connections; default: a new connection per request. */
+  agent?: Agent | false;
+  /** Give up (reject) after this long without a complete answer: a hang, not a slow answer. */
+  timeoutMs?: number;
+}
+
+/** Sends exactly the given headers and body (no signing). Rejects on a network error or after `timeoutMs`. */
+export function send(baseUrl: string, req: PlainRequest, o: SendOptions = {}): Promise<Resp> {
+  const u = new URL(baseUrl);
+  const t0 = performance.now();
+  const timeoutMs = o.timeoutMs ?? GENEROUS_MS;
+  return new Promise((resolve, reject) => {
+    const r = httpRequest(
+      { host: u.hostname, port: Number(u.port), method: req.method ?? "POST", path: req.path, headers: req.headers ?? {}, agent: o.agent ?? false },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("error", reject);
+        res.on("end", () => {
+          clearTimeout(timer);
+          const text = Buffer.concat(chunks).toString("utf8");
+          resolve({ status: res.statusCode ?? 0, headers: res.headers, text, json: parse(text), ms: performance.now() - t0 });
+        });
+      },
+    );
+    const timer = setTimeout(() => r.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    r.on("error", (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    if (req.body !== undefined) r.write(req.body);
+    r.end();
+  });
+}
+
+export interface PostOptions extends SendOptions {
+  /** Headers added before signing (default content-type: application/json). */
+  headers?: Record<string, string>;
+  /** Change headers/body after signing (tampering tests). */
+  after?: (h: Record<string, string>, body: string | Buffer) => { headers: Record<string, string>; body: string | Buffer };
+  method?: string;
+  sign?: Partial<SignOptions>;
+}
+
+/** Signs now (smithy); the returned function sends, so a burst can be signed first and sent at once. */
+export async function presignPost(baseUrl: string, path: string, body: unknown, creds: Creds, o: PostOptions = {}): Promise<() => Promise<Resp>> {
+  const raw = typeof body === "string" || Buffer.isBuffer(body) ? body : JSON.stringify(body);
+  const headers = { "content-type": "application/json", ...(o.headers ?? {}) };
+  const method = o.method ?? "POST";
+  let h = await smithySign(baseUrl, { method, path, headers, body: raw }, { ...creds, ...o.sign });
+  let b: string | Buffer = raw;
+  if (o.after) ({ headers: h, body: b } = o.after(h, raw));
+  return () => send(baseUrl, { method, path, headers: { ...h, "content-length": String(Buffer.byteLength(b)) }, body: b }, o);
+}
+
+/** Signs with smithy and sends. `body` objects are JSON.stringify'd. */
+export async function signedPost(baseUrl: string, path: string, body: unknown, creds: Creds, o: PostOptions = {}): Promise<Resp> {
+  return (await presignPost(baseUrl, path, body, creds, o))();
+}
+
+/**
+ * POSTs with the real curl and its own SigV4 implementation (signs
+ * `content-type;host;x-amz-date`). The secret goes on curl's command line:
+ * test credentials only.
+ */
+export function curlPost(
+  baseUrl: string,
+  path: string,
+  body: string,
+  creds: Creds,
+  o: { region?: string; contentType?: string | null; method?: string } = {},
+): Promise<Resp> {
+  const args = [
+    "--silent",
+    "--show-error",
+    "--noproxy",
+    "*",
+    "--max-time",
+    String(GENEROUS_MS / 1000),
+    "--aws-sigv4",
+    `aws:amz:${o.region ?? "us-east-1"}:kms-xks-proxy`,
+    "--user",
+    `${creds.accessKeyId}:${creds.secretAccessKey}`,
+    "--data-binary",
+    "@-",
+    "--write-out",
+    "\n%{http_code}",
+  ];
+  if (o.contentType !== null) args.push("-H", `Content-Type: ${o.contentType ?? "application/json"}`);
+  if (o.method) args.push("-X", o.method);
+  args.push(`${baseUrl}${path}`);
+  const t0 = performance.now();
+  return new Promise((resolve, reject) => {
+    const p = spawn("curl", args, { stdio: ["pipe", "pipe", "pipe"] });
+    let out = "";
+    let err = "";
+    p.stdout.on("data", (c: Buffer) => (out += c.toString("utf8")));
+    p.stderr.on("data", (c: Buffer) => (err += c.toString("utf8")));
+    p.on("error", reject);
+    p.on("close", (code) => {
+      if (code !== 0) {
+        reject(new Error(`curl exited ${code}: ${err}`));
+        return;
+      }
+      const nl = out.lastIndexOf("\n");
+      const text = out.slice(0, nl);
+      resolve({ status: Number(out.slice(nl + 1)), headers: {}, text, json: parse(text), ms: performance.now() - t0 });
+    });
+    p.stdin.end(body);
+  });
+}
+
+/** Where a KMS external key store reaches the proxy, and its credential. */
+export interface XksEndpoint {
+  url: string;
+  /** `[/<prefix>]/kms/xks/v1` */
+  uriPath: string;
+  region: string;
+  accessKeyId: string;
+  secretAccessKey: string;
+}
+
+/** The answers that mean "the chain is busy or its dependency did not answer in time; try again". */
+export const RETRYABLE_STATUSES = new Set([429, 503]);
+
+/**
+ * One key store's client, as KMS would be: SigV4 with the store's
+ * credential, keep-alive connections (as behind KMS's load balancer).
+ */
+export class XksClient {
+  readonly agent: Agent;
+  private readonly creds: Creds;
+
+  constructor(
+    readonly endpoint: XksEndpoint,
+    sockets = 256,
+  ) {
+    this.creds = { accessKeyId: endpoint.accessKeyId, secretAccessKey: endpoint.secretAccessKey };
+    this.agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxSockets: sockets });
+  }
+
+  private opts(o: PostOptions): PostOptions {
+    return { agent: this.agent, ...o, sign: { region: this.endpoint.region, ...o.sign } };
+  }
+
+  /** Signs (smithy) and POSTs to `<uriPath>/<rest>`. */
+  post(rest: string, body: unknown, o: PostOptions = {}): Promise<Resp> {
+    return signedPost(this.endpoint.url, `${this.endpoint.uriPath}/${rest}`, body, this.creds, this.opts(o));
+  }
+
+  /** Signs now, sends when the returned function is called. */
+  presign(rest: string, body: unknown, o: PostOptions = {}): Promise<() => Promise<Resp>> {
+    return presignPost(this.endpoint.url, `${this.endpoint.uriPath}/${rest}`, body, this.creds, this.opts(o));
+  }
+
+  /** POSTs with real curl and its own SigV4. */
+  curl(rest: string, body: unknown): Promise<Resp> {
+    return curlPost(this.endpoint.url, `${this.endpoint.uriPath}/${rest}`, typeof body === "string" ? body : JSON.stringify(body), this.creds, {
+      region: this.endpoint.region,
+    });
+  }
+
+  /**
+   * POSTs, and on the spec's busy answers (429 ThrottlingException, 503
+   * DependencyTimeoutException) tries again with jittered exponential backoff,
+   * re-signed each time, as KMS does: for a caller that needs the operation
+   * to succeed under load. Returns the last answer.
+   */
+  async postRetrying(rest: string, body: unknown, attempts = 10): Promise<Resp> {
+    for (let i = 1; ; i++) {
+      const r = await this.post(rest, body);
+      if (!RETRYABLE_STATUSES.has(r.status) || i >= attempts) return r;
+      await sleep(Math.min(2000, 50 * 2 ** i) * (0.5 + Math.random()));
+    }
+  }
+
+  close(): void {
+    this.agent.destroy();
+  }
+}
