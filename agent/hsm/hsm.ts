@@ -113,7 +113,8 @@ export class Hsm {
   }
 
   /**
-   * Runs `fn` on the session. A PKCS#11 failure is classified once (ckr.ts):
+   * Runs `fn` on the session. A PKCS#11 failure is classified once by
+   * classifyCkr (ckr.ts), as inside a decrypt when `opts.inDecrypt` is set:
    * caller errors keep the session, session errors drop it (and the key cache),
    * device errors re-initialize the module. After a session or device failure
    * the operation is tried once more on a fresh session, since a cached handle
@@ -153,13 +154,12 @@ export class Hsm {
         if (err instanceof AgentError) throw err;
         const code = ckrOf(err);
         if (code === undefined) throw new AgentError("INTERNAL", `${what}: ${(err as Error).message}`, { cause: err });
-        const rule = classifyCkr(code, opts.inDecrypt);
-        const scope = opts.inDecrypt && rule.decryptReason ? "caller" : rule.scope;
-        if (scope === "caller") throw new AgentError(rule.effectiveReason, `${what}: ${rule.name}`);
-        this.log.warn({ what, ckr: rule.name, scope, attempt }, "PKCS#11 failure; recovering");
+        const { name, scope, reason } = classifyCkr(code, opts.inDecrypt);
+        if (scope === "caller") throw new AgentError(reason, `${what}: ${name}`);
+        this.log.warn({ what, ckr: name, scope, attempt }, "PKCS#11 failure; recovering");
         if (scope === "device") this.reinitialize();
         else this.dropSession();
-        if (attempt >= 2) throw new AgentError(rule.effectiveReason, `${what}: ${rule.name}`);
+        if (attempt >= 2) throw new AgentError(reason, `${what}: ${name}`);
       }
     }
   }
