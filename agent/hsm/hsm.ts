@@ -42,8 +42,13 @@ export interface TokenInfo {
 }
 
 const CKR_USER_ALREADY_LOGGED_IN = 0x100;
-const OPEN_RETRY_MS = 100;
 const CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191;
+/**
+ * After an open that failed with a PKCS#11 error, calls fail fast with HSM_UNAVAILABLE for this long
+ * before the module is initialized again. (No token with the label is not such a failure: the next
+ * call lists the slots again, on the module as it is.)
+ */
+export const OPEN_RETRY_MS = 100;
 
 function flag(attr: pkcs11js.Attribute | undefined): boolean {
   const v = attr?.value;
@@ -60,6 +65,8 @@ function ulong(attr: pkcs11js.Attribute | undefined): number {
 export interface HsmDeps {
   /** Makes the port for one load of the module; pkcs11jsPort by default. */
   port?: () => Pkcs11Port;
+  /** The clock for the retry interval after a failed open, in ms; Date.now by default. */
+  now?: () => number;
 }
 
 export class Hsm {
@@ -69,11 +76,12 @@ export class Hsm {
   private slot: Handle | undefined;
   private readonly keys = new Map<string, KeyInfo>();
   private token: TokenInfo | undefined;
-  /** After a failed open, calls fail fast until this time instead of re-initializing the module per call. */
+  /** After an open that failed with a PKCS#11 error, calls fail fast until this time instead of re-initializing the module per call. */
   private retryOpenAt = 0;
   /** Counters for tests and diagnostics: sessionsOpened counts sessions opened and logged in. */
   readonly stats = { sessionsOpened: 0 };
   private readonly newPort: () => Pkcs11Port;
+  private readonly now: () => number;
 
   constructor(
     private readonly cfg: HsmConfig,
@@ -81,6 +89,7 @@ export class Hsm {
     deps: HsmDeps = {},
   ) {
     this.newPort = deps.port ?? pkcs11jsPort;
+    this.now = deps.now ?? Date.now;
   }
 
   /** Opens the module, the token and a logged-in session. Throws AgentError(HSM_UNAVAILABLE) on failure. */
@@ -248,7 +257,7 @@ export class Hsm {
 
   private ensureSession(): Handle {
     if (this.session !== undefined) return this.session;
-    if (Date.now() < this.retryOpenAt) throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
+    if (this.now() < this.retryOpenAt) throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
     try {
       if (!this.p11) {
         this.p11 = this.newPort();
@@ -297,7 +306,7 @@ export class Hsm {
       // A failed open may leave the module half-initialized: start from scratch next time,
       // but not before OPEN_RETRY_MS, so a dead HSM costs each call microseconds, not a C_Initialize.
       this.reinitialize();
-      this.retryOpenAt = Date.now() + OPEN_RETRY_MS;
+      this.retryOpenAt = this.now() + OPEN_RETRY_MS;
       throw new AgentError("HSM_UNAVAILABLE", `cannot open the HSM: ${detail}`, { cause: err });
     }
   }
