@@ -1,7 +1,8 @@
 /**
- * The agent's PKCS#11 session owner: loads the module with pkcs11js, finds the
- * token by label, logs in, keeps one session and a cache of key handles, and
- * recovers from failures according to agent/hsm/ckr.ts.
+ * The agent's PKCS#11 session owner: loads the module through a Pkcs11Port
+ * (agent/hsm/port.ts; pkcs11js unless told otherwise), finds the token by
+ * label, logs in, keeps one session and a cache of key handles, and recovers
+ * from failures according to agent/hsm/ckr.ts.
  *
  * Calls are synchronous on purpose. SoftHSM answers EncryptInit+Encrypt in
  * tens of microseconds, and pkcs11js's async variants have an open
@@ -13,6 +14,7 @@ import pkcs11js from "pkcs11js"; // NOT `import * as`: under ESM that loses ever
 import { AgentError } from "../../shared/errors.ts";
 import type { Logger } from "../../shared/logging.ts";
 import { classifyCkr } from "./ckr.ts";
+import { ckrOf, type Handle, type Pkcs11Port, pkcs11jsPort } from "./port.ts";
 
 export interface HsmConfig {
   /** Path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so */
@@ -25,7 +27,7 @@ export interface HsmConfig {
 
 export interface KeyInfo {
   label: string;
-  handle: pkcs11js.Handle;
+  handle: Handle;
   keyType: number;
   /** Key length in bytes (CKA_VALUE_LEN). */
   valueLen: number;
@@ -40,13 +42,13 @@ export interface TokenInfo {
 }
 
 const CKR_USER_ALREADY_LOGGED_IN = 0x100;
-const OPEN_RETRY_MS = 100;
 const CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191;
-
-function ckrOf(err: unknown): number | undefined {
-  if (err instanceof pkcs11js.Pkcs11Error) return err.code;
-  return undefined;
-}
+/**
+ * After an open that failed with a PKCS#11 error, calls fail fast with HSM_UNAVAILABLE for this long
+ * before the module is initialized again. (No token with the label is not such a failure: the next
+ * call lists the slots again, on the module as it is.)
+ */
+export const OPEN_RETRY_MS = 100;
 
 function flag(attr: pkcs11js.Attribute | undefined): boolean {
   const v = attr?.value;
@@ -60,22 +62,35 @@ function ulong(attr: pkcs11js.Attribute | undefined): number {
   return v.length >= 8 ? Number(v.readBigUInt64LE(0)) : v.readUInt32LE(0);
 }
 
+export interface HsmDeps {
+  /** Makes the port for one load of the module; pkcs11jsPort by default. */
+  port?: () => Pkcs11Port;
+  /** The clock for the retry interval after a failed open, in ms; Date.now by default. */
+  now?: () => number;
+}
+
 export class Hsm {
-  private p11: pkcs11js.PKCS11 | undefined;
+  private p11: Pkcs11Port | undefined;
   private initialized = false;
-  private session: pkcs11js.Handle | undefined;
-  private slot: pkcs11js.Handle | undefined;
+  private session: Handle | undefined;
+  private slot: Handle | undefined;
   private readonly keys = new Map<string, KeyInfo>();
   private token: TokenInfo | undefined;
-  /** After a failed open, calls fail fast until this time instead of re-initializing the module per call. */
+  /** After an open that failed with a PKCS#11 error, calls fail fast until this time instead of re-initializing the module per call. */
   private retryOpenAt = 0;
-  /** Counters for health and the dashboard. */
-  readonly stats = { reinitializations: 0, sessionsOpened: 0 };
+  /** Counters for tests and diagnostics: sessionsOpened counts sessions opened and logged in. */
+  readonly stats = { sessionsOpened: 0 };
+  private readonly newPort: () => Pkcs11Port;
+  private readonly now: () => number;
 
   constructor(
     private readonly cfg: HsmConfig,
     private readonly log: Logger,
-  ) {}
+    deps: HsmDeps = {},
+  ) {
+    this.newPort = deps.port ?? pkcs11jsPort;
+    this.now = deps.now ?? Date.now;
+  }
 
   /** Opens the module, the token and a logged-in session. Throws AgentError(HSM_UNAVAILABLE) on failure. */
   open(): void {
@@ -107,13 +122,14 @@ export class Hsm {
   }
 
   /**
-   * Runs `fn` on the session. A PKCS#11 failure is classified once (ckr.ts):
+   * Runs `fn` on the session. A PKCS#11 failure is classified once by
+   * classifyCkr (ckr.ts), as inside a decrypt when `opts.inDecrypt` is set:
    * caller errors keep the session, session errors drop it (and the key cache),
    * device errors re-initialize the module. After a session or device failure
    * the operation is tried once more on a fresh session, since a cached handle
    * or a session that went bad is not the caller's fault.
    */
-  run<T>(what: string, fn: (p11: pkcs11js.PKCS11, session: pkcs11js.Handle) => T, opts: { inDecrypt?: boolean } = {}): T {
+  run<T>(what: string, fn: (p11: Pkcs11Port, session: Handle) => T, opts: { inDecrypt?: boolean } = {}): T {
     return this.attempt(what, () => {
       const session = this.ensureSession();
       return fn(this.p11!, session);
@@ -129,7 +145,7 @@ export class Hsm {
     what: string,
     label: string,
     check: (key: KeyInfo) => void,
-    fn: (p11: pkcs11js.PKCS11, session: pkcs11js.Handle, key: KeyInfo) => T,
+    fn: (p11: Pkcs11Port, session: Handle, key: KeyInfo) => T,
     opts: { inDecrypt?: boolean } = {},
   ): T {
     return this.attempt(what, () => {
@@ -147,13 +163,12 @@ export class Hsm {
         if (err instanceof AgentError) throw err;
         const code = ckrOf(err);
         if (code === undefined) throw new AgentError("INTERNAL", `${what}: ${(err as Error).message}`, { cause: err });
-        const rule = classifyCkr(code, opts.inDecrypt);
-        const scope = opts.inDecrypt && rule.decryptReason ? "caller" : rule.scope;
-        if (scope === "caller") throw new AgentError(rule.effectiveReason, `${what}: ${rule.name}`);
-        this.log.warn({ what, ckr: rule.name, scope, attempt }, "PKCS#11 failure; recovering");
+        const { name, scope, reason } = classifyCkr(code, opts.inDecrypt);
+        if (scope === "caller") throw new AgentError(reason, `${what}: ${name}`);
+        this.log.warn({ what, ckr: name, scope, attempt }, "PKCS#11 failure; recovering");
         if (scope === "device") this.reinitialize();
         else this.dropSession();
-        if (attempt >= 2) throw new AgentError(rule.effectiveReason, `${what}: ${rule.name}`);
+        if (attempt >= 2) throw new AgentError(reason, `${what}: ${name}`);
       }
     }
   }
@@ -168,7 +183,7 @@ export class Hsm {
         { type: pkcs11js.CKA_TOKEN, value: true },
         { type: pkcs11js.CKA_LABEL, value: label },
       ]);
-      let found: pkcs11js.Handle[];
+      let found: Handle[];
       try {
         found = p11.C_FindObjects(s, 2);
       } finally {
@@ -187,7 +202,7 @@ export class Hsm {
   listKeys(): KeyInfo[] {
     return this.run("list keys", (p11, s) => {
       p11.C_FindObjectsInit(s, [{ type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY }]);
-      const handles: pkcs11js.Handle[] = [];
+      const handles: Handle[] = [];
       try {
         for (let batch = p11.C_FindObjects(s, 64); batch.length > 0; batch = p11.C_FindObjects(s, 64)) handles.push(...batch);
       } finally {
@@ -205,7 +220,7 @@ export class Hsm {
     this.keys.clear();
   }
 
-  private readKey(p11: pkcs11js.PKCS11, s: pkcs11js.Handle, label: string, handle: pkcs11js.Handle): KeyInfo {
+  private readKey(p11: Pkcs11Port, s: Handle, label: string, handle: Handle): KeyInfo {
     const attrs = p11.C_GetAttributeValue(s, handle, [
       { type: pkcs11js.CKA_KEY_TYPE },
       { type: pkcs11js.CKA_ENCRYPT },
@@ -240,17 +255,17 @@ export class Hsm {
     };
   }
 
-  private ensureSession(): pkcs11js.Handle {
+  private ensureSession(): Handle {
     if (this.session !== undefined) return this.session;
-    if (Date.now() < this.retryOpenAt) throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
+    if (this.now() < this.retryOpenAt) throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
     try {
       if (!this.p11) {
-        this.p11 = new pkcs11js.PKCS11();
+        this.p11 = this.newPort();
         this.p11.load(this.cfg.module);
       }
       if (!this.initialized) {
         try {
-          // CKF_OS_LOCKING_OK: without it SoftHSM runs without mutexes (field notes, gotcha 2).
+          // CKF_OS_LOCKING_OK: without it SoftHSM runs without mutexes.
           this.p11.C_Initialize({ flags: pkcs11js.CKF_OS_LOCKING_OK });
         } catch (err) {
           if (ckrOf(err) !== CKR_CRYPTOKI_ALREADY_INITIALIZED) throw err;
@@ -291,7 +306,7 @@ export class Hsm {
       // A failed open may leave the module half-initialized: start from scratch next time,
       // but not before OPEN_RETRY_MS, so a dead HSM costs each call microseconds, not a C_Initialize.
       this.reinitialize();
-      this.retryOpenAt = Date.now() + OPEN_RETRY_MS;
+      this.retryOpenAt = this.now() + OPEN_RETRY_MS;
       throw new AgentError("HSM_UNAVAILABLE", `cannot open the HSM: ${detail}`, { cause: err });
     }
   }
@@ -320,6 +335,5 @@ export class Hsm {
       }
     }
     this.initialized = false;
-    this.stats.reinitializations++;
   }
 }

@@ -1,4 +1,3 @@
-import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { DecryptRequest, DecryptResponse } from "../../shared/proto.ts";
 import { gcmMechanism, hsmAad, TAG_BYTES } from "../xks-crypto.ts";
@@ -25,7 +24,7 @@ export function decryptWith(ctx: OpContext, label: string, ct: Buffer, iv: Buffe
     "decrypt",
     label,
     keyCheck(ctx, ["decrypt"]),
-    (p11: pkcs11js.PKCS11, s, key) => {
+    (p11, s, key) => {
       p11.C_DecryptInit(s, gcmMechanism(iv, aadForHsm), key.handle);
       return p11.C_Decrypt(s, input, Buffer.alloc(input.length));
     },

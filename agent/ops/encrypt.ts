@@ -1,5 +1,4 @@
 import { timingSafeEqual } from "node:crypto";
-import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
 import { freshIv, gcmMechanism, hsmAad, integrityValue, TAG_BYTES } from "../xks-crypto.ts";
@@ -22,7 +21,7 @@ export function encrypt(ctx: OpContext, req: EncryptRequest): EncryptResponse {
   // SoftHSM cannot generate the IV and accepts any length: always make a fresh 96-bit one here.
   const iv = freshIv();
   const needs: Array<"encrypt" | "decrypt"> = req.wantIntegrityValue ? ["encrypt", "decrypt"] : ["encrypt"];
-  const { out, key } = ctx.hsm.runWithKey("encrypt", req.keyId, keyCheck(ctx, needs), (p11: pkcs11js.PKCS11, s, key) => {
+  const { out, key } = ctx.hsm.runWithKey("encrypt", req.keyId, keyCheck(ctx, needs), (p11, s, key) => {
     p11.C_EncryptInit(s, gcmMechanism(iv, aadForHsm), key.handle);
     // Sized pt+16: CKR_BUFFER_TOO_SMALL would leave the operation active.
     return { out: p11.C_Encrypt(s, pt, Buffer.alloc(pt.length + TAG_BYTES)), key };

@@ -5,11 +5,11 @@ import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
-import { CKR, classifyCkr } from "../../agent/hsm/ckr.ts";
+import { CKR, classifyCkr, type FailureScope } from "../../agent/hsm/ckr.ts";
 import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
 import { parseAgentConfig } from "../../agent/config.ts";
 import { ConfigError } from "../../shared/config.ts";
-import { REASONS, XKS_ERRORS } from "../../shared/errors.ts";
+import { REASONS, XKS_ERRORS, type Reason } from "../../shared/errors.ts";
 
 test("hsmAAD = u16be(len AAD) || AAD || u8(len CM) || CM", () => {
   assert.deepEqual(hsmAad(Buffer.from("ab"), Buffer.from("xyz")), Buffer.from([0, 2, 0x61, 0x62, 3, 0x78, 0x79, 0x7a]));
@@ -35,27 +35,77 @@ test("integrity value matches the spec's worked example", () => {
   assert.equal(v.toString("base64"), "qHA/ImC9h5HsLRXqCyPmWgYx7tzyoTplzILbP0fPXsc=");
 });
 
-test("CK_RV classification: caller errors keep the session, device errors re-initialize", () => {
-  const cases: Array<[number, boolean, string, string]> = [
-    [0x05, true, "caller-or-session", "INVALID_CIPHERTEXT"], // SoftHSM 2.6 GCM tag failure
-    [0x05, false, "session", "INTERNAL"],
-    [0x40, true, "caller", "INVALID_CIPHERTEXT"], // SoftHSM 2.7
-    [0x41, true, "caller", "INVALID_CIPHERTEXT"],
-    [0x06, true, "caller-or-session", "INVALID_CIPHERTEXT"], // nShield
-    [0x68, false, "caller", "INVALID_KEY_USAGE"],
-    [0xb3, false, "session", "INTERNAL"],
-    [0x82, false, "session", "INTERNAL"],
-    [0x30, false, "device", "HSM_UNAVAILABLE"],
-    [0x32, false, "device", "HSM_UNAVAILABLE"],
-    [0xe0, false, "device", "HSM_UNAVAILABLE"],
-    [0x12345, false, "session", "INTERNAL"], // unknown
+test("CK_RV classification: one table gives the name, scope and reason for (code, inDecrypt)", () => {
+  // [code, inDecrypt, name, scope, reason]: every row of CKR, outside and inside a decrypt, and an unknown code.
+  const table: Array<[number, boolean, string, FailureScope, Reason]> = [
+    [0x05, false, "CKR_GENERAL_ERROR", "session", "INTERNAL"],
+    [0x05, true, "CKR_GENERAL_ERROR", "caller", "INVALID_CIPHERTEXT"], // SoftHSM 2.6 GCM tag mismatch
+    [0x06, false, "CKR_FUNCTION_FAILED", "session", "INTERNAL"],
+    [0x06, true, "CKR_FUNCTION_FAILED", "caller", "INVALID_CIPHERTEXT"], // nShield GCM tag mismatch
+    [0x07, false, "CKR_ARGUMENTS_BAD", "caller", "VALIDATION"],
+    [0x07, true, "CKR_ARGUMENTS_BAD", "caller", "INVALID_CIPHERTEXT"],
+    [0x20, false, "CKR_DATA_INVALID", "caller", "VALIDATION"],
+    [0x20, true, "CKR_DATA_INVALID", "caller", "INVALID_CIPHERTEXT"],
+    [0x21, false, "CKR_DATA_LEN_RANGE", "caller", "VALIDATION"],
+    [0x21, true, "CKR_DATA_LEN_RANGE", "caller", "INVALID_CIPHERTEXT"],
+    [0x30, false, "CKR_DEVICE_ERROR", "device", "HSM_UNAVAILABLE"],
+    [0x30, true, "CKR_DEVICE_ERROR", "device", "HSM_UNAVAILABLE"],
+    [0x31, false, "CKR_DEVICE_MEMORY", "device", "HSM_UNAVAILABLE"],
+    [0x31, true, "CKR_DEVICE_MEMORY", "device", "HSM_UNAVAILABLE"],
+    [0x32, false, "CKR_DEVICE_REMOVED", "device", "HSM_UNAVAILABLE"],
+    [0x32, true, "CKR_DEVICE_REMOVED", "device", "HSM_UNAVAILABLE"],
+    [0x40, false, "CKR_ENCRYPTED_DATA_INVALID", "caller", "INVALID_CIPHERTEXT"],
+    [0x40, true, "CKR_ENCRYPTED_DATA_INVALID", "caller", "INVALID_CIPHERTEXT"], // SoftHSM 2.7 GCM tag mismatch
+    [0x41, false, "CKR_ENCRYPTED_DATA_LEN_RANGE", "caller", "INVALID_CIPHERTEXT"],
+    [0x41, true, "CKR_ENCRYPTED_DATA_LEN_RANGE", "caller", "INVALID_CIPHERTEXT"],
+    [0x60, false, "CKR_KEY_HANDLE_INVALID", "session", "INTERNAL"],
+    [0x60, true, "CKR_KEY_HANDLE_INVALID", "session", "INTERNAL"],
+    [0x63, false, "CKR_KEY_TYPE_INCONSISTENT", "caller", "INVALID_KEY_USAGE"],
+    [0x63, true, "CKR_KEY_TYPE_INCONSISTENT", "caller", "INVALID_KEY_USAGE"],
+    [0x68, false, "CKR_KEY_FUNCTION_NOT_PERMITTED", "caller", "INVALID_KEY_USAGE"],
+    [0x68, true, "CKR_KEY_FUNCTION_NOT_PERMITTED", "caller", "INVALID_KEY_USAGE"],
+    [0x70, false, "CKR_MECHANISM_INVALID", "caller", "INVALID_KEY_USAGE"],
+    [0x70, true, "CKR_MECHANISM_INVALID", "caller", "INVALID_KEY_USAGE"],
+    [0x71, false, "CKR_MECHANISM_PARAM_INVALID", "caller", "VALIDATION"],
+    [0x71, true, "CKR_MECHANISM_PARAM_INVALID", "caller", "INVALID_CIPHERTEXT"],
+    [0x82, false, "CKR_OBJECT_HANDLE_INVALID", "session", "INTERNAL"],
+    [0x82, true, "CKR_OBJECT_HANDLE_INVALID", "session", "INTERNAL"],
+    [0x90, false, "CKR_OPERATION_ACTIVE", "session", "INTERNAL"],
+    [0x90, true, "CKR_OPERATION_ACTIVE", "session", "INTERNAL"],
+    [0xa0, false, "CKR_PIN_INCORRECT", "device", "HSM_UNAVAILABLE"],
+    [0xa0, true, "CKR_PIN_INCORRECT", "device", "HSM_UNAVAILABLE"],
+    [0xa4, false, "CKR_PIN_LOCKED", "device", "HSM_UNAVAILABLE"],
+    [0xa4, true, "CKR_PIN_LOCKED", "device", "HSM_UNAVAILABLE"],
+    [0xb0, false, "CKR_SESSION_CLOSED", "session", "INTERNAL"],
+    [0xb0, true, "CKR_SESSION_CLOSED", "session", "INTERNAL"],
+    [0xb3, false, "CKR_SESSION_HANDLE_INVALID", "session", "INTERNAL"],
+    [0xb3, true, "CKR_SESSION_HANDLE_INVALID", "session", "INTERNAL"],
+    [0xe0, false, "CKR_TOKEN_NOT_PRESENT", "device", "HSM_UNAVAILABLE"],
+    [0xe0, true, "CKR_TOKEN_NOT_PRESENT", "device", "HSM_UNAVAILABLE"],
+    [0xe1, false, "CKR_TOKEN_NOT_RECOGNIZED", "device", "HSM_UNAVAILABLE"],
+    [0xe1, true, "CKR_TOKEN_NOT_RECOGNIZED", "device", "HSM_UNAVAILABLE"],
+    [0x101, false, "CKR_USER_NOT_LOGGED_IN", "session", "HSM_UNAVAILABLE"],
+    [0x101, true, "CKR_USER_NOT_LOGGED_IN", "session", "HSM_UNAVAILABLE"],
+    [0x150, false, "CKR_BUFFER_TOO_SMALL", "session", "INTERNAL"],
+    [0x150, true, "CKR_BUFFER_TOO_SMALL", "session", "INTERNAL"],
+    [0x190, false, "CKR_CRYPTOKI_NOT_INITIALIZED", "device", "HSM_UNAVAILABLE"],
+    [0x190, true, "CKR_CRYPTOKI_NOT_INITIALIZED", "device", "HSM_UNAVAILABLE"],
+    [0x12345, false, "CKR_0x12345", "session", "INTERNAL"], // unknown
+    [0x12345, true, "CKR_0x12345", "session", "INTERNAL"],
   ];
-  for (const [code, inDecrypt, scope, reason] of cases) {
-    const r = classifyCkr(code, inDecrypt);
-    assert.equal(r.effectiveReason, reason, `0x${code.toString(16)}`);
-    if (scope !== "caller-or-session") assert.equal(r.scope, scope, `0x${code.toString(16)}`);
+  for (const [code, inDecrypt, name, scope, reason] of table) {
+    assert.deepEqual(classifyCkr(code, inDecrypt), { name, scope, reason }, `0x${code.toString(16)} inDecrypt=${inDecrypt}`);
   }
-  for (const rule of Object.values(CKR)) assert.ok(rule.reason in REASONS, rule.name);
+  assert.deepEqual(classifyCkr(0x05), classifyCkr(0x05, false), "inDecrypt defaults to false");
+  // The test's table covers every row of CKR, both ways.
+  const covered = new Set(table.map(([code, inDecrypt]) => `${code}/${inDecrypt}`));
+  for (const code of Object.keys(CKR).map(Number)) {
+    assert.ok(covered.has(`${code}/false`) && covered.has(`${code}/true`), `0x${code.toString(16)} missing from the test's table`);
+  }
+  for (const rule of Object.values(CKR)) {
+    assert.ok(rule.reason in REASONS, rule.name);
+    if (rule.inDecrypt) assert.ok(rule.inDecrypt.reason in REASONS, rule.name);
+  }
 });
 
 test("every agent reason maps to a gRPC status and an XKS error with its HTTP status", () => {
