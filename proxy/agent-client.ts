@@ -38,7 +38,7 @@ import {
 } from "../shared/proto.ts";
 import type { AgentConfig } from "./config.ts";
 
-/** Request/response types per RPC. */
+/** Request/response types per RPC (complete messages, shared/proto.ts). */
 export interface AgentMethods {
   GetKeyMetadata: { req: GetKeyMetadataRequest; res: GetKeyMetadataResponse };
   Encrypt: { req: EncryptRequest; res: EncryptResponse };
@@ -146,16 +146,25 @@ function isTransportFailure(err: unknown): boolean {
   return !hasReason && (se?.code === grpc.status.UNAVAILABLE || se?.code === grpc.status.DEADLINE_EXCEEDED);
 }
 
-type UnaryFn = (
-  req: unknown,
+/** Starts one call of RPC M on a client (the generated client has one typed method per RPC). */
+type Invoke<M extends keyof AgentMethods> = (
+  client: XksAgentClient,
+  req: AgentMethods[M]["req"],
   md: grpc.Metadata,
   opts: grpc.CallOptions,
-  cb: (err: grpc.ServiceError | null, res?: unknown) => void,
+  cb: grpc.requestCallback<AgentMethods[M]["res"]>,
 ) => grpc.ClientUnaryCall;
+
+const INVOKE: { [M in keyof AgentMethods]: Invoke<M> } = {
+  GetKeyMetadata: (client, req, md, opts, cb) => client.GetKeyMetadata(req, md, opts, cb),
+  Encrypt: (client, req, md, opts, cb) => client.Encrypt(req, md, opts, cb),
+  Decrypt: (client, req, md, opts, cb) => client.Decrypt(req, md, opts, cb),
+  GetHealthStatus: (client, req, md, opts, cb) => client.GetHealthStatus(req, md, opts, cb),
+};
 
 interface Conn {
   cfg: AgentConfig;
-  client: grpc.Client;
+  client: XksAgentClient;
   /** What health checks said (the only source of the reported health). */
   health: AgentHealth;
   /** A call just failed in transport: route around it until the next health check answers. */
@@ -231,17 +240,23 @@ export class AgentPool implements AgentApi {
    * not turned into a timeout. grpc-js still gets a deadline (with that grace), which
    * is also sent to the agent.
    */
-  private unary<T>(c: Conn, method: keyof AgentMethods, request: unknown, deadlineMs: number): Promise<T> {
-    const fn = (c.client as unknown as Record<string, UnaryFn>)[method];
+  private unary<M extends keyof AgentMethods>(
+    c: Conn,
+    method: M,
+    request: AgentMethods[M]["req"],
+    deadlineMs: number,
+  ): Promise<AgentMethods[M]["res"]> {
+    const invoke: Invoke<M> = INVOKE[method];
     const started = Date.now();
-    return new Promise<T>((resolve, reject) => {
+    return new Promise((resolve, reject) => {
       let settled = false;
-      const call = fn.call(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
+      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        // grpc-js passes a value with every success (null error).
         if (err) reject(err);
-        else resolve(res as T);
+        else resolve(res!);
       });
       const timer = setTimeout(() => {
         setImmediate(() => {
@@ -272,7 +287,7 @@ export class AgentPool implements AgentApi {
   async call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
     const c = this.pick();
     try {
-      const response = await this.unary<AgentMethods[M]["res"]>(c, method, request, this.opts.deadlineMs);
+      const response = await this.unary(c, method, request, this.opts.deadlineMs);
       return { response, agentId: c.cfg.id };
     } catch (err) {
       if (isTransportFailure(err)) {
@@ -297,12 +312,7 @@ export class AgentPool implements AgentApi {
 
   private async checkOne(c: Conn): Promise<void> {
     try {
-      const res = await this.unary<GetHealthStatusResponse>(
-        c,
-        "GetHealthStatus",
-        { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" } satisfies GetHealthStatusRequest,
-        this.opts.healthDeadlineMs,
-      );
+      const res = await this.unary(c, "GetHealthStatus", { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" }, this.opts.healthDeadlineMs);
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
       this.setHealth(c, { state, checkedAt: this.now(), report: res }, res.detail ? res.detail.slice(0, 200) : "health check");
     } catch (err) {

@@ -245,7 +245,7 @@ describe("health response builder", () => {
   it("uses the agent's id, token model/serial and manufacturer; ids stay unique", () => {
     const report = (agentId: string) => ({
       agentId, state: "ACTIVE" as const, tokenManufacturer: "SoftHSM project", tokenModel: "SoftHSM v2", tokenSerial: "abc",
-      tokenLabel: "t", detail: "", agentVersion: "0.1.0", paused: false,
+      tokenLabel: "t", detail: "", agentVersion: "0.1.0", paused: false, tunnels: [],
     });
     const hs: AgentHealth[] = [
       { id: "mac-1", state: "ACTIVE", checkedAt: 1, report: report("hsm-a") },
