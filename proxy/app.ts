@@ -18,6 +18,7 @@ import express, { type NextFunction, type Request, type Response } from "express
 import { XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
+import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
 import type { AgentApi } from "./agent-client.ts";
 import type { KeyStoreConfig, Limits, ProxyConfig } from "./config.ts";
 import type { OpContext } from "./handlers/context.ts";
@@ -221,7 +222,7 @@ export function buildApp(deps: AppDeps): express.Express {
     if (!parsed || !store) throw new XksError("InvalidUriPathException", "no such key store or API path");
     st.operation = parsed.operation;
     st.keyStore = parsed.prefix;
-    st.key = parsed.keyId?.slice(0, 128);
+    st.key = parsed.keyId?.slice(0, MAX_EXTERNAL_KEY_ID_CHARS);
     st.store = store;
     if (req.method !== "POST") throw new MethodNotAllowedError(req.method);
 
@@ -242,7 +243,7 @@ export function buildApp(deps: AppDeps): express.Express {
     const def = OPERATIONS[operation];
     const input = def.parse(json, config.limits) as { metadata: { kmsOperation: string; awsPrincipalArn: string } };
     st.kmsOperation = input.metadata.kmsOperation.slice(0, 64);
-    st.principal = input.metadata.awsPrincipalArn ? input.metadata.awsPrincipalArn.slice(0, 2048) : undefined;
+    st.principal = input.metadata.awsPrincipalArn ? input.metadata.awsPrincipalArn.slice(0, MAX_METADATA_CHARS) : undefined;
 
     // 7. The key store's allow-list.
     const keyId = st.key ?? "";

@@ -437,7 +437,8 @@ describe("buildApp in-process with a stub agent", () => {
 });
 
 it("requestMetadata values longer than the spec's 2048-character ARNs are refused (never logged or audited)", async () => {
-  const { parseRequestMetadata, MAX_METADATA_CHARS } = await import("../proxy/validate.ts");
+  const { parseRequestMetadata } = await import("../proxy/validate.ts");
+  const { MAX_METADATA_CHARS } = await import("../shared/xks-spec.ts");
   const ok = { requestMetadata: { awsPrincipalArn: "a".repeat(MAX_METADATA_CHARS), kmsOperation: "CreateKey", kmsRequestId: "r" } };
   assert.equal(parseRequestMetadata(ok, "GetKeyMetadata").awsPrincipalArn.length, 2048);
   for (const f of ["awsPrincipalArn", "kmsRequestId", "kmsOperation", "kmsViaService"]) {

@@ -1,7 +1,8 @@
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { DecryptRequest, DecryptResponse } from "../../shared/proto.ts";
-import { gcmMechanism, hsmAad, TAG_BYTES } from "../xks-crypto.ts";
+import { isIvLength, TAG_BYTES } from "../../shared/xks-spec.ts";
+import { gcmMechanism, hsmAad } from "../xks-crypto.ts";
 import { keyCheck, type OpContext } from "./context.ts";
 
 /**
@@ -10,7 +11,7 @@ import { keyCheck, type OpContext } from "./context.ts";
  * 2.7 CKR_ENCRYPTED_DATA_INVALID; agent/hsm/ckr.ts maps both).
  */
 export function decrypt(ctx: OpContext, req: DecryptRequest): DecryptResponse {
-  if (req.iv.length !== 12 && req.iv.length !== 16) throw new AgentError("INVALID_CIPHERTEXT", `IV is ${req.iv.length} bytes`);
+  if (!isIvLength(req.iv.length)) throw new AgentError("INVALID_CIPHERTEXT", `IV is ${req.iv.length} bytes`);
   if (req.tag.length !== TAG_BYTES) throw new AgentError("INVALID_CIPHERTEXT", `tag is ${req.tag.length} bytes`);
   // We never make an empty ciphertext (Encrypt refuses empty plaintext).
   if (req.ciphertext.length === 0) throw new AgentError("INVALID_CIPHERTEXT", "empty ciphertext");

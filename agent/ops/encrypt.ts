@@ -2,7 +2,8 @@ import { timingSafeEqual } from "node:crypto";
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
-import { freshIv, gcmMechanism, hsmAad, integrityValue, TAG_BYTES } from "../xks-crypto.ts";
+import { TAG_BYTES } from "../../shared/xks-spec.ts";
+import { freshIv, gcmMechanism, hsmAad, integrityValue } from "../xks-crypto.ts";
 import { keyCheck, type OpContext } from "./context.ts";
 import { decryptWith } from "./decrypt.ts";
 
