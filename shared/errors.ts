@@ -7,6 +7,7 @@
  *   - (agent/hsm/ckr.ts) CK_RV -> agent failure reason
  */
 import { status as GrpcStatus } from "@grpc/grpc-js";
+import type { ErrorReason } from "./proto.ts";
 
 /** Defined per XKS Proxy API spec §2 ("Error codes"). Messages are fixed, short, printable ASCII. */
 export const XKS_ERRORS = {
@@ -52,7 +53,9 @@ export class XksError extends Error {
 /**
  * Agent failure reasons (proto enum ErrorReason). The agent ends a failed call
  * with `grpc` as the status code and the reason name in trailing metadata
- * `xks-reason`; the proxy maps the reason name to `xks`.
+ * `xks-reason`; the proxy maps the reason name to `xks`. The keys are exactly
+ * the enum's values other than ERROR_REASON_UNSPECIFIED (checked by the type
+ * below and by test/unit/catalogue.test.ts).
  */
 export const REASONS = {
   KEY_NOT_FOUND: { grpc: GrpcStatus.NOT_FOUND, xks: "KeyNotFoundException" },
@@ -64,7 +67,7 @@ export const REASONS = {
   INTERNAL: { grpc: GrpcStatus.INTERNAL, xks: "InternalException" },
   VALIDATION: { grpc: GrpcStatus.INVALID_ARGUMENT, xks: "ValidationException" },
   HSM_UNAVAILABLE: { grpc: GrpcStatus.UNAVAILABLE, xks: "DependencyTimeoutException" },
-} as const satisfies Record<string, { grpc: GrpcStatus; xks: XksErrorName }>;
+} as const satisfies Record<ErrorReason, { grpc: GrpcStatus; xks: XksErrorName }>;
 
 export type Reason = keyof typeof REASONS;
 
