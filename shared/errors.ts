@@ -2,7 +2,8 @@
  * The error catalogue shared by both daemons.
  *
  * Three tables, one per boundary, each translated exactly once:
- *   - XKS_ERRORS:     XKS errorName -> HTTP status + fixed public message (XKS Proxy API spec §2)
+ *   - XKS_ERRORS:     XKS errorName -> HTTP status + fixed public message (XKS Proxy API spec §2),
+ *                     and METHOD_NOT_ALLOWED, the spec's 405, which has no errorName
  *   - REASONS:        agent failure reason -> gRPC status code (agent side) and XKS errorName (proxy side)
  *   - (agent/hsm/ckr.ts) CK_RV -> agent failure reason
  */
@@ -29,6 +30,21 @@ export const XKS_ERRORS = {
 } as const;
 
 export type XksErrorName = keyof typeof XKS_ERRORS;
+
+const METHOD_NOT_ALLOWED_MESSAGE = "Only POST is allowed on this URI.";
+
+/**
+ * The answer to any method but POST on an API URI: the spec requires 405
+ * Method Not Allowed and defines no errorName for it, so the body carries the
+ * fixed message only, and `Allow` names the one method that works.
+ */
+export const METHOD_NOT_ALLOWED = {
+  status: 405,
+  message: METHOD_NOT_ALLOWED_MESSAGE,
+  /** The wire body: {"errorMessage":…}, no errorName. */
+  body: { errorMessage: METHOD_NOT_ALLOWED_MESSAGE },
+  headers: { allow: "POST" },
+} as const;
 
 /**
  * An error that has a public XKS name. `detail` and `cause` are for logs only;

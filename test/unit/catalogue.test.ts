@@ -9,7 +9,7 @@ import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
-import { REASONS, XKS_ERRORS } from "../../shared/errors.ts";
+import { METHOD_NOT_ALLOWED, REASONS, XKS_ERRORS } from "../../shared/errors.ts";
 import { LOADER_OPTIONS, PROTO_FILE, PROTO_ROOT } from "../../shared/proto.ts";
 
 /** The XKS Proxy API spec's error codes (§2), written out by hand: errorName → HTTP status. */
@@ -61,8 +61,11 @@ describe("error catalogue", () => {
     assert.deepEqual(ours, SPEC_ERRORS);
   });
 
-  it("no XKS errorName answers 405: the spec gives the non-POST answer no errorName", () => {
+  it("the non-POST answer is its own entry: 405, Allow: POST, a body with the fixed message and no errorName", () => {
     for (const [name, e] of Object.entries(XKS_ERRORS)) assert.notEqual(e.status, SPEC_METHOD_NOT_ALLOWED_STATUS, name);
+    assert.equal(METHOD_NOT_ALLOWED.status, SPEC_METHOD_NOT_ALLOWED_STATUS);
+    assert.deepEqual(METHOD_NOT_ALLOWED.headers, { allow: "POST" });
+    assert.deepEqual(METHOD_NOT_ALLOWED.body, { errorMessage: METHOD_NOT_ALLOWED.message });
   });
 
   it("every REASONS row maps to a real gRPC status (not OK) and an XKS errorName", () => {
@@ -75,5 +78,6 @@ describe("error catalogue", () => {
 
   it("every fixed message is printable ASCII, under 512 characters", () => {
     for (const [name, e] of Object.entries(XKS_ERRORS)) assert.match(e.message, PRINTABLE_UNDER_512, name);
+    assert.match(METHOD_NOT_ALLOWED.message, PRINTABLE_UNDER_512);
   });
 });
