@@ -6,7 +6,8 @@
  * - Short reconnect backoff and keepalive, so a restarted agent or tunnel is
  *   picked up within about a second, and an unreachable agent fails fast
  *   (waitForReady is off: a channel in TRANSIENT_FAILURE fails the call at once).
- * - Failures are mapped to XKS errors in ONE place, `agentErrorToXks`.
+ * - Failures are classified in ONE place, `classifyAgentFailure`: the XKS error
+ *   answered, and whether it is a transport failure (which the pool routes around).
  * - Several agents: each call goes to the next agent (round-robin) whose last
  *   health is not UNAVAILABLE; if none qualifies, to the next one anyway.
  * - Health: a background refresh calls every agent's GetHealthStatus; the
@@ -104,25 +105,42 @@ function deadlineExceeded(afterMs: number): grpc.ServiceError {
   });
 }
 
-/** No `xks-reason` in the trailers: the gRPC status alone decides. */
-const STATUS_TO_XKS: Partial<Record<grpc.status, XksErrorName>> = {
-  [grpc.status.DEADLINE_EXCEEDED]: "DependencyTimeoutException",
-  [grpc.status.UNAVAILABLE]: "DependencyTimeoutException",
+interface StatusRow {
+  xks: XksErrorName;
+  /** The agent, or the path to it, is down (rather than the request being bad). */
+  transport: boolean;
+}
+
+/** No known `xks-reason` in the trailers: the gRPC status alone decides. */
+const BY_STATUS: Partial<Record<grpc.status, StatusRow>> = {
+  [grpc.status.DEADLINE_EXCEEDED]: { xks: "DependencyTimeoutException", transport: true },
+  [grpc.status.UNAVAILABLE]: { xks: "DependencyTimeoutException", transport: true },
   // The agent refused our token: a misconfiguration on our side, not the caller's.
-  [grpc.status.UNAUTHENTICATED]: "InternalException",
+  [grpc.status.UNAUTHENTICATED]: { xks: "InternalException", transport: false },
 };
+const ANY_OTHER_STATUS: StatusRow = { xks: "InternalException", transport: false };
+
+/** What a failed agent call means. */
+export interface AgentFailure {
+  /** The XKS error answered to KMS. */
+  error: XksError;
+  /** True when the agent, or the path to it, is down: the pool routes around it until a health check answers. */
+  transport: boolean;
+}
 
 function statusName(code: unknown): string {
   return typeof code === "number" ? (grpc.status[code] ?? String(code)) : "UNKNOWN";
 }
 
 /**
- * THE mapping from a failed agent call to the XKS error (one table):
- * trailing metadata `xks-reason` → REASONS[reason].xks; otherwise
- * DEADLINE_EXCEEDED / UNAVAILABLE → 503 DependencyTimeoutException,
- * UNAUTHENTICATED → 500 InternalException, anything else → 500 InternalException.
+ * THE classification of a failed agent call (one table), used both for the
+ * answer to KMS and for the pool's routing:
+ *   - trailing metadata `xks-reason` (the agent answered) → REASONS[reason].xks, not transport;
+ *     a reason this proxy does not know → the status's XKS error, still not transport;
+ *   - no reason: DEADLINE_EXCEEDED / UNAVAILABLE → 503 DependencyTimeoutException, transport;
+ *     UNAUTHENTICATED → 500 InternalException; anything else → 500 InternalException.
  */
-export function agentErrorToXks(err: unknown, agentId = "?"): XksError {
+export function classifyAgentFailure(err: unknown, agentId = "?"): AgentFailure {
   const se = err as Partial<grpc.ServiceError>;
   const code = se?.code;
   let reason: unknown;
@@ -131,19 +149,11 @@ export function agentErrorToXks(err: unknown, agentId = "?"): XksError {
   } catch {
     reason = undefined;
   }
-  const name: XksErrorName = isReason(reason)
-    ? REASONS[reason].xks
-    : (typeof code === "number" ? STATUS_TO_XKS[code as grpc.status] : undefined) ?? "InternalException";
+  const byStatus = (typeof code === "number" ? BY_STATUS[code as grpc.status] : undefined) ?? ANY_OTHER_STATUS;
+  const name: XksErrorName = isReason(reason) ? REASONS[reason].xks : byStatus.xks;
   const details = typeof se?.details === "string" ? se.details.slice(0, 200) : errorMessage(err).slice(0, 200);
   const detail = `agent ${agentId}: ${statusName(code)}${isReason(reason) ? ` ${reason}` : ""}: ${details}`;
-  return new XksError(name, detail, { cause: err });
-}
-
-/** True when the failure says the agent (or the path to it) is down rather than the request being bad. */
-function isTransportFailure(err: unknown): boolean {
-  const se = err as Partial<grpc.ServiceError>;
-  const hasReason = se?.metadata instanceof grpc.Metadata && se.metadata.get(REASON_METADATA_KEY).length > 0;
-  return !hasReason && (se?.code === grpc.status.UNAVAILABLE || se?.code === grpc.status.DEADLINE_EXCEEDED);
+  return { error: new XksError(name, detail, { cause: err }), transport: reason === undefined && byStatus.transport };
 }
 
 /** Starts one call of RPC M on a client (the generated client has one typed method per RPC). */
@@ -290,13 +300,14 @@ export class AgentPool implements AgentApi {
       const response = await this.unary(c, method, request, this.opts.deadlineMs);
       return { response, agentId: c.cfg.id };
     } catch (err) {
-      if (isTransportFailure(err)) {
+      const failure = classifyAgentFailure(err, c.cfg.id);
+      if (failure.transport) {
         // Route around it until a health check answers, and check now. The reported
         // health is left to that check, so one slow call does not flip KMS's view.
         c.suspect = true;
         this.kick();
       }
-      throw agentErrorToXks(err, c.cfg.id);
+      throw failure.error;
     }
   }
 
@@ -316,8 +327,8 @@ export class AgentPool implements AgentApi {
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
       this.setHealth(c, { state, checkedAt: this.now(), report: res }, res.detail ? res.detail.slice(0, 200) : "health check");
     } catch (err) {
-      const e = agentErrorToXks(err, c.cfg.id);
-      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report }, e.message);
+      const { error } = classifyAgentFailure(err, c.cfg.id);
+      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report }, error.message);
     }
     c.suspect = false;
   }
