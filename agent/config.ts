@@ -117,6 +117,9 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   };
   if (cfg.proxyToken && cfg.proxyToken.length < 16) c.problem("proxyToken", "must be at least 16 characters");
   c.done();
-  // Never keep the PIN in a structure that might be logged: callers log named fields only.
+  // The frozen config holds the secrets themselves (the PIN, the proxy token, SSH private keys),
+  // for the HSM and the tunnels. It is never logged as a whole: log lines are built from named
+  // fields only (runAgent's "starting" line names its fields), and the logger's `redact`
+  // (shared/logging.ts) is the backstop for log-object fields named pin, token or privateKey.
   return deepFreeze(cfg);
 }

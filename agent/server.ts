@@ -18,7 +18,7 @@ import {
 } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { XksAgentService, type RequestMetadata, type XksAgentHandlers } from "../shared/proto.ts";
-import type { OpContext } from "./ops/context.ts";
+import type { AgentOpContext } from "./ops/context.ts";
 import { decrypt } from "./ops/decrypt.ts";
 import { encrypt } from "./ops/encrypt.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
@@ -45,7 +45,7 @@ export interface OperationRecord {
 }
 
 export interface AgentServiceDeps {
-  ctx: OpContext;
+  ctx: AgentOpContext;
   /** The credential the proxy must present on every call. */
   token: string;
   controls: Controls;

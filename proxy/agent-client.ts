@@ -37,7 +37,7 @@ import {
   type GetKeyMetadataResponse,
   type HealthState,
 } from "../shared/proto.ts";
-import type { AgentConfig } from "./config.ts";
+import type { AgentEndpoint } from "./config.ts";
 
 /** Request/response types per RPC (complete messages, shared/proto.ts). */
 export interface AgentMethods {
@@ -173,7 +173,7 @@ const INVOKE: { [M in keyof AgentMethods]: Invoke<M> } = {
 };
 
 interface Conn {
-  cfg: AgentConfig;
+  cfg: AgentEndpoint;
   client: XksAgentClient;
   /** What health checks said (the only source of the reported health). */
   health: AgentHealth;
@@ -182,7 +182,7 @@ interface Conn {
 }
 
 export interface AgentPoolOptions {
-  agents: readonly AgentConfig[];
+  agents: readonly AgentEndpoint[];
   /** Deadline of GetKeyMetadata / Encrypt / Decrypt calls. */
   deadlineMs: number;
   /** Deadline of one background GetHealthStatus call. */

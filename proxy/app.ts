@@ -22,7 +22,7 @@ import { VERSION } from "../shared/version.ts";
 import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
 import type { AgentApi } from "./agent-client.ts";
 import type { Limits, ProxyConfig } from "./config.ts";
-import type { OpContext } from "./handlers/context.ts";
+import type { HandlerContext } from "./handlers/context.ts";
 import { decrypt, parseDecryptRequest } from "./handlers/decrypt.ts";
 import { encrypt, parseEncryptRequest } from "./handlers/encrypt.ts";
 import { getHealthStatus, parseGetHealthStatusRequest } from "./handlers/get-health-status.ts";
@@ -83,13 +83,13 @@ class BodyTooLargeError extends XksError {
 /** A request body validated by its operation's parser, bound to that operation's handler. */
 interface ParsedOperation {
   metadata: WireRequestMetadata;
-  run(ctx: OpContext): Promise<object>;
+  run(ctx: HandlerContext): Promise<object>;
 }
 
 /** Pairs an operation's parser with its handler; their input type is checked here and needs no cast. */
 function op<I extends { metadata: WireRequestMetadata }>(
   parse: (body: Json, limits: Limits) => I,
-  run: (input: I, ctx: OpContext) => Promise<object>,
+  run: (input: I, ctx: HandlerContext) => Promise<object>,
 ): (body: Json, limits: Limits) => ParsedOperation {
   return (body, limits) => {
     const input = parse(body, limits);
@@ -256,7 +256,7 @@ export function buildApp(deps: AppDeps): express.Express {
     }
 
     // 8. The operation: one agent call (or the health cache).
-    const ctx: OpContext = {
+    const ctx: HandlerContext = {
       agents,
       keyStore: store.uriPathPrefix,
       keyId,

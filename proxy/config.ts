@@ -72,7 +72,8 @@ export interface KeyStoreConfig {
   keys: string[];
 }
 
-export interface AgentConfig {
+/** One agent the proxy calls (an entry of `agents`); not to be confused with the agent's own config. */
+export interface AgentEndpoint {
   id: string;
   /** grpc-js target: `unix:///abs/path.sock` or `host:port`. */
   target: string;
@@ -101,7 +102,7 @@ export interface ProxyConfig {
   fleetSize: number;
   vendor: string;
   ekmVendor: string;
-  agents: AgentConfig[];
+  agents: AgentEndpoint[];
   agentDeadlineMs: number;
   healthRefreshMs: number;
   healthDeadlineMs: number;
@@ -172,7 +173,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const healthDeadlineMs = c.int(root, "healthDeadlineMs", "", { default: 2_000, min: 10, max: 10_000 });
 
   // agents
-  const agents: AgentConfig[] = [];
+  const agents: AgentEndpoint[] = [];
   const agentList = c.array(root, "agents", "", { min: 1 });
   if (agentList.length > 10) c.problem("agents", "must have at most 10 entries (ekmFleetDetails holds 1..10)");
   const agentIds = new Set<string>();

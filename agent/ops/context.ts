@@ -5,7 +5,7 @@ import type { TunnelStatus } from "../../shared/proto.ts";
 import { KEY_BYTES } from "../../shared/xks-spec.ts";
 
 /** What every operation gets: the HSM and the agent's own settings. */
-export interface OpContext {
+export interface AgentOpContext {
   hsm: Hsm;
   /** Ciphertext metadata returned by Encrypt (<= 20 bytes, may be empty). */
   ciphertextMetadata: Buffer;
@@ -23,7 +23,7 @@ export interface OpContext {
  * The check for a crypto operation's key: it must be AES-256, enabled by the
  * owner, and allow every usage in `needs` (from its own attributes).
  */
-export function keyCheck(ctx: OpContext, needs: Array<"encrypt" | "decrypt">): (key: KeyInfo) => void {
+export function keyCheck(ctx: AgentOpContext, needs: Array<"encrypt" | "decrypt">): (key: KeyInfo) => void {
   return (key) => {
     assertAes256(key);
     if (ctx.isKeyDisabled(key.label)) throw new AgentError("INVALID_STATE", `key ${key.label} is disabled by the owner`);

@@ -6,7 +6,7 @@ import { XksError } from "../../shared/errors.ts";
 import { IV_LENGTHS, MAX_CIPHERTEXT_METADATA_BYTES, TAG_BYTES } from "../../shared/xks-spec.ts";
 import type { Limits } from "../config.ts";
 import { base64Field, exactString, parseRequestMetadata, type Json, type WireRequestMetadata } from "../validate.ts";
-import { b64, len, toProtoMetadata, type OpContext } from "./context.ts";
+import { b64, len, toProtoMetadata, type HandlerContext } from "./context.ts";
 
 /** Defined per XKS Proxy API spec §1.6 (request body). All binary values standard Base64. */
 export interface DecryptWireRequest {
@@ -47,7 +47,7 @@ export function parseDecryptRequest(body: Json, limits: Limits): DecryptInput {
   return { metadata, ciphertext, iv, tag, aad, ciphertextMetadata };
 }
 
-export async function decrypt(input: DecryptInput, ctx: OpContext): Promise<DecryptWireResponse> {
+export async function decrypt(input: DecryptInput, ctx: HandlerContext): Promise<DecryptWireResponse> {
   const { response: r, agentId } = await ctx.agents.call("Decrypt", {
     metadata: toProtoMetadata(input.metadata, ctx.keyStore),
     keyId: ctx.keyId,

@@ -7,7 +7,7 @@ import { XksError } from "../../shared/errors.ts";
 import { INTEGRITY_VALUE_BYTES, isIvLength, MAX_CIPHERTEXT_METADATA_BYTES, TAG_BYTES } from "../../shared/xks-spec.ts";
 import type { Limits } from "../config.ts";
 import { base64Field, exactString, parseRequestMetadata, type Json, type WireRequestMetadata } from "../validate.ts";
-import { b64, len, toProtoMetadata, type OpContext } from "./context.ts";
+import { b64, len, toProtoMetadata, type HandlerContext } from "./context.ts";
 
 /** Defined per XKS Proxy API spec §1.5 (request body). */
 export interface EncryptWireRequest {
@@ -45,7 +45,7 @@ export function parseEncryptRequest(body: Json, limits: Limits): EncryptInput {
   return { metadata, plaintext, aad, wantIntegrityValue };
 }
 
-export async function encrypt(input: EncryptInput, ctx: OpContext): Promise<EncryptWireResponse> {
+export async function encrypt(input: EncryptInput, ctx: HandlerContext): Promise<EncryptWireResponse> {
   const { response: r, agentId } = await ctx.agents.call("Encrypt", {
     metadata: toProtoMetadata(input.metadata, ctx.keyStore),
     keyId: ctx.keyId,
