@@ -23,6 +23,7 @@
 import { hostname } from "node:os";
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { LogLevel } from "../shared/logging.ts";
+import { EXTERNAL_KEY_ID_RE, MAX_CIPHERTEXT_METADATA_BYTES } from "../shared/xks-spec.ts";
 import type { TunnelTarget } from "./tunnel.ts";
 
 export interface AgentConfig {
@@ -40,7 +41,6 @@ export interface AgentConfig {
   log: { level: LogLevel };
 }
 
-const LABEL = /^[a-zA-Z0-9._-]{1,128}$/;
 const LEVELS = /^(fatal|error|warn|info|debug|trace|silent)$/;
 
 export function loadAgentConfig(file: string, env: NodeJS.ProcessEnv = process.env): AgentConfig {
@@ -63,7 +63,9 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   };
   const cmText = c.string(root, "ciphertextMetadata", "", { default: "xks-agent/1" });
   const ciphertextMetadata = Buffer.from(cmText, "utf8");
-  if (ciphertextMetadata.length > 20) c.problem("ciphertextMetadata", "must be at most 20 bytes (KMS rejects more)");
+  if (ciphertextMetadata.length > MAX_CIPHERTEXT_METADATA_BYTES) {
+    c.problem("ciphertextMetadata", `must be at most ${MAX_CIPHERTEXT_METADATA_BYTES} bytes (KMS rejects more)`);
+  }
   const tunnels = c.array(root, "tunnels", "", { optional: true }).map((t, i) => {
     const f = `tunnels[${i}]`;
     const o = c.object(t, f);
@@ -105,7 +107,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     pkcs11,
     socket: c.path(root, "socket", ""),
     proxyToken: c.secret(root, "proxyToken", "", env),
-    healthKey: c.string(root, "healthKey", "", { default: "xks-health", pattern: LABEL, hint: "a key label of [a-zA-Z0-9._-]" }),
+    healthKey: c.string(root, "healthKey", "", { default: "xks-health", pattern: EXTERNAL_KEY_ID_RE, hint: "a key label of [a-zA-Z0-9._-]" }),
     ciphertextMetadata,
     stateFile: c.path(root, "stateFile", "", "state/controls.json"),
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),
@@ -115,6 +117,9 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   };
   if (cfg.proxyToken && cfg.proxyToken.length < 16) c.problem("proxyToken", "must be at least 16 characters");
   c.done();
-  // Never keep the PIN in a structure that might be logged: callers log named fields only.
+  // The frozen config holds the secrets themselves (the PIN, the proxy token, SSH private keys),
+  // for the HSM and the tunnels. It is never logged as a whole: log lines are built from named
+  // fields only (runAgent's "starting" line names its fields), and the logger's `redact`
+  // (shared/logging.ts) is the backstop for log-object fields named pin, token or privateKey.
   return deepFreeze(cfg);
 }

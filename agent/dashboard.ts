@@ -15,6 +15,7 @@ import { createServer, type IncomingMessage, type Server } from "node:http";
 import { dirname, join } from "node:path";
 import { WebSocketServer, type WebSocket } from "ws";
 import type { Logger } from "../shared/logging.ts";
+import { EXTERNAL_KEY_ID_RE } from "../shared/xks-spec.ts";
 import type { Controls } from "./controls.ts";
 import type { OperationRecord } from "./server.ts";
 import type { TunnelSet } from "./tunnel.ts";
@@ -98,7 +99,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
       if (msg.type === "setPaused" && typeof msg.paused === "boolean") {
         d.log.warn({ paused: msg.paused, via: "dashboard" }, "owner switch");
         d.controls.setPaused(msg.paused);
-      } else if (msg.type === "setKeyDisabled" && typeof msg.key === "string" && /^[a-zA-Z0-9._-]{1,128}$/.test(msg.key) && typeof msg.disabled === "boolean") {
+      } else if (msg.type === "setKeyDisabled" && typeof msg.key === "string" && EXTERNAL_KEY_ID_RE.test(msg.key) && typeof msg.disabled === "boolean") {
         d.log.warn({ key: msg.key, disabled: msg.disabled, via: "dashboard" }, "owner switch");
         d.controls.setKeyDisabled(msg.key, msg.disabled);
       }

@@ -5,6 +5,7 @@
  */
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../shared/errors.ts";
+import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, KEY_BYTES } from "../shared/xks-spec.ts";
 import type { Hsm, KeyInfo } from "./hsm/hsm.ts";
 
 export type KeyUsage = "encrypt" | "decrypt";
@@ -18,7 +19,7 @@ export function parseUsage(text: string): KeyUsage[] {
 }
 
 export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): KeyInfo {
-  if (!/^[a-zA-Z0-9._-]{1,128}$/.test(label)) throw new Error("a key label must be 1-128 characters of a-z A-Z 0-9 . _ - (the XKS key id rules)");
+  if (!EXTERNAL_KEY_ID_RE.test(label)) throw new Error(`a key label must be ${EXTERNAL_KEY_ID_RULE} (the XKS key id rules)`);
   try {
     hsm.key(label);
     throw new AgentError("INVALID_STATE", `a key labelled ${label} already exists`);
@@ -29,7 +30,7 @@ export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): 
     p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, [
       { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
       { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
-      { type: pkcs11js.CKA_VALUE_LEN, value: 32 },
+      { type: pkcs11js.CKA_VALUE_LEN, value: KEY_BYTES },
       { type: pkcs11js.CKA_LABEL, value: label },
       { type: pkcs11js.CKA_TOKEN, value: true },
       { type: pkcs11js.CKA_PRIVATE, value: true },

@@ -7,7 +7,7 @@ import { startDashboard, type Dashboard } from "./dashboard.ts";
 import type { AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
 import { Hsm } from "./hsm/hsm.ts";
-import type { OpContext } from "./ops/context.ts";
+import type { AgentOpContext } from "./ops/context.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
@@ -58,7 +58,7 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
   const audit = new AuditLog(config.auditLog);
   const events = new EventEmitter();
   const tunnels = new TunnelSet(config.tunnels, config.socket, log);
-  const ctx: OpContext = {
+  const ctx: AgentOpContext = {
     hsm,
     ciphertextMetadata: config.ciphertextMetadata,
     healthKey: config.healthKey,

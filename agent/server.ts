@@ -17,8 +17,8 @@ import {
   errorMessage,
 } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
-import { XksAgentService, type RequestMetadata } from "../shared/proto.ts";
-import type { OpContext } from "./ops/context.ts";
+import { XksAgentService, type RequestMetadata, type XksAgentHandlers } from "../shared/proto.ts";
+import type { AgentOpContext } from "./ops/context.ts";
 import { decrypt } from "./ops/decrypt.ts";
 import { encrypt } from "./ops/encrypt.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
@@ -45,7 +45,7 @@ export interface OperationRecord {
 }
 
 export interface AgentServiceDeps {
-  ctx: OpContext;
+  ctx: AgentOpContext;
   /** The credential the proxy must present on every call. */
   token: string;
   controls: Controls;
@@ -65,14 +65,15 @@ export function tokenChecker(expected: string): (presented: unknown) => boolean 
   return (presented) => typeof presented === "string" && presented.length > 0 && timingSafeEqual(want, digest(presented));
 }
 
+/** The request fields a log line and an OperationRecord are built from (GetHealthStatus has no key or metadata). */
 interface Described {
-  keyId: string;
-  metadata: RequestMetadata | null;
+  keyId?: string;
+  metadata?: RequestMetadata | null;
   kmsRequestId?: string;
   kmsOperation?: string;
 }
 
-export function createAgentService(deps: AgentServiceDeps): grpc.UntypedServiceImplementation {
+export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
   const { ctx, controls, log } = deps;
   const authorized = tokenChecker(deps.token);
 
@@ -143,7 +144,7 @@ export function createAgentService(deps: AgentServiceDeps): grpc.UntypedServiceI
   }
 
   return {
-    GetHealthStatus: unary<Described, ReturnType<typeof getHealthStatus>>(
+    GetHealthStatus: unary(
       "GetHealthStatus",
       () => {
         if (controls.paused) {
@@ -154,11 +155,9 @@ export function createAgentService(deps: AgentServiceDeps): grpc.UntypedServiceI
       },
       { pausable: false },
     ),
-    GetKeyMetadata: unary("GetKeyMetadata", (req: Parameters<typeof getKeyMetadata>[1]) => getKeyMetadata(ctx, req), {
-      pausable: true,
-    }),
-    Encrypt: unary("Encrypt", (req: Parameters<typeof encrypt>[1]) => encrypt(ctx, req), { pausable: true }),
-    Decrypt: unary("Decrypt", (req: Parameters<typeof decrypt>[1]) => decrypt(ctx, req), { pausable: true }),
+    GetKeyMetadata: unary("GetKeyMetadata", (req) => getKeyMetadata(ctx, req), { pausable: true }),
+    Encrypt: unary("Encrypt", (req) => encrypt(ctx, req), { pausable: true }),
+    Decrypt: unary("Decrypt", (req) => decrypt(ctx, req), { pausable: true }),
   };
 }
 

@@ -5,12 +5,9 @@
 import { createHash, randomFillSync } from "node:crypto";
 import pkcs11js from "pkcs11js";
 import { AgentError } from "../shared/errors.ts";
+import { GENERATED_IV_BYTES, MAX_CIPHERTEXT_METADATA_BYTES, MAX_LAYOUT_AAD_BYTES, TAG_BYTES } from "../shared/xks-spec.ts";
 
-export const IV_BYTES = 12;
-export const TAG_BYTES = 16;
 export const TAG_BITS = TAG_BYTES * 8;
-export const MAX_CIPHERTEXT_METADATA_BYTES = 20;
-export const MAX_AAD_BYTES = 0xffff;
 
 /**
  * A fresh random 96-bit IV per encryption, from the OS CSPRNG. Drawn from a
@@ -20,13 +17,13 @@ export const MAX_AAD_BYTES = 0xffff;
 const IV_POOL = Buffer.alloc(4092);
 let ivPoolOffset = IV_POOL.length;
 export function freshIv(): Buffer {
-  if (ivPoolOffset + IV_BYTES > IV_POOL.length) {
+  if (ivPoolOffset + GENERATED_IV_BYTES > IV_POOL.length) {
     randomFillSync(IV_POOL);
     ivPoolOffset = 0;
   }
-  const iv = Buffer.from(IV_POOL.subarray(ivPoolOffset, ivPoolOffset + IV_BYTES));
-  IV_POOL.fill(0, ivPoolOffset, ivPoolOffset + IV_BYTES);
-  ivPoolOffset += IV_BYTES;
+  const iv = Buffer.from(IV_POOL.subarray(ivPoolOffset, ivPoolOffset + GENERATED_IV_BYTES));
+  IV_POOL.fill(0, ivPoolOffset, ivPoolOffset + GENERATED_IV_BYTES);
+  ivPoolOffset += GENERATED_IV_BYTES;
   return iv;
 }
 
@@ -40,7 +37,7 @@ export function freshIv(): Buffer {
  * If the layout ever changes, the ciphertext metadata must name the scheme.)
  */
 export function hsmAad(aad: Buffer, cm: Buffer): Buffer {
-  if (aad.length > MAX_AAD_BYTES) throw new AgentError("VALIDATION", `AAD is ${aad.length} bytes, more than ${MAX_AAD_BYTES}`);
+  if (aad.length > MAX_LAYOUT_AAD_BYTES) throw new AgentError("VALIDATION", `AAD is ${aad.length} bytes, more than ${MAX_LAYOUT_AAD_BYTES}`);
   if (cm.length > MAX_CIPHERTEXT_METADATA_BYTES) throw new AgentError("INVALID_CIPHERTEXT", `ciphertext metadata is ${cm.length} bytes`);
   const out = Buffer.allocUnsafe(2 + aad.length + 1 + cm.length);
   out.writeUInt16BE(aad.length, 0);

@@ -6,7 +6,8 @@
  * - Short reconnect backoff and keepalive, so a restarted agent or tunnel is
  *   picked up within about a second, and an unreachable agent fails fast
  *   (waitForReady is off: a channel in TRANSIENT_FAILURE fails the call at once).
- * - Failures are mapped to XKS errors in ONE place, `agentErrorToXks`.
+ * - Failures are classified in ONE place, `classifyAgentFailure`: the XKS error
+ *   answered, and whether it is a transport failure (which the pool routes around).
  * - Several agents: each call goes to the next agent (round-robin) whose last
  *   health is not UNAVAILABLE; if none qualifies, to the next one anyway.
  * - Health: a background refresh calls every agent's GetHealthStatus; the
@@ -36,9 +37,9 @@ import {
   type GetKeyMetadataResponse,
   type HealthState,
 } from "../shared/proto.ts";
-import type { AgentConfig } from "./config.ts";
+import type { AgentEndpoint } from "./config.ts";
 
-/** Request/response types per RPC. */
+/** Request/response types per RPC (complete messages, shared/proto.ts). */
 export interface AgentMethods {
   GetKeyMetadata: { req: GetKeyMetadataRequest; res: GetKeyMetadataResponse };
   Encrypt: { req: EncryptRequest; res: EncryptResponse };
@@ -104,25 +105,42 @@ function deadlineExceeded(afterMs: number): grpc.ServiceError {
   });
 }
 
-/** No `xks-reason` in the trailers: the gRPC status alone decides. */
-const STATUS_TO_XKS: Partial<Record<grpc.status, XksErrorName>> = {
-  [grpc.status.DEADLINE_EXCEEDED]: "DependencyTimeoutException",
-  [grpc.status.UNAVAILABLE]: "DependencyTimeoutException",
+interface StatusRow {
+  xks: XksErrorName;
+  /** The agent, or the path to it, is down (rather than the request being bad). */
+  transport: boolean;
+}
+
+/** No known `xks-reason` in the trailers: the gRPC status alone decides. */
+const BY_STATUS: Partial<Record<grpc.status, StatusRow>> = {
+  [grpc.status.DEADLINE_EXCEEDED]: { xks: "DependencyTimeoutException", transport: true },
+  [grpc.status.UNAVAILABLE]: { xks: "DependencyTimeoutException", transport: true },
   // The agent refused our token: a misconfiguration on our side, not the caller's.
-  [grpc.status.UNAUTHENTICATED]: "InternalException",
+  [grpc.status.UNAUTHENTICATED]: { xks: "InternalException", transport: false },
 };
+const ANY_OTHER_STATUS: StatusRow = { xks: "InternalException", transport: false };
+
+/** What a failed agent call means. */
+export interface AgentFailure {
+  /** The XKS error answered to KMS. */
+  error: XksError;
+  /** True when the agent, or the path to it, is down: the pool routes around it until a health check answers. */
+  transport: boolean;
+}
 
 function statusName(code: unknown): string {
   return typeof code === "number" ? (grpc.status[code] ?? String(code)) : "UNKNOWN";
 }
 
 /**
- * THE mapping from a failed agent call to the XKS error (one table):
- * trailing metadata `xks-reason` → REASONS[reason].xks; otherwise
- * DEADLINE_EXCEEDED / UNAVAILABLE → 503 DependencyTimeoutException,
- * UNAUTHENTICATED → 500 InternalException, anything else → 500 InternalException.
+ * THE classification of a failed agent call (one table), used both for the
+ * answer to KMS and for the pool's routing:
+ *   - trailing metadata `xks-reason` (the agent answered) → REASONS[reason].xks, not transport;
+ *     a reason this proxy does not know → the status's XKS error, still not transport;
+ *   - no reason: DEADLINE_EXCEEDED / UNAVAILABLE → 503 DependencyTimeoutException, transport;
+ *     UNAUTHENTICATED → 500 InternalException; anything else → 500 InternalException.
  */
-export function agentErrorToXks(err: unknown, agentId = "?"): XksError {
+export function classifyAgentFailure(err: unknown, agentId = "?"): AgentFailure {
   const se = err as Partial<grpc.ServiceError>;
   const code = se?.code;
   let reason: unknown;
@@ -131,31 +149,32 @@ export function agentErrorToXks(err: unknown, agentId = "?"): XksError {
   } catch {
     reason = undefined;
   }
-  const name: XksErrorName = isReason(reason)
-    ? REASONS[reason].xks
-    : (typeof code === "number" ? STATUS_TO_XKS[code as grpc.status] : undefined) ?? "InternalException";
+  const byStatus = (typeof code === "number" ? BY_STATUS[code as grpc.status] : undefined) ?? ANY_OTHER_STATUS;
+  const name: XksErrorName = isReason(reason) ? REASONS[reason].xks : byStatus.xks;
   const details = typeof se?.details === "string" ? se.details.slice(0, 200) : errorMessage(err).slice(0, 200);
   const detail = `agent ${agentId}: ${statusName(code)}${isReason(reason) ? ` ${reason}` : ""}: ${details}`;
-  return new XksError(name, detail, { cause: err });
+  return { error: new XksError(name, detail, { cause: err }), transport: reason === undefined && byStatus.transport };
 }
 
-/** True when the failure says the agent (or the path to it) is down rather than the request being bad. */
-function isTransportFailure(err: unknown): boolean {
-  const se = err as Partial<grpc.ServiceError>;
-  const hasReason = se?.metadata instanceof grpc.Metadata && se.metadata.get(REASON_METADATA_KEY).length > 0;
-  return !hasReason && (se?.code === grpc.status.UNAVAILABLE || se?.code === grpc.status.DEADLINE_EXCEEDED);
-}
-
-type UnaryFn = (
-  req: unknown,
+/** Starts one call of RPC M on a client (the generated client has one typed method per RPC). */
+type Invoke<M extends keyof AgentMethods> = (
+  client: XksAgentClient,
+  req: AgentMethods[M]["req"],
   md: grpc.Metadata,
   opts: grpc.CallOptions,
-  cb: (err: grpc.ServiceError | null, res?: unknown) => void,
+  cb: grpc.requestCallback<AgentMethods[M]["res"]>,
 ) => grpc.ClientUnaryCall;
 
+const INVOKE: { [M in keyof AgentMethods]: Invoke<M> } = {
+  GetKeyMetadata: (client, req, md, opts, cb) => client.GetKeyMetadata(req, md, opts, cb),
+  Encrypt: (client, req, md, opts, cb) => client.Encrypt(req, md, opts, cb),
+  Decrypt: (client, req, md, opts, cb) => client.Decrypt(req, md, opts, cb),
+  GetHealthStatus: (client, req, md, opts, cb) => client.GetHealthStatus(req, md, opts, cb),
+};
+
 interface Conn {
-  cfg: AgentConfig;
-  client: grpc.Client;
+  cfg: AgentEndpoint;
+  client: XksAgentClient;
   /** What health checks said (the only source of the reported health). */
   health: AgentHealth;
   /** A call just failed in transport: route around it until the next health check answers. */
@@ -163,7 +182,7 @@ interface Conn {
 }
 
 export interface AgentPoolOptions {
-  agents: readonly AgentConfig[];
+  agents: readonly AgentEndpoint[];
   /** Deadline of GetKeyMetadata / Encrypt / Decrypt calls. */
   deadlineMs: number;
   /** Deadline of one background GetHealthStatus call. */
@@ -231,17 +250,23 @@ export class AgentPool implements AgentApi {
    * not turned into a timeout. grpc-js still gets a deadline (with that grace), which
    * is also sent to the agent.
    */
-  private unary<T>(c: Conn, method: keyof AgentMethods, request: unknown, deadlineMs: number): Promise<T> {
-    const fn = (c.client as unknown as Record<string, UnaryFn>)[method];
+  private unary<M extends keyof AgentMethods>(
+    c: Conn,
+    method: M,
+    request: AgentMethods[M]["req"],
+    deadlineMs: number,
+  ): Promise<AgentMethods[M]["res"]> {
+    const invoke: Invoke<M> = INVOKE[method];
     const started = Date.now();
-    return new Promise<T>((resolve, reject) => {
+    return new Promise((resolve, reject) => {
       let settled = false;
-      const call = fn.call(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
+      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        // grpc-js passes a value with every success (null error).
         if (err) reject(err);
-        else resolve(res as T);
+        else resolve(res!);
       });
       const timer = setTimeout(() => {
         setImmediate(() => {
@@ -272,16 +297,17 @@ export class AgentPool implements AgentApi {
   async call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
     const c = this.pick();
     try {
-      const response = await this.unary<AgentMethods[M]["res"]>(c, method, request, this.opts.deadlineMs);
+      const response = await this.unary(c, method, request, this.opts.deadlineMs);
       return { response, agentId: c.cfg.id };
     } catch (err) {
-      if (isTransportFailure(err)) {
+      const failure = classifyAgentFailure(err, c.cfg.id);
+      if (failure.transport) {
         // Route around it until a health check answers, and check now. The reported
         // health is left to that check, so one slow call does not flip KMS's view.
         c.suspect = true;
         this.kick();
       }
-      throw agentErrorToXks(err, c.cfg.id);
+      throw failure.error;
     }
   }
 
@@ -297,17 +323,12 @@ export class AgentPool implements AgentApi {
 
   private async checkOne(c: Conn): Promise<void> {
     try {
-      const res = await this.unary<GetHealthStatusResponse>(
-        c,
-        "GetHealthStatus",
-        { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" } satisfies GetHealthStatusRequest,
-        this.opts.healthDeadlineMs,
-      );
+      const res = await this.unary(c, "GetHealthStatus", { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" }, this.opts.healthDeadlineMs);
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
       this.setHealth(c, { state, checkedAt: this.now(), report: res }, res.detail ? res.detail.slice(0, 200) : "health check");
     } catch (err) {
-      const e = agentErrorToXks(err, c.cfg.id);
-      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report }, e.message);
+      const { error } = classifyAgentFailure(err, c.cfg.id);
+      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report }, error.message);
     }
     c.suspect = false;
   }

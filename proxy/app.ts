@@ -6,28 +6,30 @@
  *   1. request log state + one completion line per request (allow-listed fields only)
  *   2. GET /ping                                  → 200 "pong from xks-proxy <version>" (no auth)
  *   3. resolve the route on the raw path          → 404 InvalidUriPathException (before any auth)
- *      non-POST on an API URI                     → 405 (XKS-style JSON body, Allow: POST)
+ *      non-POST on an API URI                     → 405 (METHOD_NOT_ALLOWED: no errorName, Allow: POST)
  *   4. read the raw body (hard cap, no inflation) → 501 UnsupportedOperationException if over the cap
  *   5. SigV4 over the raw bytes                   → 401 AuthenticationFailedException
  *   6. Content-Type, JSON, per-operation fields   → 400 ValidationException / 501 for sizes
  *   7. key allow-list of the key store            → 404 KeyNotFoundException
  *   8. the operation: ONE agent call (or the health cache)
- *   9. ONE error middleware, last: every failure becomes compact {"errorName","errorMessage"} JSON.
+ *   9. ONE error middleware, last: every failure becomes compact {"errorName","errorMessage"} JSON
+ *      (the 405 gets METHOD_NOT_ALLOWED's {"errorMessage"}).
  */
 import express, { type NextFunction, type Request, type Response } from "express";
-import { XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
+import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
+import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
 import type { AgentApi } from "./agent-client.ts";
-import type { KeyStoreConfig, Limits, ProxyConfig } from "./config.ts";
-import type { OpContext } from "./handlers/context.ts";
+import type { Limits, ProxyConfig } from "./config.ts";
+import type { HandlerContext } from "./handlers/context.ts";
 import { decrypt, parseDecryptRequest } from "./handlers/decrypt.ts";
 import { encrypt, parseEncryptRequest } from "./handlers/encrypt.ts";
 import { getHealthStatus, parseGetHealthStatusRequest } from "./handlers/get-health-status.ts";
 import { getKeyMetadata, parseGetKeyMetadataRequest } from "./handlers/get-key-metadata.ts";
 import { KeyStoreRegistry, parseXksPath, splitTarget, type Operation } from "./routes.ts";
 import { verifySigV4 } from "./sigv4.ts";
-import { parseJsonBody, peekRequestId, type Json } from "./validate.ts";
+import { parseJsonBody, peekRequestId, type Json, type WireRequestMetadata } from "./validate.ts";
 
 export interface AppDeps {
   config: Readonly<ProxyConfig>;
@@ -52,24 +54,20 @@ interface RequestState {
   agent?: string;
   errorName?: string;
   detail?: string;
-  store?: Readonly<KeyStoreConfig>;
 }
 
 function state(res: Response): RequestState {
   return res.locals.xks as RequestState;
 }
 
-/** 405 on an API URI. The spec defines no errorName for it; the body still has the XKS shape. */
+/** A non-POST method on an API URI: answered with the catalogue's METHOD_NOT_ALLOWED. */
 class MethodNotAllowedError extends Error {
   constructor(method: string) {
     super(`method ${method.slice(0, 16)} not allowed`);
     this.name = "MethodNotAllowedError";
   }
 }
-const METHOD_NOT_ALLOWED_BODY = JSON.stringify({
-  errorName: "UnsupportedOperationException",
-  errorMessage: "Only POST is allowed on this URI.",
-});
+const METHOD_NOT_ALLOWED_BODY = JSON.stringify(METHOD_NOT_ALLOWED.body);
 
 /**
  * A body over limits.maxBodyBytes. Answered as 501 UnsupportedOperationException:
@@ -82,16 +80,25 @@ class BodyTooLargeError extends XksError {
   }
 }
 
-interface OpDef {
-  parse(body: Json, limits: Limits): unknown;
-  run(input: unknown, ctx: OpContext): Promise<object>;
+/** A request body validated by its operation's parser, bound to that operation's handler. */
+interface ParsedOperation {
+  metadata: WireRequestMetadata;
+  run(ctx: HandlerContext): Promise<object>;
 }
-function op<I, O extends object>(parse: (b: Json, l: Limits) => I, run: (i: I, c: OpContext) => Promise<O>): OpDef {
-  return { parse, run: run as (i: unknown, c: OpContext) => Promise<O> };
+
+/** Pairs an operation's parser with its handler; their input type is checked here and needs no cast. */
+function op<I extends { metadata: WireRequestMetadata }>(
+  parse: (body: Json, limits: Limits) => I,
+  run: (input: I, ctx: HandlerContext) => Promise<object>,
+): (body: Json, limits: Limits) => ParsedOperation {
+  return (body, limits) => {
+    const input = parse(body, limits);
+    return { metadata: input.metadata, run: (ctx) => run(input, ctx) };
+  };
 }
 
 /** The four XKS operations: validation + logic, one module each under proxy/handlers/. */
-const OPERATIONS: Record<Operation, OpDef> = {
+const OPERATIONS: Record<Operation, (body: Json, limits: Limits) => ParsedOperation> = {
   GetKeyMetadata: op(parseGetKeyMetadataRequest, getKeyMetadata),
   Encrypt: op(parseEncryptRequest, encrypt),
   Decrypt: op(parseDecryptRequest, decrypt),
@@ -221,8 +228,7 @@ export function buildApp(deps: AppDeps): express.Express {
     if (!parsed || !store) throw new XksError("InvalidUriPathException", "no such key store or API path");
     st.operation = parsed.operation;
     st.keyStore = parsed.prefix;
-    st.key = parsed.keyId?.slice(0, 128);
-    st.store = store;
+    st.key = parsed.keyId?.slice(0, MAX_EXTERNAL_KEY_ID_CHARS);
     if (req.method !== "POST") throw new MethodNotAllowedError(req.method);
 
     // 4. The raw body, any content type, capped, never inflated (the bytes SigV4 covers).
@@ -239,10 +245,9 @@ export function buildApp(deps: AppDeps): express.Express {
     const operation = parsed.operation;
     const json = parseJsonBody(body, req.headers["content-type"]);
     st.kmsRequestId = peekRequestId(json);
-    const def = OPERATIONS[operation];
-    const input = def.parse(json, config.limits) as { metadata: { kmsOperation: string; awsPrincipalArn: string } };
-    st.kmsOperation = input.metadata.kmsOperation.slice(0, 64);
-    st.principal = input.metadata.awsPrincipalArn ? input.metadata.awsPrincipalArn.slice(0, 2048) : undefined;
+    const validated = OPERATIONS[operation](json, config.limits);
+    st.kmsOperation = validated.metadata.kmsOperation.slice(0, 64);
+    st.principal = validated.metadata.awsPrincipalArn ? validated.metadata.awsPrincipalArn.slice(0, MAX_METADATA_CHARS) : undefined;
 
     // 7. The key store's allow-list.
     const keyId = st.key ?? "";
@@ -251,7 +256,7 @@ export function buildApp(deps: AppDeps): express.Express {
     }
 
     // 8. The operation: one agent call (or the health cache).
-    const ctx: OpContext = {
+    const ctx: HandlerContext = {
       agents,
       keyStore: store.uriPathPrefix,
       keyId,
@@ -263,7 +268,7 @@ export function buildApp(deps: AppDeps): express.Express {
         st.agent = agentId;
       },
     };
-    sendJson(res, 200, await def.run(input, ctx));
+    sendJson(res, 200, await validated.run(ctx));
   });
 
   // 9. The one error handler. Wire bodies carry only the name and its fixed message.
@@ -277,7 +282,7 @@ export function buildApp(deps: AppDeps): express.Express {
     if (err instanceof MethodNotAllowedError) {
       st.errorName = "MethodNotAllowed";
       st.detail = err.message;
-      sendJson(res, 405, METHOD_NOT_ALLOWED_BODY, { allow: "POST" });
+      sendJson(res, METHOD_NOT_ALLOWED.status, METHOD_NOT_ALLOWED_BODY, METHOD_NOT_ALLOWED.headers);
       return;
     }
     const xe = toXksError(err);

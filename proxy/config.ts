@@ -50,6 +50,7 @@
  */
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { LogLevel } from "../shared/logging.ts";
+import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, SPEC_MIN_AAD_BYTES, SPEC_MIN_PLAINTEXT_BYTES } from "../shared/xks-spec.ts";
 
 export interface ListenConfig {
   host: string;
@@ -71,7 +72,8 @@ export interface KeyStoreConfig {
   keys: string[];
 }
 
-export interface AgentConfig {
+/** One agent the proxy calls (an entry of `agents`); not to be confused with the agent's own config. */
+export interface AgentEndpoint {
   id: string;
   /** grpc-js target: `unix:///abs/path.sock` or `host:port`. */
   target: string;
@@ -100,7 +102,7 @@ export interface ProxyConfig {
   fleetSize: number;
   vendor: string;
   ekmVendor: string;
-  agents: AgentConfig[];
+  agents: AgentEndpoint[];
   agentDeadlineMs: number;
   healthRefreshMs: number;
   healthDeadlineMs: number;
@@ -110,15 +112,9 @@ export interface ProxyConfig {
   log: { level: LogLevel };
 }
 
-/** Spec minimums (XKS Proxy API spec: Encrypt/Decrypt field constraints). */
-export const SPEC_MIN_PLAINTEXT_BYTES = 4300;
-export const SPEC_MIN_AAD_BYTES = 8192;
-
 export const PREFIX_RE = /^\/[a-zA-Z0-9/_-]{8,116}$/;
 export const ACCESS_KEY_ID_RE = /^[A-Z2-7]{20,30}$/;
 export const SECRET_ACCESS_KEY_RE = /^[a-zA-Z0-9/+=]{43,64}$/;
-/** KMS-API XksKeyId: length 1–128, ^[a-zA-Z0-9-_.]+$ */
-export const KEY_ID_RE = /^[a-zA-Z0-9\-_.]{1,128}$/;
 const AGENT_ID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 const TARGET_RE = /^(?:unix:\/\/\/[^\s]+|unix:\/[^\s]+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5})$/;
 const REGION_RE = /^[a-z]{2,}(?:-[a-z0-9]+)+$/;
@@ -177,7 +173,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const healthDeadlineMs = c.int(root, "healthDeadlineMs", "", { default: 2_000, min: 10, max: 10_000 });
 
   // agents
-  const agents: AgentConfig[] = [];
+  const agents: AgentEndpoint[] = [];
   const agentList = c.array(root, "agents", "", { min: 1 });
   if (agentList.length > 10) c.problem("agents", "must have at most 10 entries (ekmFleetDetails holds 1..10)");
   const agentIds = new Set<string>();
@@ -263,8 +259,8 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     const keySet = new Set<string>();
     c.array(o, "keys", f).forEach((k, j) => {
       const kf = `${f}.keys[${j}]`;
-      if (typeof k !== "string" || !KEY_ID_RE.test(k)) {
-        c.problem(kf, "must be an externalKeyId: 1-128 characters of [a-zA-Z0-9-_.]");
+      if (typeof k !== "string" || !EXTERNAL_KEY_ID_RE.test(k)) {
+        c.problem(kf, `must be an externalKeyId: ${EXTERNAL_KEY_ID_RULE}`);
         return;
       }
       if (keySet.has(k)) c.problem(kf, `duplicate key "${k}"`);

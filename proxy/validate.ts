@@ -9,6 +9,7 @@
  */
 import { XksError } from "../shared/errors.ts";
 import type { RequestMetadata } from "../shared/proto.ts";
+import { MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
 
 export type Json = Record<string, unknown>;
 
@@ -106,8 +107,6 @@ const REQUIRED_METADATA = {
   GetHealthStatus: ["kmsOperation", "kmsRequestId"],
 } as const;
 const OPTIONAL_METADATA = ["awsPrincipalArn", "kmsKeyArn", "kmsViaService", "awsSourceVpc", "awsSourceVpce"] as const;
-/** The spec's longest metadata value is an ARN of up to 2048 characters; nothing longer is accepted or logged. */
-export const MAX_METADATA_CHARS = 2048;
 
 /** The wire `requestMetadata` (XKS Proxy API spec §1.3); unknown members are ignored. */
 export type WireRequestMetadata = Pick<
@@ -137,6 +136,7 @@ export function parseRequestMetadata(body: Json, operation: keyof typeof REQUIRE
     const v = md[f];
     if (v === undefined) continue;
     if (typeof v !== "string") invalid(`requestMetadata.${f} must be a string`);
+    // Nothing longer than the spec's longest value (an ARN) is accepted, so nothing longer is logged.
     if (v.length > MAX_METADATA_CHARS) invalid(`requestMetadata.${f} is longer than ${MAX_METADATA_CHARS} characters`);
     out[f] = v;
   }

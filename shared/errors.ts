@@ -2,11 +2,13 @@
  * The error catalogue shared by both daemons.
  *
  * Three tables, one per boundary, each translated exactly once:
- *   - XKS_ERRORS:     XKS errorName -> HTTP status + fixed public message (XKS Proxy API spec §2)
+ *   - XKS_ERRORS:     XKS errorName -> HTTP status + fixed public message (XKS Proxy API spec §2),
+ *                     and METHOD_NOT_ALLOWED, the spec's 405, which has no errorName
  *   - REASONS:        agent failure reason -> gRPC status code (agent side) and XKS errorName (proxy side)
  *   - (agent/hsm/ckr.ts) CK_RV -> agent failure reason
  */
 import { status as GrpcStatus } from "@grpc/grpc-js";
+import type { ErrorReason } from "./proto.ts";
 
 /** Defined per XKS Proxy API spec §2 ("Error codes"). Messages are fixed, short, printable ASCII. */
 export const XKS_ERRORS = {
@@ -28,6 +30,21 @@ export const XKS_ERRORS = {
 } as const;
 
 export type XksErrorName = keyof typeof XKS_ERRORS;
+
+const METHOD_NOT_ALLOWED_MESSAGE = "Only POST is allowed on this URI.";
+
+/**
+ * The answer to any method but POST on an API URI: the spec requires 405
+ * Method Not Allowed and defines no errorName for it, so the body carries the
+ * fixed message only, and `Allow` names the one method that works.
+ */
+export const METHOD_NOT_ALLOWED = {
+  status: 405,
+  message: METHOD_NOT_ALLOWED_MESSAGE,
+  /** The wire body: {"errorMessage":…}, no errorName. */
+  body: { errorMessage: METHOD_NOT_ALLOWED_MESSAGE },
+  headers: { allow: "POST" },
+} as const;
 
 /**
  * An error that has a public XKS name. `detail` and `cause` are for logs only;
@@ -52,7 +69,9 @@ export class XksError extends Error {
 /**
  * Agent failure reasons (proto enum ErrorReason). The agent ends a failed call
  * with `grpc` as the status code and the reason name in trailing metadata
- * `xks-reason`; the proxy maps the reason name to `xks`.
+ * `xks-reason`; the proxy maps the reason name to `xks`. The keys are exactly
+ * the enum's values other than ERROR_REASON_UNSPECIFIED (checked by the type
+ * below and by test/unit/catalogue.test.ts).
  */
 export const REASONS = {
   KEY_NOT_FOUND: { grpc: GrpcStatus.NOT_FOUND, xks: "KeyNotFoundException" },
@@ -64,7 +83,7 @@ export const REASONS = {
   INTERNAL: { grpc: GrpcStatus.INTERNAL, xks: "InternalException" },
   VALIDATION: { grpc: GrpcStatus.INVALID_ARGUMENT, xks: "ValidationException" },
   HSM_UNAVAILABLE: { grpc: GrpcStatus.UNAVAILABLE, xks: "DependencyTimeoutException" },
-} as const satisfies Record<string, { grpc: GrpcStatus; xks: XksErrorName }>;
+} as const satisfies Record<ErrorReason, { grpc: GrpcStatus; xks: XksErrorName }>;
 
 export type Reason = keyof typeof REASONS;
 

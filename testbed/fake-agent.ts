@@ -98,6 +98,7 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
         detail: "",
         agentVersion: "0.0.0",
         paused: false,
+        tunnels: [],
       }),
     ),
     GetKeyMetadata: wrap("GetKeyMetadata", (req: GetKeyMetadataRequest) =>

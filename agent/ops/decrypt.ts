@@ -1,15 +1,16 @@
 import { AgentError } from "../../shared/errors.ts";
 import type { DecryptRequest, DecryptResponse } from "../../shared/proto.ts";
-import { gcmMechanism, hsmAad, TAG_BYTES } from "../xks-crypto.ts";
-import { keyCheck, type OpContext } from "./context.ts";
+import { isIvLength, TAG_BYTES } from "../../shared/xks-spec.ts";
+import { gcmMechanism, hsmAad } from "../xks-crypto.ts";
+import { keyCheck, type AgentOpContext } from "./context.ts";
 
 /**
  * XKS Decrypt (spec §1.6). Any mismatch of tag, AAD, IV, ciphertext metadata
  * or ciphertext is InvalidCiphertext (SoftHSM 2.6 says CKR_GENERAL_ERROR,
  * 2.7 CKR_ENCRYPTED_DATA_INVALID; agent/hsm/ckr.ts maps both).
  */
-export function decrypt(ctx: OpContext, req: DecryptRequest): DecryptResponse {
-  if (req.iv.length !== 12 && req.iv.length !== 16) throw new AgentError("INVALID_CIPHERTEXT", `IV is ${req.iv.length} bytes`);
+export function decrypt(ctx: AgentOpContext, req: DecryptRequest): DecryptResponse {
+  if (!isIvLength(req.iv.length)) throw new AgentError("INVALID_CIPHERTEXT", `IV is ${req.iv.length} bytes`);
   if (req.tag.length !== TAG_BYTES) throw new AgentError("INVALID_CIPHERTEXT", `tag is ${req.tag.length} bytes`);
   // We never make an empty ciphertext (Encrypt refuses empty plaintext).
   if (req.ciphertext.length === 0) throw new AgentError("INVALID_CIPHERTEXT", "empty ciphertext");
@@ -18,7 +19,7 @@ export function decrypt(ctx: OpContext, req: DecryptRequest): DecryptResponse {
 }
 
 /** One GCM decrypt on the HSM; also the check-decrypt of Encrypt. */
-export function decryptWith(ctx: OpContext, label: string, ct: Buffer, iv: Buffer, tag: Buffer, aadForHsm: Buffer): Buffer {
+export function decryptWith(ctx: AgentOpContext, label: string, ct: Buffer, iv: Buffer, tag: Buffer, aadForHsm: Buffer): Buffer {
   const input = Buffer.concat([ct, tag]);
   const out = ctx.hsm.runWithKey(
     "decrypt",

@@ -1,8 +1,9 @@
 import { timingSafeEqual } from "node:crypto";
 import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
-import { freshIv, gcmMechanism, hsmAad, integrityValue, TAG_BYTES } from "../xks-crypto.ts";
-import { keyCheck, type OpContext } from "./context.ts";
+import { TAG_BYTES } from "../../shared/xks-spec.ts";
+import { freshIv, gcmMechanism, hsmAad, integrityValue } from "../xks-crypto.ts";
+import { keyCheck, type AgentOpContext } from "./context.ts";
 import { decryptWith } from "./decrypt.ts";
 
 /**
@@ -12,7 +13,7 @@ import { decryptWith } from "./decrypt.ts";
  * the plaintext back (spec Appendix C) — so an encrypt-only key cannot
  * produce one (InvalidKeyUsage).
  */
-export function encrypt(ctx: OpContext, req: EncryptRequest): EncryptResponse {
+export function encrypt(ctx: AgentOpContext, req: EncryptRequest): EncryptResponse {
   const pt = req.plaintext;
   // KMS never sends an empty plaintext, and PKCS#11 modules reject an empty buffer.
   if (pt.length === 0) throw new AgentError("VALIDATION", "empty plaintext");

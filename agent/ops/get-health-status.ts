@@ -4,7 +4,7 @@ import type { GetHealthStatusResponse } from "../../shared/proto.ts";
 import { VERSION } from "../../shared/version.ts";
 import { decrypt } from "./decrypt.ts";
 import { encrypt } from "./encrypt.ts";
-import type { OpContext } from "./context.ts";
+import type { AgentOpContext } from "./context.ts";
 
 const NO_METADATA = null;
 
@@ -14,7 +14,7 @@ const NO_METADATA = null;
  * A token that answers but whose health key is unusable is DEGRADED; an HSM
  * that cannot be reached is UNAVAILABLE.
  */
-export function getHealthStatus(ctx: OpContext): GetHealthStatusResponse {
+export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
   const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels() };
   let token;
   try {

@@ -1,5 +1,5 @@
 import type { GetKeyMetadataRequest, GetKeyMetadataResponse } from "../../shared/proto.ts";
-import { assertAes256, type OpContext } from "./context.ts";
+import { assertAes256, type AgentOpContext } from "./context.ts";
 
 /**
  * XKS GetKeyMetadata (spec §1.4), from the key's real attributes: CKA_KEY_TYPE
@@ -7,7 +7,7 @@ import { assertAes256, type OpContext } from "./context.ts";
  * refused, never misreported), CKA_ENCRYPT/DECRYPT/SIGN/VERIFY/WRAP/UNWRAP/DERIVE
  * give the usage, and the owner's per-key switch gives the status.
  */
-export function getKeyMetadata(ctx: OpContext, req: GetKeyMetadataRequest): GetKeyMetadataResponse {
+export function getKeyMetadata(ctx: AgentOpContext, req: GetKeyMetadataRequest): GetKeyMetadataResponse {
   const key = ctx.hsm.key(req.keyId);
   assertAes256(key);
   const u = key.usage;

@@ -7,7 +7,7 @@ import type { AgentApi } from "../agent-client.ts";
 import type { Limits } from "../config.ts";
 import type { WireRequestMetadata } from "../validate.ts";
 
-export interface OpContext {
+export interface HandlerContext {
   agents: AgentApi;
   /** The key store's URI path prefix ("" = none). */
   keyStore: string;

@@ -4,9 +4,10 @@
  * ciphertextMetadata and the integrity value; the proxy validates and maps.
  */
 import { XksError } from "../../shared/errors.ts";
+import { INTEGRITY_VALUE_BYTES, isIvLength, MAX_CIPHERTEXT_METADATA_BYTES, TAG_BYTES } from "../../shared/xks-spec.ts";
 import type { Limits } from "../config.ts";
 import { base64Field, exactString, parseRequestMetadata, type Json, type WireRequestMetadata } from "../validate.ts";
-import { b64, len, toProtoMetadata, type OpContext } from "./context.ts";
+import { b64, len, toProtoMetadata, type HandlerContext } from "./context.ts";
 
 /** Defined per XKS Proxy API spec §1.5 (request body). */
 export interface EncryptWireRequest {
@@ -44,7 +45,7 @@ export function parseEncryptRequest(body: Json, limits: Limits): EncryptInput {
   return { metadata, plaintext, aad, wantIntegrityValue };
 }
 
-export async function encrypt(input: EncryptInput, ctx: OpContext): Promise<EncryptWireResponse> {
+export async function encrypt(input: EncryptInput, ctx: HandlerContext): Promise<EncryptWireResponse> {
   const { response: r, agentId } = await ctx.agents.call("Encrypt", {
     metadata: toProtoMetadata(input.metadata, ctx.keyStore),
     keyId: ctx.keyId,
@@ -54,13 +55,12 @@ export async function encrypt(input: EncryptInput, ctx: OpContext): Promise<Encr
   });
   ctx.served(agentId);
   // Never hand KMS something it will reject: GCM keeps the length, IV 12/16, tag 16, CM <= 20, CDIV = SHA-256.
-  const ivLen = len(r.iv);
   if (
     len(r.ciphertext) !== input.plaintext.length ||
-    (ivLen !== 12 && ivLen !== 16) ||
-    len(r.tag) !== 16 ||
-    len(r.ciphertextMetadata) > 20 ||
-    (input.wantIntegrityValue && len(r.integrityValue) !== 32)
+    !isIvLength(len(r.iv)) ||
+    len(r.tag) !== TAG_BYTES ||
+    len(r.ciphertextMetadata) > MAX_CIPHERTEXT_METADATA_BYTES ||
+    (input.wantIntegrityValue && len(r.integrityValue) !== INTEGRITY_VALUE_BYTES)
   ) {
     throw new XksError("InternalException", `agent ${agentId}: malformed Encrypt answer`);
   }

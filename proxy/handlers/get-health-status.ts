@@ -9,7 +9,7 @@ import { VERSION } from "../../shared/version.ts";
 import type { AgentHealth } from "../agent-client.ts";
 import type { Limits } from "../config.ts";
 import { parseRequestMetadata, type Json, type WireRequestMetadata } from "../validate.ts";
-import type { OpContext } from "./context.ts";
+import type { HandlerContext } from "./context.ts";
 
 /** Defined per XKS Proxy API spec §1.7 (request body). */
 export interface GetHealthStatusWireRequest {
@@ -51,7 +51,7 @@ function modelOf(h: AgentHealth): string {
 }
 
 /** Builds the response from the cache; never waits for an agent. */
-export function buildHealthResponse(health: AgentHealth[], ctx: Pick<OpContext, "fleetSize" | "vendor" | "ekmVendor">): GetHealthStatusWireResponse {
+export function buildHealthResponse(health: AgentHealth[], ctx: Pick<HandlerContext, "fleetSize" | "vendor" | "ekmVendor">): GetHealthStatusWireResponse {
   const seen = new Set<string>();
   const ekmFleetDetails = health.map((h) => {
     let id = h.report?.agentId || h.id;
@@ -70,6 +70,6 @@ export function buildHealthResponse(health: AgentHealth[], ctx: Pick<OpContext, 
   };
 }
 
-export async function getHealthStatus(_input: GetHealthStatusInput, ctx: OpContext): Promise<GetHealthStatusWireResponse> {
+export async function getHealthStatus(_input: GetHealthStatusInput, ctx: HandlerContext): Promise<GetHealthStatusWireResponse> {
   return buildHealthResponse(ctx.agents.healthSnapshot(), ctx);
 }

@@ -5,7 +5,7 @@
 import { XksError } from "../../shared/errors.ts";
 import type { Limits } from "../config.ts";
 import { parseRequestMetadata, type Json, type WireRequestMetadata } from "../validate.ts";
-import { toProtoMetadata, type OpContext } from "./context.ts";
+import { toProtoMetadata, type HandlerContext } from "./context.ts";
 
 /** Defined per XKS Proxy API spec §1.4 (request body). */
 export interface GetKeyMetadataWireRequest {
@@ -27,7 +27,7 @@ export function parseGetKeyMetadataRequest(body: Json, _limits: Limits): GetKeyM
   return { metadata: parseRequestMetadata(body, "GetKeyMetadata") };
 }
 
-export async function getKeyMetadata(input: GetKeyMetadataInput, ctx: OpContext): Promise<GetKeyMetadataWireResponse> {
+export async function getKeyMetadata(input: GetKeyMetadataInput, ctx: HandlerContext): Promise<GetKeyMetadataWireResponse> {
   const { response, agentId } = await ctx.agents.call("GetKeyMetadata", {
     metadata: toProtoMetadata(input.metadata, ctx.keyStore),
     keyId: ctx.keyId,

@@ -11,7 +11,7 @@ import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createKey } from "../../agent/keys.ts";
 import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
-import type { OpContext } from "../../agent/ops/context.ts";
+import type { AgentOpContext } from "../../agent/ops/context.ts";
 import { createLogger } from "../../shared/logging.ts";
 import type { RequestMetadata } from "../../shared/proto.ts";
 import { createSoftHsmToken } from "../../test/helpers/softhsm.ts";
@@ -67,7 +67,7 @@ export function measureFloor(dir: string, sizes: number[], secondsEach: number):
       agentId: "bench-floor",
       isKeyDisabled: () => false,
       tunnels: () => [],
-    } as unknown as OpContext;
+    } as unknown as AgentOpContext;
     const out: FloorResult[] = [];
     for (const size of sizes) {
       const plaintext = Buffer.alloc(size, 0x42);

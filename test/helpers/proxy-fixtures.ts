@@ -105,6 +105,7 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
       detail: "",
       agentVersion: "0.0.0",
       paused: false,
+      tunnels: [],
     })),
     GetKeyMetadata: wrap("GetKeyMetadata", (req: GetKeyMetadataRequest) =>
       req.keyId === "bad-answer"

@@ -180,12 +180,12 @@ describe("proxy over a real port (fake agent)", () => {
     );
   });
 
-  it("GET (and other non-POST) on an API URI → 405 with an XKS-style JSON body", async () => {
+  it("GET (and other non-POST) on an API URI → 405 with Allow: POST and a JSON body without errorName (the spec defines none)", async () => {
     for (const method of ["GET", "PUT", "DELETE", "PATCH"]) {
       const r = await send(fx.url, { method, path: `${API}/keys/foo/encrypt` });
       assert.equal(r.status, 405, method);
       assert.equal(r.headers.allow, "POST");
-      assert.deepEqual(r.json, { errorName: "UnsupportedOperationException", errorMessage: "Only POST is allowed on this URI." });
+      assert.deepEqual(r.json, { errorMessage: "Only POST is allowed on this URI." });
     }
     assert.equal((await send(fx.url, { method: "GET", path: `${API}/health` })).status, 405);
     expectError(await send(fx.url, { method: "GET", path: `/other/kms/xks/v1/health` }), "InvalidUriPathException");

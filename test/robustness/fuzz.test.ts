@@ -8,7 +8,7 @@
  *
  * For EVERY answer: the status is one of the spec's (XKS Proxy API spec §2), the
  * body is compact one-line JSON with an errorName of XKS_ERRORS whose status
- * matches (405 has the proxy's fixed XKS-shaped body; HEAD has none), the
+ * matches (405 has a fixed body without errorName, as the spec defines none; HEAD has none), the
  * errorMessage is printable ASCII < 512 chars, never HTML or a stack trace; and
  * each category's specific answer (computed by a small reference model of the
  * pipeline: route → method → body cap → SigV4 → validation → allow-list → agent).
@@ -297,7 +297,7 @@ const K404 = E("KeyNotFoundException");
 const U501 = E("UnsupportedOperationException");
 const D503 = E("DependencyTimeoutException");
 const M405 = "405";
-const METHOD_NOT_ALLOWED_TEXT = JSON.stringify({ errorName: "UnsupportedOperationException", errorMessage: "Only POST is allowed on this URI." });
+const METHOD_NOT_ALLOWED_TEXT = JSON.stringify({ errorMessage: "Only POST is allowed on this URI." });
 const SPEC_STATUSES = new Set([400, 401, 403, 404, 405, 429, 500, 501, 503]);
 
 type Category =
@@ -1296,6 +1296,11 @@ function checkAnswer(method: string, a: Answer): Outcome {
   }
   if (JSON.stringify(j) !== a.text) throw new Error("body is not compact JSON");
   if (typeof j !== "object" || j === null || Array.isArray(j)) throw new Error("body is not a JSON object");
+  if (a.status === 405) {
+    if (a.text !== METHOD_NOT_ALLOWED_TEXT) throw new Error("405 without the proxy's fixed body");
+    if (a.headers.allow !== "POST") throw new Error("405 without Allow: POST");
+    return M405;
+  }
   const o = j as Record<string, unknown>;
   const keys = Object.keys(o);
   if (!keys.includes("errorName") || keys.some((k) => k !== "errorName" && k !== "errorMessage")) throw new Error(`body members ${keys.join(",")}`);
@@ -1304,11 +1309,6 @@ function checkAnswer(method: string, a: Answer): Outcome {
   if (o.errorMessage !== undefined) {
     const msg = o.errorMessage;
     if (typeof msg !== "string" || !/^[\x20-\x7e]*$/.test(msg) || msg.length >= 512) throw new Error("errorMessage is not printable ASCII < 512 chars");
-  }
-  if (a.status === 405) {
-    if (a.text !== METHOD_NOT_ALLOWED_TEXT) throw new Error("405 without the proxy's fixed body");
-    if (a.headers.allow !== "POST") throw new Error("405 without Allow: POST");
-    return M405;
   }
   if (XKS_ERRORS[name as XksErrorName].status !== a.status) throw new Error(`${name} answered with ${a.status}, XKS_ERRORS says ${XKS_ERRORS[name as XksErrorName].status}`);
   return `${a.status}:${name}`;

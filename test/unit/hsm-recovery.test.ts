@@ -9,7 +9,7 @@ import assert from "node:assert/strict";
 import pkcs11js from "pkcs11js";
 import { Hsm, OPEN_RETRY_MS } from "../../agent/hsm/hsm.ts";
 import { Pkcs11Failure, type Handle, type Pkcs11Port, type Pkcs11TokenInfo } from "../../agent/hsm/port.ts";
-import type { OpContext } from "../../agent/ops/context.ts";
+import type { AgentOpContext } from "../../agent/ops/context.ts";
 import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
 import { AgentError, type Reason } from "../../shared/errors.ts";
@@ -252,7 +252,7 @@ const FIND_NONE = (n: number) => [`C_FindObjectsInit s${n}`, `C_FindObjects s${n
 const ENCRYPT = (n: number) => [`C_EncryptInit s${n}`, `C_Encrypt s${n}`];
 const DECRYPT = (n: number) => [`C_DecryptInit s${n}`, `C_Decrypt s${n}`];
 
-/** A stub with key k1, an Hsm on it with a hand-turned clock, and an OpContext for the real encrypt/decrypt ops. */
+/** A stub with key k1, an Hsm on it with a hand-turned clock, and an AgentOpContext for the real encrypt/decrypt ops. */
 function rig() {
   const stub = new StubPkcs11();
   stub.addKey(KEY);
@@ -261,7 +261,7 @@ function rig() {
     port: () => stub,
     now: () => clock.ms,
   });
-  const ctx: OpContext = {
+  const ctx: AgentOpContext = {
     hsm,
     ciphertextMetadata: Buffer.from("cm"),
     healthKey: KEY,

@@ -14,7 +14,7 @@ import { ConfigError } from "../../shared/config.ts";
 import { REASONS, REASON_METADATA_KEY, XKS_ERRORS, XksError, type Reason } from "../../shared/errors.ts";
 import { createLogger } from "../../shared/logging.ts";
 import type { EncryptRequest } from "../../shared/proto.ts";
-import { agentErrorToXks, type AgentApi, type AgentHealth, type AgentMethod } from "../../proxy/agent-client.ts";
+import { classifyAgentFailure, type AgentApi, type AgentHealth, type AgentMethod } from "../../proxy/agent-client.ts";
 import { buildApp } from "../../proxy/app.ts";
 import { base32, newCredential } from "../../proxy/credentials.ts";
 import { ACCESS_KEY_ID_RE, SECRET_ACCESS_KEY_RE, loadProxyConfig, parseProxyConfig, prefixProblem } from "../../proxy/config.ts";
@@ -199,29 +199,42 @@ describe("route parser", () => {
   });
 });
 
-describe("agent failure → XKS error (one table)", () => {
+describe("agent failure → XKS error and transport (one table)", () => {
   const withReason = (reason: string, code: grpc.status) => {
     const md = new grpc.Metadata();
     md.set(REASON_METADATA_KEY, reason);
     return Object.assign(new Error("x"), { code, details: "d", metadata: md });
   };
+  const noReason = (code: grpc.status) => Object.assign(new Error("x"), { code, details: "d", metadata: new grpc.Metadata() });
+  const classify = (err: unknown) => {
+    const f = classifyAgentFailure(err);
+    return { name: f.error.errorName, transport: f.transport };
+  };
   for (const [reason, row] of Object.entries(REASONS)) {
-    it(`xks-reason ${reason} → ${row.xks}`, () => assert.equal(agentErrorToXks(withReason(reason, row.grpc)).errorName, REASONS[reason as Reason].xks));
+    it(`xks-reason ${reason} → ${row.xks}, not transport`, () =>
+      assert.deepEqual(classify(withReason(reason, row.grpc)), { name: REASONS[reason as Reason].xks, transport: false }));
   }
-  const cases: Array<[grpc.status, string]> = [
-    [grpc.status.DEADLINE_EXCEEDED, "DependencyTimeoutException"],
-    [grpc.status.UNAVAILABLE, "DependencyTimeoutException"],
-    [grpc.status.UNAUTHENTICATED, "InternalException"],
-    [grpc.status.INTERNAL, "InternalException"],
-    [grpc.status.NOT_FOUND, "InternalException"],
-    [grpc.status.UNKNOWN, "InternalException"],
+  const cases: Array<[grpc.status, string, boolean]> = [
+    [grpc.status.DEADLINE_EXCEEDED, "DependencyTimeoutException", true],
+    [grpc.status.UNAVAILABLE, "DependencyTimeoutException", true],
+    [grpc.status.UNAUTHENTICATED, "InternalException", false],
+    [grpc.status.INTERNAL, "InternalException", false],
+    [grpc.status.NOT_FOUND, "InternalException", false],
+    [grpc.status.UNKNOWN, "InternalException", false],
   ];
-  for (const [code, name] of cases) {
-    it(`no reason, ${grpc.status[code]} → ${name}`, () =>
-      assert.equal(agentErrorToXks(Object.assign(new Error("x"), { code, details: "d", metadata: new grpc.Metadata() })).errorName, name));
+  for (const [code, name, transport] of cases) {
+    it(`no reason, ${grpc.status[code]} → ${name}${transport ? ", transport" : ""}`, () =>
+      assert.deepEqual(classify(noReason(code)), { name, transport }));
   }
-  it("an unknown reason falls back to the status", () => {
-    assert.equal(agentErrorToXks(withReason("NEW_REASON", grpc.status.UNAVAILABLE)).errorName, "DependencyTimeoutException");
+  it("an unknown reason falls back to the status, and is not transport (the agent answered)", () => {
+    assert.deepEqual(classify(withReason("NEW_REASON", grpc.status.UNAVAILABLE)), { name: "DependencyTimeoutException", transport: false });
+  });
+  it("transport is exactly UNAVAILABLE or DEADLINE_EXCEEDED without a reason", () => {
+    for (const code of Object.values(grpc.status).filter((v): v is grpc.status => typeof v === "number")) {
+      const down = code === grpc.status.UNAVAILABLE || code === grpc.status.DEADLINE_EXCEEDED;
+      assert.equal(classifyAgentFailure(noReason(code)).transport, down, grpc.status[code]);
+      for (const reason of Object.keys(REASONS)) assert.equal(classifyAgentFailure(withReason(reason, code)).transport, false, `${grpc.status[code]} ${reason}`);
+    }
   });
   it("every XKS error name has a status and a fixed printable message under 512 chars", () => {
     for (const [name, v] of Object.entries(XKS_ERRORS)) {
@@ -247,7 +260,7 @@ describe("health response builder", () => {
   it("uses the agent's id, token model/serial and manufacturer; ids stay unique", () => {
     const report = (agentId: string) => ({
       agentId, state: "ACTIVE" as const, tokenManufacturer: "SoftHSM project", tokenModel: "SoftHSM v2", tokenSerial: "abc",
-      tokenLabel: "t", detail: "", agentVersion: "0.1.0", paused: false,
+      tokenLabel: "t", detail: "", agentVersion: "0.1.0", paused: false, tunnels: [],
     });
     const hs: AgentHealth[] = [
       { id: "mac-1", state: "ACTIVE", checkedAt: 1, report: report("hsm-a") },
@@ -400,7 +413,8 @@ describe("buildApp in-process with a stub agent", () => {
 });
 
 it("requestMetadata values longer than the spec's 2048-character ARNs are refused (never logged or audited)", async () => {
-  const { parseRequestMetadata, MAX_METADATA_CHARS } = await import("../../proxy/validate.ts");
+  const { parseRequestMetadata } = await import("../../proxy/validate.ts");
+  const { MAX_METADATA_CHARS } = await import("../../shared/xks-spec.ts");
   const ok = { requestMetadata: { awsPrincipalArn: "a".repeat(MAX_METADATA_CHARS), kmsOperation: "CreateKey", kmsRequestId: "r" } };
   assert.equal(parseRequestMetadata(ok, "GetKeyMetadata").awsPrincipalArn.length, 2048);
   for (const f of ["awsPrincipalArn", "kmsRequestId", "kmsOperation", "kmsViaService"]) {
