@@ -4,7 +4,7 @@
  * forwarded connection into the agent's local socket. It moves bytes only and knows nothing of
  * gRPC.
  *
- * What must hold (field-notes.md §5–6, gotchas 10–17):
+ * What must hold:
  * - The host key is pinned: anything but the configured `SHA256:` fingerprint is refused.
  * - Nagle is off at BOTH ends. `setNoDelay(true)` covers our socket; sshd only sets TCP_NODELAY on a
  *   connection once a session channel executes something, so we run one `exec` per connection

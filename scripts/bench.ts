@@ -15,13 +15,13 @@
  * proxy, agent and generator at the fixed rate). Prints a table, writes
  * .bench/results.json, and stops everything it started, also on Ctrl-C.
  */
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, release } from "node:os";
-import { dirname, join, relative, resolve } from "node:path";
+import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
-import { freePort } from "../test/helpers/sshd.ts";
-import type { Chain } from "./lib/chain.ts";
+import type { Chain } from "../testbed/chain.ts";
+import { freePort } from "../testbed/ports.ts";
 import { cleanupOnSignals, onCleanup, runAll } from "./bench/cleanup.ts";
 import { measureEcho } from "./bench/echo.ts";
 import { measureFloor } from "./bench/floor.ts";
@@ -32,8 +32,7 @@ import { rssByRole, startCpuMeter } from "./bench/procstat.ts";
 import { profilesIn, renderProfile, summarizeProfile } from "./bench/profile.ts";
 import { evaluateTargets, fmtDuration, int, ms, progress, renderReport, type BenchResults, type StepSearch } from "./bench/report.ts";
 import { caseName, loadTarget, measure, openLoop, rigFor, setQuietWait, startBenchChain, startGenerator, waitForQuiet, type Rig } from "./bench/rig.ts";
-import { ensureBuilt, stopLeftovers, tcpCongestionControl } from "./bench/setup.ts";
-import { startWanChain } from "./bench/wan/chain.ts";
+import { ensureBuilt, stopBenchLeftovers, tcpCongestionControl } from "./bench/setup.ts";
 import { netemAvailable, startWanLink } from "./bench/wan/link.ts";
 import { countRoundTrips } from "./bench/wan/roundtrips.ts";
 
@@ -100,8 +99,7 @@ async function floorPart(r: BenchResults): Promise<void> {
 
 async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> {
   progress("2/4 agent gRPC direct (Unix socket)");
-  // The agent's own gRPC socket, as its config names it (relative paths are from the config's folder).
-  const socket = resolve(dirname(chain.agentConfigFile), (JSON.parse(readFileSync(chain.agentConfigFile, "utf8")) as { socket: string }).socket);
+  const socket = chain.agentSocket;
   r.grpc = [];
   for (const size of [32, 4300]) {
     const c: Case = { op: "Encrypt", size };
@@ -193,13 +191,12 @@ async function wanPart(r: BenchResults, gen: LoadGenerator): Promise<void> {
   const echoTrips = countRoundTrips(await link.line.segments(segFile), echo.windows, oneWay);
   progress(`   echo: p50 ${ms(echo.latency.p50)} ms, round trips ${echoTrips.median}`);
 
-  const wan = await startWanChain({ dir: join(DIR, "wan-chain"), link, logLevel: opt["log-level"] });
-  writeFileSync(join(DIR, "wan-chain", "wan-agent.pid"), `${wan.agentPid()}\n`);
-  await wan.chain.waitActive(30_000);
-  wan.sshdSessions(); // remembered for cleanup
+  // The same chain with its agent on the far side of the link: sshd also listens on the link's
+  // EC2 end, the agent's tunnel dials that address, and the agent runs in the link's namespace.
+  const wan = await startBenchChain(join(DIR, "wan-chain"), opt["log-level"], { sshdHost: link.ec2Addr, agentWrap: link.agentSide });
   await gen.init(loadTarget(wan.chain, num("sockets")));
-  const rig = rigFor({ chain: wan.chain, sshdSessions: wan.sshdSessions }, gen, { pid: wan.agentPid, logFile: wan.agentLogFile });
-  await link.line.filter(wan.wanPort);
+  const rig = rigFor(wan, gen);
+  await link.line.filter(wan.chain.sshd.port);
 
   // The idle tunnel's own exchanges, so that one landing inside an op's window is recognised as such.
   const idleS = 6;
@@ -222,7 +219,7 @@ async function wanPart(r: BenchResults, gen: LoadGenerator): Promise<void> {
   }
   const lowRate = await measure(rig, "Encrypt 32 B, 20 req/s", ENC32, openLoop(ENC32, 20, SHORT_S, 20));
   r.wan = { rttMs, netem, echo: { latency: echo.latency, roundTrips: echoTrips }, background, sequential, lowRate };
-  await wan.stop();
+  await wan.chain.stop();
   await link.stop();
   rmSync(segFile, { force: true });
 }
@@ -281,7 +278,7 @@ async function profile(r: BenchResults): Promise<string> {
   rmSync(profDir, { recursive: true, force: true });
   mkdirSync(profDir, { recursive: true });
   const flags = `--cpu-prof --cpu-prof-dir=${profDir}`;
-  process.env.XKS_NODE_ARGS = flags; // read by scripts/lib/chain.ts's Daemon
+  process.env.XKS_NODE_ARGS = flags; // read by the test-bed's Daemon (testbed/procs.ts)
   process.env.BENCH_GEN_NODE_ARGS = flags;
   const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
   const { chain } = bc;
@@ -307,7 +304,7 @@ async function profile(r: BenchResults): Promise<string> {
     if (s.busyMs < 0.05 * s.totalMs) continue; // a helper thread (e.g. tsx's module loader) that sat idle
     out.push("", renderProfile(role, s, ((m.cpuS[role] ?? NaN) * 1e6) / m.result.completed));
   }
-  if (out.length === 1) out.push("no profiles were written (does scripts/lib/chain.ts pass XKS_NODE_ARGS to the daemons?)");
+  if (out.length === 1) out.push("no profiles were written (does testbed/procs.ts pass XKS_NODE_ARGS to the daemons?)");
   return out.join("\n");
 }
 
@@ -322,7 +319,7 @@ async function main(): Promise<number> {
   setQuietWait(Number(opt["quiet-wait"]) || 0);
   const started = performance.now();
   mkdirSync(DIR, { recursive: true });
-  stopLeftovers(DIR);
+  stopBenchLeftovers(DIR);
   ensureBuilt();
   const r: BenchResults = {
     meta: {

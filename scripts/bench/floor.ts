@@ -14,7 +14,7 @@ import { encrypt } from "../../agent/ops/encrypt.ts";
 import type { AgentOpContext } from "../../agent/ops/context.ts";
 import { createLogger } from "../../shared/logging.ts";
 import type { RequestMetadata } from "../../shared/proto.ts";
-import { createSoftHsmToken } from "../../test/helpers/softhsm.ts";
+import { createSoftHsmToken } from "../../testbed/hsm.ts";
 import { summarize, type LatencySummary } from "./stats.ts";
 
 export interface FloorResult {

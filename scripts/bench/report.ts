@@ -1,7 +1,7 @@
 /**
  * The bench's results (one JSON document, written to .bench/results.json) and
  * the printed tables. Every figure comes from the run, except the seed's,
- * which are static and labelled as measured earlier (field-notes.md §7).
+ * which are static and labelled as measured earlier.
  */
 import type { FloorResult } from "./floor.ts";
 import type { Case, JobResult } from "./loadgen/protocol.ts";
@@ -86,7 +86,7 @@ export interface BenchResults {
   targets: Target[];
 }
 
-/** The seed's path, measured earlier (field-notes.md §7, libraries.md §2.3): p11-kit 0.26.2 remoting over ssh -R, one caller. */
+/** The seed's path, measured earlier on this project's VM: p11-kit 0.26.2 remoting over ssh -R, one caller. */
 export const SEED = [
   { flow: "warm reference-proxy Encrypt", rttMs: 10, roundTrips: 7, p50: 76.6, p99: 80.0, bareRt: 10.7 },
   { flow: "warm reference-proxy Encrypt", rttMs: 40, roundTrips: 7, p50: 288, p99: 293, bareRt: 40.9 },

@@ -4,7 +4,7 @@
  * one job and collects all three around its measured part.
  */
 import { randomBytes } from "node:crypto";
-import { startChain, type Chain } from "../lib/chain.ts";
+import { type Chain, type ChainOptions, startChain } from "../../testbed/chain.ts";
 import { onCleanup, trackSshdSessions } from "./cleanup.ts";
 import { LoadGenerator } from "./loadgen/generator.ts";
 import type { Case, JobSpec, Target } from "./loadgen/protocol.ts";
@@ -18,12 +18,15 @@ export interface BenchChain {
   sshdSessions(): number[];
 }
 
-/** scripts/lib/chain.ts's chain in `dir`, stopped at cleanup; resolves once the agent is ACTIVE. */
-export async function startBenchChain(dir: string, logLevel: string | undefined): Promise<BenchChain> {
-  const chain = await startChain({ dir, logLevel });
+/**
+ * The test-bed's chain in `dir`, stopped at cleanup; resolves once the agent is ACTIVE.
+ * `remoteAgent` puts the agent on the far side of a network link (the WAN part).
+ */
+export async function startBenchChain(dir: string, logLevel: string | undefined, remoteAgent?: ChainOptions["remoteAgent"]): Promise<BenchChain> {
+  const chain = await startChain({ dir, logLevel, remoteAgent });
   const sessions = trackSshdSessions(chain.sshd, dir);
   onCleanup(`chain ${dir}`, () => chain.stop());
-  await chain.waitActive(30_000);
+  await chain.waitActive();
   sessions.pids();
   return { chain, sshdSessions: sessions.pids };
 }
@@ -52,14 +55,13 @@ export interface Rig {
   logs: LogFiles;
 }
 
-/** The rig for a chain; `agent` overrides where the agent runs (the WAN chain starts its own). */
-export function rigFor(bc: BenchChain, gen: LoadGenerator, agent?: { pid(): number | undefined; logFile: string }): Rig {
+/** The rig for a chain. */
+export function rigFor(bc: BenchChain, gen: LoadGenerator): Rig {
   const one = (pid: number | undefined) => (pid === undefined ? [] : [pid]);
-  const agentPid = agent?.pid ?? (() => bc.chain.agent.pid);
   return {
     gen,
-    procs: { proxy: () => one(bc.chain.proxy.pid), sshd: bc.sshdSessions, agent: () => one(agentPid()), generator: () => [gen.pid] },
-    logs: { proxy: bc.chain.proxy.logFile, agent: agent?.logFile ?? bc.chain.agent.logFile },
+    procs: { proxy: () => one(bc.chain.proxy.pid), sshd: bc.sshdSessions, agent: () => one(bc.chain.agent.pid), generator: () => [gen.pid] },
+    logs: { proxy: bc.chain.proxy.logFile, agent: bc.chain.agent.logFile },
   };
 }
 

@@ -3,6 +3,8 @@ import { spawnSync } from "node:child_process";
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { join } from "node:path";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
+import { chainPidFiles } from "../../testbed/chain.ts";
+import { stopLeftovers } from "../../testbed/procs.ts";
 import { progress } from "./report.ts";
 
 /** Builds dist/ when it is missing or older than a source file. */
@@ -25,21 +27,9 @@ export function ensureBuilt(): void {
 }
 
 /** Stops daemons an interrupted earlier run left behind (pids recorded by the chains and by sshd). */
-export function stopLeftovers(dir: string): void {
-  for (const sub of ["chain", "wan-chain"]) {
-    for (const f of ["pids", "wan-agent.pid", "ssh/sshd.pid", "ssh-wan/sshd.pid"]) {
-      const file = join(dir, sub, f);
-      if (!existsSync(file)) continue;
-      for (const pid of readFileSync(file, "utf8").split(/\s+/).filter(Boolean).map(Number)) {
-        try {
-          if (!/xks-|sshd/.test(readFileSync(`/proc/${pid}/cmdline`, "utf8"))) continue; // the pid was reused
-          process.kill(pid, "SIGTERM");
-          progress(`stopped a leftover process of an earlier run (pid ${pid})`);
-        } catch {
-          /* gone */
-        }
-      }
-    }
+export function stopBenchLeftovers(dir: string): void {
+  for (const pid of stopLeftovers([...chainPidFiles(join(dir, "chain")), ...chainPidFiles(join(dir, "wan-chain"))])) {
+    progress(`stopped a leftover process of an earlier run (pid ${pid})`);
   }
 }
 

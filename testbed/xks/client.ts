@@ -153,6 +153,20 @@ export interface XksEndpoint {
 export const RETRYABLE_STATUSES = new Set([429, 503]);
 
 /**
+ * Sends (`send` signs afresh each time) and, on the spec's busy answers (429
+ * ThrottlingException, 503 DependencyTimeoutException), tries again with
+ * jittered exponential backoff, as KMS does: for a caller that needs the
+ * operation to succeed under load. Returns the last answer.
+ */
+export async function retryBusy(send: () => Promise<Resp>, attempts = 10): Promise<Resp> {
+  for (let i = 1; ; i++) {
+    const r = await send();
+    if (!RETRYABLE_STATUSES.has(r.status) || i >= attempts) return r;
+    await sleep(Math.min(2000, 50 * 2 ** i) * (0.5 + Math.random()));
+  }
+}
+
+/**
  * One key store's client, as KMS would be: SigV4 with the store's
  * credential, keep-alive connections (as behind KMS's load balancer).
  */
@@ -189,18 +203,9 @@ export class XksClient {
     });
   }
 
-  /**
-   * POSTs, and on the spec's busy answers (429 ThrottlingException, 503
-   * DependencyTimeoutException) tries again with jittered exponential backoff,
-   * re-signed each time, as KMS does: for a caller that needs the operation
-   * to succeed under load. Returns the last answer.
-   */
-  async postRetrying(rest: string, body: unknown, attempts = 10): Promise<Resp> {
-    for (let i = 1; ; i++) {
-      const r = await this.post(rest, body);
-      if (!RETRYABLE_STATUSES.has(r.status) || i >= attempts) return r;
-      await sleep(Math.min(2000, 50 * 2 ** i) * (0.5 + Math.random()));
-    }
+  /** POSTs, retrying the spec's busy answers like KMS ({@link retryBusy}). */
+  postRetrying(rest: string, body: unknown, attempts = 10): Promise<Resp> {
+    return retryBusy(() => this.post(rest, body), attempts);
   }
 
   close(): void {

@@ -5,7 +5,8 @@
  * the chain's: ciphertext length, 12-byte IV, 16-byte tag.
  */
 import { randomBytes } from "node:crypto";
-import { agentClient, sampleMetadata } from "../../../test/helpers/grpc.ts";
+import { agentClient } from "../../../testbed/grpc-client.ts";
+import { agentMetadata } from "../../../testbed/xks/metadata.ts";
 import { summarize } from "../stats.ts";
 import type { GrpcSpec, JobResult } from "./protocol.ts";
 
@@ -21,7 +22,7 @@ export async function grpcDirect(spec: GrpcSpec, onStarted: () => void): Promise
     const t0 = performance.now();
     let problem: string | undefined;
     try {
-      const r = (await call("Encrypt", { metadata: sampleMetadata("Encrypt"), keyId: spec.keyId, plaintext, aad, wantIntegrityValue: false })) as {
+      const r = (await call("Encrypt", { metadata: agentMetadata("Encrypt"), keyId: spec.keyId, plaintext, aad, wantIntegrityValue: false })) as {
         ciphertext: Buffer;
         iv: Buffer;
         tag: Buffer;

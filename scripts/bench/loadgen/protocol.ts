@@ -9,7 +9,7 @@ export interface Case {
   size: number;
 }
 
-/** Where and how to reach the proxy (from scripts/lib/chain.ts). */
+/** Where and how to reach the proxy (from the test-bed's chain). */
 export interface Target {
   url: string;
   uriPath: string;

@@ -1,12 +1,14 @@
 /**
- * XKS request bodies, signed with AWS's own signer (@smithy/signature-v4 via
- * test/helpers/sigv4.ts), each with its own kmsRequestId; and the checks every
- * answer must pass: a Decrypt gives back exactly the known plaintext; an
- * Encrypt gives a ciphertext as long as the plaintext, a 12-byte IV and a
- * 16-byte tag (a sample of them is decrypted back afterwards).
+ * XKS request bodies (the test-bed's builders), signed with AWS's own signer
+ * (@smithy/signature-v4), each with its own kmsRequestId; every answer is
+ * judged by the test-bed's oracle: a Decrypt gives back exactly the known
+ * plaintext; an Encrypt gives a ciphertext as long as the plaintext, a 12- or
+ * 16-byte IV and a 16-byte tag (a sample of them is decrypted back afterwards).
  */
 import { randomBytes } from "node:crypto";
-import { smithySign } from "../../../test/helpers/sigv4.ts";
+import { decryptBody, type EncryptAnswer, encryptBody } from "../../../testbed/xks/bodies.ts";
+import { decryptProblem, encryptProblem } from "../../../testbed/xks/oracle.ts";
+import { smithySign } from "../../../testbed/xks/sign.ts";
 import type { Answer, HttpClient, OutgoingRequest } from "./http.ts";
 import type { Case, Target } from "./protocol.ts";
 
@@ -15,15 +17,10 @@ export interface SignedRequest extends OutgoingRequest {
 }
 
 /** The fields of an Encrypt answer a Decrypt needs. */
-export interface Ciphertext {
-  ciphertext: string;
-  initializationVector: string;
-  authenticationTag: string;
-  ciphertextMetadata?: string;
-}
+export type Ciphertext = EncryptAnswer;
 
 const RUN_ID = randomBytes(4).toString("hex");
-const AAD_B64 = Buffer.from("bench: encryption context of 32 B").toString("base64");
+const AAD = Buffer.from("bench: encryption context of 32 B");
 /** How many distinct ciphertexts Decrypt requests cycle through, per size. */
 const CIPHERTEXTS_PER_SIZE = 32;
 
@@ -43,32 +40,21 @@ export class XksRequests {
     return p;
   }
 
-  private metadata(op: string) {
+  /** The bench's principal and key ARN, and a kmsRequestId that carries the job's tag. */
+  private metadata() {
     return {
       awsPrincipalArn: "arn:aws:iam::123456789012:user/bench",
       kmsKeyArn: "arn:aws:kms:us-east-1:123456789012:key/bench",
-      kmsOperation: op,
       kmsRequestId: `bench-${RUN_ID}-${this.tag}-${++this.seq}`,
-      kmsViaService: "ebs",
     };
   }
 
   encryptBody(size: number): object {
-    return {
-      requestMetadata: this.metadata("Encrypt"),
-      plaintext: this.plaintext(size).toString("base64"),
-      additionalAuthenticatedData: AAD_B64,
-      encryptionAlgorithm: "AES_GCM",
-    };
+    return encryptBody(this.plaintext(size), { aad: AAD, metadata: this.metadata() });
   }
 
   decryptBody(c: Ciphertext): object {
-    return {
-      requestMetadata: this.metadata("Decrypt"),
-      ...c,
-      additionalAuthenticatedData: AAD_B64,
-      encryptionAlgorithm: "AES_GCM",
-    };
+    return decryptBody(c, { aad: AAD, metadata: this.metadata() });
   }
 
   async signBody(c: Case, body: object): Promise<SignedRequest> {
@@ -104,34 +90,10 @@ export class XksRequests {
     }
   }
 
-  /** Why an answer is wrong, or undefined when it is right. */
+  /** Why an answer is wrong, or undefined when it is right (the test-bed's oracle). */
   check(c: Case, ans: Answer): string | undefined {
-    if (ans.status !== 200) {
-      let name = "";
-      try {
-        name = String((JSON.parse(ans.body.toString("utf8")) as { errorName?: string }).errorName ?? "");
-      } catch {
-        /* not JSON */
-      }
-      return `HTTP ${ans.status} ${name}`.trim();
-    }
-    let json: Record<string, unknown>;
-    try {
-      json = JSON.parse(ans.body.toString("utf8")) as Record<string, unknown>;
-    } catch {
-      return "answer is not JSON";
-    }
-    const bytes = (field: string) => (typeof json[field] === "string" ? Buffer.from(json[field] as string, "base64") : undefined);
-    if (c.op === "Decrypt") {
-      const pt = bytes("plaintext");
-      if (!pt) return "Decrypt answer without plaintext";
-      return pt.equals(this.plaintext(c.size)) ? undefined : "Decrypt answer is not the plaintext";
-    }
-    const ct = bytes("ciphertext");
-    if (!ct || ct.length !== c.size) return `ciphertext is ${ct?.length ?? "missing"} B for ${c.size} B`;
-    if (bytes("initializationVector")?.length !== 12) return "IV is not 12 bytes";
-    if (bytes("authenticationTag")?.length !== 16) return "tag is not 16 bytes";
-    return undefined;
+    const a = { status: ans.status, text: ans.body.toString("utf8") };
+    return c.op === "Decrypt" ? decryptProblem(a, this.plaintext(c.size)) : encryptProblem(a, { plaintext: c.size, aad: AAD });
   }
 
   /** Decrypts Encrypt answers back through the chain; returns how many failed. */
