@@ -10,7 +10,8 @@
  * Needs `npm run build` first: the bins run dist/.
  */
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { newCredential } from "../proxy/credentials.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
@@ -27,8 +28,8 @@ export const CHAIN_PREFIX = "/xks-demo";
 export const CHAIN_REGION = "us-east-1";
 
 export interface ChainOptions {
-  /** Folder for everything (wiped first). */
-  dir: string;
+  /** Folder for everything (wiped first); default: a new temp folder, removed again by stop(). */
+  dir?: string;
   /** Key labels (default: the demo's). */
   keys?: KeySet;
   /** Remote forward kind: an OpenSSH Unix socket (default) or a loopback TCP port. */
@@ -74,31 +75,33 @@ const BIN_PROXY = join(PACKAGE_ROOT, "bin/xks-proxy.js");
 /** The pid files a chain in `dir` leaves (for stopping what an interrupted run left behind). */
 export const chainPidFiles = (dir: string) => [join(dir, "pids"), join(dir, "ssh", "sshd.pid")];
 
-export async function startChain(o: ChainOptions): Promise<Chain> {
+export async function startChain(o: ChainOptions = {}): Promise<Chain> {
   if (!existsSync(join(PACKAGE_ROOT, "dist/agent/cli.js"))) throw new Error("dist/ is missing: run `npm run build` first");
-  rmSync(o.dir, { recursive: true, force: true });
-  for (const d of ["agent", "proxy", "logs", "ec2"]) mkdirSync(join(o.dir, d), { recursive: true, mode: 0o700 });
+  const temporary = o.dir === undefined;
+  const dir = o.dir ?? mkdtempSync(join(tmpdir(), "xks-chain-"));
+  rmSync(dir, { recursive: true, force: true });
+  for (const d of ["agent", "proxy", "logs", "ec2"]) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
   const keys = o.keys ?? DEMO_KEYS;
   const logLevel = o.logLevel ?? "info";
 
   // The owner's HSM: a fresh token and the keys.
-  const softhsm = createSoftHsmToken({ dir: join(o.dir, "hsm"), tokenLabel: "xks-demo" });
+  const softhsm = createSoftHsmToken({ dir: join(dir, "hsm"), tokenLabel: "xks-demo" });
   createKeySet(softhsm, keys);
 
-  // "EC2": a real OpenSSH sshd; the agent's remote forward lands in o.dir/ec2.
+  // "EC2": a real OpenSSH sshd; the agent's remote forward lands in <dir>/ec2.
   const tcpPort = o.tunnel === "tcp" ? await freePort() : 0;
   const sshd = await startSshd({
-    dir: join(o.dir, "ssh"),
+    dir: join(dir, "ssh"),
     listenHosts: o.remoteAgent ? [o.remoteAgent.sshdHost] : [],
     permitListen: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : undefined,
   });
-  const remoteSocket = join(o.dir, "ec2", "agent.sock");
+  const remoteSocket = join(dir, "ec2", "agent.sock");
   const agentToken = randomBytes(32).toString("base64url");
   const cred = newCredential(CHAIN_PREFIX);
   const proxyPort = o.proxyPort ?? (await freePort());
 
   // The owner's machine.
-  const a = join(o.dir, "agent");
+  const a = join(dir, "agent");
   const agentConfigFile = writeAgentConfig(a, {
     token: softhsm,
     proxyToken: agentToken,
@@ -122,7 +125,7 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
   });
 
   // "EC2": the proxy.
-  const proxyConfigFile = writeProxyConfig(join(o.dir, "proxy"), {
+  const proxyConfigFile = writeProxyConfig(join(dir, "proxy"), {
     port: proxyPort,
     region: CHAIN_REGION,
     agents: [{ id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken }],
@@ -131,11 +134,11 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
   });
 
   const env = { ...process.env, ...softhsm.env };
-  const proxy = new Daemon("proxy", [BIN_PROXY, "serve", "--config", proxyConfigFile], env, join(o.dir, "logs", "proxy.log"));
-  const agent = new Daemon("agent", [BIN_AGENT, "run", "--config", agentConfigFile], env, join(o.dir, "logs", "agent.log"), o.remoteAgent?.agentWrap);
+  const proxy = new Daemon("proxy", [BIN_PROXY, "serve", "--config", proxyConfigFile], env, join(dir, "logs", "proxy.log"));
+  const agent = new Daemon("agent", [BIN_AGENT, "run", "--config", agentConfigFile], env, join(dir, "logs", "agent.log"), o.remoteAgent?.agentWrap);
   proxy.start();
   agent.start();
-  writeFileSync(join(o.dir, "pids"), `${proxy.pid}\n${agent.pid}\n`);
+  writeFileSync(join(dir, "pids"), `${proxy.pid}\n${agent.pid}\n`);
 
   const endpoint: XksEndpoint = {
     url: `http://127.0.0.1:${proxyPort}`,
@@ -147,7 +150,7 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
   const client = new XksClient(endpoint);
   const chain: Chain = {
     ...endpoint,
-    dir: o.dir,
+    dir,
     keys,
     softhsm,
     sshd,
@@ -180,6 +183,7 @@ export async function startChain(o: ChainOptions): Promise<Chain> {
       client.close();
       await Promise.all([agent.stop(), proxy.stop()]);
       await sshd.stop();
+      if (temporary) rmSync(dir, { recursive: true, force: true });
     },
   };
   return chain;

@@ -5,11 +5,13 @@
  * child processes too.
  */
 import { execFileSync } from "node:child_process";
+import pkcs11js from "pkcs11js";
 import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Hsm } from "../agent/hsm/hsm.ts";
 import { createKey, type KeyUsage } from "../agent/keys.ts";
+import type { AgentOpContext } from "../agent/ops/context.ts";
 import { createLogger } from "../shared/logging.ts";
 
 export const SOFTHSM_MODULE_CANDIDATES = [
@@ -112,4 +114,33 @@ export function createKeySet(token: SoftHsmToken, keys: KeySet): void {
   } finally {
     hsm.close();
   }
+}
+
+/**
+ * An AES key made straight through PKCS#11, outside the agent's own key
+ * creation, for what the agent must refuse or what a test must check from
+ * outside: another length (e.g. AES-128), or an extractable key whose value
+ * is returned so that Node's own AES-GCM can check the agent's output.
+ */
+export function createRawAesKey(hsm: Hsm, label: string, o: { bytes: number; extractable: boolean }): Buffer | undefined {
+  return hsm.run("test key", (p11, s) => {
+    const k = p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, [
+      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
+      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
+      { type: pkcs11js.CKA_VALUE_LEN, value: o.bytes },
+      { type: pkcs11js.CKA_LABEL, value: label },
+      { type: pkcs11js.CKA_TOKEN, value: true },
+      { type: pkcs11js.CKA_PRIVATE, value: true },
+      { type: pkcs11js.CKA_SENSITIVE, value: !o.extractable },
+      { type: pkcs11js.CKA_EXTRACTABLE, value: o.extractable },
+      { type: pkcs11js.CKA_ENCRYPT, value: true },
+      { type: pkcs11js.CKA_DECRYPT, value: true },
+    ]);
+    return o.extractable ? (p11.C_GetAttributeValue(s, k, [{ type: pkcs11js.CKA_VALUE }])[0].value as Buffer) : undefined;
+  });
+}
+
+/** What the agent's operations need, for calling them directly on `hsm` (no server, no owner switches). */
+export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> = {}): AgentOpContext {
+  return { hsm, ciphertextMetadata: Buffer.from("xks-agent/1"), healthKey: "xks-health", agentId: "direct", isKeyDisabled: () => false, tunnels: () => [], ...o };
 }

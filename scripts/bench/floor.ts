@@ -11,10 +11,9 @@ import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createKey } from "../../agent/keys.ts";
 import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
-import type { AgentOpContext } from "../../agent/ops/context.ts";
 import { createLogger } from "../../shared/logging.ts";
 import type { RequestMetadata } from "../../shared/proto.ts";
-import { createSoftHsmToken } from "../../testbed/hsm.ts";
+import { createSoftHsmToken, directOpContext } from "../../testbed/hsm.ts";
 import { summarize, type LatencySummary } from "./stats.ts";
 
 export interface FloorResult {
@@ -59,15 +58,7 @@ export function measureFloor(dir: string, sizes: number[], secondsEach: number):
   try {
     hsm.open();
     createKey(hsm, KEY, ["encrypt", "decrypt"]);
-    // encrypt()/decrypt() read only hsm, ciphertextMetadata and isKeyDisabled; the rest is health's.
-    const ctx = {
-      hsm,
-      ciphertextMetadata: Buffer.from("xks-agent/1"),
-      healthKey: KEY,
-      agentId: "bench-floor",
-      isKeyDisabled: () => false,
-      tunnels: () => [],
-    } as unknown as AgentOpContext;
+    const ctx = directOpContext(hsm, { healthKey: KEY, agentId: "bench-floor" });
     const out: FloorResult[] = [];
     for (const size of sizes) {
       const plaintext = Buffer.alloc(size, 0x42);

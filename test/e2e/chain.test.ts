@@ -5,8 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import * as grpc from "@grpc/grpc-js";
@@ -22,18 +21,13 @@ import { agentMetadata } from "../../testbed/xks/metadata.ts";
 import { BUSY_ERRORS, decryptProblem, encryptProblem, verdict } from "../../testbed/xks/oracle.ts";
 
 let chain: Chain;
-let root: string;
 
 before(async () => {
-  root = mkdtempSync(join(tmpdir(), "xks-e2e-"));
-  chain = await startChain({ dir: join(root, "chain") });
+  chain = await startChain();
   await chain.waitActive();
 });
 
-after(async () => {
-  await chain?.stop();
-  rmSync(root, { recursive: true, force: true });
-});
+after(() => chain?.stop());
 
 const post = (rest: string, body: unknown) => chain.client.post(rest, body);
 
@@ -168,7 +162,7 @@ describe("the tunnel", () => {
   test("an agent whose pinned host key does not match refuses to connect", async () => {
     const raw = JSON.parse(readFileSync(chain.agentConfigFile, "utf8"));
     const wrongFp = `SHA256:${createHash("sha256").update("not the host key").digest("base64").replace(/=+$/, "")}`;
-    const dir = join(root, "wrong-hostkey");
+    const dir = join(chain.dir, "wrong-hostkey");
     raw.tunnels[0].hostKeyFingerprint = wrongFp;
     raw.tunnels[0].remoteSocket = join(dir, "remote.sock");
     Object.assign(raw, { socket: join(dir, "agent.sock"), stateFile: join(dir, "controls.json"), auditLog: join(dir, "audit.log") });

@@ -8,8 +8,7 @@
  * come back is printed, not asserted: that is a figure of the machine.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync, renameSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { renameSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { type Chain, startChain } from "../../testbed/chain.ts";
@@ -18,18 +17,13 @@ import { sleep, until } from "../../testbed/wait.ts";
 import { type FaultReport, faultReport, Traffic } from "../../testbed/xks/traffic.ts";
 
 let chain: Chain;
-let root: string;
 
 before(async () => {
-  root = mkdtempSync(join(tmpdir(), "xks-faults-"));
-  chain = await startChain({ dir: join(root, "chain") });
+  chain = await startChain();
   await chain.waitActive();
 });
 
-after(async () => {
-  await chain?.stop();
-  rmSync(root, { recursive: true, force: true });
-});
+after(() => chain?.stop());
 
 const countTunnelUp = () =>
   chain.agent

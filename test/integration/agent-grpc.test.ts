@@ -14,6 +14,7 @@ import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY } from "../../shared/errors.ts";
 import { agentClient, type AgentTestClient, type CallError } from "../../testbed/grpc-client.ts";
+import { createRawAesKey } from "../../testbed/hsm.ts";
 import { startTestAgent, type TestAgent } from "../../testbed/in-process.ts";
 import { encodings, findLeaks } from "../../testbed/logs.ts";
 import { nextEvent } from "../../testbed/wait.ts";
@@ -44,27 +45,12 @@ const dec = (keyId: string, fields: Record<string, unknown>) => c.call("Decrypt"
 before(async () => {
   t = await startTestAgent();
   c = agentClient(t.target, t.token);
-  // Two extra keys made straight through pkcs11js, outside the agent's own key creation:
+  // Two extra keys made straight through PKCS#11, outside the agent's own key creation:
   // an extractable AES-256 key (so Node's own AES-GCM can check the agent's output) and an AES-128 key.
   const hsm = new Hsm(t.config.pkcs11, createLogger({ level: "silent" }));
   hsm.open();
-  hsm.run("test keys", (p11, s) => {
-    const common = (label: string, len: number, extractable: boolean) => [
-      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
-      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
-      { type: pkcs11js.CKA_VALUE_LEN, value: len },
-      { type: pkcs11js.CKA_LABEL, value: label },
-      { type: pkcs11js.CKA_TOKEN, value: true },
-      { type: pkcs11js.CKA_PRIVATE, value: true },
-      { type: pkcs11js.CKA_SENSITIVE, value: !extractable },
-      { type: pkcs11js.CKA_EXTRACTABLE, value: extractable },
-      { type: pkcs11js.CKA_ENCRYPT, value: true },
-      { type: pkcs11js.CKA_DECRYPT, value: true },
-    ];
-    const k = p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, common(EXTRACTABLE, 32, true));
-    extractableValue = p11.C_GetAttributeValue(s, k, [{ type: pkcs11js.CKA_VALUE }])[0].value as Buffer;
-    p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, common(AES128, 16, false));
-  });
+  extractableValue = createRawAesKey(hsm, EXTRACTABLE, { bytes: 32, extractable: true })!;
+  createRawAesKey(hsm, AES128, { bytes: 16, extractable: false });
   hsm.close();
 });
 

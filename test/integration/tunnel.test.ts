@@ -9,7 +9,7 @@
  * ~40 ms stalls when either end of the SSH connection lacks TCP_NODELAY: a split exchange then takes
  * tens of milliseconds longer than a plain one, which is what the Nagle tests compare.
  */
-import { after, before, describe, test } from "node:test";
+import { after, before, describe, type TestContext, test } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import net from "node:net";
@@ -20,7 +20,7 @@ import { Tunnel, TunnelSet, fingerprintOf, type TunnelState, type TunnelTarget }
 import { createLogger, type Logger } from "../../shared/logging.ts";
 import { LogCapture } from "../../testbed/logs.ts";
 import { freePort } from "../../testbed/ports.ts";
-import { type Sshd, startSshd } from "../../testbed/sshd.ts";
+import { type Sshd, type StartSshdOptions, startSshd } from "../../testbed/sshd.ts";
 import { nextEvent, sleep, until } from "../../testbed/wait.ts";
 
 /** A logger whose lines the test can read back. */
@@ -173,6 +173,27 @@ function targetFor(sshd: Sshd, over: Partial<TunnelTarget>): TunnelTarget {
   };
 }
 
+/**
+ * A real sshd, the echo server, a captured log and a tunnel between them
+ * (recording every state it reports, not started yet), all stopped when the
+ * test ends. `over` sets the tunnel target's fields, e.g. the remote forward.
+ */
+async function tunnelRig(t: TestContext, over: (sshd: Sshd) => Partial<TunnelTarget>, sshdOptions: StartSshdOptions = {}) {
+  const sshd = await startSshd(sshdOptions);
+  const echo = await startEchoServer();
+  const { log, lines } = captureLog();
+  const tunnel = new Tunnel(targetFor(sshd, over(sshd)), echo.path, log);
+  const history = watch(tunnel);
+  t.after(async () => {
+    await tunnel.stop();
+    await echo.close();
+    await sshd.stop();
+  });
+  return { sshd, echo, lines, tunnel, history };
+}
+
+const socketIn = (sshd: Sshd) => join(sshd.dir, "xks.sock");
+
 /** No log line may carry the private key (or any piece of its body). */
 function assertNoKeyInLogs(lines: string[], sshd: Sshd): void {
   const keyBody = sshd.clientPrivateKey.split("\n").filter((l) => l && !l.startsWith("-----"));
@@ -283,15 +304,7 @@ test("fingerprintOf matches ssh-keygen -lf", async (t) => {
 
 test("the loopback TCP remote forward carries traffic too", async (t) => {
   const remotePort = await freePort();
-  const sshd = await startSshd({ permitListen: `127.0.0.1:${remotePort}` });
-  const echo = await startEchoServer();
-  const { log, lines } = captureLog();
-  const tunnel = new Tunnel(targetFor(sshd, { remoteTcp: { host: "127.0.0.1", port: remotePort } }), echo.path, log);
-  t.after(async () => {
-    await tunnel.stop();
-    await echo.close();
-    await sshd.stop();
-  });
+  const { sshd, lines, tunnel } = await tunnelRig(t, () => ({ remoteTcp: { host: "127.0.0.1", port: remotePort } }), { permitListen: `127.0.0.1:${remotePort}` });
   tunnel.start();
   const up = await waitForState(tunnel, (s) => s.state === "up", "up");
   assert.equal(up.nodelayExec, true);
@@ -310,16 +323,8 @@ test("a remote forward that cannot bind yet is retried until it binds", async (t
   // Something already holds the port on the sshd host, as a half-dead old session of the agent would.
   const squatter = net.createServer();
   await new Promise<void>((resolve) => squatter.listen(remotePort, "127.0.0.1", () => resolve()));
-  const sshd = await startSshd({ permitListen: `127.0.0.1:${remotePort}` });
-  const echo = await startEchoServer();
-  const { log, lines } = captureLog();
-  const tunnel = new Tunnel(targetFor(sshd, { remoteTcp: { host: "127.0.0.1", port: remotePort } }), echo.path, log);
-  t.after(async () => {
-    await tunnel.stop();
-    await echo.close();
-    await sshd.stop();
-    squatter.close();
-  });
+  t.after(() => squatter.close());
+  const { lines, tunnel } = await tunnelRig(t, () => ({ remoteTcp: { host: "127.0.0.1", port: remotePort } }), { permitListen: `127.0.0.1:${remotePort}` });
   tunnel.start();
   const failing = await waitForState(tunnel, (s) => /remote forward .* failed/.test(s.lastError ?? ""), "a failed forward");
   assert.equal(failing.state, "connecting");
@@ -336,21 +341,12 @@ test("a remote forward that cannot bind yet is retried until it binds", async (t
 });
 
 test("a wrong pinned host key is refused: never up, no forward, clear log", async (t) => {
-  const sshd = await startSshd();
-  const echo = await startEchoServer();
-  const { log, lines } = captureLog();
-  const remoteSocket = join(sshd.dir, "xks.sock");
   // A real but different key, as after a host-key change.
-  const clientPub = readFileSync(`${sshd.clientKeyPath}.pub`, "utf8").split(" ")[1];
-  const wrong = fingerprintOf(Buffer.from(clientPub, "base64"));
+  const wrongFor = (sshd: Sshd) => fingerprintOf(Buffer.from(readFileSync(`${sshd.clientKeyPath}.pub`, "utf8").split(" ")[1], "base64"));
+  const { sshd, echo, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd), hostKeyFingerprint: wrongFor(sshd) }));
+  const remoteSocket = socketIn(sshd);
+  const wrong = wrongFor(sshd);
   assert.notEqual(wrong, sshd.hostKeyFingerprint);
-  const tunnel = new Tunnel(targetFor(sshd, { remoteSocket, hostKeyFingerprint: wrong }), echo.path, log);
-  const history = watch(tunnel);
-  t.after(async () => {
-    await tunnel.stop();
-    await echo.close();
-    await sshd.stop();
-  });
   tunnel.start();
 
   const down = await waitForState(tunnel, (s) => s.state === "down", "down");
@@ -374,17 +370,8 @@ test("a wrong pinned host key is refused: never up, no forward, clear log", asyn
 });
 
 test("kill -9 of the sshd session: down, back up by itself, traffic flows again", async (t) => {
-  const sshd = await startSshd();
-  const echo = await startEchoServer();
-  const { log, lines } = captureLog();
-  const remoteSocket = join(sshd.dir, "xks.sock");
-  const tunnel = new Tunnel(targetFor(sshd, { remoteSocket, backoff: { initialMs: 250, maxMs: 5000 } }), echo.path, log);
-  const history = watch(tunnel);
-  t.after(async () => {
-    await tunnel.stop();
-    await echo.close();
-    await sshd.stop();
-  });
+  const { sshd, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd), backoff: { initialMs: 250, maxMs: 5000 } }));
+  const remoteSocket = socketIn(sshd);
   tunnel.start();
   await waitForState(tunnel, (s) => s.state === "up", "up");
   const old = await FarClient.connect({ path: remoteSocket });
@@ -422,17 +409,8 @@ test("kill -9 of the sshd session: down, back up by itself, traffic flows again"
 });
 
 test("sshd stopped and restarted: the tunnel comes back by itself", async (t) => {
-  const sshd = await startSshd();
-  const echo = await startEchoServer();
-  const { log } = captureLog();
-  const remoteSocket = join(sshd.dir, "xks.sock");
-  const tunnel = new Tunnel(targetFor(sshd, { remoteSocket }), echo.path, log);
-  const history = watch(tunnel);
-  t.after(async () => {
-    await tunnel.stop();
-    await echo.close();
-    await sshd.stop();
-  });
+  const { sshd, tunnel, history } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd) }));
+  const remoteSocket = socketIn(sshd);
   tunnel.start();
   await waitForState(tunnel, (s) => s.state === "up", "up");
 

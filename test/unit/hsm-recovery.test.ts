@@ -9,11 +9,11 @@ import assert from "node:assert/strict";
 import pkcs11js from "pkcs11js";
 import { Hsm, OPEN_RETRY_MS } from "../../agent/hsm/hsm.ts";
 import { Pkcs11Failure, type Handle, type Pkcs11Port, type Pkcs11TokenInfo } from "../../agent/hsm/port.ts";
-import type { AgentOpContext } from "../../agent/ops/context.ts";
 import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
 import { AgentError, type Reason } from "../../shared/errors.ts";
 import { createLogger } from "../../shared/logging.ts";
+import { directOpContext } from "../../testbed/hsm.ts";
 
 const CKR_GENERAL_ERROR = 0x05;
 const CKR_FUNCTION_FAILED = 0x06;
@@ -261,14 +261,7 @@ function rig() {
     port: () => stub,
     now: () => clock.ms,
   });
-  const ctx: AgentOpContext = {
-    hsm,
-    ciphertextMetadata: Buffer.from("cm"),
-    healthKey: KEY,
-    agentId: "unit",
-    isKeyDisabled: () => false,
-    tunnels: () => [],
-  };
+  const ctx = directOpContext(hsm, { ciphertextMetadata: Buffer.from("cm"), healthKey: KEY, agentId: "unit" });
   const enc = (plaintext = Buffer.from("hello")) => encrypt(ctx, { metadata: null, keyId: KEY, plaintext, aad: Buffer.alloc(0), wantIntegrityValue: false });
   const dec = (e: ReturnType<typeof enc>) =>
     decrypt(ctx, { metadata: null, keyId: KEY, ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad: Buffer.alloc(0), ciphertextMetadata: e.ciphertextMetadata }).plaintext;

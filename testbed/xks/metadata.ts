@@ -30,15 +30,5 @@ export function healthMetadata(over: Record<string, unknown> = {}): Record<strin
 
 /** The proto RequestMetadata the proxy sends the agent for the same request, arriving on key store `keyStore`. */
 export function agentMetadata(kmsOperation: string, over: Partial<RequestMetadata> = {}, keyStore = "/test"): RequestMetadata {
-  return {
-    awsPrincipalArn: PRINCIPAL,
-    kmsKeyArn: KMS_KEY_ARN,
-    kmsOperation,
-    kmsRequestId: newRequestId(),
-    kmsViaService: "ebs",
-    awsSourceVpc: "",
-    awsSourceVpce: "",
-    keyStore,
-    ...over,
-  };
+  return { awsSourceVpc: "", awsSourceVpce: "", keyStore, ...requestMetadata(kmsOperation), ...over } as RequestMetadata;
 }
