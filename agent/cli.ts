@@ -54,7 +54,7 @@ export async function main(argv: string[]): Promise<number> {
     return values.help ? 0 : 2;
   }
   if (!values.config) {
-    console.error("--config FILE is required\n" + USAGE);
+    console.error(`--config FILE is required\n${USAGE}`);
     return 2;
   }
   let config: AgentConfig;
@@ -68,7 +68,7 @@ export async function main(argv: string[]): Promise<number> {
     if (!values.label) throw new Error("--label LABEL is required");
     return values.label;
   };
-  switch (`${cmd}${sub ? " " + sub : ""}`) {
+  switch (`${cmd}${sub ? ` ${sub}` : ""}`) {
     case "run": {
       const agent = await runAgent(config);
       await new Promise<void>((resolve) => {

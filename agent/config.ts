@@ -51,8 +51,17 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   const c = new Checker(file);
   const root = c.object(raw, "(root)");
   c.noUnknown(root, "", [
-    "agentId", "pkcs11", "socket", "proxyToken", "healthKey", "ciphertextMetadata",
-    "stateFile", "auditLog", "dashboard", "tunnels", "log",
+    "agentId",
+    "pkcs11",
+    "socket",
+    "proxyToken",
+    "healthKey",
+    "ciphertextMetadata",
+    "stateFile",
+    "auditLog",
+    "dashboard",
+    "tunnels",
+    "log",
   ]);
   const p = c.object(root.pkcs11, "pkcs11");
   c.noUnknown(p, "pkcs11", ["module", "tokenLabel", "pin"]);
@@ -69,7 +78,17 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   const tunnels = c.array(root, "tunnels", "", { optional: true }).map((t, i) => {
     const f = `tunnels[${i}]`;
     const o = c.object(t, f);
-    c.noUnknown(o, f, ["name", "host", "port", "username", "privateKey", "hostKeyFingerprint", "remoteSocket", "remoteTcp", "keepaliveIntervalMs"]);
+    c.noUnknown(o, f, [
+      "name",
+      "host",
+      "port",
+      "username",
+      "privateKey",
+      "hostKeyFingerprint",
+      "remoteSocket",
+      "remoteTcp",
+      "keepaliveIntervalMs",
+    ]);
     const target: TunnelTarget = {
       name: c.string(o, "name", f, { default: `tunnel-${i}` }),
       host: c.string(o, "host", f, { min: 1 }),
@@ -85,7 +104,10 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     if (o.remoteSocket !== undefined && o.remoteTcp !== undefined) c.problem(f, 'give "remoteSocket" or "remoteTcp", not both');
     if (o.remoteTcp !== undefined) {
       const r = c.object(o.remoteTcp, `${f}.remoteTcp`);
-      target.remoteTcp = { host: c.string(r, "host", `${f}.remoteTcp`, { default: "127.0.0.1" }), port: c.int(r, "port", `${f}.remoteTcp`, { min: 1, max: 65535 }) };
+      target.remoteTcp = {
+        host: c.string(r, "host", `${f}.remoteTcp`, { default: "127.0.0.1" }),
+        port: c.int(r, "port", `${f}.remoteTcp`, { min: 1, max: 65535 }),
+      };
     } else {
       target.remoteSocket = c.string(o, "remoteSocket", f, { pattern: /^\//, hint: "an absolute path" });
     }
@@ -96,7 +118,11 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     const d = c.object(root.dashboard, "dashboard");
     c.noUnknown(d, "dashboard", ["host", "port"]);
     dashboard = {
-      host: c.string(d, "host", "dashboard", { default: "127.0.0.1", pattern: /^(127\.\d+\.\d+\.\d+|localhost|::1)$/, hint: "a loopback address" }),
+      host: c.string(d, "host", "dashboard", {
+        default: "127.0.0.1",
+        pattern: /^(127\.\d+\.\d+\.\d+|localhost|::1)$/,
+        hint: "a loopback address",
+      }),
       port: c.int(d, "port", "dashboard", { default: 7420, min: 0, max: 65535 }),
     };
   }
@@ -107,7 +133,11 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     pkcs11,
     socket: c.path(root, "socket", ""),
     proxyToken: c.secret(root, "proxyToken", "", env),
-    healthKey: c.string(root, "healthKey", "", { default: "xks-health", pattern: EXTERNAL_KEY_ID_RE, hint: "a key label of [a-zA-Z0-9._-]" }),
+    healthKey: c.string(root, "healthKey", "", {
+      default: "xks-health",
+      pattern: EXTERNAL_KEY_ID_RE,
+      hint: "a key label of [a-zA-Z0-9._-]",
+    }),
     ciphertextMetadata,
     stateFile: c.path(root, "stateFile", "", "state/controls.json"),
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),

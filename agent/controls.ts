@@ -71,7 +71,7 @@ export class Controls extends EventEmitter {
     if (this.file) {
       mkdirSync(dirname(this.file), { recursive: true, mode: 0o700 });
       const tmp = `${this.file}.tmp`;
-      writeFileSync(tmp, JSON.stringify(next) + "\n", { mode: 0o600 });
+      writeFileSync(tmp, `${JSON.stringify(next)}\n`, { mode: 0o600 });
       renameSync(tmp, this.file);
     }
     this.state = next;

@@ -99,7 +99,12 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
       if (msg.type === "setPaused" && typeof msg.paused === "boolean") {
         d.log.warn({ paused: msg.paused, via: "dashboard" }, "owner switch");
         d.controls.setPaused(msg.paused);
-      } else if (msg.type === "setKeyDisabled" && typeof msg.key === "string" && EXTERNAL_KEY_ID_RE.test(msg.key) && typeof msg.disabled === "boolean") {
+      } else if (
+        msg.type === "setKeyDisabled" &&
+        typeof msg.key === "string" &&
+        EXTERNAL_KEY_ID_RE.test(msg.key) &&
+        typeof msg.disabled === "boolean"
+      ) {
         d.log.warn({ key: msg.key, disabled: msg.disabled, via: "dashboard" }, "owner switch");
         d.controls.setKeyDisabled(msg.key, msg.disabled);
       }
@@ -127,7 +132,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
   const addr = server.address();
   const port = typeof addr === "object" && addr ? addr.port : d.port;
   const url = `http://${d.host}:${port}/?token=${token}`;
-  writeFileSync(join(dirname(d.stateFile), "dashboard-url"), url + "\n", { mode: 0o600 });
+  writeFileSync(join(dirname(d.stateFile), "dashboard-url"), `${url}\n`, { mode: 0o600 });
   d.log.info({ address: `${d.host}:${port}`, urlFile: join(dirname(d.stateFile), "dashboard-url") }, "dashboard listening");
 
   return {

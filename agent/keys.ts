@@ -14,7 +14,8 @@ export const ALL_USAGES: readonly KeyUsage[] = ["encrypt", "decrypt"];
 export function parseUsage(text: string): KeyUsage[] {
   if (text === "" || text === "none") return [];
   const parts = text.split(",").map((s) => s.trim().toLowerCase());
-  for (const p of parts) if (!ALL_USAGES.includes(p as KeyUsage)) throw new Error(`unknown usage ${JSON.stringify(p)} (use encrypt, decrypt or none)`);
+  for (const p of parts)
+    if (!ALL_USAGES.includes(p as KeyUsage)) throw new Error(`unknown usage ${JSON.stringify(p)} (use encrypt, decrypt or none)`);
   return [...new Set(parts)] as KeyUsage[];
 }
 
@@ -52,6 +53,8 @@ export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): 
 
 export function describeKey(k: KeyInfo): { label: string; type: string; bits: number; usage: string[] } {
   const type = k.keyType === pkcs11js.CKK_AES ? "AES" : `0x${k.keyType.toString(16)}`;
-  const usage = Object.entries(k.usage).filter(([, on]) => on).map(([n]) => n);
+  const usage = Object.entries(k.usage)
+    .filter(([, on]) => on)
+    .map(([n]) => n);
   return { label: k.label, type, bits: k.valueLen > 0 ? k.valueLen * 8 : 0, usage };
 }

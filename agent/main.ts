@@ -28,7 +28,10 @@ export interface RunningAgent {
   stop(): Promise<void>;
 }
 
-export async function runAgent(config: AgentConfig, opts: { log?: Logger; destination?: pino.DestinationStream } = {}): Promise<RunningAgent> {
+export async function runAgent(
+  config: AgentConfig,
+  opts: { log?: Logger; destination?: pino.DestinationStream } = {},
+): Promise<RunningAgent> {
   const log = opts.log ?? createLogger({ level: config.log.level, name: "xks-agent" }, opts.destination);
   log.info(
     {
@@ -65,7 +68,14 @@ export async function runAgent(config: AgentConfig, opts: { log?: Logger; destin
     agentId: config.agentId,
     isKeyDisabled: (label) => controls.isKeyDisabled(label),
     tunnels: () =>
-      tunnels.states().map((t) => ({ name: t.name, state: t.state, since: t.since, lastError: t.lastError ?? "", connects: t.connects, nodelayExec: t.nodelayExec })),
+      tunnels.states().map((t) => ({
+        name: t.name,
+        state: t.state,
+        since: t.since,
+        lastError: t.lastError ?? "",
+        connects: t.connects,
+        nodelayExec: t.nodelayExec,
+      })),
   };
   const onOperation = (rec: OperationRecord) => {
     // The audit log records key operations. Health checks (the proxies' background

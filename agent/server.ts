@@ -9,13 +9,7 @@ import { chmodSync, lstatSync, mkdirSync, statSync, unlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import type { Http2Server, ServerHttp2Session } from "node:http2";
 import * as grpc from "@grpc/grpc-js";
-import {
-  AGENT_TOKEN_METADATA_KEY,
-  AgentError,
-  REASON_METADATA_KEY,
-  REASONS,
-  errorMessage,
-} from "../shared/errors.ts";
+import { AGENT_TOKEN_METADATA_KEY, AgentError, REASON_METADATA_KEY, REASONS, errorMessage } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { XksAgentService, type RequestMetadata, type XksAgentHandlers } from "../shared/proto.ts";
 import type { AgentOpContext } from "./ops/context.ts";

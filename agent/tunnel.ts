@@ -67,7 +67,7 @@ const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
 
 /** `SHA256:<base64, no padding>` of a raw SSH public key blob, as `ssh-keygen -lf` prints it. */
 export function fingerprintOf(hostKey: Buffer): string {
-  return "SHA256:" + createHash("sha256").update(hostKey).digest("base64").replace(/=+$/, "");
+  return `SHA256:${createHash("sha256").update(hostKey).digest("base64").replace(/=+$/, "")}`;
 }
 
 /** Constant-time string equality (hashing first makes the lengths equal). */
@@ -209,7 +209,10 @@ export class Tunnel extends EventEmitter {
           const seen = fingerprintOf(key);
           if (sameFingerprint(seen, t.hostKeyFingerprint)) return true;
           refusal = `host key verification failed: expected ${t.hostKeyFingerprint}, seen ${seen}`;
-          this.log.error({ host: t.host, port: t.port, expected: t.hostKeyFingerprint, seen }, "tunnel refused: host key does not match the pinned fingerprint");
+          this.log.error(
+            { host: t.host, port: t.port, expected: t.hostKeyFingerprint, seen },
+            "tunnel refused: host key does not match the pinned fingerprint",
+          );
           this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
           return false;
         },

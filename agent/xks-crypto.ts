@@ -37,7 +37,8 @@ export function freshIv(): Buffer {
  * If the layout ever changes, the ciphertext metadata must name the scheme.)
  */
 export function hsmAad(aad: Buffer, cm: Buffer): Buffer {
-  if (aad.length > MAX_LAYOUT_AAD_BYTES) throw new AgentError("VALIDATION", `AAD is ${aad.length} bytes, more than ${MAX_LAYOUT_AAD_BYTES}`);
+  if (aad.length > MAX_LAYOUT_AAD_BYTES)
+    throw new AgentError("VALIDATION", `AAD is ${aad.length} bytes, more than ${MAX_LAYOUT_AAD_BYTES}`);
   if (cm.length > MAX_CIPHERTEXT_METADATA_BYTES) throw new AgentError("INVALID_CIPHERTEXT", `ciphertext metadata is ${cm.length} bytes`);
   const out = Buffer.allocUnsafe(2 + aad.length + 1 + cm.length);
   out.writeUInt16BE(aad.length, 0);

@@ -323,7 +323,12 @@ export class AgentPool implements AgentApi {
 
   private async checkOne(c: Conn): Promise<void> {
     try {
-      const res = await this.unary(c, "GetHealthStatus", { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" }, this.opts.healthDeadlineMs);
+      const res = await this.unary(
+        c,
+        "GetHealthStatus",
+        { kmsRequestId: "", kmsOperation: "ProxyHealthRefresh" },
+        this.opts.healthDeadlineMs,
+      );
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
       this.setHealth(c, { state, checkedAt: this.now(), report: res }, res.detail ? res.detail.slice(0, 200) : "health check");
     } catch (err) {
@@ -339,8 +344,12 @@ export class AgentPool implements AgentApi {
     if (!this.refreshing) {
       this.lastRefreshAt = this.now();
       this.refreshing = Promise.all(this.conns.map((c) => this.checkOne(c))).then(
-        () => { this.refreshing = undefined; },
-        () => { this.refreshing = undefined; },
+        () => {
+          this.refreshing = undefined;
+        },
+        () => {
+          this.refreshing = undefined;
+        },
       );
     }
     return this.refreshing;

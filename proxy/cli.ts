@@ -13,9 +13,9 @@
 import { ConfigError } from "../shared/config.ts";
 import { createLogger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
-import { loadProxyConfig, prefixProblem } from "./config.ts";
+import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
 import { newCredential } from "./credentials.ts";
-import { serve } from "./main.ts";
+import { type RunningProxy, serve } from "./main.ts";
 
 const USAGE = `usage:
   xks-proxy serve --config FILE
@@ -43,7 +43,7 @@ async function cmdServe(argv: string[]): Promise<number> {
     err(USAGE);
     return 2;
   }
-  let config;
+  let config: Readonly<ProxyConfig>;
   try {
     config = loadProxyConfig(file, process.env);
   } catch (e) {
@@ -54,7 +54,7 @@ async function cmdServe(argv: string[]): Promise<number> {
     throw e;
   }
   const log = createLogger({ level: config.log.level, name: "xks-proxy" });
-  let proxy;
+  let proxy: RunningProxy;
   try {
     proxy = await serve(config, log);
   } catch (e) {
@@ -82,9 +82,21 @@ async function cmdServe(argv: string[]): Promise<number> {
       try {
         const next = loadProxyConfig(file, process.env);
         running.keyStores.replace(next.keyStores);
-        log.info({ keyStores: next.keyStores.map((s) => ({ uriPathPrefix: s.uriPathPrefix, accessKeyIds: s.credentials.map((c) => c.accessKeyId), keys: s.keys.length })) }, "key stores reloaded (other settings need a restart)");
+        log.info(
+          {
+            keyStores: next.keyStores.map((s) => ({
+              uriPathPrefix: s.uriPathPrefix,
+              accessKeyIds: s.credentials.map((c) => c.accessKeyId),
+              keys: s.keys.length,
+            })),
+          },
+          "key stores reloaded (other settings need a restart)",
+        );
       } catch (e) {
-        log.error({ problems: e instanceof ConfigError ? e.problems : [(e as Error).message] }, "reload rejected; keeping the running config");
+        log.error(
+          { problems: e instanceof ConfigError ? e.problems : [(e as Error).message] },
+          "reload rejected; keeping the running config",
+        );
       }
     };
     process.on("SIGTERM", onTerm);

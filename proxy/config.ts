@@ -153,8 +153,19 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const c = new Checker(file);
   const root = c.object(raw, "(root)");
   c.noUnknown(root, "", [
-    "listen", "region", "fleetSize", "vendor", "ekmVendor", "agents", "agentDeadlineMs",
-    "healthRefreshMs", "healthDeadlineMs", "limits", "http", "keyStores", "log",
+    "listen",
+    "region",
+    "fleetSize",
+    "vendor",
+    "ekmVendor",
+    "agents",
+    "agentDeadlineMs",
+    "healthRefreshMs",
+    "healthDeadlineMs",
+    "limits",
+    "http",
+    "keyStores",
+    "log",
   ]);
 
   const listenObj = root.listen === undefined ? {} : c.object(root.listen, "listen");
@@ -197,7 +208,11 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const limitsObj = root.limits === undefined ? {} : c.object(root.limits, "limits");
   c.noUnknown(limitsObj, "limits", ["maxPlaintextBytes", "maxCiphertextBytes", "maxAadBytes", "maxBodyBytes"]);
   const maxPlaintextBytes = c.int(limitsObj, "maxPlaintextBytes", "limits", { default: 8192, min: SPEC_MIN_PLAINTEXT_BYTES, max: 1 << 20 });
-  const maxCiphertextBytes = c.int(limitsObj, "maxCiphertextBytes", "limits", { default: 8192, min: SPEC_MIN_PLAINTEXT_BYTES, max: 1 << 20 });
+  const maxCiphertextBytes = c.int(limitsObj, "maxCiphertextBytes", "limits", {
+    default: 8192,
+    min: SPEC_MIN_PLAINTEXT_BYTES,
+    max: 1 << 20,
+  });
   const maxAadBytes = c.int(limitsObj, "maxAadBytes", "limits", { default: 16384, min: SPEC_MIN_AAD_BYTES, max: 1 << 20 });
   const maxBodyBytes = c.int(limitsObj, "maxBodyBytes", "limits", { default: 65536, min: 1024, max: 8 << 20 });
   const needBody = minBodyBytes({ maxPlaintextBytes, maxCiphertextBytes, maxAadBytes });

@@ -84,7 +84,10 @@ const UNKNOWN_CREDENTIAL = {};
 function cachedSigningKey(credential: Credential | undefined, date: string, region: string, service: string): Buffer {
   const owner = credential ?? UNKNOWN_CREDENTIAL;
   let keys = signingKeys.get(owner);
-  if (!keys) signingKeys.set(owner, (keys = new Map()));
+  if (!keys) {
+    keys = new Map();
+    signingKeys.set(owner, keys);
+  }
   const id = `${date}/${region}/${service}`;
   let key = keys.get(id);
   if (!key) {
@@ -208,7 +211,7 @@ export function verifySigV4(req: SignedRequest, opts: VerifyOptions): VerifiedSi
   // Scope, field by field.
   const credential = opts.credentials.find((c) => c.accessKeyId === auth.accessKeyId);
   const dateValues = headers.get("x-amz-date");
-  if (!dateValues || dateValues.length !== 1) fail("X-Amz-Date header missing or repeated");
+  if (dateValues?.length !== 1) fail("X-Amz-Date header missing or repeated");
   const amzDate = dateValues[0].trim();
   const signedAt = parseAmzDate(amzDate);
   if (auth.date !== amzDate.slice(0, 8)) fail("credential scope date differs from X-Amz-Date");

@@ -124,8 +124,13 @@ export function parseRequestMetadata(body: Json, operation: keyof typeof REQUIRE
   if (typeof m !== "object" || m === null || Array.isArray(m)) invalid("requestMetadata must be an object");
   const md = m as Json;
   const out: WireRequestMetadata = {
-    awsPrincipalArn: "", kmsKeyArn: "", kmsOperation: "", kmsRequestId: "",
-    kmsViaService: "", awsSourceVpc: "", awsSourceVpce: "",
+    awsPrincipalArn: "",
+    kmsKeyArn: "",
+    kmsOperation: "",
+    kmsRequestId: "",
+    kmsViaService: "",
+    awsSourceVpc: "",
+    awsSourceVpce: "",
   };
   const required: readonly string[] = REQUIRED_METADATA[operation];
   for (const f of required) {

@@ -31,7 +31,18 @@ import { insideLatency, markLogs } from "./bench/logs.ts";
 import { rssByRole, startCpuMeter } from "./bench/procstat.ts";
 import { profilesIn, renderProfile, summarizeProfile } from "./bench/profile.ts";
 import { evaluateTargets, fmtDuration, int, ms, progress, renderReport, type BenchResults, type StepSearch } from "./bench/report.ts";
-import { caseName, loadTarget, measure, openLoop, rigFor, setQuietWait, startBenchChain, startGenerator, waitForQuiet, type Rig } from "./bench/rig.ts";
+import {
+  caseName,
+  loadTarget,
+  measure,
+  openLoop,
+  rigFor,
+  setQuietWait,
+  startBenchChain,
+  startGenerator,
+  waitForQuiet,
+  type Rig,
+} from "./bench/rig.ts";
 import { ensureBuilt, stopBenchLeftovers, tcpCongestionControl } from "./bench/setup.ts";
 import { netemAvailable, startWanLink } from "./bench/wan/link.ts";
 import { countRoundTrips } from "./bench/wan/roundtrips.ts";
@@ -105,7 +116,17 @@ async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> 
     const c: Case = { op: "Encrypt", size };
     for (const concurrency of [1, 16]) {
       const label = `${caseName(c)}, ${concurrency === 1 ? "1 caller" : `${concurrency} in flight`}`;
-      r.grpc.push(await measure(rig, label, c, { kind: "grpc", socket, token: chain.agentToken, keyId: chain.keys.default, case: c, concurrency, durationS: 2 }));
+      r.grpc.push(
+        await measure(rig, label, c, {
+          kind: "grpc",
+          socket,
+          token: chain.agentToken,
+          keyId: chain.keys.default,
+          case: c,
+          concurrency,
+          durationS: 2,
+        }),
+      );
     }
   }
 }
@@ -113,7 +134,14 @@ async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> 
 async function lowLoadPart(r: BenchResults, rig: Rig): Promise<void> {
   progress("3/4 full chain: low load");
   r.lowLoad = [
-    await measure(rig, "Encrypt 32 B, 1 caller", ENC32, { kind: "sequential", case: ENC32, count: 1000, warmup: 200, gapMs: 0, windows: false }),
+    await measure(rig, "Encrypt 32 B, 1 caller", ENC32, {
+      kind: "sequential",
+      case: ENC32,
+      count: 1000,
+      warmup: 200,
+      gapMs: 0,
+      windows: false,
+    }),
     await measure(rig, "Encrypt 32 B, 20 req/s open loop", ENC32, openLoop(ENC32, 20, SHORT_S)),
   ];
   const port = await freePort();
@@ -148,7 +176,9 @@ async function stepSearch(rig: Rig, c: Case, hint: number): Promise<StepSearch> 
     const otherCores = meter?.stop().otherCores ?? NaN;
     const ok = res.errors === 0 && res.latency.p99 < 100 && res.achievedRate >= 0.97 * rate;
     steps.push({ rate, pass: ok, p99: res.latency.p99, errors: res.errors, achieved: res.achievedRate, otherCores });
-    progress(`   ${caseName(c)} step ${int(rate)}/s: p99 ${ms(res.latency.p99)} ms, ${res.errors} errors, other load ${otherCores.toFixed(2)} → ${ok ? "pass" : "fail"}`);
+    progress(
+      `   ${caseName(c)} step ${int(rate)}/s: p99 ${ms(res.latency.p99)} ms, ${res.errors} errors, other load ${otherCores.toFixed(2)} → ${ok ? "pass" : "fail"}`,
+    );
     if (ok) pass = Math.max(pass, rate);
     else fail = Math.min(fail, rate);
     if (fail === Infinity) rate = Math.round(rate * 1.3);
@@ -208,9 +238,19 @@ async function wanPart(r: BenchResults, gen: LoadGenerator): Promise<void> {
   progress(`   idle tunnel: ${idle.total} round trips in ${idleS} s`);
 
   const sequential: NonNullable<BenchResults["wan"]>["sequential"] = [];
-  for (const [c, count] of [[ENC32, 200], [{ op: "Encrypt", size: 4300 }, 100]] as Array<[Case, number]>) {
+  for (const [c, count] of [
+    [ENC32, 200],
+    [{ op: "Encrypt", size: 4300 }, 100],
+  ] as Array<[Case, number]>) {
     await link.line.reset();
-    const m = await measure(rig, `${caseName(c)}, 1 caller`, c, { kind: "sequential", case: c, count, warmup: 20, gapMs: 5, windows: true });
+    const m = await measure(rig, `${caseName(c)}, 1 caller`, c, {
+      kind: "sequential",
+      case: c,
+      count,
+      warmup: 20,
+      gapMs: 5,
+      windows: true,
+    });
     const windows = m.result.windows!.map(([a, b]) => [BigInt(a), BigInt(b)] as [bigint, bigint]);
     delete m.result.windows;
     const roundTrips = countRoundTrips(await link.line.segments(segFile), windows, oneWay);
@@ -253,7 +293,10 @@ async function soak(r: BenchResults): Promise<void> {
   const everyS = 5;
   const rss: Record<string, number[]> = {};
   const sample = () => {
-    for (const [role, bytes] of Object.entries(rssByRole(procs))) (rss[role] ??= []).push(bytes);
+    for (const [role, bytes] of Object.entries(rssByRole(procs))) {
+      rss[role] ??= [];
+      rss[role].push(bytes);
+    }
   };
   let timer: NodeJS.Timeout | undefined;
   let meter: ReturnType<typeof startCpuMeter> | undefined;
@@ -323,7 +366,7 @@ async function main(): Promise<number> {
   ensureBuilt();
   const r: BenchResults = {
     meta: {
-      date: new Date().toISOString().replace("T", " ").slice(0, 16) + " UTC",
+      date: `${new Date().toISOString().replace("T", " ").slice(0, 16)} UTC`,
       node: process.version,
       cpus: cpus().length,
       kernel: release(),
@@ -348,7 +391,7 @@ async function main(): Promise<number> {
   r.meta.runTimeS = (performance.now() - started) / 1000;
   r.targets = opt.profile ? [] : evaluateTargets(r);
   const file = join(DIR, opt.soak !== undefined ? "soak.json" : opt.profile ? "profile.json" : "results.json");
-  writeFileSync(file, JSON.stringify(r, null, 2) + "\n");
+  writeFileSync(file, `${JSON.stringify(r, null, 2)}\n`);
   console.log(renderReport(r));
   if (extra) console.log(`\n${extra}`);
   console.log(`\nJSON: ${relative(process.cwd(), file)}   logs: ${relative(process.cwd(), DIR)}/*/logs/`);

@@ -18,7 +18,9 @@ import { stopLeftovers } from "../testbed/procs.ts";
 import { type EncryptAnswer, decryptBody, encryptBody, healthBody, keyPath, metadataBody } from "../testbed/xks/bodies.ts";
 import { decryptProblem, specErrorOf } from "../testbed/xks/oracle.ts";
 
-const { values } = parseArgs({ options: { dir: { type: "string", default: join(PACKAGE_ROOT, ".demo") }, "no-wait": { type: "boolean" } } });
+const { values } = parseArgs({
+  options: { dir: { type: "string", default: join(PACKAGE_ROOT, ".demo") }, "no-wait": { type: "boolean" } },
+});
 const dir = values.dir!;
 
 const bold = (s: string) => (process.stdout.isTTY ? `\x1b[1m${s}\x1b[0m` : s);
@@ -67,7 +69,8 @@ async function roundTrip(chain: Chain): Promise<void> {
   show("curl encrypt", await chain.client.curl(keyPath(k.default, "encrypt"), encryptBody(plaintext, { metadata: DEMO_METADATA })), 200);
 
   step("Usage enforcement on restricted keys");
-  const encWith = (key: string, integrityValue = false) => post(keyPath(key, "encrypt"), encryptBody(plaintext, { integrityValue, metadata: DEMO_METADATA }));
+  const encWith = (key: string, integrityValue = false) =>
+    post(keyPath(key, "encrypt"), encryptBody(plaintext, { integrityValue, metadata: DEMO_METADATA }));
   show(`encrypt with ${k.encryptOnly}`, await encWith(k.encryptOnly), 200);
   show(`encrypt+integrity value with ${k.encryptOnly}`, await encWith(k.encryptOnly, true), 400, "InvalidKeyUsageException");
   show(`encrypt with ${k.decryptOnly}`, await encWith(k.decryptOnly), 400, "InvalidKeyUsageException");
@@ -99,7 +102,10 @@ async function main(): Promise<number> {
   }
   console.log(`    sshd on 127.0.0.1:${chain.sshd.port} (host key ${chain.sshd.hostKeyFingerprint})`);
   console.log(`    proxy on ${chain.url}, agent tunnel → ${chain.remoteSocket}`);
-  const tunnelLine = chain.agent.logs().split("\n").find((l) => l.includes("TCP_NODELAY"));
+  const tunnelLine = chain.agent
+    .logs()
+    .split("\n")
+    .find((l) => l.includes("TCP_NODELAY"));
   if (tunnelLine) console.log(`    agent: ${JSON.parse(tunnelLine).msg}`);
 
   const demoJson = {
@@ -108,9 +114,14 @@ async function main(): Promise<number> {
     uriPath: chain.uriPath,
     accessKeyId: chain.accessKeyId,
     secretAccessKey: chain.secretAccessKey,
-    keys: { default: chain.keys.default, encryptOnly: chain.keys.encryptOnly, decryptOnly: chain.keys.decryptOnly, noUsage: chain.keys.noUsage },
+    keys: {
+      default: chain.keys.default,
+      encryptOnly: chain.keys.encryptOnly,
+      decryptOnly: chain.keys.decryptOnly,
+      noUsage: chain.keys.noUsage,
+    },
   };
-  writeFileSync(join(dir, "demo.json"), JSON.stringify(demoJson, null, 2) + "\n", { mode: 0o600 });
+  writeFileSync(join(dir, "demo.json"), `${JSON.stringify(demoJson, null, 2)}\n`, { mode: 0o600 });
 
   await roundTrip(chain);
 
@@ -118,7 +129,12 @@ async function main(): Promise<number> {
   console.log(`\nClient settings written to ${join(dir, "demo.json")}. Logs: ${join(dir, "logs")}/`);
   console.log("Try it yourself (curl signs with SigV4 itself):\n");
   const body = JSON.stringify({
-    requestMetadata: { awsPrincipalArn: "arn:aws:iam::123456789012:user/you", kmsOperation: "Encrypt", kmsRequestId: "try-1", kmsKeyArn: "arn:aws:kms:us-east-1:123456789012:key/demo" },
+    requestMetadata: {
+      awsPrincipalArn: "arn:aws:iam::123456789012:user/you",
+      kmsOperation: "Encrypt",
+      kmsRequestId: "try-1",
+      kmsKeyArn: "arn:aws:kms:us-east-1:123456789012:key/demo",
+    },
     plaintext: Buffer.from("hi there").toString("base64"),
     encryptionAlgorithm: "AES_GCM",
   });

@@ -39,7 +39,12 @@ export class Checker {
     for (const k of Object.keys(o)) if (!known.includes(k)) this.problem(field ? `${field}.${k}` : k, "unknown field");
   }
 
-  string(o: Obj, key: string, field: string, opts: { default?: string; pattern?: RegExp; min?: number; max?: number; hint?: string } = {}): string {
+  string(
+    o: Obj,
+    key: string,
+    field: string,
+    opts: { default?: string; pattern?: RegExp; min?: number; max?: number; hint?: string } = {},
+  ): string {
     const v = o[key];
     const f = field ? `${field}.${key}` : key;
     if (v === undefined) {

@@ -14,10 +14,24 @@ export type LogLevel = "fatal" | "error" | "warn" | "info" | "debug" | "trace" |
  * objects are built from allow-listed fields, so this is the backstop, not the rule.
  */
 export const REDACT_PATHS = [
-  "plaintext", "ciphertext", "additionalAuthenticatedData", "aad",
-  "pin", "userPin", "secret", "secretAccessKey", "token", "agentToken", "privateKey", "authorization",
-  "headers.authorization", "req.headers.authorization", 'headers["x-xks-agent-token"]',
-  "body.plaintext", "body.ciphertext", "body.additionalAuthenticatedData",
+  "plaintext",
+  "ciphertext",
+  "additionalAuthenticatedData",
+  "aad",
+  "pin",
+  "userPin",
+  "secret",
+  "secretAccessKey",
+  "token",
+  "agentToken",
+  "privateKey",
+  "authorization",
+  "headers.authorization",
+  "req.headers.authorization",
+  'headers["x-xks-agent-token"]',
+  "body.plaintext",
+  "body.ciphertext",
+  "body.additionalAuthenticatedData",
 ];
 
 export interface LoggerOptions {

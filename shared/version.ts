@@ -3,6 +3,4 @@ import { join } from "node:path";
 import { PACKAGE_ROOT } from "./paths.ts";
 
 /** The package version, read once from package.json. */
-export const VERSION: string = (
-  JSON.parse(readFileSync(join(PACKAGE_ROOT, "package.json"), "utf8")) as { version: string }
-).version;
+export const VERSION: string = (JSON.parse(readFileSync(join(PACKAGE_ROOT, "package.json"), "utf8")) as { version: string }).version;

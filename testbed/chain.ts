@@ -135,7 +135,13 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
 
   const env = { ...process.env, ...softhsm.env };
   const proxy = new Daemon("proxy", [BIN_PROXY, "serve", "--config", proxyConfigFile], env, join(dir, "logs", "proxy.log"));
-  const agent = new Daemon("agent", [BIN_AGENT, "run", "--config", agentConfigFile], env, join(dir, "logs", "agent.log"), o.remoteAgent?.agentWrap);
+  const agent = new Daemon(
+    "agent",
+    [BIN_AGENT, "run", "--config", agentConfigFile],
+    env,
+    join(dir, "logs", "agent.log"),
+    o.remoteAgent?.agentWrap,
+  );
   proxy.start();
   agent.start();
   writeFileSync(join(dir, "pids"), `${proxy.pid}\n${agent.pid}\n`);
@@ -176,7 +182,9 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
           100,
         );
       } catch (err) {
-        throw new Error(`${(err as Error).message} (last answer: ${last})\nagent log:\n${agent.logs().slice(-3000)}\nproxy log:\n${proxy.logs().slice(-3000)}`);
+        throw new Error(
+          `${(err as Error).message} (last answer: ${last})\nagent log:\n${agent.logs().slice(-3000)}\nproxy log:\n${proxy.logs().slice(-3000)}`,
+        );
       }
     },
     stop: async () => {

@@ -74,7 +74,10 @@ export function writeProxyConfig(dir: string, o: ProxyConfigOptions): string {
     agents: o.agents.map((a, i) => ({ id: a.id, target: a.target, token: secretFile(dir, `agent-token-${i}`, a.token) })),
     keyStores: o.keyStores.map((s) => ({
       uriPathPrefix: s.prefix,
-      credentials: s.credentials.map((c) => ({ accessKeyId: c.accessKeyId, secretAccessKey: secretFile(dir, `sigv4-${n++}.secret`, c.secretAccessKey) })),
+      credentials: s.credentials.map((c) => ({
+        accessKeyId: c.accessKeyId,
+        secretAccessKey: secretFile(dir, `sigv4-${n++}.secret`, c.secretAccessKey),
+      })),
       keys: s.keys,
     })),
     ...o.extra,

@@ -22,6 +22,13 @@ export interface CallOptions {
 
 export type AgentMethodName = "GetHealthStatus" | "GetKeyMetadata" | "Encrypt" | "Decrypt";
 
+type UnaryByName = (
+  req: object,
+  md: grpc.Metadata,
+  opts: grpc.CallOptions,
+  cb: (err: grpc.ServiceError | null, res?: unknown) => void,
+) => grpc.ClientUnaryCall;
+
 export interface AgentTestClient {
   call(method: AgentMethodName, req: Record<string, unknown>, opts?: CallOptions): Promise<any>;
   client: grpc.Client;
@@ -36,7 +43,8 @@ export function agentClient(target: string, token: string): AgentTestClient {
       const md = new grpc.Metadata();
       const tok = opts.token === undefined ? token : opts.token;
       if (tok !== null) md.set(AGENT_TOKEN_METADATA_KEY, tok);
-      const fn = (client as unknown as Record<string, Function>)[method].bind(client);
+      // Tests send partial and malformed requests on purpose: the request is not typed per method.
+      const fn = client[method].bind(client) as unknown as UnaryByName;
       fn(req, md, { deadline: Date.now() + (opts.deadlineMs ?? GENEROUS_MS) }, (err: grpc.ServiceError | null, res: unknown) => {
         if (err) {
           const reason = err.metadata?.get(REASON_METADATA_KEY)[0];

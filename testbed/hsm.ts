@@ -85,7 +85,13 @@ export const KEY_USAGE: Record<keyof KeySet, KeyUsage[]> = {
 };
 
 /** Labels for the tests. */
-export const TEST_KEYS: KeySet = { default: "foo", encryptOnly: "enc-only", decryptOnly: "dec-only", noUsage: "no-usage", health: "xks-health" };
+export const TEST_KEYS: KeySet = {
+  default: "foo",
+  encryptOnly: "enc-only",
+  decryptOnly: "dec-only",
+  noUsage: "no-usage",
+  health: "xks-health",
+};
 
 /** Labels for the demo and the bench (what a person reads in their output). */
 export const DEMO_KEYS: KeySet = {
@@ -142,5 +148,13 @@ export function createRawAesKey(hsm: Hsm, label: string, o: { bytes: number; ext
 
 /** What the agent's operations need, for calling them directly on `hsm` (no server, no owner switches). */
 export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> = {}): AgentOpContext {
-  return { hsm, ciphertextMetadata: Buffer.from("xks-agent/1"), healthKey: "xks-health", agentId: "direct", isKeyDisabled: () => false, tunnels: () => [], ...o };
+  return {
+    hsm,
+    ciphertextMetadata: Buffer.from("xks-agent/1"),
+    healthKey: "xks-health",
+    agentId: "direct",
+    isKeyDisabled: () => false,
+    tunnels: () => [],
+    ...o,
+  };
 }

@@ -90,7 +90,14 @@ export async function startProxy(o: ProxyFixtureOptions): Promise<ProxyFixture> 
   const file = writeProxyConfig(dir, {
     agents: o.agents,
     keyStores: testKeyStores(o.keys),
-    extra: { vendor: "xks-pair tests", agentDeadlineMs: 200, healthRefreshMs: 300, healthDeadlineMs: 500, log: { level: "debug" }, ...o.extra },
+    extra: {
+      vendor: "xks-pair tests",
+      agentDeadlineMs: 200,
+      healthRefreshMs: 300,
+      healthDeadlineMs: 500,
+      log: { level: "debug" },
+      ...o.extra,
+    },
   });
   const config = loadProxyConfig(file, {});
   const logs = new LogCapture();

@@ -35,7 +35,11 @@ export function findLeaks(text: string, secrets: Record<string, string | undefin
 }
 
 /** What a request that went through SigV4 leaves behind if anything logs its Authorization header. */
-export const AUTHORIZATION_MARKERS = { "SigV4 algorithm": "AWS4-HMAC-SHA256", "SigV4 signature": "Signature=", "SigV4 credential": "Credential=" };
+export const AUTHORIZATION_MARKERS = {
+  "SigV4 algorithm": "AWS4-HMAC-SHA256",
+  "SigV4 signature": "Signature=",
+  "SigV4 credential": "Credential=",
+};
 
 /** `label`, `label (Base64)` and `label (hex)` for a byte value, as it could appear in a log. */
 export function encodings(label: string, value: Buffer | string): Record<string, string> {

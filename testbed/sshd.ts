@@ -60,7 +60,7 @@ function keygen(path: string, comment: string): void {
 function fingerprintFile(pubPath: string): string {
   const out = execFileSync("ssh-keygen", ["-lf", pubPath], { encoding: "utf8" });
   const fp = out.trim().split(/\s+/)[1];
-  if (!fp || !fp.startsWith("SHA256:")) throw new Error(`unexpected ssh-keygen -lf output: ${out}`);
+  if (!fp?.startsWith("SHA256:")) throw new Error(`unexpected ssh-keygen -lf output: ${out}`);
   return fp;
 }
 
@@ -169,7 +169,12 @@ export async function startSshd(opts: StartSshdOptions = {}): Promise<Sshd> {
       clientPrivateKey,
       clientKeyPath,
       logs: () => output,
-      sessionPids: () => (child?.pid === undefined ? [] : descendantsOf(child.pid).filter((p) => /^sshd/.test(p.comm)).map((p) => p.pid)),
+      sessionPids: () =>
+        child?.pid === undefined
+          ? []
+          : descendantsOf(child.pid)
+              .filter((p) => /^sshd/.test(p.comm))
+              .map((p) => p.pid),
       async stop() {
         await halt();
         if (!removed) {

@@ -130,10 +130,14 @@ export class Hsm {
    * or a session that went bad is not the caller's fault.
    */
   run<T>(what: string, fn: (p11: Pkcs11Port, session: Handle) => T, opts: { inDecrypt?: boolean } = {}): T {
-    return this.attempt(what, () => {
-      const session = this.ensureSession();
-      return fn(this.p11!, session);
-    }, opts);
+    return this.attempt(
+      what,
+      () => {
+        const session = this.ensureSession();
+        return fn(this.p11!, session);
+      },
+      opts,
+    );
   }
 
   /**
@@ -148,11 +152,15 @@ export class Hsm {
     fn: (p11: Pkcs11Port, session: Handle, key: KeyInfo) => T,
     opts: { inDecrypt?: boolean } = {},
   ): T {
-    return this.attempt(what, () => {
-      const key = this.key(label);
-      check(key);
-      return fn(this.p11!, this.ensureSession(), key);
-    }, opts);
+    return this.attempt(
+      what,
+      () => {
+        const key = this.key(label);
+        check(key);
+        return fn(this.p11!, this.ensureSession(), key);
+      },
+      opts,
+    );
   }
 
   private attempt<T>(what: string, body: () => T, opts: { inDecrypt?: boolean }): T {
@@ -257,7 +265,8 @@ export class Hsm {
 
   private ensureSession(): Handle {
     if (this.session !== undefined) return this.session;
-    if (this.now() < this.retryOpenAt) throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
+    if (this.now() < this.retryOpenAt)
+      throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
     try {
       if (!this.p11) {
         this.p11 = this.newPort();

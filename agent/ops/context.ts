@@ -28,7 +28,8 @@ export function keyCheck(ctx: AgentOpContext, needs: Array<"encrypt" | "decrypt"
     assertAes256(key);
     if (ctx.isKeyDisabled(key.label)) throw new AgentError("INVALID_STATE", `key ${key.label} is disabled by the owner`);
     for (const n of needs) {
-      if (!key.usage[n]) throw new AgentError("INVALID_KEY_USAGE", `key ${key.label} does not allow ${n} (CKA_${n.toUpperCase()} is false)`);
+      if (!key.usage[n])
+        throw new AgentError("INVALID_KEY_USAGE", `key ${key.label} does not allow ${n} (CKA_${n.toUpperCase()} is false)`);
     }
   };
 }

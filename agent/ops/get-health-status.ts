@@ -4,6 +4,7 @@ import type { GetHealthStatusResponse } from "../../shared/proto.ts";
 import { VERSION } from "../../shared/version.ts";
 import { decrypt } from "./decrypt.ts";
 import { encrypt } from "./encrypt.ts";
+import type { TokenInfo } from "../hsm/hsm.ts";
 import type { AgentOpContext } from "./context.ts";
 
 const NO_METADATA = null;
@@ -16,7 +17,7 @@ const NO_METADATA = null;
  */
 export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
   const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels() };
-  let token;
+  let token: TokenInfo;
   try {
     token = ctx.hsm.tokenInfo();
   } catch (err) {
@@ -50,5 +51,7 @@ export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
 }
 
 function short(err: unknown): string {
-  return errorMessage(err).replace(/[^\x20-\x7e]/g, "?").slice(0, 200);
+  return errorMessage(err)
+    .replace(/[^\x20-\x7e]/g, "?")
+    .slice(0, 200);
 }

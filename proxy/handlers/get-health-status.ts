@@ -51,7 +51,10 @@ function modelOf(h: AgentHealth): string {
 }
 
 /** Builds the response from the cache; never waits for an agent. */
-export function buildHealthResponse(health: AgentHealth[], ctx: Pick<HandlerContext, "fleetSize" | "vendor" | "ekmVendor">): GetHealthStatusWireResponse {
+export function buildHealthResponse(
+  health: AgentHealth[],
+  ctx: Pick<HandlerContext, "fleetSize" | "vendor" | "ekmVendor">,
+): GetHealthStatusWireResponse {
   const seen = new Set<string>();
   const ekmFleetDetails = health.map((h) => {
     let id = h.report?.agentId || h.id;
@@ -60,7 +63,8 @@ export function buildHealthResponse(health: AgentHealth[], ctx: Pick<HandlerCont
     seen.add(id);
     return { id, model: modelOf(h), healthStatus: h.state };
   });
-  const vendorFrom = health.find((h) => h.state !== "UNAVAILABLE" && h.report?.tokenManufacturer) ?? health.find((h) => h.report?.tokenManufacturer);
+  const vendorFrom =
+    health.find((h) => h.state !== "UNAVAILABLE" && h.report?.tokenManufacturer) ?? health.find((h) => h.report?.tokenManufacturer);
   return {
     xksProxyFleetSize: ctx.fleetSize,
     xksProxyVendor: ctx.vendor,

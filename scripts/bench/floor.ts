@@ -67,7 +67,15 @@ export function measureFloor(dir: string, sizes: number[], secondsEach: number):
       });
       out.push({ op: "Encrypt", size, ...enc });
       const e = encrypt(ctx, { metadata: META, keyId: KEY, plaintext, aad: AAD, wantIntegrityValue: false });
-      const req = { metadata: { ...META, kmsOperation: "Decrypt" }, keyId: KEY, ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad: AAD, ciphertextMetadata: e.ciphertextMetadata };
+      const req = {
+        metadata: { ...META, kmsOperation: "Decrypt" },
+        keyId: KEY,
+        ciphertext: e.ciphertext,
+        iv: e.iv,
+        tag: e.tag,
+        aad: AAD,
+        ciphertextMetadata: e.ciphertextMetadata,
+      };
       if (!decrypt(ctx, req).plaintext.equals(plaintext)) throw new Error("floor: decrypt did not give the plaintext back");
       const dec = timeLoop(secondsEach, () => {
         decrypt(ctx, req);

@@ -44,7 +44,12 @@ function moduleOf(url: string): string {
     const rest = url.slice(nm + "node_modules/".length).split("/");
     return rest[0].startsWith("@") ? `${rest[0]}/${rest[1]}` : rest[0];
   }
-  if (url.startsWith("node:")) return url.replace(/^node:internal\//, "node:").split("/").slice(0, 2).join("/");
+  if (url.startsWith("node:"))
+    return url
+      .replace(/^node:internal\//, "node:")
+      .split("/")
+      .slice(0, 2)
+      .join("/");
   const m = /\/(dist|scripts|test)\/(.*)$/.exec(url);
   return m ? m[2] : url;
 }
@@ -81,7 +86,8 @@ export function summarizeProfile(file: string, top = 15): ProfileSummary {
     const name = frameName(n.callFrame);
     add(fns, name, t);
     const up = parent.get(id);
-    if (up !== undefined && !special) add((callers.get(name) ?? callers.set(name, new Map()).get(name)!), frameName(byId.get(up)!.callFrame), t);
+    if (up !== undefined && !special)
+      add(callers.get(name) ?? callers.set(name, new Map()).get(name)!, frameName(byId.get(up)!.callFrame), t);
     // A native frame's time goes to the nearest caller with a script.
     let owner: number | undefined = id;
     while (owner !== undefined && !byId.get(owner)!.callFrame.url && !special) owner = parent.get(owner);
@@ -134,7 +140,12 @@ export function profilesIn(dir: string): string[] {
  */
 export function renderProfile(role: string, s: ProfileSummary, usPerRequest?: number): string {
   const pct = (x: number) => `${(100 * x).toFixed(1).padStart(5)} %`;
-  const us = (x: number) => (usPerRequest ? `  ≈${Math.round(x * usPerRequest).toString().padStart(4)} µs/req` : "");
+  const us = (x: number) =>
+    usPerRequest
+      ? `  ≈${Math.round(x * usPerRequest)
+          .toString()
+          .padStart(4)} µs/req`
+      : "";
   const lines = [
     `${role} (pid ${s.pid}): busy ${(s.busyMs / 1000).toFixed(2)} s of ${(s.totalMs / 1000).toFixed(2)} s sampled` +
       (usPerRequest ? `; ${Math.round(usPerRequest)} µs CPU per request (/proc)` : ""),
@@ -142,7 +153,8 @@ export function renderProfile(role: string, s: ProfileSummary, usPerRequest?: nu
     ...s.modules.map((m) => `    ${pct(m.share)}${us(m.share)}  ${m.name}`),
     "  hottest functions (self time) ← their main callers:",
     ...s.functions.map(
-      (f) => `    ${pct(f.share)}${us(f.share)}  ${f.name}${f.callers.length ? `  ← ${f.callers.map((c) => `${c.name} (${pct(c.share).trim()})`).join(", ")}` : ""}`,
+      (f) =>
+        `    ${pct(f.share)}${us(f.share)}  ${f.name}${f.callers.length ? `  ← ${f.callers.map((c) => `${c.name} (${pct(c.share).trim()})`).join(", ")}` : ""}`,
     ),
     "  project functions, inclusive time (self + callees; middleware that calls next() includes what follows):",
     ...s.inclusive.map((f) => `    ${pct(f.share)}${us(f.share)}  ${f.name}`),

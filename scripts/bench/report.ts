@@ -107,7 +107,8 @@ export function ms(v: number | undefined): string {
 }
 
 export const int = (v: number) => (Number.isFinite(v) ? Math.round(v).toLocaleString("en-US") : "–");
-const ratio = (v: number) => (Number.isFinite(v) ? (v >= 100 ? `${v.toFixed(0)}×` : v >= 10 ? `${v.toFixed(1)}×` : `${v.toFixed(2)}×`) : "–");
+const ratio = (v: number) =>
+  Number.isFinite(v) ? (v >= 100 ? `${v.toFixed(0)}×` : v >= 10 ? `${v.toFixed(1)}×` : `${v.toFixed(2)}×`) : "–";
 const pct = (v: number) => (Number.isFinite(v) ? (v < 10 ? `${v.toFixed(1)} %` : `${v.toFixed(0)} %`) : "–");
 const caseName = (c: Case) => `${c.op} ${c.size} B`;
 /** CPU seconds per 1,000 completed requests. */
@@ -119,7 +120,11 @@ const cores = (v: number | undefined) => (v !== undefined && Number.isFinite(v) 
 function table(head: string[], rows: string[][], indent = "  "): string {
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
   const line = (cells: string[]) =>
-    indent + cells.map((c, i) => (i === 0 ? (c ?? "").padEnd(widths[i]) : (c ?? "").padStart(widths[i]))).join("  ").trimEnd();
+    indent +
+    cells
+      .map((c, i) => (i === 0 ? (c ?? "").padEnd(widths[i]) : (c ?? "").padStart(widths[i])))
+      .join("  ")
+      .trimEnd();
   return [line(head), ...rows.map(line)].join("\n");
 }
 
@@ -140,7 +145,8 @@ function errorsText(res: JobResult): string {
 function errorDetails(list: Measured[]): string[] {
   const out: string[] = [];
   for (const m of list) {
-    for (const [kind, e] of Object.entries(m.result.errorKinds)) out.push(`       ${m.label}: ${e.count} × ${kind}${e.example !== kind ? `  (${e.example.slice(0, 120)})` : ""}`);
+    for (const [kind, e] of Object.entries(m.result.errorKinds))
+      out.push(`       ${m.label}: ${e.count} × ${kind}${e.example !== kind ? `  (${e.example.slice(0, 120)})` : ""}`);
   }
   return out;
 }
@@ -273,7 +279,25 @@ export function renderReport(r: BenchResults): string {
     out.push(`  b) fixed offered rate ${int(rate)} req/s, OPEN loop (latency from each request's scheduled send time)`);
     out.push(
       table(
-        ["case", "secs", "sent", "errors", "p50 ms", "×floor", "p99 ms", "p99.9 ms", "max ms", "done/s", "gen lag", "gen stall", "CPU s/1k req: proxy", "sshd", "agent", "gen", "other load"],
+        [
+          "case",
+          "secs",
+          "sent",
+          "errors",
+          "p50 ms",
+          "×floor",
+          "p99 ms",
+          "p99.9 ms",
+          "max ms",
+          "done/s",
+          "gen lag",
+          "gen stall",
+          "CPU s/1k req: proxy",
+          "sshd",
+          "agent",
+          "gen",
+          "other load",
+        ],
         r.fixedRate.map((x) => {
           const f = floorOf(r, x.case);
           return [
@@ -352,7 +376,15 @@ export function renderReport(r: BenchResults): string {
         .map(([k, v]) => `${k}:${v}`)
         .join(" ")})`;
     const rows: string[][] = [
-      ["bare TCP round trip (64 B echo)", rtText(w.echo.roundTrips), `${ms(w.echo.roundTrips.segmentsToAgent)} / ${ms(w.echo.roundTrips.segmentsFromAgent)}`, ms(rt), ms(w.echo.latency.p99), "1.00×", "–"],
+      [
+        "bare TCP round trip (64 B echo)",
+        rtText(w.echo.roundTrips),
+        `${ms(w.echo.roundTrips.segmentsToAgent)} / ${ms(w.echo.roundTrips.segmentsFromAgent)}`,
+        ms(rt),
+        ms(w.echo.latency.p99),
+        "1.00×",
+        "–",
+      ],
       ...w.sequential.map((s) => [
         `${caseName(s.case)}, 1 caller`,
         rtText(s.roundTrips),
@@ -372,7 +404,9 @@ export function renderReport(r: BenchResults): string {
         `+${ms(fromSend(w.lowRate).p50 - rt)}`,
       ],
     ];
-    out.push(table(["flow", "round trips/op (histogram)", "segments →agent / ←agent", "p50 ms", "p99 ms", "×RTT", "over 1 RTT"], rows, "   "));
+    out.push(
+      table(["flow", "round trips/op (histogram)", "segments →agent / ←agent", "p50 ms", "p99 ms", "×RTT", "over 1 RTT"], rows, "   "),
+    );
     for (const s of w.sequential) {
       const sp = s.roundTrips.split;
       out.push(
@@ -380,7 +414,10 @@ export function renderReport(r: BenchResults): string {
           `agent side ${ms(sp.agent)} | response spread ${ms(sp.response)} | after the link ${ms(sp.after)}`,
       );
     }
-    out.push("   as logged by the proxy and the agent (the proxy's figure includes the WAN round trip):", insideTable([...w.sequential, w.lowRate], "     "));
+    out.push(
+      "   as logged by the proxy and the agent (the proxy's figure includes the WAN round trip):",
+      insideTable([...w.sequential, w.lowRate], "     "),
+    );
     const errs = [...w.sequential, w.lowRate].reduce((n, s) => n + s.result.errors, 0);
     out.push(
       `   errors: ${errs}. The idle tunnel's own exchanges (ssh/gRPC keepalives, proxy health refresh): ${w.background.roundTrips} round trips ` +
@@ -401,7 +438,14 @@ export function renderReport(r: BenchResults): string {
     out.push(
       table(
         ["flow", "RTT", "round trips", "p50 ms", "p99 ms", "×RTT (bare RT p50)"],
-        SEED.map((s) => [s.flow, `${s.rttMs} ms`, String(s.roundTrips), ms(s.p50), ms(s.p99), `${ratio(s.p50 / s.bareRt)} (${ms(s.bareRt)})`]),
+        SEED.map((s) => [
+          s.flow,
+          `${s.rttMs} ms`,
+          String(s.roundTrips),
+          ms(s.p50),
+          ms(s.p99),
+          `${ratio(s.p50 / s.bareRt)} (${ms(s.bareRt)})`,
+        ]),
         "   ",
       ),
     );
@@ -422,7 +466,16 @@ export function renderReport(r: BenchResults): string {
     const settled = Math.min(Math.round(settleS / s.everyS), Math.max(0, (Object.values(s.rss)[0]?.length ?? 1) - 1));
     out.push(
       table(
-        ["process", "RSS start MB", `at ${Math.round(settled * s.everyS)} s`, "end MB", "max MB", "growth from start", `from ${Math.round(settled * s.everyS)} s`, "CPU s/1k req"],
+        [
+          "process",
+          "RSS start MB",
+          `at ${Math.round(settled * s.everyS)} s`,
+          "end MB",
+          "max MB",
+          "growth from start",
+          `from ${Math.round(settled * s.everyS)} s`,
+          "CPU s/1k req",
+        ],
         Object.entries(s.rss).map(([role, v]) => {
           const start = v[0] ?? NaN;
           const base = v[settled] ?? NaN;
@@ -465,12 +518,16 @@ export function fmtDuration(s: number): string {
 export function evaluateTargets(r: BenchResults): Target[] {
   const t: Target[] = [];
   if (r.fixedRate?.length) {
-    const bad = r.fixedRate.filter((x) => !(x.result.latency.p99 < 50 && x.result.errors === 0 && x.result.achievedRate >= 0.98 * r.meta.rate));
+    const bad = r.fixedRate.filter(
+      (x) => !(x.result.latency.p99 < 50 && x.result.errors === 0 && x.result.achievedRate >= 0.98 * r.meta.rate),
+    );
     t.push({
       name: `${int(r.meta.rate)} req/s through the full chain with p99 < 50 ms and zero errors`,
       met: bad.length === 0,
       detail: r.fixedRate
-        .map((x) => `${caseName(x.case)} p99 ${ms(x.result.latency.p99)} ms, ${x.result.errors} errors, ${int(x.result.achievedRate)} done/s`)
+        .map(
+          (x) => `${caseName(x.case)} p99 ${ms(x.result.latency.p99)} ms, ${x.result.errors} errors, ${int(x.result.achievedRate)} done/s`,
+        )
         .join("; "),
     });
   }
@@ -480,7 +537,7 @@ export function evaluateTargets(r: BenchResults): Target[] {
     t.push({
       name: "low-load full chain adds < 3 ms p50 over the floor",
       met: added.every((a) => a.added < 3),
-      detail: added.map((a) => `${a.label}: +${ms(a.added)} ms`).join("; ") + ` (p50 from send; floor p50 ${ms(floor32.latency.p50)} ms)`,
+      detail: `${added.map((a) => `${a.label}: +${ms(a.added)} ms`).join("; ")} (p50 from send; floor p50 ${ms(floor32.latency.p50)} ms)`,
     });
   }
   if (r.wan) {
@@ -510,7 +567,11 @@ export function evaluateTargets(r: BenchResults): Target[] {
     });
   }
   if (r.soak) {
-    t.push({ name: "soak without errors", met: r.soak.result.errors === 0, detail: `${r.soak.result.errors} errors in ${int(r.soak.result.sent ?? r.soak.result.completed)} requests` });
+    t.push({
+      name: "soak without errors",
+      met: r.soak.result.errors === 0,
+      detail: `${r.soak.result.errors} errors in ${int(r.soak.result.sent ?? r.soak.result.completed)} requests`,
+    });
   }
   return t;
 }

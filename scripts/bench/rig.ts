@@ -22,7 +22,11 @@ export interface BenchChain {
  * The test-bed's chain in `dir`, stopped at cleanup; resolves once the agent is ACTIVE.
  * `remoteAgent` puts the agent on the far side of a network link (the WAN part).
  */
-export async function startBenchChain(dir: string, logLevel: string | undefined, remoteAgent?: ChainOptions["remoteAgent"]): Promise<BenchChain> {
+export async function startBenchChain(
+  dir: string,
+  logLevel: string | undefined,
+  remoteAgent?: ChainOptions["remoteAgent"],
+): Promise<BenchChain> {
   const chain = await startChain({ dir, logLevel, remoteAgent });
   const sessions = trackSshdSessions(chain.sshd, dir);
   onCleanup(`chain ${dir}`, () => chain.stop());
@@ -60,7 +64,12 @@ export function rigFor(bc: BenchChain, gen: LoadGenerator): Rig {
   const one = (pid: number | undefined) => (pid === undefined ? [] : [pid]);
   return {
     gen,
-    procs: { proxy: () => one(bc.chain.proxy.pid), sshd: bc.sshdSessions, agent: () => one(bc.chain.agent.pid), generator: () => [gen.pid] },
+    procs: {
+      proxy: () => one(bc.chain.proxy.pid),
+      sshd: bc.sshdSessions,
+      agent: () => one(bc.chain.agent.pid),
+      generator: () => [gen.pid],
+    },
     logs: { proxy: bc.chain.proxy.logFile, agent: bc.chain.agent.logFile },
   };
 }
@@ -117,7 +126,9 @@ export async function measure(rig: Rig, label: string, c: Case, spec: JobSpec): 
   const inside = spec.kind === "grpc" ? undefined : await insideLatency(mark, tag);
   const e = result.errors ? `, ${result.errors} ERRORS` : "";
   const other = w && w.otherCores > 0.2 ? ` (other processes kept ${w.otherCores.toFixed(2)} cores busy)` : "";
-  progress(`   ${label}: ${int(result.completed)} done, p50 ${ms(result.latency.p50)} ms, p99 ${ms(result.latency.p99)} ms, ${int(result.achievedRate)}/s${e}${other}`);
+  progress(
+    `   ${label}: ${int(result.completed)} done, p50 ${ms(result.latency.p50)} ms, p99 ${ms(result.latency.p99)} ms, ${int(result.achievedRate)}/s${e}${other}`,
+  );
   const offered = spec.kind === "openLoop" ? { rate: spec.rate, durationS: spec.durationS } : undefined;
   return { label, case: c, offered, result, cpuS: w?.byRole ?? {}, otherCores: w?.otherCores, inside };
 }

@@ -34,7 +34,10 @@ export function summarize(samples: ArrayLike<number>): LatencySummary {
 }
 
 export function median(values: number[]): number {
-  return percentile([...values].sort((a, b) => a - b), 0.5);
+  return percentile(
+    [...values].sort((a, b) => a - b),
+    0.5,
+  );
 }
 
 export function mean(values: number[]): number {

@@ -74,15 +74,33 @@ describe("every XKS operation through the tunnel", () => {
     const aad = Buffer.from("aad");
     const e = (await post(keyPath(k.default, "encrypt"), encryptBody(pt, { aad }))).json as EncryptAnswer;
     const cases: Array<[string, string, unknown, number, string]> = [
-      ["tampered tag", keyPath(k.default, "decrypt"), decryptBody(e, { aad, over: { authenticationTag: Buffer.alloc(16).toString("base64") } }), 400, "InvalidCiphertextException"],
+      [
+        "tampered tag",
+        keyPath(k.default, "decrypt"),
+        decryptBody(e, { aad, over: { authenticationTag: Buffer.alloc(16).toString("base64") } }),
+        400,
+        "InvalidCiphertextException",
+      ],
       ["wrong AAD", keyPath(k.default, "decrypt"), decryptBody(e, { aad: "AAD" }), 400, "InvalidCiphertextException"],
       ["encrypt-only decrypt", keyPath(k.encryptOnly, "decrypt"), decryptBody(e, { aad }), 400, "InvalidKeyUsageException"],
-      ["encrypt-only + integrity value", keyPath(k.encryptOnly, "encrypt"), encryptBody(pt, { integrityValue: true }), 400, "InvalidKeyUsageException"],
+      [
+        "encrypt-only + integrity value",
+        keyPath(k.encryptOnly, "encrypt"),
+        encryptBody(pt, { integrityValue: true }),
+        400,
+        "InvalidKeyUsageException",
+      ],
       ["decrypt-only encrypt", keyPath(k.decryptOnly, "encrypt"), encryptBody(pt), 400, "InvalidKeyUsageException"],
       ["no-usage encrypt", keyPath(k.noUsage, "encrypt"), encryptBody(pt), 400, "InvalidKeyUsageException"],
       ["key not in allow-list", keyPath("not-allowed", "encrypt"), encryptBody(pt), 404, "KeyNotFoundException"],
       ["health key is not a KMS key", keyPath(k.health, "encrypt"), encryptBody(pt), 404, "KeyNotFoundException"],
-      ["bad algorithm", keyPath(k.default, "encrypt"), encryptBody(pt, { over: { encryptionAlgorithm: "AES_CBC" } }), 400, "ValidationException"],
+      [
+        "bad algorithm",
+        keyPath(k.default, "encrypt"),
+        encryptBody(pt, { over: { encryptionAlgorithm: "AES_CBC" } }),
+        400,
+        "ValidationException",
+      ],
       ["too large", keyPath(k.default, "encrypt"), encryptBody(randomBytes(9000)), 501, "UnsupportedOperationException"],
       ["wrong prefix", "../../../../wrong-prefix/kms/xks/v1/health", healthBody(), 404, "InvalidUriPathException"],
     ];
@@ -95,12 +113,21 @@ describe("every XKS operation through the tunnel", () => {
 
   test("a burst of 200 concurrent requests: every answer correct or the spec's busy error, and retried like KMS every one completes", async (t) => {
     const key = chain.keys.default;
-    const inputs = Array.from({ length: 200 }, (_, i) => ({ pt: randomBytes(1 + (i % 64) * 50), aad: i % 30 ? randomBytes(i % 30) : undefined, cdiv: i % 2 === 0 }));
+    const inputs = Array.from({ length: 200 }, (_, i) => ({
+      pt: randomBytes(1 + (i % 64) * 50),
+      aad: i % 30 ? randomBytes(i % 30) : undefined,
+      cdiv: i % 2 === 0,
+    }));
     const encBodies = inputs.map((x) => encryptBody(x.pt, { aad: x.aad, integrityValue: x.cdiv }));
-    const encCheck = (i: number) => (a: { status: number; text: string }) => encryptProblem(a, { plaintext: inputs[i].pt, aad: inputs[i].aad, integrityValue: inputs[i].cdiv });
+    const encCheck = (i: number) => (a: { status: number; text: string }) =>
+      encryptProblem(a, { plaintext: inputs[i].pt, aad: inputs[i].aad, integrityValue: inputs[i].cdiv });
 
     /** Sends every body at once (signed first, as KMS signs on its side); then retries the busy ones like KMS until each is answered. */
-    const burst = async (op: "encrypt" | "decrypt", bodies: unknown[], check: (i: number) => (a: { status: number; text: string }) => string | undefined) => {
+    const burst = async (
+      op: "encrypt" | "decrypt",
+      bodies: unknown[],
+      check: (i: number) => (a: { status: number; text: string }) => string | undefined,
+    ) => {
       const sends = await Promise.all(bodies.map((b) => chain.client.presign(keyPath(key, op), b)));
       const first = await Promise.all(sends.map((send) => send()));
       const busy: Record<string, number> = {};
@@ -115,7 +142,7 @@ describe("every XKS operation through the tunnel", () => {
         }),
       );
       t.diagnostic(`${op}: ${200 - Object.values(busy).reduce((a, b) => a + b, 0)} of 200 answered at once, busy: ${JSON.stringify(busy)}`);
-      answers.forEach((r, i) => assert.equal(check(i)(r), undefined, `${op} ${i} after retries`));
+      for (const [i, r] of answers.entries()) assert.equal(check(i)(r), undefined, `${op} ${i} after retries`);
       return answers;
     };
     const encs = await burst("encrypt", encBodies, encCheck);
@@ -148,7 +175,17 @@ describe("the tunnel", () => {
           (e: CallError) => e.code === grpc.status.UNAUTHENTICATED,
         );
         await assert.rejects(
-          c.call("Decrypt", { metadata: agentMetadata("Decrypt"), keyId: chain.keys.default, ciphertext: Buffer.alloc(4), iv: randomBytes(12), tag: randomBytes(16) }, { token }),
+          c.call(
+            "Decrypt",
+            {
+              metadata: agentMetadata("Decrypt"),
+              keyId: chain.keys.default,
+              ciphertext: Buffer.alloc(4),
+              iv: randomBytes(12),
+              tag: randomBytes(16),
+            },
+            { token },
+          ),
           (e: CallError) => e.code === grpc.status.UNAUTHENTICATED,
         );
       } finally {
@@ -170,13 +207,18 @@ describe("the tunnel", () => {
     const agent = await runAgent(parseAgentConfig(raw, chain.agentConfigFile), { destination: logs });
     try {
       const tunnel = agent.tunnels.list()[0];
-      const down = await nextEvent<TunnelState>(tunnel, "state", (s) => s.state === "down", "the tunnel refused", { current: tunnel.state() });
+      const down = await nextEvent<TunnelState>(tunnel, "state", (s) => s.state === "down", "the tunnel refused", {
+        current: tunnel.state(),
+      });
       assert.match(down.lastError ?? "", /host key verification failed/);
       // It keeps trying, and is refused every time: never up.
       await nextEvent<TunnelState>(tunnel, "state", (s) => s.state === "down" && s.since !== down.since, "a second refused attempt");
       assert.equal(tunnel.state().connects, 0);
       assert.match(logs.text(), /host key does not match the pinned fingerprint/);
-      assert.ok(logs.text().includes(wrongFp) && logs.text().includes(chain.sshd.hostKeyFingerprint), "names expected and seen fingerprints");
+      assert.ok(
+        logs.text().includes(wrongFp) && logs.text().includes(chain.sshd.hostKeyFingerprint),
+        "names expected and seen fingerprints",
+      );
       assert.ok(!logs.text().includes("tunnel up"));
     } finally {
       await agent.stop();
@@ -186,7 +228,10 @@ describe("the tunnel", () => {
 
 describe("records on the owner's machine", () => {
   test("every KMS operation that reached the agent is in the audit log with its request id", async () => {
-    const e = await post(keyPath(chain.keys.default, "encrypt"), encryptBody("hello", { metadata: { kmsOperation: "GenerateDataKey", kmsRequestId: "e2e-audit-0001", kmsViaService: "ebs" } }));
+    const e = await post(
+      keyPath(chain.keys.default, "encrypt"),
+      encryptBody("hello", { metadata: { kmsOperation: "GenerateDataKey", kmsRequestId: "e2e-audit-0001", kmsViaService: "ebs" } }),
+    );
     assert.equal(e.status, 200);
     const audit = readFileSync(join(chain.dir, "agent", "state", "audit.log"), "utf8");
     const line = audit
@@ -204,10 +249,18 @@ describe("records on the owner's machine", () => {
   test("no plaintext, AAD, secret or Authorization value in any process's log", async () => {
     const marker = Buffer.from("E2E-PLAINTEXT-MARKER-91c2");
     const aad = Buffer.from("E2E-AAD-MARKER-44d1");
-    const e = await post(keyPath(chain.keys.default, "encrypt"), encryptBody(marker, { aad, metadata: { kmsRequestId: "e2e-log-marker" } }));
+    const e = await post(
+      keyPath(chain.keys.default, "encrypt"),
+      encryptBody(marker, { aad, metadata: { kmsRequestId: "e2e-log-marker" } }),
+    );
     await post(keyPath(chain.keys.default, "decrypt"), decryptBody(e.json, { aad }));
     // Log lines are written in batches (at most a second late): wait until both daemons logged this request.
-    await until(() => chain.agent.logs().includes("e2e-log-marker") && chain.proxy.logs().includes("e2e-log-marker"), "the request's log lines", undefined, 100);
+    await until(
+      () => chain.agent.logs().includes("e2e-log-marker") && chain.proxy.logs().includes("e2e-log-marker"),
+      "the request's log lines",
+      undefined,
+      100,
+    );
     const logs = chain.agent.logs() + chain.proxy.logs() + chain.sshd.logs();
     const secrets = {
       ...encodings("plaintext", marker),

@@ -36,7 +36,8 @@ function check(name: string, r: FaultReport, opts: { netErrorsAllowed?: boolean 
   assert.equal(r.wrong.length, 0, `${name}: wrong answers: ${JSON.stringify(r.wrong.slice(0, 3))}`);
   assert.equal(r.hangs, 0, `${name}: requests without an answer`);
   if (!opts.netErrorsAllowed) assert.equal(r.netErrors, 0, `${name}: connection errors while the proxy was up`);
-  for (const k of Object.keys(r.specErrors)) assert.match(k, /^(503 DependencyTimeoutException|429 ThrottlingException|500 InternalException)$/, name);
+  for (const k of Object.keys(r.specErrors))
+    assert.match(k, /^(503 DependencyTimeoutException|429 ThrottlingException|500 InternalException)$/, name);
   assert.ok(r.okBefore > 0, `${name}: no traffic got through before the fault`);
   assert.ok(r.recoveryMs !== undefined && r.okAfter > 0, `${name}: service never came back`);
 }
@@ -111,7 +112,14 @@ test("proxy restarted", async () => {
     await sleep(300);
     chain.proxy.start();
     // Whole again once it answers its load balancer ping.
-    return until(() => fetch(`${chain.url}/ping`).then((res) => res.ok, () => false), "the proxy to answer /ping");
+    return until(
+      () =>
+        fetch(`${chain.url}/ping`).then(
+          (res) => res.ok,
+          () => false,
+        ),
+      "the proxy to answer /ping",
+    );
   });
   // While the proxy process is gone its port refuses connections: that is what the ALB would see too.
   check("proxy restarted", r, { netErrorsAllowed: true });

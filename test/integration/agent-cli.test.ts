@@ -41,7 +41,10 @@ test("keys create makes AES-256 keys with the usage asked for; keys list shows t
   assert.equal((await cli("keys", "create", "--config", config, "--label", "none", "--usage", "none")).code, 0);
   const list = await cli("keys", "list", "--config", config);
   assert.equal(list.code, 0, list.stderr);
-  const keys = list.stdout.trim().split("\n").map((l) => JSON.parse(l));
+  const keys = list.stdout
+    .trim()
+    .split("\n")
+    .map((l) => JSON.parse(l));
   const byLabel = Object.fromEntries(keys.map((k) => [k.label, k]));
   assert.deepEqual(byLabel.both, { label: "both", type: "AES", bits: 256, usage: ["encrypt", "decrypt"] });
   assert.deepEqual(byLabel.enc.usage, ["encrypt"]);

@@ -21,14 +21,17 @@ after(async () => {
   await t?.destroy();
 });
 
-function open(url: string, headers: Record<string, string> = {}): Promise<{ ws: WebSocket; messages: any[]; next(type: string, pred?: (m: any) => boolean): Promise<any> }> {
+function open(
+  url: string,
+  headers: Record<string, string> = {},
+): Promise<{ ws: WebSocket; messages: any[]; next(type: string, pred?: (m: any) => boolean): Promise<any> }> {
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(url, { headers });
     const messages: any[] = [];
     const waiters: Array<() => void> = [];
     ws.on("message", (d) => {
       messages.push(JSON.parse(String(d)));
-      waiters.splice(0).forEach((w) => w());
+      for (const w of waiters.splice(0)) w();
     });
     ws.on("open", () =>
       resolve({
@@ -76,7 +79,11 @@ test("the feed shows each operation (no payloads) and the pause switch cuts KMS 
   const snap = await f.next("snapshot");
   assert.equal(snap.controls.paused, false);
   const marker = Buffer.from("DASHBOARD-PLAINTEXT-MARKER");
-  await c.call("Encrypt", { metadata: { ...sampleMetadata("GenerateDataKey"), kmsRequestId: "dash-1" }, keyId: t.keys.default, plaintext: marker });
+  await c.call("Encrypt", {
+    metadata: { ...sampleMetadata("GenerateDataKey"), kmsRequestId: "dash-1" },
+    keyId: t.keys.default,
+    plaintext: marker,
+  });
   const op = await f.next("operation", (m) => m.rec.kmsRequestId === "dash-1");
   assert.equal(op.rec.operation, "Encrypt");
   assert.equal(op.rec.kmsOperation, "GenerateDataKey");

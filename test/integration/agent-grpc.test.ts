@@ -40,7 +40,8 @@ async function rejects(p: Promise<unknown>, reason: string, code?: grpc.status):
 
 const enc = (keyId: string, plaintext: Buffer, extra: Record<string, unknown> = {}) =>
   c.call("Encrypt", { metadata: sampleMetadata("Encrypt"), keyId, plaintext, ...extra });
-const dec = (keyId: string, fields: Record<string, unknown>) => c.call("Decrypt", { metadata: sampleMetadata("Decrypt"), keyId, ...fields });
+const dec = (keyId: string, fields: Record<string, unknown>) =>
+  c.call("Decrypt", { metadata: sampleMetadata("Decrypt"), keyId, ...fields });
 
 before(async () => {
   t = await startTestAgent();
@@ -73,7 +74,13 @@ describe("encrypt and decrypt", () => {
       assert.ok(e.ciphertextMetadata.length > 0 && e.ciphertextMetadata.length <= 20);
       assert.equal(e.integrityValue.length, 0, "no integrity value unless asked");
       assert.notDeepEqual(e.ciphertext, pt);
-      const d = await dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad, ciphertextMetadata: e.ciphertextMetadata });
+      const d = await dec(t.keys.default, {
+        ciphertext: e.ciphertext,
+        iv: e.iv,
+        tag: e.tag,
+        aad,
+        ciphertextMetadata: e.ciphertextMetadata,
+      });
       assert.deepEqual(d.plaintext, pt);
     });
   }
@@ -111,10 +118,14 @@ describe("encrypt and decrypt", () => {
     const pt = randomBytes(64);
     const aad = randomBytes(40);
     const e = await enc(t.keys.default, pt, { aad, wantIntegrityValue: true });
-    const expected = createHash("sha256").update(Buffer.concat([aad, e.ciphertextMetadata, e.iv, e.ciphertext, e.tag])).digest();
+    const expected = createHash("sha256")
+      .update(Buffer.concat([aad, e.ciphertextMetadata, e.iv, e.ciphertext, e.tag]))
+      .digest();
     assert.deepEqual(e.integrityValue, expected);
     const noAad = await enc(t.keys.default, pt, { wantIntegrityValue: true });
-    const expected2 = createHash("sha256").update(Buffer.concat([noAad.ciphertextMetadata, noAad.iv, noAad.ciphertext, noAad.tag])).digest();
+    const expected2 = createHash("sha256")
+      .update(Buffer.concat([noAad.ciphertextMetadata, noAad.iv, noAad.ciphertext, noAad.tag]))
+      .digest();
     assert.deepEqual(noAad.integrityValue, expected2);
   });
 
@@ -207,8 +218,12 @@ describe("metadata", () => {
   test("AES_256 and usage from the real attributes of a SoftHSM key", async () => {
     const m = await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.default });
     assert.deepEqual(m, { keySpec: "AES_256", keyUsage: ["ENCRYPT", "DECRYPT"], keyStatus: "ENABLED" });
-    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("DescribeKey"), keyId: t.keys.encryptOnly })).keyUsage, ["ENCRYPT"]);
-    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.decryptOnly })).keyUsage, ["DECRYPT"]);
+    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("DescribeKey"), keyId: t.keys.encryptOnly })).keyUsage, [
+      "ENCRYPT",
+    ]);
+    assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.decryptOnly })).keyUsage, [
+      "DECRYPT",
+    ]);
     assert.deepEqual((await c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.noUsage })).keyUsage, []);
   });
 });
@@ -249,9 +264,13 @@ describe("health", () => {
 
 describe("authentication", () => {
   test("a call without the proxy's credential gets nothing", async () => {
-    for (const token of [null, "", "wrong-token", t.token + "x", t.token.slice(0, -1)]) {
+    for (const token of [null, "", "wrong-token", `${t.token}x`, t.token.slice(0, -1)]) {
       try {
-        await c.call("Encrypt", { metadata: sampleMetadata("Encrypt"), keyId: t.keys.default, plaintext: Buffer.from("secret") }, { token });
+        await c.call(
+          "Encrypt",
+          { metadata: sampleMetadata("Encrypt"), keyId: t.keys.default, plaintext: Buffer.from("secret") },
+          { token },
+        );
         assert.fail("unauthenticated call succeeded");
       } catch (e) {
         const err = e as CallError;
@@ -273,7 +292,10 @@ describe("contract", () => {
   test("an agent ignores request fields it does not know (additive changes)", async () => {
     // A newer proxy's contract: the same messages with extra fields.
     const newer = readFileSync(new URL("../../proto/xks/agent/v1/agent.proto", import.meta.url), "utf8")
-      .replace("bool want_integrity_value = 5;", "bool want_integrity_value = 5;\n  string future_field = 99;\n  repeated int64 future_list = 100;")
+      .replace(
+        "bool want_integrity_value = 5;",
+        "bool want_integrity_value = 5;\n  string future_field = 99;\n  repeated int64 future_list = 100;",
+      )
       .replace("string key_store = 8;", "string key_store = 8;\n  string source_identity = 42;");
     const file = `${t.dir}/newer.proto`;
     writeFileSync(file, newer);
@@ -303,7 +325,9 @@ describe("contract", () => {
     const md = await new Promise<grpc.Metadata>((resolve) => {
       const meta = new grpc.Metadata();
       meta.set(AGENT_TOKEN_METADATA_KEY, t.token);
-      (c.client as any).Encrypt({ keyId: "no-such-key", plaintext: Buffer.from("x") }, meta, (err: grpc.ServiceError) => resolve(err.metadata));
+      (c.client as any).Encrypt({ keyId: "no-such-key", plaintext: Buffer.from("x") }, meta, (err: grpc.ServiceError) =>
+        resolve(err.metadata),
+      );
     });
     assert.deepEqual(md.get(REASON_METADATA_KEY), ["KEY_NOT_FOUND"]);
   });
@@ -315,10 +339,16 @@ describe("load", () => {
     const encs = await Promise.all(inputs.map(({ pt, aad }) => enc(t.keys.default, pt, { aad, wantIntegrityValue: true })));
     const decs = await Promise.all(
       encs.map((e, i) =>
-        dec(t.keys.default, { ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad: inputs[i].aad, ciphertextMetadata: e.ciphertextMetadata }),
+        dec(t.keys.default, {
+          ciphertext: e.ciphertext,
+          iv: e.iv,
+          tag: e.tag,
+          aad: inputs[i].aad,
+          ciphertextMetadata: e.ciphertextMetadata,
+        }),
       ),
     );
-    decs.forEach((d, i) => assert.deepEqual(d.plaintext, inputs[i].pt));
+    for (const [i, d] of decs.entries()) assert.deepEqual(d.plaintext, inputs[i].pt);
   });
 });
 
@@ -365,7 +395,9 @@ describe("records", () => {
   test("every operation is in the hash-chained audit log, and tampering is detected", async () => {
     const before = verifyAuditLog(t.config.auditLog);
     assert.ok(before.ok);
-    const e = await enc(t.keys.default, Buffer.from("audited"), { metadata: { ...sampleMetadata("Encrypt"), kmsRequestId: "audit-me-42" } });
+    const e = await enc(t.keys.default, Buffer.from("audited"), {
+      metadata: { ...sampleMetadata("Encrypt"), kmsRequestId: "audit-me-42" },
+    });
     assert.ok(e);
     const text = readFileSync(t.config.auditLog, "utf8");
     const last = JSON.parse(text.trim().split("\n").pop()!);
@@ -373,7 +405,10 @@ describe("records", () => {
     assert.equal(last.rec.operation, "Encrypt");
     assert.equal(last.rec.result, "OK");
     assert.equal(last.rec.principal, "arn:aws:iam::123456789012:user/Alice");
-    const records = text.trim().split("\n").map((l) => JSON.parse(l).rec);
+    const records = text
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l).rec);
     assert.ok(records.some((r) => r.operation === "Decrypt") && records.some((r) => r.operation === "GetKeyMetadata"));
     assert.ok(!records.some((r) => r.operation === "GetHealthStatus"), "health checks are not key operations");
     const after = verifyAuditLog(t.config.auditLog);
@@ -382,7 +417,7 @@ describe("records", () => {
     const lines = text.trim().split("\n");
     lines[1] = lines[1].replace('"result":"OK"', '"result":"XX"').replace('"result":"KEY_NOT_FOUND"', '"result":"OK"');
     const copy = `${t.dir}/audit-copy.log`;
-    writeFileSync(copy, lines.join("\n") + "\n");
+    writeFileSync(copy, `${lines.join("\n")}\n`);
     const broken = verifyAuditLog(copy);
     assert.equal(broken.ok, false);
     if (!broken.ok) assert.equal(broken.line, 2);

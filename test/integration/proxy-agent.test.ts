@@ -17,7 +17,8 @@ import { assertSpecError } from "../../testbed/xks/oracle.ts";
 
 const NOT_IN_HSM = "allowed-but-absent";
 const expectError = (r: Resp, name: XksErrorName, label = "") => assertSpecError(r, name, label);
-const encBody = (plaintext: Buffer | string, aad?: Buffer | string, integrityValue = false) => encryptBody(plaintext, { aad, integrityValue });
+const encBody = (plaintext: Buffer | string, aad?: Buffer | string, integrityValue = false) =>
+  encryptBody(plaintext, { aad, integrityValue });
 
 describe("proxy ⇄ real agent on SoftHSM", () => {
   let agent: TestAgent;
@@ -41,7 +42,12 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
   const post = (path: string, body: unknown) => signedPost(fx.url, `${API}${path}`, body, CREDS.a);
 
   it("GetHealthStatus reports the real token, ACTIVE", async () => {
-    const r = await curlPost(fx.url, `${API}/health`, JSON.stringify({ requestMetadata: { kmsRequestId: "h-1", kmsOperation: "KmsHealthCheck" } }), CREDS.a);
+    const r = await curlPost(
+      fx.url,
+      `${API}/health`,
+      JSON.stringify({ requestMetadata: { kmsRequestId: "h-1", kmsOperation: "KmsHealthCheck" } }),
+      CREDS.a,
+    );
     assert.equal(r.status, 200, r.text);
     assert.equal(r.json.xksProxyFleetSize, 1);
     assert.match(r.json.ekmVendor, /SoftHSM/);
@@ -59,7 +65,12 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     assert.equal(r.json.keySpec, "AES_256");
     assert.deepEqual([...r.json.keyUsage].sort(), ["DECRYPT", "ENCRYPT"]);
     assert.equal(r.json.keyStatus, "ENABLED");
-    const eo = await curlPost(fx.url, `${API}/keys/${K.encryptOnly}/metadata`, JSON.stringify({ requestMetadata: md("DescribeKey") }), CREDS.b);
+    const eo = await curlPost(
+      fx.url,
+      `${API}/keys/${K.encryptOnly}/metadata`,
+      JSON.stringify({ requestMetadata: md("DescribeKey") }),
+      CREDS.b,
+    );
     assert.deepEqual(eo.json.keyUsage, ["ENCRYPT"]);
   });
 
@@ -76,14 +87,20 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     assert.ok(iv.length === 12 || iv.length === 16);
     assert.equal(tag.length, 16);
     assert.ok(cm.length <= 20);
-    const cdiv = createHash("sha256").update(Buffer.concat([aad, cm, iv, ct, tag])).digest("base64");
+    const cdiv = createHash("sha256")
+      .update(Buffer.concat([aad, cm, iv, ct, tag]))
+      .digest("base64");
     assert.equal(e.json.ciphertextDataIntegrityValue, cdiv);
     const d = await curlPost(
       fx.url,
       `${API}/keys/${K.default}/decrypt`,
       JSON.stringify({
-        requestMetadata: md("Decrypt"), ciphertext: e.json.ciphertext, initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag, additionalAuthenticatedData: b64(aad), encryptionAlgorithm: "AES_GCM",
+        requestMetadata: md("Decrypt"),
+        ciphertext: e.json.ciphertext,
+        initializationVector: e.json.initializationVector,
+        authenticationTag: e.json.authenticationTag,
+        additionalAuthenticatedData: b64(aad),
+        encryptionAlgorithm: "AES_GCM",
         ...(e.json.ciphertextMetadata ? { ciphertextMetadata: e.json.ciphertextMetadata } : {}),
       }),
       CREDS.a,
@@ -95,21 +112,38 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     assert.equal(e2.json.ciphertextDataIntegrityValue, undefined);
     const e3 = await post(`/keys/${K.default}/encrypt`, encBody("cdiv without aad", undefined, true));
     const cdiv3 = createHash("sha256")
-      .update(Buffer.concat([unb64(e3.json.ciphertextMetadata), unb64(e3.json.initializationVector), unb64(e3.json.ciphertext), unb64(e3.json.authenticationTag)]))
+      .update(
+        Buffer.concat([
+          unb64(e3.json.ciphertextMetadata),
+          unb64(e3.json.initializationVector),
+          unb64(e3.json.ciphertext),
+          unb64(e3.json.authenticationTag),
+        ]),
+      )
       .digest("base64");
     assert.equal(e3.json.ciphertextDataIntegrityValue, cdiv3);
   });
 
   it("4300-byte plaintext with 8192-byte AAD (and the test client's 4096 + 8192 via curl)", async () => {
-    for (const [size, useCurl] of [[4300, false], [4096, true]] as const) {
+    for (const [size, useCurl] of [
+      [4300, false],
+      [4096, true],
+    ] as const) {
       const pt = Buffer.alloc(size, 7);
       const aad = Buffer.alloc(8192, 9);
       const body = encBody(pt, aad, true);
-      const e = useCurl ? await curlPost(fx.url, `${API}/keys/${K.default}/encrypt`, JSON.stringify(body), CREDS.a) : await post(`/keys/${K.default}/encrypt`, body);
+      const e = useCurl
+        ? await curlPost(fx.url, `${API}/keys/${K.default}/encrypt`, JSON.stringify(body), CREDS.a)
+        : await post(`/keys/${K.default}/encrypt`, body);
       assert.equal(e.status, 200, e.text);
       const d = await post(`/keys/${K.default}/decrypt`, {
-        requestMetadata: md("Decrypt"), ciphertext: e.json.ciphertext, initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag, ciphertextMetadata: e.json.ciphertextMetadata, additionalAuthenticatedData: b64(aad), encryptionAlgorithm: "AES_GCM",
+        requestMetadata: md("Decrypt"),
+        ciphertext: e.json.ciphertext,
+        initializationVector: e.json.initializationVector,
+        authenticationTag: e.json.authenticationTag,
+        ciphertextMetadata: e.json.ciphertextMetadata,
+        additionalAuthenticatedData: b64(aad),
+        encryptionAlgorithm: "AES_GCM",
       });
       assert.equal(d.status, 200, d.text);
       assert.ok(unb64(d.json.plaintext).equals(pt));
@@ -120,8 +154,12 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     const aad = Buffer.from("context=a");
     const e = await post(`/keys/${K.default}/encrypt`, encBody("tamper me please", aad));
     const base: Record<string, unknown> = {
-      requestMetadata: md("Decrypt"), ciphertext: e.json.ciphertext, initializationVector: e.json.initializationVector,
-      authenticationTag: e.json.authenticationTag, additionalAuthenticatedData: b64(aad), encryptionAlgorithm: "AES_GCM",
+      requestMetadata: md("Decrypt"),
+      ciphertext: e.json.ciphertext,
+      initializationVector: e.json.initializationVector,
+      authenticationTag: e.json.authenticationTag,
+      additionalAuthenticatedData: b64(aad),
+      encryptionAlgorithm: "AES_GCM",
       ciphertextMetadata: e.json.ciphertextMetadata ?? b64("x"),
     };
     const flip = (v: unknown) => {
@@ -134,7 +172,11 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     }
     const { additionalAuthenticatedData: _a, ...noAad } = base;
     expectError(await post(`/keys/${K.default}/decrypt`, noAad), "InvalidCiphertextException", "missing AAD");
-    expectError(await post(`/keys/${K.default}/decrypt`, { ...base, additionalAuthenticatedData: b64("context=b") }), "InvalidCiphertextException", "different AAD");
+    expectError(
+      await post(`/keys/${K.default}/decrypt`, { ...base, additionalAuthenticatedData: b64("context=b") }),
+      "InvalidCiphertextException",
+      "different AAD",
+    );
   });
 
   it("key usage: encrypt-only, decrypt-only and no-usage keys → InvalidKeyUsageException", async () => {
@@ -142,11 +184,20 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     const ok = await post(`/keys/${K.encryptOnly}/encrypt`, encBody("x", "aad"));
     assert.equal(ok.status, 200, ok.text);
     expectError(await post(`/keys/${K.encryptOnly}/encrypt`, encBody("x", "aad", true)), "InvalidKeyUsageException", "encOnly+CDIV");
-    expectError(await post(`/keys/${K.encryptOnly}/encrypt`, encBody("x", undefined, true)), "InvalidKeyUsageException", "encOnly+CDIV no aad");
+    expectError(
+      await post(`/keys/${K.encryptOnly}/encrypt`, encBody("x", undefined, true)),
+      "InvalidKeyUsageException",
+      "encOnly+CDIV no aad",
+    );
     expectError(
       await post(`/keys/${K.encryptOnly}/decrypt`, {
-        requestMetadata: md("Decrypt"), ciphertext: ok.json.ciphertext, initializationVector: ok.json.initializationVector,
-        authenticationTag: ok.json.authenticationTag, ciphertextMetadata: ok.json.ciphertextMetadata, additionalAuthenticatedData: b64("aad"), encryptionAlgorithm: "AES_GCM",
+        requestMetadata: md("Decrypt"),
+        ciphertext: ok.json.ciphertext,
+        initializationVector: ok.json.initializationVector,
+        authenticationTag: ok.json.authenticationTag,
+        ciphertextMetadata: ok.json.ciphertextMetadata,
+        additionalAuthenticatedData: b64("aad"),
+        encryptionAlgorithm: "AES_GCM",
       }),
       "InvalidKeyUsageException",
       "encOnly decrypt",
@@ -173,7 +224,12 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     assert.equal(h.json.ekmFleetDetails[0].healthStatus, "UNAVAILABLE");
 
     await agent.restart();
-    await until(async () => (await post(`/keys/${K.default}/metadata`, { requestMetadata: md("CreateKey") })).status === 200, "crypto to recover", undefined, 50);
+    await until(
+      async () => (await post(`/keys/${K.default}/metadata`, { requestMetadata: md("CreateKey") })).status === 200,
+      "crypto to recover",
+      undefined,
+      50,
+    );
     await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "health to recover");
     const e = await post(`/keys/${K.default}/encrypt`, encBody("after restart"));
     assert.equal(e.status, 200, e.text);
@@ -188,13 +244,24 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
       fx.url,
       `${API}/keys/${K.default}/decrypt`,
       JSON.stringify({
-        requestMetadata: md("Decrypt"), ciphertext: e.json.ciphertext, initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag, ciphertextMetadata: e.json.ciphertextMetadata, additionalAuthenticatedData: b64(aad), encryptionAlgorithm: "AES_GCM",
+        requestMetadata: md("Decrypt"),
+        ciphertext: e.json.ciphertext,
+        initializationVector: e.json.initializationVector,
+        authenticationTag: e.json.authenticationTag,
+        ciphertextMetadata: e.json.ciphertextMetadata,
+        additionalAuthenticatedData: b64(aad),
+        encryptionAlgorithm: "AES_GCM",
       }),
       CREDS.b,
     );
     assert.equal(d.status, 200);
-    await post(`/keys/${K.default}/decrypt`, { requestMetadata: md("Decrypt"), ciphertext: e.json.ciphertext, initializationVector: e.json.initializationVector, authenticationTag: b64(Buffer.alloc(16)), encryptionAlgorithm: "AES_GCM" });
+    await post(`/keys/${K.default}/decrypt`, {
+      requestMetadata: md("Decrypt"),
+      ciphertext: e.json.ciphertext,
+      initializationVector: e.json.initializationVector,
+      authenticationTag: b64(Buffer.alloc(16)),
+      encryptionAlgorithm: "AES_GCM",
+    });
     const secrets = {
       ...encodings("plaintext", pt),
       ...encodings("AAD", aad),

@@ -19,7 +19,10 @@ const ROOT = new URL("../..", import.meta.url).pathname;
 const RUN = "import { main } from './proxy/cli.ts'; process.exitCode = await main(process.argv.slice(1));";
 
 function cli(args: string[]): ChildProcess {
-  return spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", RUN, ...args], { cwd: ROOT, stdio: ["ignore", "pipe", "pipe"] });
+  return spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", RUN, ...args], {
+    cwd: ROOT,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
 }
 
 function run(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -69,7 +72,8 @@ describe("xks-proxy CLI", () => {
     const bad = await run(["check", "--config", badFile]);
     assert.equal(bad.code, 1);
     assert.ok(bad.stderr.includes(badFile));
-    for (const f of ["region:", "agents: must have at least 1", "keyStores[0].uriPathPrefix:", "keyStores[0].credentials:"]) assert.ok(bad.stderr.includes(f), f);
+    for (const f of ["region:", "agents: must have at least 1", "keyStores[0].uriPathPrefix:", "keyStores[0].credentials:"])
+      assert.ok(bad.stderr.includes(f), f);
     assert.equal((await run(["serve"])).code, 2);
     assert.equal((await run(["nonsense"])).code, 2);
   });
@@ -85,9 +89,18 @@ describe("xks-proxy CLI", () => {
     try {
       await until(() => stdout.includes("xks-proxy listening") || p.exitCode !== null, "the proxy to start");
       assert.ok(stdout.includes("xks-proxy listening"), `started: ${stderr}`);
-      const start = stdout.split("\n").filter(Boolean).map((l) => JSON.parse(l)).find((l) => l.msg === "xks-proxy listening");
-      assert.deepEqual(start.config.keyStores[0], { uriPathPrefix: PREFIX, accessKeyIds: [CREDS.a.accessKeyId, CREDS.b.accessKeyId], keys: ["foo"] });
-      for (const s of [CREDS.a.secretAccessKey, CREDS.b.secretAccessKey, agent.token]) assert.ok(!stdout.includes(s), "no secret in the start-up log");
+      const start = stdout
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => JSON.parse(l))
+        .find((l) => l.msg === "xks-proxy listening");
+      assert.deepEqual(start.config.keyStores[0], {
+        uriPathPrefix: PREFIX,
+        accessKeyIds: [CREDS.a.accessKeyId, CREDS.b.accessKeyId],
+        keys: ["foo"],
+      });
+      for (const s of [CREDS.a.secretAccessKey, CREDS.b.secretAccessKey, agent.token])
+        assert.ok(!stdout.includes(s), "no secret in the start-up log");
       const url = `http://${start.address}`;
       assert.equal((await send(url, { method: "GET", path: "/ping" })).status, 200);
       const health = { requestMetadata: { kmsRequestId: "1", kmsOperation: "KmsHealthCheck" } };
@@ -97,7 +110,10 @@ describe("xks-proxy CLI", () => {
       const cfg = JSON.parse(readFileSync(file, "utf8"));
       const fresh = { accessKeyId: "DDDDDDDDDDDDDDDDDDDDDDDDDD", secretAccessKey: "ZnJlc2gtc2VjcmV0LWZyZXNoLXNlY3JldC1mcmVzaC1zZWNyZXQ=" };
       writeFileSync(join(dir, "fresh.secret"), fresh.secretAccessKey);
-      cfg.keyStores[0].credentials = [cfg.keyStores[0].credentials[1], { accessKeyId: fresh.accessKeyId, secretAccessKey: { file: "fresh.secret" } }];
+      cfg.keyStores[0].credentials = [
+        cfg.keyStores[0].credentials[1],
+        { accessKeyId: fresh.accessKeyId, secretAccessKey: { file: "fresh.secret" } },
+      ];
       writeFileSync(file, JSON.stringify(cfg));
       p.kill("SIGHUP");
       await until(() => stdout.includes("key stores reloaded"), "the reload");

@@ -24,8 +24,15 @@ import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
 import { assertSpecError } from "../../testbed/xks/oracle.ts";
 
 const REASON_KEYS = [
-  "reason-KEY_NOT_FOUND", "reason-INVALID_KEY_USAGE", "reason-INVALID_CIPHERTEXT", "reason-INVALID_STATE", "reason-ACCESS_DENIED",
-  "reason-THROTTLING", "reason-INTERNAL", "reason-VALIDATION", "reason-HSM_UNAVAILABLE",
+  "reason-KEY_NOT_FOUND",
+  "reason-INVALID_KEY_USAGE",
+  "reason-INVALID_CIPHERTEXT",
+  "reason-INVALID_STATE",
+  "reason-ACCESS_DENIED",
+  "reason-THROTTLING",
+  "reason-INTERNAL",
+  "reason-VALIDATION",
+  "reason-HSM_UNAVAILABLE",
 ];
 const KEYS = ["foo", "never", "status-internal", "bad-answer", ...REASON_KEYS];
 const API = `${PREFIX}/kms/xks/v1`;
@@ -62,22 +69,37 @@ describe("proxy over a real port (fake agent)", () => {
 
   it("encrypt (smithy) → decrypt (curl) round trip, with AAD and integrity value", async () => {
     const aad = b64("project=nile,department=marketing");
-    const e = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("Hello World!", { additionalAuthenticatedData: aad, ciphertextDataIntegrityValueAlgorithm: "SHA_256" }), CREDS.a);
+    const e = await signedPost(
+      fx.url,
+      `${API}/keys/foo/encrypt`,
+      encBody("Hello World!", { additionalAuthenticatedData: aad, ciphertextDataIntegrityValueAlgorithm: "SHA_256" }),
+      CREDS.a,
+    );
     assert.equal(e.status, 200, e.text);
     assert.ok(!e.text.includes("\n") && !e.text.includes(": "), "compact single line");
-    assert.deepEqual(Object.keys(e.json).sort(), ["authenticationTag", "ciphertext", "ciphertextDataIntegrityValue", "ciphertextMetadata", "initializationVector"]);
+    assert.deepEqual(Object.keys(e.json).sort(), [
+      "authenticationTag",
+      "ciphertext",
+      "ciphertextDataIntegrityValue",
+      "ciphertextMetadata",
+      "initializationVector",
+    ]);
     const d = await curlPost(
       fx.url,
       `${API}/keys/foo/decrypt`,
-      JSON.stringify({
-        requestMetadata: md("Decrypt"),
-        ciphertext: e.json.ciphertext,
-        initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag,
-        ciphertextMetadata: e.json.ciphertextMetadata,
-        additionalAuthenticatedData: aad,
-        encryptionAlgorithm: "AES_GCM",
-      }, null, 4), // pretty-printed, as the AWS test client sends it
+      JSON.stringify(
+        {
+          requestMetadata: md("Decrypt"),
+          ciphertext: e.json.ciphertext,
+          initializationVector: e.json.initializationVector,
+          authenticationTag: e.json.authenticationTag,
+          ciphertextMetadata: e.json.ciphertextMetadata,
+          additionalAuthenticatedData: aad,
+          encryptionAlgorithm: "AES_GCM",
+        },
+        null,
+        4,
+      ), // pretty-printed, as the AWS test client sends it
       CREDS.b, // second live credential (rotation)
     );
     assert.equal(d.status, 200, d.text);
@@ -107,8 +129,22 @@ describe("proxy over a real port (fake agent)", () => {
       ["InvalidStateException", () => reasonCase("reason-INVALID_STATE")],
       ["InvalidCiphertextException", () => reasonCase("reason-INVALID_CIPHERTEXT")],
       ["InvalidKeyUsageException", () => reasonCase("reason-INVALID_KEY_USAGE")],
-      ["AuthenticationFailedException", () => curlPost(fx.url, `${API}/keys/foo/metadata`, JSON.stringify({ requestMetadata: md("CreateKey") }), { ...CREDS.a, secretAccessKey: CREDS.b.secretAccessKey })],
-      ["AuthenticationFailedException", () => curlPost(fx.url, `${API}/keys/foo/metadata`, JSON.stringify({ requestMetadata: md("CreateKey") }), { ...CREDS.a, accessKeyId: `INVALID${CREDS.a.accessKeyId}`.slice(0, 30) })],
+      [
+        "AuthenticationFailedException",
+        () =>
+          curlPost(fx.url, `${API}/keys/foo/metadata`, JSON.stringify({ requestMetadata: md("CreateKey") }), {
+            ...CREDS.a,
+            secretAccessKey: CREDS.b.secretAccessKey,
+          }),
+      ],
+      [
+        "AuthenticationFailedException",
+        () =>
+          curlPost(fx.url, `${API}/keys/foo/metadata`, JSON.stringify({ requestMetadata: md("CreateKey") }), {
+            ...CREDS.a,
+            accessKeyId: `INVALID${CREDS.a.accessKeyId}`.slice(0, 30),
+          }),
+      ],
       ["AccessDeniedException", () => reasonCase("reason-ACCESS_DENIED")],
       ["KeyNotFoundException", () => reasonCase("reason-KEY_NOT_FOUND")],
       ["KeyNotFoundException", () => signedPost(fx.url, `${API}/keys/non_existing_key/encrypt`, encBody(), CREDS.a)],
@@ -130,8 +166,13 @@ describe("proxy over a real port (fake agent)", () => {
     const aad = b64("aad-1");
     const e = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("secret stuff", { additionalAuthenticatedData: aad }), CREDS.a);
     const base = {
-      requestMetadata: md("Decrypt"), ciphertext: e.json.ciphertext, initializationVector: e.json.initializationVector,
-      authenticationTag: e.json.authenticationTag, ciphertextMetadata: e.json.ciphertextMetadata, additionalAuthenticatedData: aad, encryptionAlgorithm: "AES_GCM",
+      requestMetadata: md("Decrypt"),
+      ciphertext: e.json.ciphertext,
+      initializationVector: e.json.initializationVector,
+      authenticationTag: e.json.authenticationTag,
+      ciphertextMetadata: e.json.ciphertextMetadata,
+      additionalAuthenticatedData: aad,
+      encryptionAlgorithm: "AES_GCM",
     };
     const flip = (s: string) => {
       const b = Buffer.from(s, "base64");
@@ -139,8 +180,18 @@ describe("proxy over a real port (fake agent)", () => {
       return b.toString("base64");
     };
     assert.equal((await signedPost(fx.url, `${API}/keys/foo/decrypt`, base, CREDS.a)).status, 200);
-    for (const f of ["ciphertext", "initializationVector", "authenticationTag", "additionalAuthenticatedData", "ciphertextMetadata"] as const) {
-      expectError(await signedPost(fx.url, `${API}/keys/foo/decrypt`, { ...base, [f]: flip(base[f]) }, CREDS.a), "InvalidCiphertextException", f);
+    for (const f of [
+      "ciphertext",
+      "initializationVector",
+      "authenticationTag",
+      "additionalAuthenticatedData",
+      "ciphertextMetadata",
+    ] as const) {
+      expectError(
+        await signedPost(fx.url, `${API}/keys/foo/decrypt`, { ...base, [f]: flip(base[f]) }, CREDS.a),
+        "InvalidCiphertextException",
+        f,
+      );
     }
     const { additionalAuthenticatedData: _a, ...noAad } = base;
     expectError(await signedPost(fx.url, `${API}/keys/foo/decrypt`, noAad, CREDS.a), "InvalidCiphertextException", "missing AAD");
@@ -152,9 +203,26 @@ describe("proxy over a real port (fake agent)", () => {
     const calls = keyCalls();
     const wrong = `/example/uri/path/prefix/invalid/kms/xks/v1/keys/foo/encrypt`;
     expectError(await signedPost(fx.url, wrong, encBody(), CREDS.a), "InvalidUriPathException", "valid sig");
-    expectError(await signedPost(fx.url, wrong, encBody(), { ...CREDS.a, secretAccessKey: CREDS.b.secretAccessKey }), "InvalidUriPathException", "bad sig");
-    expectError(await send(fx.url, { path: wrong, headers: { "content-type": "application/json" }, body: "{}" }), "InvalidUriPathException", "no sig");
-    for (const p of ["/", "/kms/xks/v1/health", `${API}/keys/foo/sign`, `${API}/health/`, `${API.toUpperCase()}/health`, `${API}/keys/foo/%65ncrypt`, "/%", "/ping/x"]) {
+    expectError(
+      await signedPost(fx.url, wrong, encBody(), { ...CREDS.a, secretAccessKey: CREDS.b.secretAccessKey }),
+      "InvalidUriPathException",
+      "bad sig",
+    );
+    expectError(
+      await send(fx.url, { path: wrong, headers: { "content-type": "application/json" }, body: "{}" }),
+      "InvalidUriPathException",
+      "no sig",
+    );
+    for (const p of [
+      "/",
+      "/kms/xks/v1/health",
+      `${API}/keys/foo/sign`,
+      `${API}/health/`,
+      `${API.toUpperCase()}/health`,
+      `${API}/keys/foo/%65ncrypt`,
+      "/%",
+      "/ping/x",
+    ]) {
       expectError(await signedPost(fx.url, p, healthBody(), CREDS.a), "InvalidUriPathException", p);
     }
     assert.deepEqual(keyCalls(), calls, "agent never called");
@@ -168,13 +236,31 @@ describe("proxy over a real port (fake agent)", () => {
 
   it("SigV4 over the wire: stale date, other region, changed body, injected x-amz-content-sha256", async () => {
     const p = `${API}/keys/foo/encrypt`;
-    expectError(await signedPost(fx.url, p, encBody(), CREDS.a, { sign: { date: new Date(Date.now() - 6 * 60_000) } }), "AuthenticationFailedException", "stale");
-    expectError(await signedPost(fx.url, p, encBody(), CREDS.a, { sign: { date: new Date(Date.now() + 6 * 60_000) } }), "AuthenticationFailedException", "future");
-    expectError(await signedPost(fx.url, p, encBody(), CREDS.a, { sign: { region: "us-west-2" } }), "AuthenticationFailedException", "region");
-    expectError(await curlPost(fx.url, p, JSON.stringify(encBody()), CREDS.a, { region: "eu-west-1" }), "AuthenticationFailedException", "curl region");
+    expectError(
+      await signedPost(fx.url, p, encBody(), CREDS.a, { sign: { date: new Date(Date.now() - 6 * 60_000) } }),
+      "AuthenticationFailedException",
+      "stale",
+    );
+    expectError(
+      await signedPost(fx.url, p, encBody(), CREDS.a, { sign: { date: new Date(Date.now() + 6 * 60_000) } }),
+      "AuthenticationFailedException",
+      "future",
+    );
+    expectError(
+      await signedPost(fx.url, p, encBody(), CREDS.a, { sign: { region: "us-west-2" } }),
+      "AuthenticationFailedException",
+      "region",
+    );
+    expectError(
+      await curlPost(fx.url, p, JSON.stringify(encBody()), CREDS.a, { region: "eu-west-1" }),
+      "AuthenticationFailedException",
+      "curl region",
+    );
     const other = JSON.stringify(encBody("attacker"));
     expectError(
-      await signedPost(fx.url, p, encBody(), CREDS.a, { after: (h, body) => ({ headers: { ...h, "x-amz-content-sha256": sha256Hex(body) }, body: other }) }),
+      await signedPost(fx.url, p, encBody(), CREDS.a, {
+        after: (h, body) => ({ headers: { ...h, "x-amz-content-sha256": sha256Hex(body) }, body: other }),
+      }),
       "AuthenticationFailedException",
       "replayed signature with new body",
     );
@@ -192,17 +278,37 @@ describe("proxy over a real port (fake agent)", () => {
   });
 
   it("sizes: 4300-byte plaintext + 8192-byte AAD and the configured maxima pass; one byte more → 501", async () => {
-    const ok1 = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(Buffer.alloc(4300, 1), { additionalAuthenticatedData: b64(Buffer.alloc(8192, 2)) }), CREDS.a);
+    const ok1 = await signedPost(
+      fx.url,
+      `${API}/keys/foo/encrypt`,
+      encBody(Buffer.alloc(4300, 1), { additionalAuthenticatedData: b64(Buffer.alloc(8192, 2)) }),
+      CREDS.a,
+    );
     assert.equal(ok1.status, 200, ok1.text);
-    const ok2 = await curlPost(fx.url, `${API}/keys/foo/encrypt`, JSON.stringify(encBody(Buffer.alloc(8192, 1), { additionalAuthenticatedData: b64(Buffer.alloc(16384, 2)) })), CREDS.a);
+    const ok2 = await curlPost(
+      fx.url,
+      `${API}/keys/foo/encrypt`,
+      JSON.stringify(encBody(Buffer.alloc(8192, 1), { additionalAuthenticatedData: b64(Buffer.alloc(16384, 2)) })),
+      CREDS.a,
+    );
     assert.equal(ok2.status, 200, ok2.text);
-    expectError(await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(Buffer.alloc(8193)), CREDS.a), "UnsupportedOperationException", "pt");
+    expectError(
+      await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(Buffer.alloc(8193)), CREDS.a),
+      "UnsupportedOperationException",
+      "pt",
+    );
     expectError(
       await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("x", { additionalAuthenticatedData: b64(Buffer.alloc(16385)) }), CREDS.a),
       "UnsupportedOperationException",
       "aad",
     );
-    const dec = { requestMetadata: md("Decrypt"), ciphertext: b64(Buffer.alloc(8193)), initializationVector: b64(Buffer.alloc(12)), authenticationTag: b64(Buffer.alloc(16)), encryptionAlgorithm: "AES_GCM" };
+    const dec = {
+      requestMetadata: md("Decrypt"),
+      ciphertext: b64(Buffer.alloc(8193)),
+      initializationVector: b64(Buffer.alloc(12)),
+      authenticationTag: b64(Buffer.alloc(16)),
+      encryptionAlgorithm: "AES_GCM",
+    };
     expectError(await signedPost(fx.url, `${API}/keys/foo/decrypt`, dec, CREDS.a), "UnsupportedOperationException", "ct");
   });
 
@@ -212,7 +318,10 @@ describe("proxy over a real port (fake agent)", () => {
     expectError(r, "UnsupportedOperationException", "hard cap");
     assert.equal(r.headers.connection, "close");
     // Content-Length alone decides: the proxy answers without waiting for the (never sent) body.
-    const raw = await rawExchange(fx.url, `POST ${API}/keys/foo/encrypt HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n`);
+    const raw = await rawExchange(
+      fx.url,
+      `POST ${API}/keys/foo/encrypt HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n`,
+    );
     assert.match(raw, /^HTTP\/1\.1 501 /);
     assert.ok(raw.includes('{"errorName":"UnsupportedOperationException"'));
   });
@@ -223,15 +332,27 @@ describe("proxy over a real port (fake agent)", () => {
     const variants = [
       "aGVsbG8gd29ybGQ", // missing padding
       `${good}=`, // extra padding
-      `${good.slice(0, 8)} ${good.slice(8)}`, `${good}\n`, `\t${good}`, // whitespace
-      "aGVsbG8-d29ybGRf", "aGVsbG8_d29ybA==", // URL-safe alphabet
+      `${good.slice(0, 8)} ${good.slice(8)}`,
+      `${good}\n`,
+      `\t${good}`, // whitespace
+      "aGVsbG8-d29ybGRf",
+      "aGVsbG8_d29ybA==", // URL-safe alphabet
       "aGVsbG8gd29ybGR=", // non-zero trailing bits
       "aGVsbG8gd29ybGQ=aGVs", // padding in the middle
       "", // empty plaintext
     ];
-    for (const v of variants) expectError(await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("x", { plaintext: v }), CREDS.a), "ValidationException", JSON.stringify(v));
+    for (const v of variants)
+      expectError(
+        await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("x", { plaintext: v }), CREDS.a),
+        "ValidationException",
+        JSON.stringify(v),
+      );
     const aad = b64("ab"); // "YWI="
-    expectError(await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("x", { additionalAuthenticatedData: "YWJ=" }), CREDS.a), "ValidationException", aad);
+    expectError(
+      await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("x", { additionalAuthenticatedData: "YWJ=" }), CREDS.a),
+      "ValidationException",
+      aad,
+    );
   });
 
   it("strict field validation → 400 ValidationException", async () => {
@@ -250,7 +371,12 @@ describe("proxy over a real port (fake agent)", () => {
     ];
     for (const [label, body] of bad) expectError(await signedPost(fx.url, p, body, CREDS.a), "ValidationException", label);
     const dec = (o: Record<string, unknown>) => ({
-      requestMetadata: md("Decrypt"), ciphertext: b64("abc"), initializationVector: b64(Buffer.alloc(12)), authenticationTag: b64(Buffer.alloc(16)), encryptionAlgorithm: "AES_GCM", ...o,
+      requestMetadata: md("Decrypt"),
+      ciphertext: b64("abc"),
+      initializationVector: b64(Buffer.alloc(12)),
+      authenticationTag: b64(Buffer.alloc(16)),
+      encryptionAlgorithm: "AES_GCM",
+      ...o,
     });
     for (const [label, o] of [
       ["IV 13 bytes", { initializationVector: b64(Buffer.alloc(13)) }],
@@ -262,30 +388,64 @@ describe("proxy over a real port (fake agent)", () => {
       expectError(await signedPost(fx.url, `${API}/keys/foo/decrypt`, dec(o), CREDS.a), "ValidationException", label);
     }
     // 16-byte IV and 20-byte metadata are valid input (the fake agent then fails the tag: 400 InvalidCiphertext).
-    expectError(await signedPost(fx.url, `${API}/keys/foo/decrypt`, dec({ initializationVector: b64(Buffer.alloc(16)), ciphertextMetadata: b64(Buffer.alloc(20)) }), CREDS.a), "InvalidCiphertextException");
+    expectError(
+      await signedPost(
+        fx.url,
+        `${API}/keys/foo/decrypt`,
+        dec({ initializationVector: b64(Buffer.alloc(16)), ciphertextMetadata: b64(Buffer.alloc(20)) }),
+        CREDS.a,
+      ),
+      "InvalidCiphertextException",
+    );
   });
 
   it("unknown JSON fields and unknown kmsOperation values are accepted", async () => {
     const r = await signedPost(
       fx.url,
       `${API}/keys/foo/encrypt`,
-      encBody("x", { someFutureField: { a: [1, 2] }, requestMetadata: { ...md("SomeNewKmsOperation"), SourceIdentity: "x", kmsRecipientAttestationPCR0: "y" } }),
+      encBody("x", {
+        someFutureField: { a: [1, 2] },
+        requestMetadata: { ...md("SomeNewKmsOperation"), SourceIdentity: "x", kmsRecipientAttestationPCR0: "y" },
+      }),
       CREDS.a,
     );
     assert.equal(r.status, 200, r.text);
-    const m = await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: { ...md("DescribeKey"), unknown: 1 }, extra: null }, CREDS.a);
+    const m = await signedPost(
+      fx.url,
+      `${API}/keys/foo/metadata`,
+      { requestMetadata: { ...md("DescribeKey"), unknown: 1 }, extra: null },
+      CREDS.a,
+    );
     assert.equal(m.status, 200, m.text);
   });
 
   it("malformed health bodies, bad JSON, wrong or missing content type → 400 ValidationException", async () => {
     expectError(await curlPost(fx.url, `${API}/health`, "{}", CREDS.a), "ValidationException", "{}");
-    expectError(await curlPost(fx.url, `${API}/health`, '{\n    "requestMetadata": {\n    }\n}', CREDS.a), "ValidationException", "empty md");
+    expectError(
+      await curlPost(fx.url, `${API}/health`, '{\n    "requestMetadata": {\n    }\n}', CREDS.a),
+      "ValidationException",
+      "empty md",
+    );
     expectError(await curlPost(fx.url, `${API}/health`, '{"requestMetadata":', CREDS.a), "ValidationException", "bad json");
-    expectError(await curlPost(fx.url, `${API}/health`, JSON.stringify(healthBody()), CREDS.a, { contentType: "text/plain" }), "ValidationException", "text/plain");
-    expectError(await curlPost(fx.url, `${API}/health`, JSON.stringify(healthBody()), CREDS.a, { contentType: null }), "ValidationException", "curl default form type");
+    expectError(
+      await curlPost(fx.url, `${API}/health`, JSON.stringify(healthBody()), CREDS.a, { contentType: "text/plain" }),
+      "ValidationException",
+      "text/plain",
+    );
+    expectError(
+      await curlPost(fx.url, `${API}/health`, JSON.stringify(healthBody()), CREDS.a, { contentType: null }),
+      "ValidationException",
+      "curl default form type",
+    );
     expectError(await signedPost(fx.url, `${API}/health`, "", CREDS.a), "ValidationException", "empty body");
     const gz = gzipSync(JSON.stringify(healthBody()));
-    expectError(await signedPost(fx.url, `${API}/health`, gz, CREDS.a, { headers: { "content-type": "application/json", "content-encoding": "gzip" } }), "ValidationException", "gzip");
+    expectError(
+      await signedPost(fx.url, `${API}/health`, gz, CREDS.a, {
+        headers: { "content-type": "application/json", "content-encoding": "gzip" },
+      }),
+      "ValidationException",
+      "gzip",
+    );
   });
 
   it("never HTML: a garbled HTTP request gets XKS JSON too", async () => {
@@ -299,7 +459,12 @@ describe("proxy over a real port (fake agent)", () => {
     const marker = "PLAINTEXT-MARKER-4711";
     const aadMarker = "AAD-MARKER-0815";
     const before = fx.logs.requests().length;
-    const e = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(marker, { additionalAuthenticatedData: b64(aadMarker) }), CREDS.a);
+    const e = await signedPost(
+      fx.url,
+      `${API}/keys/foo/encrypt`,
+      encBody(marker, { additionalAuthenticatedData: b64(aadMarker) }),
+      CREDS.a,
+    );
     await signedPost(fx.url, `${API}/keys/reason-INTERNAL/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a);
     await signedPost(fx.url, `${API}/keys/reason-INVALID_STATE/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a);
     await until(() => fx.logs.requests().length >= before + 3, "three completion lines");
@@ -321,7 +486,18 @@ describe("proxy over a real port (fake agent)", () => {
     assert.equal(four.level, 40);
     assert.equal(four.errorName, "InvalidStateException");
     const all = fx.logs.text();
-    for (const s of [marker, b64(marker), aadMarker, b64(aadMarker), e.json.ciphertext, CREDS.a.secretAccessKey, CREDS.b.secretAccessKey, agent.token, "AWS4-HMAC-SHA256", "Signature="]) {
+    for (const s of [
+      marker,
+      b64(marker),
+      aadMarker,
+      b64(aadMarker),
+      e.json.ciphertext,
+      CREDS.a.secretAccessKey,
+      CREDS.b.secretAccessKey,
+      agent.token,
+      "AWS4-HMAC-SHA256",
+      "Signature=",
+    ]) {
       assert.ok(!all.includes(s), `log must not contain ${s}`);
     }
   });
@@ -351,7 +527,8 @@ describe("proxy with unreachable / misconfigured agents", () => {
   });
 
   it("crypto calls get 503 DependencyTimeoutException, every time", async () => {
-    for (let i = 0; i < 4; i++) expectError(await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(), CREDS.a), "DependencyTimeoutException");
+    for (let i = 0; i < 4; i++)
+      expectError(await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody(), CREDS.a), "DependencyTimeoutException");
   });
 
   it("health answers from the cache, every entry UNAVAILABLE", async () => {
@@ -364,7 +541,10 @@ describe("proxy with unreachable / misconfigured agents", () => {
   });
 
   it("an agent that refuses the proxy's token → 500 InternalException (misconfiguration), health UNAVAILABLE", async () => {
-    expectError(await signedPost(wrongToken.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a), "InternalException");
+    expectError(
+      await signedPost(wrongToken.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a),
+      "InternalException",
+    );
     await until(() => wrongToken.proxy.agents.healthSnapshot()[0].checkedAt !== undefined, "a health check");
     assert.equal(wrongToken.proxy.agents.healthSnapshot()[0].state, "UNAVAILABLE");
     assert.equal(agent.calls.GetKeyMetadata, undefined, "the agent ran nothing");
@@ -396,15 +576,23 @@ describe("several agents: routing to healthy ones, health per agent", () => {
   });
 
   it("spreads calls round-robin, reports each agent, skips UNAVAILABLE ones (DEGRADED still serves)", async () => {
-    for (let i = 0; i < 6; i++) assert.equal((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status, 200);
+    for (let i = 0; i < 6; i++)
+      assert.equal((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status, 200);
     assert.equal(a1.calls.GetKeyMetadata, 3);
     assert.equal(a2.calls.GetKeyMetadata, 3);
     a2.health.state = "UNAVAILABLE";
     a1.health.state = "DEGRADED";
     await until(() => fx.proxy.agents.healthSnapshot()[1].state === "UNAVAILABLE", "agent two UNAVAILABLE");
     const h = await signedPost(fx.url, `${API}/health`, healthBody(), CREDS.a);
-    assert.deepEqual(h.json.ekmFleetDetails.map((e: { id: string; healthStatus: string }) => [e.id, e.healthStatus]), [["fake-one", "DEGRADED"], ["fake-two", "UNAVAILABLE"]]);
-    for (let i = 0; i < 4; i++) assert.equal((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status, 200);
+    assert.deepEqual(
+      h.json.ekmFleetDetails.map((e: { id: string; healthStatus: string }) => [e.id, e.healthStatus]),
+      [
+        ["fake-one", "DEGRADED"],
+        ["fake-two", "UNAVAILABLE"],
+      ],
+    );
+    for (let i = 0; i < 4; i++)
+      assert.equal((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status, 200);
     assert.equal(a1.calls.GetKeyMetadata, 7, "DEGRADED still serves; UNAVAILABLE is skipped");
     assert.equal(a2.calls.GetKeyMetadata, 3);
   });
@@ -415,7 +603,8 @@ describe("several agents: routing to healthy ones, health per agent", () => {
     await until(() => fx.proxy.agents.healthSnapshot().every((h) => h.state === "ACTIVE"), "both agents ACTIVE");
     await a2.stop();
     const statuses: number[] = [];
-    for (let i = 0; i < 8; i++) statuses.push((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status);
+    for (let i = 0; i < 8; i++)
+      statuses.push((await signedPost(fx.url, `${API}/keys/foo/metadata`, { requestMetadata: md("CreateKey") }, CREDS.a)).status);
     assert.ok(statuses.filter((s) => s === 503).length <= 1, `statuses ${statuses}`);
     await until(() => fx.proxy.agents.healthSnapshot()[1].state === "UNAVAILABLE", "the stopped agent UNAVAILABLE");
   });

@@ -55,7 +55,7 @@ async function startEchoServer(): Promise<EchoServer> {
         const payload = line.slice(2);
         if (line.startsWith("2:")) {
           sock.write("echo:");
-          setTimeout(() => sock.write(payload + "\n"), 1);
+          setTimeout(() => sock.write(`${payload}\n`), 1);
         } else {
           sock.write(`echo:${payload}\n`);
         }
@@ -132,10 +132,10 @@ class FarClient {
    * from the request's second write to the complete reply.
    */
   async askSplit(payload: string): Promise<number> {
-    this.sock.write("2:" + payload.slice(0, 3));
+    this.sock.write(`2:${payload.slice(0, 3)}`);
     await sleep(1);
     const t0 = performance.now();
-    this.sock.write(payload.slice(3) + "\n");
+    this.sock.write(`${payload.slice(3)}\n`);
     const reply = await this.next();
     const ms = performance.now() - t0;
     assert.equal(reply, `echo:${payload}`);
@@ -231,7 +231,10 @@ async function compareSplitToPlain(far: FarClient, n: number): Promise<{ plain: 
 const NAGLE_STALL_MS = 40;
 function assertNoNagleStalls(t: { diagnostic(s: string): void }, m: { plain: number; split: number }): void {
   t.diagnostic(`median plain exchange ${m.plain.toFixed(3)} ms, split exchange ${m.split.toFixed(3)} ms`);
-  assert.ok(m.split - m.plain < NAGLE_STALL_MS / 2, `split exchanges take ${(m.split - m.plain).toFixed(1)} ms longer than plain ones: Nagle/delayed-ACK stalls`);
+  assert.ok(
+    m.split - m.plain < NAGLE_STALL_MS / 2,
+    `split exchanges take ${(m.split - m.plain).toFixed(1)} ms longer than plain ones: Nagle/delayed-ACK stalls`,
+  );
 }
 
 describe("tunnel over the streamlocal (Unix socket) remote forward", () => {
@@ -273,7 +276,10 @@ describe("tunnel over the streamlocal (Unix socket) remote forward", () => {
       far.close();
     }
     assertNoKeyInLogs(lines, sshd);
-    assert.ok(lines.some((l) => l.includes('"tunnel up"')), "an 'up' log line");
+    assert.ok(
+      lines.some((l) => l.includes('"tunnel up"')),
+      "an 'up' log line",
+    );
   });
 
   test("the connection ran its exec so sshd has TCP_NODELAY on", () => {
@@ -283,7 +289,10 @@ describe("tunnel over the streamlocal (Unix socket) remote forward", () => {
     assert.equal(s.connects, 1);
     assert.equal(s.name, "ec2-test");
     assert.ok(!Number.isNaN(Date.parse(s.since)));
-    assert.ok(lines.some((l) => l.includes("TCP_NODELAY")), "the exec is logged");
+    assert.ok(
+      lines.some((l) => l.includes("TCP_NODELAY")),
+      "the exec is logged",
+    );
     // The forced command ran (nologin) and was the only exec: sshd logged one session.
     assert.match(sshd.logs(), /Accepted publickey for/);
   });
@@ -304,7 +313,9 @@ test("fingerprintOf matches ssh-keygen -lf", async (t) => {
 
 test("the loopback TCP remote forward carries traffic too", async (t) => {
   const remotePort = await freePort();
-  const { sshd, lines, tunnel } = await tunnelRig(t, () => ({ remoteTcp: { host: "127.0.0.1", port: remotePort } }), { permitListen: `127.0.0.1:${remotePort}` });
+  const { sshd, lines, tunnel } = await tunnelRig(t, () => ({ remoteTcp: { host: "127.0.0.1", port: remotePort } }), {
+    permitListen: `127.0.0.1:${remotePort}`,
+  });
   tunnel.start();
   const up = await waitForState(tunnel, (s) => s.state === "up", "up");
   assert.equal(up.nodelayExec, true);
@@ -324,7 +335,9 @@ test("a remote forward that cannot bind yet is retried until it binds", async (t
   const squatter = net.createServer();
   await new Promise<void>((resolve) => squatter.listen(remotePort, "127.0.0.1", () => resolve()));
   t.after(() => squatter.close());
-  const { lines, tunnel } = await tunnelRig(t, () => ({ remoteTcp: { host: "127.0.0.1", port: remotePort } }), { permitListen: `127.0.0.1:${remotePort}` });
+  const { lines, tunnel } = await tunnelRig(t, () => ({ remoteTcp: { host: "127.0.0.1", port: remotePort } }), {
+    permitListen: `127.0.0.1:${remotePort}`,
+  });
   tunnel.start();
   const failing = await waitForState(tunnel, (s) => /remote forward .* failed/.test(s.lastError ?? ""), "a failed forward");
   assert.equal(failing.state, "connecting");
@@ -343,7 +356,10 @@ test("a remote forward that cannot bind yet is retried until it binds", async (t
 test("a wrong pinned host key is refused: never up, no forward, clear log", async (t) => {
   // A real but different key, as after a host-key change.
   const wrongFor = (sshd: Sshd) => fingerprintOf(Buffer.from(readFileSync(`${sshd.clientKeyPath}.pub`, "utf8").split(" ")[1], "base64"));
-  const { sshd, echo, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd), hostKeyFingerprint: wrongFor(sshd) }));
+  const { sshd, echo, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({
+    remoteSocket: socketIn(sshd),
+    hostKeyFingerprint: wrongFor(sshd),
+  }));
   const remoteSocket = socketIn(sshd);
   const wrong = wrongFor(sshd);
   assert.notEqual(wrong, sshd.hostKeyFingerprint);
@@ -360,7 +376,9 @@ test("a wrong pinned host key is refused: never up, no forward, clear log", asyn
   assert.equal(existsSync(remoteSocket), false, "no forward was created");
   assert.doesNotMatch(sshd.logs(), /Accepted publickey/, "the client never authenticated");
 
-  const refusal = lines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === "tunnel refused: host key does not match the pinned fingerprint");
+  const refusal = lines
+    .map((l) => JSON.parse(l) as Record<string, unknown>)
+    .find((l) => l.msg === "tunnel refused: host key does not match the pinned fingerprint");
   assert.ok(refusal, "a refusal log line");
   assert.equal(refusal.expected, wrong);
   assert.equal(refusal.seen, sshd.hostKeyFingerprint);
@@ -370,7 +388,10 @@ test("a wrong pinned host key is refused: never up, no forward, clear log", asyn
 });
 
 test("kill -9 of the sshd session: down, back up by itself, traffic flows again", async (t) => {
-  const { sshd, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd), backoff: { initialMs: 250, maxMs: 5000 } }));
+  const { sshd, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({
+    remoteSocket: socketIn(sshd),
+    backoff: { initialMs: 250, maxMs: 5000 },
+  }));
   const remoteSocket = socketIn(sshd);
   tunnel.start();
   await waitForState(tunnel, (s) => s.state === "up", "up");
@@ -405,7 +426,10 @@ test("kill -9 of the sshd session: down, back up by itself, traffic flows again"
     history.map((s) => s.state),
     ["connecting", "up", "down", "connecting", "up"],
   );
-  assert.ok(lines.some((l) => l.includes('"tunnel down"')), "a 'down' log line");
+  assert.ok(
+    lines.some((l) => l.includes('"tunnel down"')),
+    "a 'down' log line",
+  );
 });
 
 test("sshd stopped and restarted: the tunnel comes back by itself", async (t) => {
@@ -421,7 +445,10 @@ test("sshd stopped and restarted: the tunnel comes back by itself", async (t) =>
   await waitForState(tunnel, (s) => s.state === "up" && s.connects === 2, "up after the restart");
   t.diagnostic(`up ${(performance.now() - t0).toFixed(0)} ms after sshd accepted connections again`);
   // While sshd was down, reconnect attempts were refused and reported.
-  assert.ok(history.some((s) => s.state === "down" && /ECONNREFUSED/.test(s.lastError ?? "")), JSON.stringify(history));
+  assert.ok(
+    history.some((s) => s.state === "down" && /ECONNREFUSED/.test(s.lastError ?? "")),
+    JSON.stringify(history),
+  );
 
   const far = await FarClient.connect({ path: remoteSocket });
   t.after(() => far.close());
@@ -468,7 +495,10 @@ test("TunnelSet runs one tunnel per target and reports each state", async (t) =>
     far.close();
   }
   await set.stop();
-  assert.deepEqual(set.states().map((s) => s.state), ["stopped", "stopped"]);
+  assert.deepEqual(
+    set.states().map((s) => s.state),
+    ["stopped", "stopped"],
+  );
 });
 
 test("a target without a valid pinned fingerprint or with two remotes is rejected up front", () => {
@@ -479,7 +509,7 @@ test("a target without a valid pinned fingerprint or with two remotes is rejecte
     port: 22,
     username: "u",
     privateKey: "",
-    hostKeyFingerprint: "SHA256:" + "A".repeat(43),
+    hostKeyFingerprint: `SHA256:${"A".repeat(43)}`,
     remoteSocket: "/tmp/x.sock",
   };
   assert.doesNotThrow(() => new Tunnel(base, "/tmp/agent.sock", log));

@@ -64,7 +64,10 @@ describe("robustness: >= 10,000 seeded bad requests against the proxy and the re
   it("memory stays bounded: RSS and the live heap after a full GC", () => {
     const m = run.memory;
     assert.ok(m.after.rss - m.before.rss < RSS_GROWTH_LIMIT, `RSS grew by ${mib(m.after.rss - m.before.rss)}`);
-    assert.ok(m.afterReleased.heapUsed - m.before.heapUsed < HEAP_GROWTH_LIMIT, `heap used grew by ${mib(m.afterReleased.heapUsed - m.before.heapUsed)}`);
+    assert.ok(
+      m.afterReleased.heapUsed - m.before.heapUsed < HEAP_GROWTH_LIMIT,
+      `heap used grew by ${mib(m.afterReleased.heapUsed - m.before.heapUsed)}`,
+    );
   });
 
   it("the proxy stays up: a signed round trip works afterwards, and no connection is left open", () => {

@@ -36,7 +36,6 @@ import { decryptBody, encryptBody } from "../../testbed/xks/bodies.ts";
 import { BUSY_ERRORS, decryptProblem, encryptProblem, verdict } from "../../testbed/xks/oracle.ts";
 import { smithySign } from "../../testbed/xks/sign.ts";
 
-
 /**
  * Short server timeouts for the test proxy (production defaults: 10 s / 15 s / 65 s).
  * keepAliveTimeout 2 s: Node's client agent reuses a socket only for the advertised
@@ -58,7 +57,9 @@ function quantile(sorted: number[], p: number): number {
 /** The soft RLIMIT_NOFILE of this process (Linux), or undefined. */
 function openFilesLimit(): number | undefined {
   try {
-    const line = readFileSync("/proc/self/limits", "utf8").split("\n").find((l) => l.startsWith("Max open files"));
+    const line = readFileSync("/proc/self/limits", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith("Max open files"));
     const soft = line?.split(/\s{2,}/)[1];
     return soft === undefined || soft === "unlimited" ? undefined : Number(soft);
   } catch {
@@ -93,7 +94,14 @@ class GoodClient {
     const t0 = performance.now();
     return new Promise((resolve, reject) => {
       const req = httpRequest(
-        { host: u.hostname, port: Number(u.port), method: "POST", path, agent: this.agent, headers: { ...headers, "content-length": String(Buffer.byteLength(raw)) } },
+        {
+          host: u.hostname,
+          port: Number(u.port),
+          method: "POST",
+          path,
+          agent: this.agent,
+          headers: { ...headers, "content-length": String(Buffer.byteLength(raw)) },
+        },
         (res) => {
           const chunks: Buffer[] = [];
           res.on("data", (c: Buffer) => chunks.push(c));
@@ -157,13 +165,30 @@ class GoodClient {
   }
 
   /** Stops the loop; returns this phase's statistics. */
-  async stop(): Promise<{ roundTrips: number; good: number; busy: number; requests: number; connections: number; p50: number; p99: number; max: number; failures: string[] }> {
+  async stop(): Promise<{
+    roundTrips: number;
+    good: number;
+    busy: number;
+    requests: number;
+    connections: number;
+    p50: number;
+    p99: number;
+    max: number;
+    failures: string[];
+  }> {
     this.running = false;
     await this.loop;
     const l = [...this.latencies].sort((a, b) => a - b);
     return {
-      roundTrips: this.roundTrips, good: this.good, busy: this.busy, requests: l.length, connections: this.sockets.size,
-      p50: quantile(l, 0.5), p99: quantile(l, 0.99), max: l.at(-1) ?? NaN, failures: this.failures,
+      roundTrips: this.roundTrips,
+      good: this.good,
+      busy: this.busy,
+      requests: l.length,
+      connections: this.sockets.size,
+      p50: quantile(l, 0.5),
+      p99: quantile(l, 0.99),
+      max: l.at(-1) ?? NaN,
+      failures: this.failures,
     };
   }
 
@@ -304,7 +329,8 @@ class IdleAttackers {
 }
 
 /** Node's answer to a timed-out / refused request head, as the proxy shapes it: 400 XKS JSON, then close. */
-const TIMEOUT_ANSWER = /^HTTP\/1\.1 400 Bad Request\r\nContent-Type: application\/json\r\nContent-Length: \d+\r\nConnection: close\r\n\r\n\{"errorName":"ValidationException","errorMessage":"[\x20-\x7e]+"\}$/;
+const TIMEOUT_ANSWER =
+  /^HTTP\/1\.1 400 Bad Request\r\nContent-Type: application\/json\r\nContent-Length: \d+\r\nConnection: close\r\n\r\n\{"errorName":"ValidationException","errorMessage":"[\x20-\x7e]+"\}$/;
 
 describe("robustness: slow, idle and too many clients (real proxy, real agent)", () => {
   let agent: TestAgent;
@@ -394,7 +420,9 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       return { abusers, sent };
     });
     const { maxMs, p50Ms, answered } = assertClosedByProxy("slowloris", r.abusers, TIMEOUT_ANSWER);
-    note(`slowloris: ${N} connections, ${r.sent} bytes trickled, all closed by the proxy (${answered} with the 400 XKS JSON first); lifetime p50 ${p50Ms.toFixed(0)} ms, max ${maxMs.toFixed(0)} ms (headersTimeout ${HTTP.headersTimeoutMs} ms)`);
+    note(
+      `slowloris: ${N} connections, ${r.sent} bytes trickled, all closed by the proxy (${answered} with the 400 XKS JSON first); lifetime p50 ${p50Ms.toFixed(0)} ms, max ${maxMs.toFixed(0)} ms (headersTimeout ${HTTP.headersTimeoutMs} ms)`,
+    );
   });
 
   it("a body sent one byte per second is cut off after requestTimeout (Content-Length and chunked)", async () => {
@@ -430,11 +458,16 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       return { abusers, bytes: pos };
     });
     const { maxMs, p50Ms, answered } = assertClosedByProxy("slow body", r.abusers, TIMEOUT_ANSWER);
-    note(`slow body: ${N} connections (half chunked), ${r.bytes} body bytes each at 1 byte/s, all closed by the proxy (${answered} with the 400 XKS JSON first); lifetime p50 ${p50Ms.toFixed(0)} ms, max ${maxMs.toFixed(0)} ms (requestTimeout ${HTTP.requestTimeoutMs} ms)`);
+    note(
+      `slow body: ${N} connections (half chunked), ${r.bytes} body bytes each at 1 byte/s, all closed by the proxy (${answered} with the 400 XKS JSON first); lifetime p50 ${p50Ms.toFixed(0)} ms, max ${maxMs.toFixed(0)} ms (requestTimeout ${HTTP.requestTimeoutMs} ms)`,
+    );
     // The aborted requests reached the app and were logged, without an error-level line or a crash.
     const aborted = fx.logs.requests().filter((l) => l.operation === "Encrypt" && l.status !== 200);
     assert.ok(aborted.length >= N, `${aborted.length} completion lines for the cut-off requests`);
-    assert.ok(aborted.every((l) => l.level < 50), "no error-level line for a client that was too slow");
+    assert.ok(
+      aborted.every((l) => l.level < 50),
+      "no error-level line for a client that was too slow",
+    );
   });
 
   it("~2,000 idle connections (never a byte) are closed after headersTimeout; the proxy keeps serving", async () => {
@@ -525,15 +558,24 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       return { abusers, answered };
     });
     for (const a of r.abusers) {
-      assert.match(a.received, new RegExp(`^HTTP/1\\.1 200 OK\r\n[\\s\\S]*Keep-Alive: timeout=${HTTP.keepAliveTimeoutMs / 1000}\r\n[\\s\\S]*pong from xks-proxy`), "the request was answered, keep-alive");
+      assert.match(
+        a.received,
+        new RegExp(`^HTTP/1\\.1 200 OK\r\n[\\s\\S]*Keep-Alive: timeout=${HTTP.keepAliveTimeoutMs / 1000}\r\n[\\s\\S]*pong from xks-proxy`),
+        "the request was answered, keep-alive",
+      );
       assert.ok(r.answered.has(a));
     }
     // Idle time counted from the answer: keepAliveTimeout (+ Node's 1 s buffer). The lower bound
     // is halved: the client may see the answer late on a busy machine, which shortens what it measures.
     const idle = r.abusers.map((a) => (a.closedAt ?? Infinity) - r.answered.get(a)!).sort((x, y) => x - y);
-    assert.ok(r.abusers.every((a) => a.closedAt !== undefined && !a.ours), "all closed by the proxy");
+    assert.ok(
+      r.abusers.every((a) => a.closedAt !== undefined && !a.ours),
+      "all closed by the proxy",
+    );
     assert.ok(idle[0] >= HTTP.keepAliveTimeoutMs / 2, `closed after ${idle[0].toFixed(0)} ms idle, long before keepAliveTimeout`);
-    note(`idle keep-alive: ${N} connections closed after ${idle[0].toFixed(0)}–${idle.at(-1)!.toFixed(0)} ms idle (keepAliveTimeout ${HTTP.keepAliveTimeoutMs} ms + Node's ${KEEP_ALIVE_BUFFER_MS} ms buffer)`);
+    note(
+      `idle keep-alive: ${N} connections closed after ${idle[0].toFixed(0)}–${idle.at(-1)!.toFixed(0)} ms idle (keepAliveTimeout ${HTTP.keepAliveTimeoutMs} ms + Node's ${KEEP_ALIVE_BUFFER_MS} ms buffer)`,
+    );
   });
 
   it("past http.maxConnections new connections are dropped at accept; an established client keeps working", async () => {
@@ -555,7 +597,10 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       const abusers: Abuser[] = [];
       for (let k = 0; k < 3 * cap; k++) abusers.push(openAbuser(capped.proxy.port));
       const held = cap - 1;
-      await until(() => abusers.filter((a) => a.closedAt !== undefined).length >= abusers.length - held, "the excess connections to be dropped");
+      await until(
+        () => abusers.filter((a) => a.closedAt !== undefined).length >= abusers.length - held,
+        "the excess connections to be dropped",
+      );
       const open = await capConnections();
       const dropped = abusers.filter((a) => a.closedAt !== undefined).length;
       assert.equal(open, cap, `${open} connections open with maxConnections ${cap}`);
@@ -575,7 +620,9 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       }, "a new client to get a round trip through");
       fresh.destroy();
       assert.deepEqual(fresh.failures, [], "a new client gets in once the idle ones are gone");
-      note(`maxConnections ${cap}: ${3 * cap} idle connections → ${open} open at most, ${dropped} dropped at accept; established client ${s.roundTrips} round trips, p99 ${s.p99.toFixed(1)} ms, no failure`);
+      note(
+        `maxConnections ${cap}: ${3 * cap} idle connections → ${open} open at most, ${dropped} dropped at accept; established client ${s.roundTrips} round trips, p99 ${s.p99.toFixed(1)} ms, no failure`,
+      );
     } finally {
       client.destroy();
       await capped.close();
@@ -586,7 +633,12 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
     const dflt = await startProxy({ agents: [{ id: "mac-1", target: agent.target, token: agent.token }] });
     try {
       const s = dflt.proxy.server;
-      assert.deepEqual(dflt.config.http, { headersTimeoutMs: 10_000, requestTimeoutMs: 15_000, keepAliveTimeoutMs: 65_000, maxConnections: 4096 });
+      assert.deepEqual(dflt.config.http, {
+        headersTimeoutMs: 10_000,
+        requestTimeoutMs: 15_000,
+        keepAliveTimeoutMs: 65_000,
+        maxConnections: 4096,
+      });
       assert.equal(s.headersTimeout, 10_000);
       assert.equal(s.requestTimeout, 15_000);
       assert.equal(s.keepAliveTimeout, 65_000);
@@ -611,12 +663,21 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       const base = {
         region: "us-east-1",
         agents: [{ id: "mac-1", target: "unix:///run/xks/agent.sock", token: { file: "token" } }],
-        keyStores: [{ uriPathPrefix: PREFIX, credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }], keys: ["foo"] }],
+        keyStores: [
+          {
+            uriPathPrefix: PREFIX,
+            credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }],
+            keys: ["foo"],
+          },
+        ],
       };
       const file = join(dir, "proxy.json");
       const ok = parseProxyConfig({ ...base, http: { headersTimeoutMs: 500, requestTimeoutMs: 500 } }, file, {});
       assert.deepEqual(ok.http, { headersTimeoutMs: 500, requestTimeoutMs: 500, keepAliveTimeoutMs: 65_000, maxConnections: 4096 });
-      const bad = { ...base, http: { headersTimeoutMs: 20_000, requestTimeoutMs: 5_000, keepAliveTimeoutMs: 50, maxConnections: 1.5, typo: 1 } };
+      const bad = {
+        ...base,
+        http: { headersTimeoutMs: 20_000, requestTimeoutMs: 5_000, keepAliveTimeoutMs: 50, maxConnections: 1.5, typo: 1 },
+      };
       const err = (() => {
         try {
           parseProxyConfig(bad, file, {});
@@ -626,8 +687,16 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
         return undefined;
       })();
       assert.ok(err instanceof ConfigError, "ConfigError");
-      for (const f of ["http.requestTimeoutMs: must be >= http.headersTimeoutMs", "http.keepAliveTimeoutMs: must be >= 100", "http.maxConnections: must be an integer", "http.typo: unknown field"]) {
-        assert.ok(err.problems.some((p) => p.startsWith(f)), `expected "${f}" in\n${err.message}`);
+      for (const f of [
+        "http.requestTimeoutMs: must be >= http.headersTimeoutMs",
+        "http.keepAliveTimeoutMs: must be >= 100",
+        "http.maxConnections: must be an integer",
+        "http.typo: unknown field",
+      ]) {
+        assert.ok(
+          err.problems.some((p) => p.startsWith(f)),
+          `expected "${f}" in\n${err.message}`,
+        );
       }
       assert.throws(() => parseProxyConfig({ ...base, http: "fast" }, file, {}), /http: must be an object/);
     } finally {

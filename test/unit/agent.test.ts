@@ -141,8 +141,19 @@ test("agent config: every problem reported at once, with file and field, never t
   assert.ok(err instanceof ConfigError);
   const text = err.message;
   assert.match(text, new RegExp(file.replace(/[/.]/g, "\\$&")));
-  for (const field of ["pkcs11.tokenLabel", "pkcs11.pin", "proxyToken", "ciphertextMetadata", "tunnels[0].privateKey", "tunnels[0].hostKeyFingerprint", "typo"]) {
-    assert.ok(err.problems.some((p) => p.startsWith(field)), `missing problem for ${field}: ${text}`);
+  for (const field of [
+    "pkcs11.tokenLabel",
+    "pkcs11.pin",
+    "proxyToken",
+    "ciphertextMetadata",
+    "tunnels[0].privateKey",
+    "tunnels[0].hostKeyFingerprint",
+    "typo",
+  ]) {
+    assert.ok(
+      err.problems.some((p) => p.startsWith(field)),
+      `missing problem for ${field}: ${text}`,
+    );
   }
   assert.ok(!text.includes("inline-pin-9911"), "the config error echoes a secret");
 

@@ -50,7 +50,9 @@ describe("error catalogue", () => {
     const text = readFileSync(join(PROTO_ROOT, PROTO_FILE), "utf8");
     const body = /enum ErrorReason \{([^}]*)\}/.exec(text)?.[1];
     assert.ok(body, "enum ErrorReason not found in the .proto");
-    const comments = new Map([...body.matchAll(/^\s*([A-Z_]+) = \d+;\s*\/\/ -> (\d{3}) ([A-Za-z]+)/gm)].map((m) => [m[1], { status: Number(m[2]), xks: m[3] }]));
+    const comments = new Map(
+      [...body.matchAll(/^\s*([A-Z_]+) = \d+;\s*\/\/ -> (\d{3}) ([A-Za-z]+)/gm)].map((m) => [m[1], { status: Number(m[2]), xks: m[3] }]),
+    );
     for (const [reason, row] of Object.entries(REASONS)) {
       assert.deepEqual(comments.get(reason), { status: XKS_ERRORS[row.xks].status, xks: row.xks }, reason);
     }

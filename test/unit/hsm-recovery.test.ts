@@ -234,20 +234,30 @@ class StubPkcs11 implements Pkcs11Port {
   }
   C_Decrypt(session: Handle, inData: Buffer, _outData: Buffer): Buffer {
     this.finish("C_Decrypt", "decrypt", session);
-    if (inData.length < TAG.length || !inData.subarray(-TAG.length).equals(TAG)) throw new Pkcs11Failure(CKR_ENCRYPTED_DATA_INVALID, "C_Decrypt");
+    if (inData.length < TAG.length || !inData.subarray(-TAG.length).equals(TAG))
+      throw new Pkcs11Failure(CKR_ENCRYPTED_DATA_INVALID, "C_Decrypt");
     return xor(inData.subarray(0, -TAG.length));
   }
   C_GenerateKey(session: Handle, _mechanism: pkcs11js.Mechanism, template: pkcs11js.Template): Handle {
     this.enter("C_GenerateKey", session);
     const attr = (type: number) => template.find((a) => a.type === type)?.value;
-    this.addKey(String(attr(pkcs11js.CKA_LABEL)), { encrypt: attr(pkcs11js.CKA_ENCRYPT) === true, decrypt: attr(pkcs11js.CKA_DECRYPT) === true });
+    this.addKey(String(attr(pkcs11js.CKA_LABEL)), {
+      encrypt: attr(pkcs11js.CKA_ENCRYPT) === true,
+      decrypt: attr(pkcs11js.CKA_DECRYPT) === true,
+    });
     return handle(this.nextObject - 1);
   }
 }
 
 // Expected call sequences, on session N.
 const OPEN = (n: number) => ["C_GetSlotList", "C_GetTokenInfo", "C_GetTokenInfo", "C_OpenSession", `C_Login s${n}`];
-const FIND_KEY = (n: number) => [`C_FindObjectsInit s${n}`, `C_FindObjects s${n}`, `C_FindObjectsFinal s${n}`, `C_GetAttributeValue s${n}`, `C_GetAttributeValue s${n}`];
+const FIND_KEY = (n: number) => [
+  `C_FindObjectsInit s${n}`,
+  `C_FindObjects s${n}`,
+  `C_FindObjectsFinal s${n}`,
+  `C_GetAttributeValue s${n}`,
+  `C_GetAttributeValue s${n}`,
+];
 const FIND_NONE = (n: number) => [`C_FindObjectsInit s${n}`, `C_FindObjects s${n}`, `C_FindObjectsFinal s${n}`];
 const ENCRYPT = (n: number) => [`C_EncryptInit s${n}`, `C_Encrypt s${n}`];
 const DECRYPT = (n: number) => [`C_DecryptInit s${n}`, `C_Decrypt s${n}`];
@@ -262,9 +272,18 @@ function rig() {
     now: () => clock.ms,
   });
   const ctx = directOpContext(hsm, { ciphertextMetadata: Buffer.from("cm"), healthKey: KEY, agentId: "unit" });
-  const enc = (plaintext = Buffer.from("hello")) => encrypt(ctx, { metadata: null, keyId: KEY, plaintext, aad: Buffer.alloc(0), wantIntegrityValue: false });
+  const enc = (plaintext = Buffer.from("hello")) =>
+    encrypt(ctx, { metadata: null, keyId: KEY, plaintext, aad: Buffer.alloc(0), wantIntegrityValue: false });
   const dec = (e: ReturnType<typeof enc>) =>
-    decrypt(ctx, { metadata: null, keyId: KEY, ciphertext: e.ciphertext, iv: e.iv, tag: e.tag, aad: Buffer.alloc(0), ciphertextMetadata: e.ciphertextMetadata }).plaintext;
+    decrypt(ctx, {
+      metadata: null,
+      keyId: KEY,
+      ciphertext: e.ciphertext,
+      iv: e.iv,
+      tag: e.tag,
+      aad: Buffer.alloc(0),
+      ciphertextMetadata: e.ciphertextMetadata,
+    }).plaintext;
   return { stub, clock, hsm, enc, dec };
 }
 
@@ -350,7 +369,14 @@ test("the same session error twice fails with the table's reason after exactly t
   const { stub, hsm, enc } = warm();
   stub.failNext("C_EncryptInit", CKR_SESSION_HANDLE_INVALID, 2);
   throwsReason(() => enc(), "INTERNAL", /CKR_SESSION_HANDLE_INVALID/);
-  assert.deepEqual(stub.calls, ["C_EncryptInit s1", "C_CloseSession s1", ...OPEN(2), ...FIND_KEY(2), "C_EncryptInit s2", "C_CloseSession s2"]);
+  assert.deepEqual(stub.calls, [
+    "C_EncryptInit s1",
+    "C_CloseSession s1",
+    ...OPEN(2),
+    ...FIND_KEY(2),
+    "C_EncryptInit s2",
+    "C_CloseSession s2",
+  ]);
   assert.equal(stub.count("C_EncryptInit s1") + stub.count("C_EncryptInit s2"), 2);
   // The failure is not sticky: the next call opens a session and works.
   stub.calls.length = 0;

@@ -31,7 +31,10 @@ const ALLOWED: Record<Area, Area[]> = {
 };
 const PRODUCT = new Set<Area>(["agent", "proxy", "shared"]);
 
-const pkg = JSON.parse(readFileSync(join(PACKAGE_ROOT, "package.json"), "utf8")) as { dependencies: Record<string, string>; devDependencies: Record<string, string> };
+const pkg = JSON.parse(readFileSync(join(PACKAGE_ROOT, "package.json"), "utf8")) as {
+  dependencies: Record<string, string>;
+  devDependencies: Record<string, string>;
+};
 
 function tsFiles(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
@@ -44,7 +47,8 @@ function tsFiles(dir: string): string[] {
 /** Module specifiers of static imports, re-exports and dynamic imports. */
 export function specifiers(source: string): string[] {
   const out: string[] = [];
-  const re = /(?:^|\n)\s*(?:import|export)\s[^;]*?\sfrom\s+["']([^"']+)["']|(?:^|\n)\s*import\s+["']([^"']+)["']|\bimport\(\s*["']([^"']+)["']\s*\)/g;
+  const re =
+    /(?:^|\n)\s*(?:import|export)\s[^;]*?\sfrom\s+["']([^"']+)["']|(?:^|\n)\s*import\s+["']([^"']+)["']|\bimport\(\s*["']([^"']+)["']\s*\)/g;
   for (let m = re.exec(source); m !== null; m = re.exec(source)) out.push(m[1] ?? m[2] ?? m[3]);
   return out;
 }
@@ -61,7 +65,15 @@ test("the scanner sees every kind of import", () => {
   // Written with real line breaks, as source is; the dynamic import is spelled in two pieces so
   // that this file's own scan does not see it.
   const dynamic = "imp" + 'ort("./dyn.ts")';
-  const src = ['import a from "x";', 'import { b,', '  c } from "./y.ts";', 'import type { D } from "../z.ts";', 'export { e } from "@s/p/q";', 'import "side";', `const f = await ${dynamic};`].join("\n");
+  const src = [
+    'import a from "x";',
+    "import { b,",
+    '  c } from "./y.ts";',
+    'import type { D } from "../z.ts";',
+    'export { e } from "@s/p/q";',
+    'import "side";',
+    `const f = await ${dynamic};`,
+  ].join("\n");
   assert.deepEqual(specifiers(src), ["x", "./y.ts", "../z.ts", "@s/p/q", "side", "./dyn.ts"]);
 });
 
@@ -82,7 +94,8 @@ test("every import follows the dependency rule", () => {
         const p = packageOf(spec);
         if (p === undefined) continue;
         if (PRODUCT.has(area) && !(p in pkg.dependencies)) broken.push(`${where} imports ${p}, which is not a runtime dependency`);
-        else if (!(p in pkg.dependencies) && !(p in pkg.devDependencies)) broken.push(`${where} imports ${p}, which package.json does not list`);
+        else if (!(p in pkg.dependencies) && !(p in pkg.devDependencies))
+          broken.push(`${where} imports ${p}, which package.json does not list`);
       }
     }
   }

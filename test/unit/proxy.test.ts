@@ -29,11 +29,30 @@ import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
 describe("canonical standard Base64", () => {
   const good = ["", "AA==", "AAA=", "AAAA", "SGVsbG8gV29ybGQh", "a2V5X3ZlcnNpb249MQ==", "+/+/", "vBxN2ncH1oEkR8WVXpmyYQ=="];
   const bad = [
-    "A", "AA", "AAA", "AA=", "A===", "====", "AAAA=", "AA==AA==", // length/padding
-    "-_-_", "SGVsbG8gV29ybGQh-", "ab_c", // URL-safe alphabet
-    "AA AA", " AAAA", "AAAA\n", "AA\r\nAA", "AAAA\t", // whitespace
-    "AB==", "AAB=", "AAF=", "vBxN2ncH1oEkR8WVXpmyYR==", // non-zero trailing bits
-    "AA=A", "A=AA", "Zm9v!", "Zm9vYg", // junk / missing padding
+    "A",
+    "AA",
+    "AAA",
+    "AA=",
+    "A===",
+    "====",
+    "AAAA=",
+    "AA==AA==", // length/padding
+    "-_-_",
+    "SGVsbG8gV29ybGQh-",
+    "ab_c", // URL-safe alphabet
+    "AA AA",
+    " AAAA",
+    "AAAA\n",
+    "AA\r\nAA",
+    "AAAA\t", // whitespace
+    "AB==",
+    "AAB=",
+    "AAF=",
+    "vBxN2ncH1oEkR8WVXpmyYR==", // non-zero trailing bits
+    "AA=A",
+    "A=AA",
+    "Zm9v!",
+    "Zm9vYg", // junk / missing padding
   ];
   for (const s of good) it(`accepts ${JSON.stringify(s)}`, () => assert.equal(isCanonicalBase64(s), true));
   for (const s of bad) it(`rejects ${JSON.stringify(s)}`, () => assert.equal(isCanonicalBase64(s), false));
@@ -47,11 +66,26 @@ describe("canonical standard Base64", () => {
       }
       return "ok";
     };
-    assert.equal(code(() => base64Field({ iv: Buffer.alloc(13).toString("base64") }, "iv", { required: true, lengths: [12, 16] })), "ValidationException");
-    assert.equal(code(() => base64Field({ iv: Buffer.alloc(16).toString("base64") }, "iv", { required: true, lengths: [12, 16] })), "ok");
-    assert.equal(code(() => base64Field({ p: Buffer.alloc(11).toString("base64") }, "p", { required: true, maxBytes: 10 })), "UnsupportedOperationException");
-    assert.equal(code(() => base64Field({}, "p", { required: true })), "ValidationException");
-    assert.equal(code(() => base64Field({ p: 12 }, "p", { required: true })), "ValidationException");
+    assert.equal(
+      code(() => base64Field({ iv: Buffer.alloc(13).toString("base64") }, "iv", { required: true, lengths: [12, 16] })),
+      "ValidationException",
+    );
+    assert.equal(
+      code(() => base64Field({ iv: Buffer.alloc(16).toString("base64") }, "iv", { required: true, lengths: [12, 16] })),
+      "ok",
+    );
+    assert.equal(
+      code(() => base64Field({ p: Buffer.alloc(11).toString("base64") }, "p", { required: true, maxBytes: 10 })),
+      "UnsupportedOperationException",
+    );
+    assert.equal(
+      code(() => base64Field({}, "p", { required: true })),
+      "ValidationException",
+    );
+    assert.equal(
+      code(() => base64Field({ p: 12 }, "p", { required: true })),
+      "ValidationException",
+    );
     assert.equal(base64Field({}, "p", { required: false }).length, 0);
   });
 });
@@ -67,27 +101,79 @@ describe("request body validation", () => {
   };
   it("content type must be application/json (utf-8)", () => {
     const b = Buffer.from("{}");
-    assert.equal(errName(() => parseJsonBody(b, undefined)), "ValidationException");
-    assert.equal(errName(() => parseJsonBody(b, "text/plain")), "ValidationException");
-    assert.equal(errName(() => parseJsonBody(b, "application/x-www-form-urlencoded")), "ValidationException");
-    assert.equal(errName(() => parseJsonBody(b, "application/json; charset=latin1")), "ValidationException");
-    assert.equal(errName(() => parseJsonBody(b, "application/json")), "ok");
-    assert.equal(errName(() => parseJsonBody(b, "Application/JSON; charset=UTF-8")), "ok");
+    assert.equal(
+      errName(() => parseJsonBody(b, undefined)),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseJsonBody(b, "text/plain")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseJsonBody(b, "application/x-www-form-urlencoded")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseJsonBody(b, "application/json; charset=latin1")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseJsonBody(b, "application/json")),
+      "ok",
+    );
+    assert.equal(
+      errName(() => parseJsonBody(b, "Application/JSON; charset=UTF-8")),
+      "ok",
+    );
   });
   it("body must be one JSON object in valid UTF-8", () => {
-    for (const s of ["", "{", "[]", "null", "1", '"x"', "{}{}"]) assert.equal(errName(() => parseJsonBody(Buffer.from(s), "application/json")), "ValidationException", s);
-    assert.equal(errName(() => parseJsonBody(Buffer.from([0x7b, 0xff, 0x7d]), "application/json")), "ValidationException");
+    for (const s of ["", "{", "[]", "null", "1", '"x"', "{}{}"])
+      assert.equal(
+        errName(() => parseJsonBody(Buffer.from(s), "application/json")),
+        "ValidationException",
+        s,
+      );
+    assert.equal(
+      errName(() => parseJsonBody(Buffer.from([0x7b, 0xff, 0x7d]), "application/json")),
+      "ValidationException",
+    );
   });
   it("requestMetadata: required fields per operation, unknown fields and kmsOperation values accepted", () => {
-    assert.equal(errName(() => parseRequestMetadata({}, "GetHealthStatus")), "ValidationException");
-    assert.equal(errName(() => parseRequestMetadata({ requestMetadata: {} }, "GetHealthStatus")), "ValidationException");
-    assert.equal(errName(() => parseRequestMetadata({ requestMetadata: [] }, "GetHealthStatus")), "ValidationException");
-    assert.equal(errName(() => parseRequestMetadata({ requestMetadata: { kmsRequestId: "1", kmsOperation: 7 } }, "GetHealthStatus")), "ValidationException");
-    assert.equal(errName(() => parseRequestMetadata({ requestMetadata: { kmsRequestId: "1", kmsOperation: "SomethingNew", future: { x: 1 } } }, "GetHealthStatus")), "ok");
+    assert.equal(
+      errName(() => parseRequestMetadata({}, "GetHealthStatus")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseRequestMetadata({ requestMetadata: {} }, "GetHealthStatus")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseRequestMetadata({ requestMetadata: [] }, "GetHealthStatus")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseRequestMetadata({ requestMetadata: { kmsRequestId: "1", kmsOperation: 7 } }, "GetHealthStatus")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() =>
+        parseRequestMetadata({ requestMetadata: { kmsRequestId: "1", kmsOperation: "SomethingNew", future: { x: 1 } } }, "GetHealthStatus"),
+      ),
+      "ok",
+    );
     const noKeyArn = { requestMetadata: { awsPrincipalArn: "p", kmsOperation: "DescribeKey", kmsRequestId: "1" } };
-    assert.equal(errName(() => parseRequestMetadata(noKeyArn, "GetKeyMetadata")), "ok");
-    assert.equal(errName(() => parseRequestMetadata(noKeyArn, "Encrypt")), "ValidationException");
-    assert.equal(errName(() => parseRequestMetadata({ requestMetadata: { ...md("Encrypt"), kmsViaService: 3 } }, "Encrypt")), "ValidationException");
+    assert.equal(
+      errName(() => parseRequestMetadata(noKeyArn, "GetKeyMetadata")),
+      "ok",
+    );
+    assert.equal(
+      errName(() => parseRequestMetadata(noKeyArn, "Encrypt")),
+      "ValidationException",
+    );
+    assert.equal(
+      errName(() => parseRequestMetadata({ requestMetadata: { ...md("Encrypt"), kmsViaService: 3 } }, "Encrypt")),
+      "ValidationException",
+    );
     const m = parseRequestMetadata({ requestMetadata: md("Decrypt", { awsSourceVpc: "vpc-1", awsSourceVpce: "vpce-1" }) }, "Decrypt");
     assert.equal(m.awsSourceVpc, "vpc-1");
     assert.equal(m.kmsViaService, "ebs");
@@ -107,7 +193,9 @@ describe("proxy config", () => {
   const valid = () => ({
     region: "us-east-1",
     agents: [{ id: "mac-1", target: "unix:///run/xks/agent.sock", token: { file: "token" } }],
-    keyStores: [{ uriPathPrefix: PREFIX, credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }], keys: ["foo"] }],
+    keyStores: [
+      { uriPathPrefix: PREFIX, credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }], keys: ["foo"] },
+    ],
   });
 
   it("loads a valid file with defaults, frozen", () => {
@@ -135,10 +223,25 @@ describe("proxy config", () => {
       ],
       limits: { maxPlaintextBytes: 4000, maxAadBytes: 1024, maxBodyBytes: 2048 },
       keyStores: [
-        { uriPathPrefix: "short", credentials: [{ accessKeyId: "lowercase", secretAccessKey: { file: "short.secret" } }], keys: ["ok", "bad key", "ok"] },
+        {
+          uriPathPrefix: "short",
+          credentials: [{ accessKeyId: "lowercase", secretAccessKey: { file: "short.secret" } }],
+          keys: ["ok", "bad key", "ok"],
+        },
         { uriPathPrefix: "/example/uri/path/prefix/", credentials: [], keys: [] },
-        { uriPathPrefix: "/example//double", credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "missing.secret" } }], keys: ["x"] },
-        { uriPathPrefix: "short", credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }, { accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }], keys: ["x"] },
+        {
+          uriPathPrefix: "/example//double",
+          credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "missing.secret" } }],
+          keys: ["x"],
+        },
+        {
+          uriPathPrefix: "short",
+          credentials: [
+            { accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } },
+            { accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } },
+          ],
+          keys: ["x"],
+        },
       ],
       log: { level: "loud" },
     };
@@ -152,14 +255,34 @@ describe("proxy config", () => {
     assert.ok(err instanceof ConfigError, "a ConfigError");
     assert.ok(err.message.includes(file), "names the file");
     const expectFields = [
-      "region:", "agentDeadlineMs:", "typo: unknown field", "agents[0].id:", "agents[0].target:", "agents[0].token:",
-      "agents[1].token: environment variable NOPE", "limits.maxPlaintextBytes:", "limits.maxAadBytes:", "limits.maxBodyBytes:",
-      "keyStores[0].uriPathPrefix:", "keyStores[0].credentials[0].accessKeyId:", "keyStores[0].credentials[0].secretAccessKey: must be 43-64",
-      "keyStores[0].keys[1]:", "keyStores[0].keys[2]: duplicate", "keyStores[1].uriPathPrefix: must not end", "keyStores[1].credentials: must have at least 1",
-      "keyStores[2].uriPathPrefix: must not contain", "keyStores[2].credentials[0].secretAccessKey: cannot read",
-      "keyStores[3].uriPathPrefix: duplicate", "keyStores[3].credentials[1].accessKeyId: duplicate", "log.level:",
+      "region:",
+      "agentDeadlineMs:",
+      "typo: unknown field",
+      "agents[0].id:",
+      "agents[0].target:",
+      "agents[0].token:",
+      "agents[1].token: environment variable NOPE",
+      "limits.maxPlaintextBytes:",
+      "limits.maxAadBytes:",
+      "limits.maxBodyBytes:",
+      "keyStores[0].uriPathPrefix:",
+      "keyStores[0].credentials[0].accessKeyId:",
+      "keyStores[0].credentials[0].secretAccessKey: must be 43-64",
+      "keyStores[0].keys[1]:",
+      "keyStores[0].keys[2]: duplicate",
+      "keyStores[1].uriPathPrefix: must not end",
+      "keyStores[1].credentials: must have at least 1",
+      "keyStores[2].uriPathPrefix: must not contain",
+      "keyStores[2].credentials[0].secretAccessKey: cannot read",
+      "keyStores[3].uriPathPrefix: duplicate",
+      "keyStores[3].credentials[1].accessKeyId: duplicate",
+      "log.level:",
     ];
-    for (const f of expectFields) assert.ok(err.problems.some((p) => p.startsWith(f)), `expected a problem starting with ${f}\n${err.message}`);
+    for (const f of expectFields)
+      assert.ok(
+        err.problems.some((p) => p.startsWith(f)),
+        `expected a problem starting with ${f}\n${err.message}`,
+      );
     assert.ok(!err.message.includes("tooshort") && !err.message.includes("inline-token"), "secrets never echoed");
   });
 
@@ -172,8 +295,15 @@ describe("proxy config", () => {
   it("an access key id shared by two stores must have the same secret", () => {
     writeFileSync(join(dir, "b.secret"), CREDS.b.secretAccessKey);
     const cfg = valid();
-    cfg.keyStores.push({ uriPathPrefix: "", credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "b.secret" } }], keys: [] });
-    assert.throws(() => parseProxyConfig(cfg, join(dir, "x.json"), {}), /keyStores\[1\]\.credentials\[0\]\.accessKeyId: is used by another key store/);
+    cfg.keyStores.push({
+      uriPathPrefix: "",
+      credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "b.secret" } }],
+      keys: [],
+    });
+    assert.throws(
+      () => parseProxyConfig(cfg, join(dir, "x.json"), {}),
+      /keyStores\[1\]\.credentials\[0\]\.accessKeyId: is used by another key store/,
+    );
   });
 
   it("prefix rule: empty or 9–117 chars of [a-zA-Z0-9/_-] starting with /", () => {
@@ -193,7 +323,15 @@ describe("route parser", () => {
     assert.deepEqual(parseXksPath("/a/b/kms/xks/v1/keys/foo.1_x-y/encrypt"), { prefix: "/a/b", operation: "Encrypt", keyId: "foo.1_x-y" });
     assert.deepEqual(parseXksPath("/p/kms/xks/v1/keys/k/decrypt"), { prefix: "/p", operation: "Decrypt", keyId: "k" });
     assert.deepEqual(parseXksPath("/p/kms/xks/v1/keys/k/metadata"), { prefix: "/p", operation: "GetKeyMetadata", keyId: "k" });
-    for (const p of ["/p/kms/xks/v1/health/", "/p/kms/xks/v2/health", "/p/kms/xks/v1/keys//encrypt", "/p/kms/xks/v1/keys/a/b/encrypt", "/p/kms/xks/v1/keys/k/sign", "/p/KMS/xks/v1/health", "/ping"]) {
+    for (const p of [
+      "/p/kms/xks/v1/health/",
+      "/p/kms/xks/v2/health",
+      "/p/kms/xks/v1/keys//encrypt",
+      "/p/kms/xks/v1/keys/a/b/encrypt",
+      "/p/kms/xks/v1/keys/k/sign",
+      "/p/KMS/xks/v1/health",
+      "/ping",
+    ]) {
       assert.equal(parseXksPath(p), undefined, p);
     }
   });
@@ -233,7 +371,8 @@ describe("agent failure → XKS error and transport (one table)", () => {
     for (const code of Object.values(grpc.status).filter((v): v is grpc.status => typeof v === "number")) {
       const down = code === grpc.status.UNAVAILABLE || code === grpc.status.DEADLINE_EXCEEDED;
       assert.equal(classifyAgentFailure(noReason(code)).transport, down, grpc.status[code]);
-      for (const reason of Object.keys(REASONS)) assert.equal(classifyAgentFailure(withReason(reason, code)).transport, false, `${grpc.status[code]} ${reason}`);
+      for (const reason of Object.keys(REASONS))
+        assert.equal(classifyAgentFailure(withReason(reason, code)).transport, false, `${grpc.status[code]} ${reason}`);
     }
   });
   it("every XKS error name has a status and a fixed printable message under 512 chars", () => {
@@ -247,7 +386,13 @@ describe("agent failure → XKS error and transport (one table)", () => {
 describe("health response builder", () => {
   const ctx = { fleetSize: 2, vendor: "V", ekmVendor: "fallback-vendor" };
   it("before the first refresh every entry is UNAVAILABLE with the configured id", () => {
-    const r = buildHealthResponse([{ id: "mac-1", state: "UNAVAILABLE" }, { id: "mac-2", state: "UNAVAILABLE" }], ctx);
+    const r = buildHealthResponse(
+      [
+        { id: "mac-1", state: "UNAVAILABLE" },
+        { id: "mac-2", state: "UNAVAILABLE" },
+      ],
+      ctx,
+    );
     assert.equal(r.xksProxyFleetSize, 2);
     assert.equal(r.xksProxyVendor, "V");
     assert.match(r.xksProxyModel, /^xks-proxy \d+\.\d+\.\d+/);
@@ -259,8 +404,16 @@ describe("health response builder", () => {
   });
   it("uses the agent's id, token model/serial and manufacturer; ids stay unique", () => {
     const report = (agentId: string) => ({
-      agentId, state: "ACTIVE" as const, tokenManufacturer: "SoftHSM project", tokenModel: "SoftHSM v2", tokenSerial: "abc",
-      tokenLabel: "t", detail: "", agentVersion: "0.1.0", paused: false, tunnels: [],
+      agentId,
+      state: "ACTIVE" as const,
+      tokenManufacturer: "SoftHSM project",
+      tokenModel: "SoftHSM v2",
+      tokenSerial: "abc",
+      tokenLabel: "t",
+      detail: "",
+      agentVersion: "0.1.0",
+      paused: false,
+      tunnels: [],
     });
     const hs: AgentHealth[] = [
       { id: "mac-1", state: "ACTIVE", checkedAt: 1, report: report("hsm-a") },
@@ -340,11 +493,21 @@ describe("buildApp in-process with a stub agent", () => {
 
   it("maps wire → proto (metadata, keyStore, key id, bytes) and proto → wire", async () => {
     calls.length = 0;
-    answer = () => ({ ciphertext: Buffer.from("12345"), iv: Buffer.alloc(12, 1), tag: Buffer.alloc(16, 2), ciphertextMetadata: Buffer.alloc(0), integrityValue: Buffer.alloc(0) });
+    answer = () => ({
+      ciphertext: Buffer.from("12345"),
+      iv: Buffer.alloc(12, 1),
+      tag: Buffer.alloc(16, 2),
+      ciphertextMetadata: Buffer.alloc(0),
+      integrityValue: Buffer.alloc(0),
+    });
     const body = encBody({ additionalAuthenticatedData: Buffer.from("aad").toString("base64") });
     const r = await signedPost(url, `${PREFIX}/kms/xks/v1/keys/foo/encrypt`, body, CREDS.a);
     assert.equal(r.status, 200, r.text);
-    assert.deepEqual(r.json, { ciphertext: "MTIzNDU=", initializationVector: "AQEBAQEBAQEBAQEB", authenticationTag: "AgICAgICAgICAgICAgICAg==" });
+    assert.deepEqual(r.json, {
+      ciphertext: "MTIzNDU=",
+      initializationVector: "AQEBAQEBAQEBAQEB",
+      authenticationTag: "AgICAgICAgICAgICAgICAg==",
+    });
     assert.equal(calls.length, 1);
     const req = calls[0].req as EncryptRequest;
     assert.equal(calls[0].method, "Encrypt");
@@ -356,8 +519,19 @@ describe("buildApp in-process with a stub agent", () => {
   });
 
   it("returns ciphertextMetadata only when present and the integrity value only when asked", async () => {
-    answer = () => ({ ciphertext: Buffer.from("12345"), iv: Buffer.alloc(12), tag: Buffer.alloc(16), ciphertextMetadata: Buffer.from("v1"), integrityValue: Buffer.alloc(32, 7) });
-    const r = await signedPost(url, `${PREFIX}/kms/xks/v1/keys/foo/encrypt`, encBody({ ciphertextDataIntegrityValueAlgorithm: "SHA_256" }), CREDS.a);
+    answer = () => ({
+      ciphertext: Buffer.from("12345"),
+      iv: Buffer.alloc(12),
+      tag: Buffer.alloc(16),
+      ciphertextMetadata: Buffer.from("v1"),
+      integrityValue: Buffer.alloc(32, 7),
+    });
+    const r = await signedPost(
+      url,
+      `${PREFIX}/kms/xks/v1/keys/foo/encrypt`,
+      encBody({ ciphertextDataIntegrityValueAlgorithm: "SHA_256" }),
+      CREDS.a,
+    );
     assert.equal(r.status, 200);
     assert.equal(r.json.ciphertextMetadata, "djE=");
     assert.equal(r.json.ciphertextDataIntegrityValue, Buffer.alloc(32, 7).toString("base64"));
@@ -367,7 +541,13 @@ describe("buildApp in-process with a stub agent", () => {
   });
 
   it("a malformed agent answer is a 500, never passed on to KMS", async () => {
-    answer = () => ({ ciphertext: Buffer.from("1234"), iv: Buffer.alloc(12), tag: Buffer.alloc(16), ciphertextMetadata: Buffer.alloc(0), integrityValue: Buffer.alloc(0) });
+    answer = () => ({
+      ciphertext: Buffer.from("1234"),
+      iv: Buffer.alloc(12),
+      tag: Buffer.alloc(16),
+      ciphertextMetadata: Buffer.alloc(0),
+      integrityValue: Buffer.alloc(0),
+    });
     const r = await signedPost(url, `${PREFIX}/kms/xks/v1/keys/foo/encrypt`, encBody(), CREDS.a);
     assert.equal(r.status, 500);
     assert.equal(r.json.errorName, "InternalException");
@@ -384,16 +564,38 @@ describe("buildApp in-process with a stub agent", () => {
       await signedPost(url, `/nope/kms/xks/v1/keys/foo/encrypt`, encBody(), CREDS.a),
       await signedPost(url, `${PREFIX}/kms/xks/v1/keys/foo/encrypt`, encBody({ plaintext: "not base64!" }), CREDS.a),
       await signedPost(url, `${PREFIX}/kms/xks/v1/keys/bar/encrypt`, encBody(), CREDS.a),
-      await send(url, { method: "POST", path: `${PREFIX}/kms/xks/v1/keys/foo/encrypt`, headers: { "content-type": "application/json" }, body: JSON.stringify(encBody()) }),
+      await send(url, {
+        method: "POST",
+        path: `${PREFIX}/kms/xks/v1/keys/foo/encrypt`,
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify(encBody()),
+      }),
     ];
-    assert.deepEqual(cases.map((c) => c.status), [401, 404, 400, 404, 401]);
-    assert.deepEqual(cases.map((c) => c.json.errorName), ["AuthenticationFailedException", "InvalidUriPathException", "ValidationException", "KeyNotFoundException", "AuthenticationFailedException"]);
+    assert.deepEqual(
+      cases.map((c) => c.status),
+      [401, 404, 400, 404, 401],
+    );
+    assert.deepEqual(
+      cases.map((c) => c.json.errorName),
+      [
+        "AuthenticationFailedException",
+        "InvalidUriPathException",
+        "ValidationException",
+        "KeyNotFoundException",
+        "AuthenticationFailedException",
+      ],
+    );
     assert.equal(calls.length, 0);
   });
 
   it("health answers from the snapshot without calling the agent", async () => {
     calls.length = 0;
-    const r = await signedPost(url, `${PREFIX}/kms/xks/v1/health`, { requestMetadata: { kmsRequestId: "1", kmsOperation: "KmsHealthCheck" } }, CREDS.a);
+    const r = await signedPost(
+      url,
+      `${PREFIX}/kms/xks/v1/health`,
+      { requestMetadata: { kmsRequestId: "1", kmsOperation: "KmsHealthCheck" } },
+      CREDS.a,
+    );
     assert.equal(r.status, 200);
     assert.deepEqual(r.json.ekmFleetDetails, [{ id: "stub-1", model: "unknown", healthStatus: "UNAVAILABLE" }]);
     assert.equal(calls.length, 0);
@@ -419,6 +621,10 @@ it("requestMetadata values longer than the spec's 2048-character ARNs are refuse
   assert.equal(parseRequestMetadata(ok, "GetKeyMetadata").awsPrincipalArn.length, 2048);
   for (const f of ["awsPrincipalArn", "kmsRequestId", "kmsOperation", "kmsViaService"]) {
     const bad = { requestMetadata: { ...ok.requestMetadata, [f]: "x".repeat(MAX_METADATA_CHARS + 1) } };
-    assert.throws(() => parseRequestMetadata(bad, "GetKeyMetadata"), (e: { errorName?: string }) => e.errorName === "ValidationException", f);
+    assert.throws(
+      () => parseRequestMetadata(bad, "GetKeyMetadata"),
+      (e: { errorName?: string }) => e.errorName === "ValidationException",
+      f,
+    );
   }
 });

@@ -76,7 +76,10 @@ describe("SigV4 verifier vs smithy", () => {
   });
 
   it("rejects an unknown access key id", async () => {
-    rejects((await signed({ creds: { accessKeyId: "ZZZZZZZZZZZZZZZZZZZZZZZZZZ", secretAccessKey: A.secretAccessKey } })).req, /unknown access key id/);
+    rejects(
+      (await signed({ creds: { accessKeyId: "ZZZZZZZZZZZZZZZZZZZZZZZZZZ", secretAccessKey: A.secretAccessKey } })).req,
+      /unknown access key id/,
+    );
   });
 
   it("rejects a wrong secret", async () => {
@@ -135,7 +138,10 @@ describe("SigV4 verifier vs smithy", () => {
     rejects(withHeaders(req, { ...headers, authorization: noHost }), /must include host and x-amz-date/);
     const noDate = headers.authorization.replace("SignedHeaders=content-type;host;x-amz-date", "SignedHeaders=content-type;host");
     rejects(withHeaders(req, { ...headers, authorization: noDate }), /must include host and x-amz-date/);
-    const unsorted = headers.authorization.replace("SignedHeaders=content-type;host;x-amz-date", "SignedHeaders=host;content-type;x-amz-date");
+    const unsorted = headers.authorization.replace(
+      "SignedHeaders=content-type;host;x-amz-date",
+      "SignedHeaders=host;content-type;x-amz-date",
+    );
     rejects(withHeaders(req, { ...headers, authorization: unsorted }), /sorted/);
   });
 
@@ -144,15 +150,27 @@ describe("SigV4 verifier vs smithy", () => {
     const { authorization, ...rest } = headers;
     rejects(withHeaders(req, rest), /missing Authorization/);
     rejects({ ...req, rawHeaders: [...req.rawHeaders, "Authorization", authorization] }, /more than one Authorization/);
-    rejects(withHeaders(req, { ...rest, authorization: authorization.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA512") }), /unsupported algorithm/);
-    rejects(withHeaders(req, { ...rest, authorization: authorization.replace(/Signature=[0-9a-f]+/, "Signature=xyz") }), /malformed signature/);
+    rejects(
+      withHeaders(req, { ...rest, authorization: authorization.replace("AWS4-HMAC-SHA256", "AWS4-HMAC-SHA512") }),
+      /unsupported algorithm/,
+    );
+    rejects(
+      withHeaders(req, { ...rest, authorization: authorization.replace(/Signature=[0-9a-f]+/, "Signature=xyz") }),
+      /malformed signature/,
+    );
     rejects(withHeaders(req, { ...rest, authorization: `${authorization}, Extra=1` }), /exactly Credential, SignedHeaders and Signature/);
-    rejects(withHeaders(req, { ...rest, authorization: authorization.replace("/aws4_request", "/aws4_request/x") }), /malformed credential scope/);
+    rejects(
+      withHeaders(req, { ...rest, authorization: authorization.replace("/aws4_request", "/aws4_request/x") }),
+      /malformed credential scope/,
+    );
   });
 
   it("checks the scope date against X-Amz-Date and the terminator", async () => {
     const { req, headers } = await signed();
-    rejects(withHeaders(req, { ...headers, authorization: headers.authorization.replace("/20240515/", "/20240514/") }), /scope date differs/);
+    rejects(
+      withHeaders(req, { ...headers, authorization: headers.authorization.replace("/20240515/", "/20240514/") }),
+      /scope date differs/,
+    );
     rejects(withHeaders(req, { ...headers, authorization: headers.authorization.replace("/aws4_request", "/aws5_request") }), /terminator/);
     const { "x-amz-date": _d, ...noDate } = headers;
     rejects(withHeaders(req, noDate), /X-Amz-Date header missing/);
@@ -175,7 +193,13 @@ describe("SigV4 verifier vs smithy", () => {
       "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, SignedHeaders=host;x-amz-date, " +
       "Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31";
     const res = verifySigV4(
-      { method: "GET", path: "/", query: "", body: Buffer.alloc(0), rawHeaders: ["Host", "example.amazonaws.com", "X-Amz-Date", "20150830T123600Z", "Authorization", auth] },
+      {
+        method: "GET",
+        path: "/",
+        query: "",
+        body: Buffer.alloc(0),
+        rawHeaders: ["Host", "example.amazonaws.com", "X-Amz-Date", "20150830T123600Z", "Authorization", auth],
+      },
       {
         region: "us-east-1",
         service: "service",

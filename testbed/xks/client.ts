@@ -40,7 +40,14 @@ export function send(baseUrl: string, req: PlainRequest, o: SendOptions = {}): P
   const timeoutMs = o.timeoutMs ?? GENEROUS_MS;
   return new Promise((resolve, reject) => {
     const r = httpRequest(
-      { host: u.hostname, port: Number(u.port), method: req.method ?? "POST", path: req.path, headers: req.headers ?? {}, agent: o.agent ?? false },
+      {
+        host: u.hostname,
+        port: Number(u.port),
+        method: req.method ?? "POST",
+        path: req.path,
+        headers: req.headers ?? {},
+        agent: o.agent ?? false,
+      },
       (res) => {
         const chunks: Buffer[] = [];
         res.on("data", (c: Buffer) => chunks.push(c));
@@ -72,7 +79,13 @@ export interface PostOptions extends SendOptions {
 }
 
 /** Signs now (smithy); the returned function sends, so a burst can be signed first and sent at once. */
-export async function presignPost(baseUrl: string, path: string, body: unknown, creds: Creds, o: PostOptions = {}): Promise<() => Promise<Resp>> {
+export async function presignPost(
+  baseUrl: string,
+  path: string,
+  body: unknown,
+  creds: Creds,
+  o: PostOptions = {},
+): Promise<() => Promise<Resp>> {
   const raw = typeof body === "string" || Buffer.isBuffer(body) ? body : JSON.stringify(body);
   const headers = { "content-type": "application/json", ...(o.headers ?? {}) };
   const method = o.method ?? "POST";
@@ -198,9 +211,15 @@ export class XksClient {
 
   /** POSTs with real curl and its own SigV4. */
   curl(rest: string, body: unknown): Promise<Resp> {
-    return curlPost(this.endpoint.url, `${this.endpoint.uriPath}/${rest}`, typeof body === "string" ? body : JSON.stringify(body), this.creds, {
-      region: this.endpoint.region,
-    });
+    return curlPost(
+      this.endpoint.url,
+      `${this.endpoint.uriPath}/${rest}`,
+      typeof body === "string" ? body : JSON.stringify(body),
+      this.creds,
+      {
+        region: this.endpoint.region,
+      },
+    );
   }
 
   /** POSTs, retrying the spec's busy answers like KMS ({@link retryBusy}). */

@@ -72,7 +72,7 @@ export function encryptProblem(a: Answer, x: EncryptExpectation): string | undef
   const cm = j.ciphertextMetadata === undefined ? Buffer.alloc(0) : field(j, "ciphertextMetadata");
   if (!ct || ct.length !== ptLen) return `ciphertext is ${ct?.length ?? "missing"} B for ${ptLen} B of plaintext`;
   if (!iv || (iv.length !== 12 && iv.length !== 16)) return `IV is ${iv?.length ?? "missing"} B`;
-  if (!tag || tag.length !== 16) return `tag is ${tag?.length ?? "missing"} B`;
+  if (tag?.length !== 16) return `tag is ${tag?.length ?? "missing"} B`;
   if (!cm || cm.length > 20) return "ciphertextMetadata is not Base64 of at most 20 bytes";
   const cdiv = j.ciphertextDataIntegrityValue;
   if (!x.integrityValue) return cdiv === undefined ? undefined : "an integrity value that was not asked for";

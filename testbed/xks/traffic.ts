@@ -55,7 +55,9 @@ export class Traffic {
   private async pair(): Promise<void> {
     const pt = randomBytes(16 + Math.floor(Math.random() * 200));
     const aad = randomBytes(8);
-    const enc = await this.request(keyPath(this.key, "encrypt"), encryptBody(pt, { aad }), (a) => encryptProblem(a, { plaintext: pt, aad }));
+    const enc = await this.request(keyPath(this.key, "encrypt"), encryptBody(pt, { aad }), (a) =>
+      encryptProblem(a, { plaintext: pt, aad }),
+    );
     if (!enc) return;
     await this.request(keyPath(this.key, "decrypt"), decryptBody(enc.json as EncryptAnswer, { aad }), (a) => decryptProblem(a, pt));
   }

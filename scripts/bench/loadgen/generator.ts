@@ -16,7 +16,10 @@ export class LoadGenerator {
 
   constructor() {
     // The child inherits NODE_OPTIONS etc.; --import tsx runs the TypeScript directly.
-    this.proc = fork(CHILD, [], { execArgv: ["--import", "tsx", ...(process.env.BENCH_GEN_NODE_ARGS ?? "").split(" ").filter(Boolean)], stdio: ["ignore", "inherit", "inherit", "ipc"] });
+    this.proc = fork(CHILD, [], {
+      execArgv: ["--import", "tsx", ...(process.env.BENCH_GEN_NODE_ARGS ?? "").split(" ").filter(Boolean)],
+      stdio: ["ignore", "inherit", "inherit", "ipc"],
+    });
     this.exited = new Promise((resolve) => this.proc.once("exit", () => resolve()));
     this.proc.on("message", (m: ChildMessage) => {
       const p = this.pending.get(m.id);

@@ -22,7 +22,13 @@ export async function grpcDirect(spec: GrpcSpec, onStarted: () => void): Promise
     const t0 = performance.now();
     let problem: string | undefined;
     try {
-      const r = (await call("Encrypt", { metadata: agentMetadata("Encrypt"), keyId: spec.keyId, plaintext, aad, wantIntegrityValue: false })) as {
+      const r = (await call("Encrypt", {
+        metadata: agentMetadata("Encrypt"),
+        keyId: spec.keyId,
+        plaintext,
+        aad,
+        wantIntegrityValue: false,
+      })) as {
         ciphertext: Buffer;
         iv: Buffer;
         tag: Buffer;
@@ -35,7 +41,8 @@ export async function grpcDirect(spec: GrpcSpec, onStarted: () => void): Promise
     lat.push(performance.now() - t0);
     if (problem) {
       errors++;
-      (errorKinds[problem] ??= { count: 0, example: problem }).count++;
+      errorKinds[problem] ??= { count: 0, example: problem };
+      errorKinds[problem].count++;
     }
   };
   try {

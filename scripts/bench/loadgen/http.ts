@@ -19,7 +19,11 @@ export class HttpClient {
   private readonly host: string;
   private readonly port: number;
 
-  constructor(url: string, sockets: number, private readonly timeoutMs = 10_000) {
+  constructor(
+    url: string,
+    sockets: number,
+    private readonly timeoutMs = 10_000,
+  ) {
     const u = new URL(url);
     this.host = u.hostname;
     this.port = Number(u.port);

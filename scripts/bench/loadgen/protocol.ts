@@ -92,9 +92,7 @@ export interface JobResult {
   windows?: Array<[string, string]>;
 }
 
-export type ParentMessage =
-  | { id: number; type: "init"; target: Target }
-  | { id: number; type: "run"; spec: JobSpec };
+export type ParentMessage = { id: number; type: "init"; target: Target } | { id: number; type: "run"; spec: JobSpec };
 
 export type ChildMessage =
   | { id: number; type: "started" }

@@ -36,7 +36,10 @@ export class XksRequests {
   /** The known plaintext of a size (random bytes, fixed for the run). */
   plaintext(size: number): Buffer {
     let p = this.plaintexts.get(size);
-    if (!p) this.plaintexts.set(size, (p = randomBytes(size)));
+    if (!p) {
+      p = randomBytes(size);
+      this.plaintexts.set(size, p);
+    }
     return p;
   }
 

@@ -68,8 +68,8 @@ class ErrorTally {
   readonly kinds: Record<string, ErrorSample> = {};
   add(kind: string, example = kind): void {
     this.count++;
-    const k = (this.kinds[kind] ??= { count: 0, example });
-    k.count++;
+    this.kinds[kind] ??= { count: 0, example };
+    this.kinds[kind].count++;
   }
 }
 

@@ -91,7 +91,10 @@ export class DelayLine {
   }
 
   async counters(): Promise<LinkCounters> {
-    const n = (await this.command("stats")).split(" ").filter((w) => /^\d+$/.test(w)).map(Number);
+    const n = (await this.command("stats"))
+      .split(" ")
+      .filter((w) => /^\d+$/.test(w))
+      .map(Number);
     return {
       packets: { a: n[0], b: n[1] },
       dataSegments: { a: n[2], b: n[3] },

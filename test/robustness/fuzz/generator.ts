@@ -14,8 +14,28 @@ import { CREDS, OTHER_PREFIX, PREFIX } from "../../../testbed/configs.ts";
 import { b64, type EncryptAnswer } from "../../../testbed/xks/bodies.ts";
 import { type Creds, signerFor } from "../../../testbed/xks/sign.ts";
 import {
-  A401, API, CAP, E, K404, KEYS, M405, MAX_AAD, MAX_HEADER_BYTES, MAX_HEADERS_COUNT, MAX_PT, OP_SEGMENT, type Op, type Outcome, opPath, P404, STORES, U501, V400,
-  agentOutcomes, expectedOutcomes, resolveRoute,
+  A401,
+  API,
+  CAP,
+  E,
+  K404,
+  KEYS,
+  M405,
+  MAX_AAD,
+  MAX_HEADER_BYTES,
+  MAX_HEADERS_COUNT,
+  MAX_PT,
+  OP_SEGMENT,
+  type Op,
+  type Outcome,
+  opPath,
+  P404,
+  STORES,
+  U501,
+  V400,
+  agentOutcomes,
+  expectedOutcomes,
+  resolveRoute,
 } from "./model.ts";
 
 export const SEED = (process.env.XKS_FUZZ_SEED ? Number(process.env.XKS_FUZZ_SEED) : 0x5eed_2026) >>> 0;
@@ -77,10 +97,13 @@ export class Rng {
 /** Case i's own generator: a pure function of (SEED, i). */
 const caseRng = (i: number) => new Rng(mix32(SEED ^ mix32(i + 0x9e3779b9)));
 
-
 /** Percent-encodes the UTF-8 bytes of `s` outside [A-Za-z0-9-._~] (lone surrogates become U+FFFD). */
 const pctEncode = (s: string) =>
-  [...Buffer.from(s, "utf8")].map((b) => (/[A-Za-z0-9\-._~]/.test(String.fromCharCode(b)) ? String.fromCharCode(b) : `%${b.toString(16).toUpperCase().padStart(2, "0")}`)).join("");
+  [...Buffer.from(s, "utf8")]
+    .map((b) =>
+      /[A-Za-z0-9\-._~]/.test(String.fromCharCode(b)) ? String.fromCharCode(b) : `%${b.toString(16).toUpperCase().padStart(2, "0")}`,
+    )
+    .join("");
 
 const ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 const PRINTABLE = Array.from({ length: 95 }, (_, k) => String.fromCharCode(32 + k)).join("");
@@ -129,7 +152,6 @@ function structuralPositions(text: string): number[] {
 }
 
 // ---------------------------------------------------------------- the operations and their fields
-
 
 type FieldKind = "object" | "md" | "b64" | "enum";
 interface Field {
@@ -241,28 +263,96 @@ function canonicalB64(s: string): boolean {
 }
 
 export type Category =
-  | "json-malformed" | "wrong-type" | "missing-field" | "base64" | "oversized" | "dup-keys" | "deep-nesting" | "unicode"
-  | "headers" | "content-type" | "bad-path" | "bad-method" | "over-cap" | "bad-auth" | "agent" | "raw";
+  | "json-malformed"
+  | "wrong-type"
+  | "missing-field"
+  | "base64"
+  | "oversized"
+  | "dup-keys"
+  | "deep-nesting"
+  | "unicode"
+  | "headers"
+  | "content-type"
+  | "bad-path"
+  | "bad-method"
+  | "over-cap"
+  | "bad-auth"
+  | "agent"
+  | "raw";
 export const WEIGHTS: [Category, number][] = [
-  ["json-malformed", 8], ["wrong-type", 13], ["missing-field", 6], ["base64", 11], ["oversized", 8], ["dup-keys", 4],
-  ["deep-nesting", 3], ["unicode", 4], ["headers", 8], ["content-type", 5], ["bad-path", 9], ["bad-method", 6],
-  ["over-cap", 3], ["bad-auth", 8], ["agent", 4],
+  ["json-malformed", 8],
+  ["wrong-type", 13],
+  ["missing-field", 6],
+  ["base64", 11],
+  ["oversized", 8],
+  ["dup-keys", 4],
+  ["deep-nesting", 3],
+  ["unicode", 4],
+  ["headers", 8],
+  ["content-type", 5],
+  ["bad-path", 9],
+  ["bad-method", 6],
+  ["over-cap", 3],
+  ["bad-auth", 8],
+  ["agent", 4],
 ];
 const WEIGHT_SUM = WEIGHTS.reduce((s, [, w]) => s + w, 0);
 function pickCategory(rng: Rng): Category {
   let x = rng.next() * WEIGHT_SUM;
-  for (const [c, w] of WEIGHTS) if ((x -= w) < 0) return c;
+  for (const [c, w] of WEIGHTS) {
+    x -= w;
+    if (x < 0) return c;
+  }
   return WEIGHTS[0][0];
 }
 
 export type SignMode =
-  | "ok" | "rawpath" | "none" | "wrong-secret" | "other-store" | "wrong-region" | "wrong-service" | "stale" | "future"
-  | "body-tampered" | "path-tampered" | "host-tampered" | "garbage" | "sig-upper" | "sig-flip" | "no-signature" | "no-host-signed"
-  | "extra-field" | "no-date" | "bad-date" | "dup-date" | "dup-auth" | "bearer" | "akid-lower";
+  | "ok"
+  | "rawpath"
+  | "none"
+  | "wrong-secret"
+  | "other-store"
+  | "wrong-region"
+  | "wrong-service"
+  | "stale"
+  | "future"
+  | "body-tampered"
+  | "path-tampered"
+  | "host-tampered"
+  | "garbage"
+  | "sig-upper"
+  | "sig-flip"
+  | "no-signature"
+  | "no-host-signed"
+  | "extra-field"
+  | "no-date"
+  | "bad-date"
+  | "dup-date"
+  | "dup-auth"
+  | "bearer"
+  | "akid-lower";
 const BAD_SIGNS: SignMode[] = [
-  "wrong-secret", "other-store", "wrong-region", "wrong-service", "stale", "future", "body-tampered", "path-tampered", "host-tampered",
-  "garbage", "sig-upper", "sig-flip", "no-signature", "no-host-signed", "extra-field", "no-date", "bad-date", "dup-date", "dup-auth",
-  "bearer", "akid-lower",
+  "wrong-secret",
+  "other-store",
+  "wrong-region",
+  "wrong-service",
+  "stale",
+  "future",
+  "body-tampered",
+  "path-tampered",
+  "host-tampered",
+  "garbage",
+  "sig-upper",
+  "sig-flip",
+  "no-signature",
+  "no-host-signed",
+  "extra-field",
+  "no-date",
+  "bad-date",
+  "dup-date",
+  "dup-auth",
+  "bearer",
+  "akid-lower",
 ];
 
 /** What the fuzz generator decides; finalize() signs it and computes the expected outcome. */
@@ -303,7 +393,6 @@ export interface FuzzCase {
   signature?: string;
   sign: SignMode;
 }
-
 
 // ---------------------------------------------------------------- signing
 
@@ -408,7 +497,12 @@ export async function finalize(i: number, d: Draft, host: string): Promise<FuzzC
       headers = setHeader(await sign(), "host", rng.pick(["127.0.0.1", "localhost:1", "evil.example", `${host}.`]));
       break;
     case "garbage":
-      headers = setHeader(await sign(), "authorization", `${rng.pick(["AWS4-HMAC-SHA256 ", "", "Digest ", "AWS "])}${AUTHZ_MARKER}${rng.str(rng.int(0, 300), PRINTABLE)}`.trim() || AUTHZ_MARKER);
+      headers = setHeader(
+        await sign(),
+        "authorization",
+        `${rng.pick(["AWS4-HMAC-SHA256 ", "", "Digest ", "AWS "])}${AUTHZ_MARKER}${rng.str(rng.int(0, 300), PRINTABLE)}`.trim() ||
+          AUTHZ_MARKER,
+      );
       break;
     case "sig-upper":
     case "sig-flip":
@@ -418,8 +512,10 @@ export async function finalize(i: number, d: Draft, host: string): Promise<FuzzC
     case "akid-lower": {
       headers = await sign();
       let a = getHeader(headers, "authorization")!;
-      if (d.sign === "sig-upper") a = a.replace(/Signature=([0-9a-f]{64})/, (_m, s: string) => `Signature=${s.toUpperCase().replace(/^[0-9]/, "A")}`);
-      if (d.sign === "sig-flip") a = a.replace(/Signature=([0-9a-f]{64})/, (_m, s: string) => `Signature=${s.slice(0, 63)}${s[63] === "0" ? "1" : "0"}`);
+      if (d.sign === "sig-upper")
+        a = a.replace(/Signature=([0-9a-f]{64})/, (_m, s: string) => `Signature=${s.toUpperCase().replace(/^[0-9]/, "A")}`);
+      if (d.sign === "sig-flip")
+        a = a.replace(/Signature=([0-9a-f]{64})/, (_m, s: string) => `Signature=${s.slice(0, 63)}${s[63] === "0" ? "1" : "0"}`);
       if (d.sign === "no-signature") a = a.replace(/, ?Signature=[0-9a-f]{64}/, "");
       if (d.sign === "no-host-signed") a = a.replace(/SignedHeaders=[^,]*/, "SignedHeaders=x-amz-date");
       if (d.sign === "extra-field") a = `${a}, Foo=bar`;
@@ -431,7 +527,11 @@ export async function finalize(i: number, d: Draft, host: string): Promise<FuzzC
       headers = setHeader(await sign(), "x-amz-date", undefined);
       break;
     case "bad-date":
-      headers = setHeader(await sign(), "x-amz-date", rng.pick(["2024-01-01T00:00:00Z", "yesterday", "", "20240101", "99999999T999999Z", "20260231T000000Z"]));
+      headers = setHeader(
+        await sign(),
+        "x-amz-date",
+        rng.pick(["2024-01-01T00:00:00Z", "yesterday", "", "20240101", "99999999T999999Z", "20260231T000000Z"]),
+      );
       break;
     case "dup-date":
       headers = await sign();
@@ -467,7 +567,10 @@ export async function finalize(i: number, d: Draft, host: string): Promise<FuzzC
     method: d.method,
     bodyBytes: body.length,
     // Node parses at most MAX_HEADERS_COUNT headers; later ones are not seen at all.
-    contentEncodings: headers.slice(0, MAX_HEADERS_COUNT).filter(([k]) => k.toLowerCase() === "content-encoding").map(([, v]) => v.trim().toLowerCase()),
+    contentEncodings: headers
+      .slice(0, MAX_HEADERS_COUNT)
+      .filter(([k]) => k.toLowerCase() === "content-encoding")
+      .map(([, v]) => v.trim().toLowerCase()),
     signedByItsStore: authOk && route !== undefined && (route.prefix === OTHER_PREFIX) === (storeCreds === CREDS.other),
     bodyOutcome: d.bodyOutcome,
     override: d.outcome,
@@ -484,12 +587,46 @@ export async function finalize(i: number, d: Draft, host: string): Promise<FuzzC
 // ---------------------------------------------------------------- the generator
 
 const WRONG_VALUES: [string, unknown][] = [
-  ["0", 0], ["-1", -1], ["1.5", 1.5], ["1e308", 1e308], ["-1e308", -1e308], ["2^53+1", new Raw("9007199254740993")],
-  ["1e999", new Raw("1e999")], ["-1e999", new Raw("-1e999")], ["-0", new Raw("-0")], ["huge int", new Raw("9".repeat(400))],
-  ["true", true], ["false", false], ["null", null], ["[]", []], ["[str]", ["AES_GCM"]], ["[[]]", [[]]], ["{}", {}],
-  ["{a:1}", { a: 1 }], ["[1,2]", [1, 2]], ["nested", { requestMetadata: {} }],
+  ["0", 0],
+  ["-1", -1],
+  ["1.5", 1.5],
+  ["1e308", 1e308],
+  ["-1e308", -1e308],
+  ["2^53+1", new Raw("9007199254740993")],
+  ["1e999", new Raw("1e999")],
+  ["-1e999", new Raw("-1e999")],
+  ["-0", new Raw("-0")],
+  ["huge int", new Raw("9".repeat(400))],
+  ["true", true],
+  ["false", false],
+  ["null", null],
+  ["[]", []],
+  ["[str]", ["AES_GCM"]],
+  ["[[]]", [[]]],
+  ["{}", {}],
+  ["{a:1}", { a: 1 }],
+  ["[1,2]", [1, 2]],
+  ["nested", { requestMetadata: {} }],
 ];
-const NAN_STRINGS = ["NaN", "-NaN", "Infinity", "-Infinity", "undefined", "null", "-0", "0x1F", "1e999", "-1", "", " ", "true", "AES-GCM", "aes_gcm", "SHA256", "sha_256"];
+const NAN_STRINGS = [
+  "NaN",
+  "-NaN",
+  "Infinity",
+  "-Infinity",
+  "undefined",
+  "null",
+  "-0",
+  "0x1F",
+  "1e999",
+  "-1",
+  "",
+  " ",
+  "true",
+  "AES-GCM",
+  "aes_gcm",
+  "SHA256",
+  "sha_256",
+];
 
 /** A non-canonical Base64 variant of `good` (checked independently), with a label. */
 function badBase64(rng: Rng, good: string): [string, string] {
@@ -578,11 +715,29 @@ function badBase64(rng: Rng, good: string): [string, string] {
   return [`${good}==`, "double padding"];
 }
 
-function draft(cat: Category, what: string, op: Op, body: Body | string | Buffer, bodyOutcome: Outcome[], over: Partial<Draft> = {}): Draft {
+function draft(
+  cat: Category,
+  what: string,
+  op: Op,
+  body: Body | string | Buffer,
+  bodyOutcome: Outcome[],
+  over: Partial<Draft> = {},
+): Draft {
   const text = Buffer.isBuffer(body) ? body : Buffer.from(typeof body === "string" ? body : ser(body));
   return {
-    cat, what, op, method: "POST", path: opPath(PREFIX, op), body: text, contentType: "application/json", sign: "ok",
-    signedHeaders: [], extraHeaders: [], chunked: false, bodyOutcome, ...over,
+    cat,
+    what,
+    op,
+    method: "POST",
+    path: opPath(PREFIX, op),
+    body: text,
+    contentType: "application/json",
+    sign: "ok",
+    signedHeaders: [],
+    extraHeaders: [],
+    chunked: false,
+    bodyOutcome,
+    ...over,
   };
 }
 
@@ -601,15 +756,62 @@ function bodySign(rng: Rng): SignMode {
 
 const OPS: Op[] = ["Encrypt", "Decrypt", "GetKeyMetadata", "GetHealthStatus"];
 const CONTENT_TYPES_BAD = [
-  "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx", "application/json; charset=latin1",
-  "application/json; charset=utf-16", "application/json;charset=iso-8859-1", "json", "", " ", "*/*", "application/*", "application/json, text/plain",
-  "application/json\tx", "application/problem+json", "application/vnd.api+json", "application/x-amz-json-1.1", "text/json", "application/octet-stream",
-  "text/html", "application/xml", "application/json; charset=", "application/json; charset=\"latin1\"", ";", "application/ json",
+  "text/plain",
+  "application/x-www-form-urlencoded",
+  "multipart/form-data; boundary=x",
+  "application/jsonx",
+  "application/json; charset=latin1",
+  "application/json; charset=utf-16",
+  "application/json;charset=iso-8859-1",
+  "json",
+  "",
+  " ",
+  "*/*",
+  "application/*",
+  "application/json, text/plain",
+  "application/json\tx",
+  "application/problem+json",
+  "application/vnd.api+json",
+  "application/x-amz-json-1.1",
+  "text/json",
+  "application/octet-stream",
+  "text/html",
+  "application/xml",
+  "application/json; charset=",
+  'application/json; charset="latin1"',
+  ";",
+  "application/ json",
 ];
 const RANDOM_HEADER_NAMES = [
-  "accept", "accept-encoding", "accept-language", "cookie", "user-agent", "referer", "x-forwarded-for", "x-forwarded-proto", "x-real-ip", "via",
-  "forwarded", "origin", "cache-control", "pragma", "dnt", "expect", "upgrade", "x-amz-content-sha256", "x-amz-security-token", "x-authorization",
-  "x-amzn-trace-id", "x-http-method-override", "x-original-url", "x-rewrite-url", "if-none-match", "range", "te", "content-encoding", "content-language",
+  "accept",
+  "accept-encoding",
+  "accept-language",
+  "cookie",
+  "user-agent",
+  "referer",
+  "x-forwarded-for",
+  "x-forwarded-proto",
+  "x-real-ip",
+  "via",
+  "forwarded",
+  "origin",
+  "cache-control",
+  "pragma",
+  "dnt",
+  "expect",
+  "upgrade",
+  "x-amz-content-sha256",
+  "x-amz-security-token",
+  "x-authorization",
+  "x-amzn-trace-id",
+  "x-http-method-override",
+  "x-original-url",
+  "x-rewrite-url",
+  "if-none-match",
+  "range",
+  "te",
+  "content-encoding",
+  "content-language",
 ];
 
 export function generate(i: number): Draft {
@@ -629,21 +831,29 @@ export function generate(i: number): Draft {
       if (v === 1) {
         const positions = structuralPositions(text);
         const at = rng.pick(positions);
-        return draft(cat, `structural ${JSON.stringify(text[at])} removed at ${at}`, op, text.slice(0, at) + text.slice(at + 1), [V400], { sign: bodySign(rng) });
+        return draft(cat, `structural ${JSON.stringify(text[at])} removed at ${at}`, op, text.slice(0, at) + text.slice(at + 1), [V400], {
+          sign: bodySign(rng),
+        });
       }
       if (v === 2) {
-        const junk = rng.pick(["}", "x", "{}", ",", "]", "//c", "/* c */", "\u0000", "null", "\"", "{\"a\":1}"]);
+        const junk = rng.pick(["}", "x", "{}", ",", "]", "//c", "/* c */", "\u0000", "null", '"', '{"a":1}']);
         return draft(cat, `trailing ${JSON.stringify(junk)}`, op, text + junk, [V400], { sign: bodySign(rng) });
       }
       if (v === 3) {
         const alt = rng.pick([
-          text.replace(/"/g, "'"), text.replace(/}$/, ",}"), `{requestMetadata:${ser(body.requestMetadata)}}`, text.replace(/:/, ": NaN,\"x\":"),
-          text.replace(/^\{/, "{\"c\": undefined, "), text.replace(/"([^"]*)"/, "`$1`"), `\u0000${text}`, text.replace(/,/, ",,"),
+          text.replace(/"/g, "'"),
+          text.replace(/}$/, ",}"),
+          `{requestMetadata:${ser(body.requestMetadata)}}`,
+          text.replace(/:/, ': NaN,"x":'),
+          text.replace(/^\{/, '{"c": undefined, '),
+          text.replace(/"([^"]*)"/, "`$1`"),
+          `\u0000${text}`,
+          text.replace(/,/, ",,"),
         ]);
         return draft(cat, "JSON5/JS-isms", op, alt, [V400], { sign: bodySign(rng) });
       }
       if (v === 4) {
-        const root = rng.pick(["[]", "\"str\"", "1", "null", "true", "[{}]", `[${text}]`, "\"{}\"", "  ", "\n"]);
+        const root = rng.pick(["[]", '"str"', "1", "null", "true", "[{}]", `[${text}]`, '"{}"', "  ", "\n"]);
         return draft(cat, `root ${JSON.stringify(root.slice(0, 20))}`, op, root, [V400], { sign: bodySign(rng) });
       }
       if (v === 5) {
@@ -651,11 +861,20 @@ export function generate(i: number): Draft {
         const b = Buffer.from(text);
         const at = text.indexOf("fuzz-");
         const bad = rng.pick([[0xff], [0xc3], [0xed, 0xa0, 0x80], [0xf8, 0x88, 0x80, 0x80, 0x80], [0xc0, 0xaf], [0xe2, 0x82]]);
-        return draft(cat, `invalid UTF-8 ${bad.map((x) => x.toString(16)).join(" ")}`, op, Buffer.concat([b.subarray(0, at), Buffer.from(bad), b.subarray(at)]), [V400], { sign: bodySign(rng) });
+        return draft(
+          cat,
+          `invalid UTF-8 ${bad.map((x) => x.toString(16)).join(" ")}`,
+          op,
+          Buffer.concat([b.subarray(0, at), Buffer.from(bad), b.subarray(at)]),
+          [V400],
+          { sign: bodySign(rng) },
+        );
       }
       if (v === 6) {
         const ctl = String.fromCharCode(rng.int(0, 31));
-        return draft(cat, `raw control char ${ctl.charCodeAt(0)} in a string`, op, text.replace("fuzz-", `fuzz-${ctl}`), [V400], { sign: bodySign(rng) });
+        return draft(cat, `raw control char ${ctl.charCodeAt(0)} in a string`, op, text.replace("fuzz-", `fuzz-${ctl}`), [V400], {
+          sign: bodySign(rng),
+        });
       }
       return draft(cat, "empty body", op, "", [V400], { sign: bodySign(rng) });
     }
@@ -751,16 +970,23 @@ export function generate(i: number): Draft {
       entries.splice(at, 0, [f.name, lastGood ? bad : good]);
       entries.push([f.name, lastGood ? good : bad]);
       // Last value wins in JSON.parse: a valid last value makes a valid request (accepted or rejected, never a 500).
-      return draft(cat, `duplicate "${f.name}" (last ${lastGood ? "valid" : "invalid"})`, op, ser(new Members(entries)), lastGood ? [V400, ...agentOutcomes(op)] : [V400], {
-        sign: bodySign(rng),
-        mayPass: lastGood,
-      });
+      return draft(
+        cat,
+        `duplicate "${f.name}" (last ${lastGood ? "valid" : "invalid"})`,
+        op,
+        ser(new Members(entries)),
+        lastGood ? [V400, ...agentOutcomes(op)] : [V400],
+        {
+          sign: bodySign(rng),
+          mayPass: lastGood,
+        },
+      );
     }
 
     case "deep-nesting": {
       const depth = rng.chance(0.5) ? rng.int(10, 2000) : rng.int(2000, 40_000);
       const arr = () => new Raw(`${"[".repeat(depth)}${"]".repeat(depth)}`);
-      const obj = () => new Raw(`${"{\"a\":".repeat(depth)}1${"}".repeat(depth)}`);
+      const obj = () => new Raw(`${'{"a":'.repeat(depth)}1${"}".repeat(depth)}`);
       const v = rng.int(0, 4);
       let text: string;
       let where: string;
@@ -792,13 +1018,24 @@ export function generate(i: number): Draft {
         // Percent-encoded unicode key id: routed, signed over the raw path, not in the allow-list.
         const key = pctEncode(`k${uni}${rng.str(rng.int(0, 8), ALNUM)}`);
         const o: Op = rng.pick(["Encrypt", "Decrypt", "GetKeyMetadata"]);
-        return draft(cat, `key id ${key}`, o, validBody(o, i, rng), [K404], { path: opPath(PREFIX, o, key), sign: rng.chance(0.85) ? "rawpath" : "none" });
+        return draft(cat, `key id ${key}`, o, validBody(o, i, rng), [K404], {
+          path: opPath(PREFIX, o, key),
+          sign: rng.chance(0.85) ? "rawpath" : "none",
+        });
       }
       if (v === 1) {
         // Raw UTF-8 bytes in the request target (written as a latin1 "binary" string): Node's parser refuses them, or the key is unknown.
         const key = Buffer.from(`k${uni}`, "utf8").toString("latin1");
-        if (/[^\u0021-\u00ff]/.test(key)) return draft(cat, "key id with NUL (encoded)", "Encrypt", validBody("Encrypt", i, rng), [K404], { path: opPath(PREFIX, "Encrypt", "k%00"), sign: "rawpath" });
-        return draft(cat, `raw UTF-8 key id ${JSON.stringify(uni)}`, "Encrypt", validBody("Encrypt", i, rng), [K404], { path: opPath(PREFIX, "Encrypt", key), sign: "rawpath", parserMayRefuse: true });
+        if (/[^\u0021-\u00ff]/.test(key))
+          return draft(cat, "key id with NUL (encoded)", "Encrypt", validBody("Encrypt", i, rng), [K404], {
+            path: opPath(PREFIX, "Encrypt", "k%00"),
+            sign: "rawpath",
+          });
+        return draft(cat, `raw UTF-8 key id ${JSON.stringify(uni)}`, "Encrypt", validBody("Encrypt", i, rng), [K404], {
+          path: opPath(PREFIX, "Encrypt", key),
+          sign: "rawpath",
+          parserMayRefuse: true,
+        });
       }
       // Unicode in metadata strings / Base64 fields, plus one real defect.
       const mdField = rng.pick(["awsPrincipalArn", "kmsRequestId", "kmsOperation", "kmsViaService"]);
@@ -840,17 +1077,29 @@ export function generate(i: number): Draft {
       }
       if (v === 4) {
         // Duplicated Content-Length / conflicting framing: Node's parser refuses → 400.
-        return draft(cat, "duplicated content-length", op, body, [V400], { sign: bodySign(rng), outcome: [V400], extraHeaders: [["Content-Length", String(ser(body).length)]] });
+        return draft(cat, "duplicated content-length", op, body, [V400], {
+          sign: bodySign(rng),
+          outcome: [V400],
+          extraHeaders: [["Content-Length", String(ser(body).length)]],
+        });
       }
       if (v === 5) {
         // A head over Node's 16 KiB limit → 400 (HPE_HEADER_OVERFLOW), as XKS JSON.
         const n = rng.int(MAX_HEADER_BYTES + 4096, 40_000);
-        return draft(cat, `${n}-byte header value`, op, body, [V400], { sign: bodySign(rng), outcome: [V400], extraHeaders: [[`x-${rng.str(8, ALNUM)}`, "h".repeat(n)]] });
+        return draft(cat, `${n}-byte header value`, op, body, [V400], {
+          sign: bodySign(rng),
+          outcome: [V400],
+          extraHeaders: [[`x-${rng.str(8, ALNUM)}`, "h".repeat(n)]],
+        });
       }
       // Signed odd headers (covered by the signature, so allowed), with the body defect.
       const signed: [string, string][] = [];
-      for (let k = 0, n = rng.int(1, 10); k < n; k++) signed.push([`x-amz-meta-${rng.str(rng.int(1, 12), ALNUM).toLowerCase()}`, rng.str(rng.int(0, 200), PRINTABLE).trim()]);
-      return draft(cat, `${signed.length} signed x-amz-meta headers (+ ${f.name} wrong type)`, op, body, [V400], { sign: "ok", signedHeaders: signed });
+      for (let k = 0, n = rng.int(1, 10); k < n; k++)
+        signed.push([`x-amz-meta-${rng.str(rng.int(1, 12), ALNUM).toLowerCase()}`, rng.str(rng.int(0, 200), PRINTABLE).trim()]);
+      return draft(cat, `${signed.length} signed x-amz-meta headers (+ ${f.name} wrong type)`, op, body, [V400], {
+        sign: "ok",
+        signedHeaders: signed,
+      });
     }
 
     case "content-type": {
@@ -867,10 +1116,15 @@ export function generate(i: number): Draft {
     case "bad-method": {
       const method = rng.pick(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "PROPFIND"]);
       const goodRoute = rng.chance(0.75);
-      const path = goodRoute ? opPath(rng.pick([PREFIX, OTHER_PREFIX]), op) : rng.pick(["/", "/kms/xks/v1/health", `${PREFIX}/kms/xks/v1`, `${API}/keys/foo`, `/${rng.str(10, ALNUM)}`]);
+      const path = goodRoute
+        ? opPath(rng.pick([PREFIX, OTHER_PREFIX]), op)
+        : rng.pick(["/", "/kms/xks/v1/health", `${PREFIX}/kms/xks/v1`, `${API}/keys/foo`, `/${rng.str(10, ALNUM)}`]);
       const withBody = method !== "HEAD" && method !== "TRACE" && rng.chance(0.5);
       return draft(cat, `${method} ${goodRoute ? "API URI" : "other path"}`, op, withBody ? ser(body) : "", [M405], {
-        method, path, sign: rng.pick(["ok", "none", "rawpath", "garbage"] as SignMode[]), contentType: withBody ? "application/json" : null,
+        method,
+        path,
+        sign: rng.pick(["ok", "none", "rawpath", "garbage"] as SignMode[]),
+        contentType: withBody ? "application/json" : null,
       });
     }
 
@@ -881,14 +1135,19 @@ export function generate(i: number): Draft {
       const goodRoute = rng.chance(0.85);
       const chunked = rng.chance(0.35);
       return draft(cat, `${text.length}-byte body${chunked ? " (chunked)" : ""}${goodRoute ? "" : " on a bad path"}`, op, text, [U501], {
-        chunked, sign: rng.pick(["ok", "ok", "none", "garbage"] as SignMode[]), path: goodRoute ? opPath(PREFIX, op) : `/nope/${rng.str(6, ALNUM)}`,
+        chunked,
+        sign: rng.pick(["ok", "ok", "none", "garbage"] as SignMode[]),
+        path: goodRoute ? opPath(PREFIX, op) : `/nope/${rng.str(6, ALNUM)}`,
       });
     }
 
     case "bad-auth": {
       const sign = rng.chance(0.3) ? "none" : rng.pick(BAD_SIGNS);
       const prefix = rng.chance(0.85) ? PREFIX : OTHER_PREFIX;
-      return draft(cat, `auth: ${sign}${prefix === OTHER_PREFIX ? " (second store)" : ""}`, op, body, [A401], { sign, path: opPath(prefix, op) });
+      return draft(cat, `auth: ${sign}${prefix === OTHER_PREFIX ? " (second store)" : ""}`, op, body, [A401], {
+        sign,
+        path: opPath(prefix, op),
+      });
     }
 
     case "agent":
@@ -918,32 +1177,76 @@ function badPath(i: number, rng: Rng, op: Op, body: Body): Draft {
   switch (v) {
     case 0: {
       const prefix = rng.pick([
-        "", "/example", "/example/uri/path/prefi", `${PREFIX}x`, PREFIX.toUpperCase(), `${PREFIX}/`, `/${PREFIX}`, `${PREFIX}//`,
-        `/${rng.str(rng.int(1, 30), ALNUM)}`, `/${rng.str(rng.int(1, 10), ALNUM)}/${rng.str(rng.int(1, 10), ALNUM)}`, "/tenant-two", "/tenant-two/xks/",
+        "",
+        "/example",
+        "/example/uri/path/prefi",
+        `${PREFIX}x`,
+        PREFIX.toUpperCase(),
+        `${PREFIX}/`,
+        `/${PREFIX}`,
+        `${PREFIX}//`,
+        `/${rng.str(rng.int(1, 30), ALNUM)}`,
+        `/${rng.str(rng.int(1, 10), ALNUM)}/${rng.str(rng.int(1, 10), ALNUM)}`,
+        "/tenant-two",
+        "/tenant-two/xks/",
       ]);
       alternatives.push([`unknown prefix ${JSON.stringify(prefix)}`, `${prefix}/kms/xks/v1/keys/foo/${seg}`, [P404]]);
       break;
     }
     case 1:
-      alternatives.push(["bad API path", rng.pick([
-        `${API}/keys/foo/${seg.toUpperCase()}`, `${API}/keys/foo/${seg}/`, `${API}/keys//${seg}`, `${API}/keys/foo/bar/${seg}`, `${PREFIX}/kms/xks/v2/keys/foo/${seg}`,
-        `${PREFIX}/kms/xks/v1/key/foo/${seg}`, `${API}/keys/foo`, `${API}/keys/foo/sign`, `${API}/health/`, `${API}/Health`, `${API}/`, `${API}`, `${PREFIX}/kms/xks`,
-        "/", "/ping/../kms/xks/v1/health", `${API}/keys/foo/${seg}#frag`, `${API}/keys/foo/${seg};x`, "*",
-      ]), [P404]]);
+      alternatives.push([
+        "bad API path",
+        rng.pick([
+          `${API}/keys/foo/${seg.toUpperCase()}`,
+          `${API}/keys/foo/${seg}/`,
+          `${API}/keys//${seg}`,
+          `${API}/keys/foo/bar/${seg}`,
+          `${PREFIX}/kms/xks/v2/keys/foo/${seg}`,
+          `${PREFIX}/kms/xks/v1/key/foo/${seg}`,
+          `${API}/keys/foo`,
+          `${API}/keys/foo/sign`,
+          `${API}/health/`,
+          `${API}/Health`,
+          `${API}/`,
+          `${API}`,
+          `${PREFIX}/kms/xks`,
+          "/",
+          "/ping/../kms/xks/v1/health",
+          `${API}/keys/foo/${seg}#frag`,
+          `${API}/keys/foo/${seg};x`,
+          "*",
+        ]),
+        [P404],
+      ]);
       break;
     case 2:
       // Dot segments: the raw path is routed as sent (no normalisation).
-      alternatives.push(["dot segments", rng.pick([`${API}/../v1/keys/foo/${seg}`, `${PREFIX}/./kms/xks/v1/keys/foo/${seg}`, `${PREFIX}/../${PREFIX.slice(1)}/kms/xks/v1/health`, `/../..${API}/health`]), [P404]]);
+      alternatives.push([
+        "dot segments",
+        rng.pick([
+          `${API}/../v1/keys/foo/${seg}`,
+          `${PREFIX}/./kms/xks/v1/keys/foo/${seg}`,
+          `${PREFIX}/../${PREFIX.slice(1)}/kms/xks/v1/health`,
+          `/../..${API}/health`,
+        ]),
+        [P404],
+      ]);
       break;
     case 3:
       alternatives.push(["dot-segment key id", `${API}/keys/${rng.pick(["..", ".", "...", "..%2f"])}/${seg}`, [K404]]);
       break;
     case 4: {
       const p = rng.pick([
-        [`/${PREFIX.slice(1).replace(/\//g, "%2F")}/kms/xks/v1/keys/foo/${seg}`, P404], [`${PREFIX}%2Fkms%2Fxks%2Fv1%2Fkeys%2Ffoo%2F${seg}`, P404],
-        [`${API}/keys/foo%2F..%2Fbar/${seg}`, K404], [`${API}/keys/foo%2F${seg}/${seg}`, K404], [`${API}/keys/%66%6f%6f/${seg}`, K404],
-        [`${API}/keys/foo%00/${seg}`, K404], [`${API}/keys/foo%252F/${seg}`, K404], [`${PREFIX}/kms/xks/v1/keys%2Ffoo/${seg}`, P404],
-        [`${API}%2Fhealth`, P404], [`${PREFIX}/%6bms/xks/v1/health`, P404],
+        [`/${PREFIX.slice(1).replace(/\//g, "%2F")}/kms/xks/v1/keys/foo/${seg}`, P404],
+        [`${PREFIX}%2Fkms%2Fxks%2Fv1%2Fkeys%2Ffoo%2F${seg}`, P404],
+        [`${API}/keys/foo%2F..%2Fbar/${seg}`, K404],
+        [`${API}/keys/foo%2F${seg}/${seg}`, K404],
+        [`${API}/keys/%66%6f%6f/${seg}`, K404],
+        [`${API}/keys/foo%00/${seg}`, K404],
+        [`${API}/keys/foo%252F/${seg}`, K404],
+        [`${PREFIX}/kms/xks/v1/keys%2Ffoo/${seg}`, P404],
+        [`${API}%2Fhealth`, P404],
+        [`${PREFIX}/%6bms/xks/v1/health`, P404],
       ] as const);
       alternatives.push(["encoded", p[0], [p[1]]]);
       break;
@@ -960,8 +1263,12 @@ function badPath(i: number, rng: Rng, op: Op, body: Body): Draft {
     }
     case 7: {
       // Characters outside [A-Za-z0-9-_.] in the key id; Node's parser may refuse some of them.
-      const ch = rng.pick([..."!$&'()*+,;=:@~", ..."\"<>\\^`{|}", "%20", "%0A", "%FF", "%E2%80%AE"]);
-      return draft(cat, `key id with ${JSON.stringify(ch)}`, o, b, [K404], { path: `${API}/keys/fo${ch}o/${seg}`, sign, parserMayRefuse: true });
+      const ch = rng.pick([..."!$&'()*+,;=:@~", ...'"<>\\^`{|}', "%20", "%0A", "%FF", "%E2%80%AE"]);
+      return draft(cat, `key id with ${JSON.stringify(ch)}`, o, b, [K404], {
+        path: `${API}/keys/fo${ch}o/${seg}`,
+        sign,
+        parserMayRefuse: true,
+      });
     }
     case 8: {
       // A query string on a real route + a body defect (the answer is the defect's).
@@ -975,7 +1282,11 @@ function badPath(i: number, rng: Rng, op: Op, body: Body): Draft {
       alternatives.push(["malformed query", `${API}/keys/foo/${seg}?${rng.pick(["%zz", "a=%", "%E2%9C", "a=%GG"])}`, [A401]]);
       break;
     default:
-      alternatives.push(["key not in the allow-list", `${API}/keys/${rng.pick(["xks-health", "FOO", "foo ", "bar", `k-${rng.str(12, ALNUM)}`]).replace(" ", "%20")}/${seg}`, [K404]]);
+      alternatives.push([
+        "key not in the allow-list",
+        `${API}/keys/${rng.pick(["xks-health", "FOO", "foo ", "bar", `k-${rng.str(12, ALNUM)}`]).replace(" ", "%20")}/${seg}`,
+        [K404],
+      ]);
   }
   const [label, path, outcome] = alternatives[0];
   return draft(cat, label, o, b, outcome, { path, sign });
@@ -999,7 +1310,13 @@ function agentCase(i: number, rng: Rng): Draft {
   }
   if (v === 2) {
     const bd = validBody("Decrypt", i, rng);
-    const f = rng.pick(["ciphertext", "initializationVector", "authenticationTag", "additionalAuthenticatedData", ...(REAL.ciphertextMetadata ? ["ciphertextMetadata"] : [])]);
+    const f = rng.pick([
+      "ciphertext",
+      "initializationVector",
+      "authenticationTag",
+      "additionalAuthenticatedData",
+      ...(REAL.ciphertextMetadata ? ["ciphertextMetadata"] : []),
+    ]);
     const buf = Buffer.from(bd[f] as string, "base64");
     buf[rng.int(0, buf.length - 1)] ^= 1 << rng.int(0, 7);
     bd[f] = buf.toString("base64");
@@ -1015,7 +1332,9 @@ function agentCase(i: number, rng: Rng): Draft {
     return draft(cat, "encrypt-only key with CDIV", "Encrypt", bd, [IKU], { path: opPath(PREFIX, "Encrypt", KEYS.encOnly) });
   }
   const o: Op = rng.pick(["Encrypt", "Decrypt", "GetKeyMetadata"]);
-  return draft(cat, `${o} on a key absent from the HSM`, o, validBody(o, i, rng), o === "Decrypt" ? [K404, IC] : [K404], { path: opPath(PREFIX, o, KEYS.absent) });
+  return draft(cat, `${o} on a key absent from the HSM`, o, validBody(o, i, rng), o === "Decrypt" ? [K404, IC] : [K404], {
+    path: opPath(PREFIX, o, KEYS.absent),
+  });
 }
 
 // ---------------------------------------------------------------- raw-socket protocol abuse
@@ -1035,41 +1354,117 @@ export function rawCase(j: number, hostHeader: string): RawCase {
   const rng = caseRng(i);
   const p = opPath(PREFIX, "GetHealthStatus");
   const L = (s: string) => Buffer.from(s, "latin1");
-  const mk = (what: string, s: string | Buffer, expect: Outcome[], end = false): RawCase => ({ i, what, bytes: Buffer.isBuffer(s) ? s : L(s), expect: new Set(expect), end });
+  const mk = (what: string, s: string | Buffer, expect: Outcome[], end = false): RawCase => ({
+    i,
+    what,
+    bytes: Buffer.isBuffer(s) ? s : L(s),
+    expect: new Set(expect),
+    end,
+  });
   const v = rng.int(0, 27);
   const H = `Host: ${hostHeader}\r\n`;
   switch (v) {
-    case 0: return mk("garbage line", "THIS IS NOT HTTP\r\n\r\n", [V400]);
-    case 1: return mk("random bytes", Buffer.concat([Buffer.from([rng.int(0, 31)]), rng.bytes(rng.int(1, 500)), L("\r\n\r\n")]), [V400], true);
-    case 2: return mk("lower-case method", `post ${p} HTTP/1.1\r\n${H}\r\n`, [V400]);
-    case 3: return mk("unknown method", `${rng.pick(["FOO", "GETT", "P0ST", "XKS"])} ${p} HTTP/1.1\r\n${H}\r\n`, [V400]);
-    case 4: return mk("CONNECT", `CONNECT 127.0.0.1:${rng.int(1, 65535)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, [P404]);
-    case 5: return mk("HTTP/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [V400]);
-    case 6: return mk("no Host (HTTP/1.1), API URI", `POST ${p} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`, [A401]);
-    case 7: return mk("no Host (HTTP/1.1), other path", `POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n`, [P404]);
-    case 8: return mk("HTTP/1.0 without Host", `POST ${p} HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}`, [A401]);
-    case 9: return mk("header without colon", `POST ${p} HTTP/1.1\r\n${H}NoColonHere\r\n\r\n`, [V400]);
-    case 10: return mk("space in header name", `POST ${p} HTTP/1.1\r\n${H}Bad Header: x\r\n\r\n`, [V400]);
-    case 11: return mk("obs-fold", `POST ${p} HTTP/1.1\r\n${H}X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n`, [V400, A401]);
-    case 12: return mk("bare LF", `POST ${p} HTTP/1.1\n${H.replace("\r", "")}Content-Length: 0\n\n`, [V400, A401]);
-    case 13: return mk("NUL in a header value", `POST ${p} HTTP/1.1\r\n${H}X-A: a\u0000b\r\nContent-Length: 0\r\n\r\n`, [V400]);
-    case 14: return mk("Transfer-Encoding + Content-Length", `POST ${p} HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n2\r\n{}\r\n0\r\n\r\n`, [V400]);
-    case 15: return mk("bad chunk size", `POST ${p} HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\n${rng.pick(["zz", "-1", "0x2", "fffffffffffffffffff"])}\r\n{}\r\n0\r\n\r\n`, [V400]);
-    case 16: return mk("Transfer-Encoding gzip", `POST ${p} HTTP/1.1\r\n${H}Transfer-Encoding: ${rng.pick(["gzip", "chunked, gzip", "identity", "chunked;x", "xchunked"])}\r\n\r\n{}`, [V400], true);
-    case 17: return mk("conflicting Content-Length", `POST ${p} HTTP/1.1\r\n${H}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x`, [V400]);
-    case 18: return mk("bad Content-Length", `POST ${p} HTTP/1.1\r\n${H}Content-Length: ${rng.pick(["-1", "abc", "+5", "1 2", "0x10", "99999999999999999999999", "2,2"])}\r\n\r\n{}`, [V400]);
+    case 0:
+      return mk("garbage line", "THIS IS NOT HTTP\r\n\r\n", [V400]);
+    case 1:
+      return mk("random bytes", Buffer.concat([Buffer.from([rng.int(0, 31)]), rng.bytes(rng.int(1, 500)), L("\r\n\r\n")]), [V400], true);
+    case 2:
+      return mk("lower-case method", `post ${p} HTTP/1.1\r\n${H}\r\n`, [V400]);
+    case 3:
+      return mk("unknown method", `${rng.pick(["FOO", "GETT", "P0ST", "XKS"])} ${p} HTTP/1.1\r\n${H}\r\n`, [V400]);
+    case 4:
+      return mk("CONNECT", `CONNECT 127.0.0.1:${rng.int(1, 65535)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`, [P404]);
+    case 5:
+      return mk("HTTP/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [V400]);
+    case 6:
+      return mk("no Host (HTTP/1.1), API URI", `POST ${p} HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}`, [
+        A401,
+      ]);
+    case 7:
+      return mk("no Host (HTTP/1.1), other path", `POST /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n`, [P404]);
+    case 8:
+      return mk("HTTP/1.0 without Host", `POST ${p} HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}`, [A401]);
+    case 9:
+      return mk("header without colon", `POST ${p} HTTP/1.1\r\n${H}NoColonHere\r\n\r\n`, [V400]);
+    case 10:
+      return mk("space in header name", `POST ${p} HTTP/1.1\r\n${H}Bad Header: x\r\n\r\n`, [V400]);
+    case 11:
+      return mk("obs-fold", `POST ${p} HTTP/1.1\r\n${H}X-A: a\r\n  folded\r\nContent-Length: 0\r\n\r\n`, [V400, A401]);
+    case 12:
+      return mk("bare LF", `POST ${p} HTTP/1.1\n${H.replace("\r", "")}Content-Length: 0\n\n`, [V400, A401]);
+    case 13:
+      return mk("NUL in a header value", `POST ${p} HTTP/1.1\r\n${H}X-A: a\u0000b\r\nContent-Length: 0\r\n\r\n`, [V400]);
+    case 14:
+      return mk(
+        "Transfer-Encoding + Content-Length",
+        `POST ${p} HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n2\r\n{}\r\n0\r\n\r\n`,
+        [V400],
+      );
+    case 15:
+      return mk(
+        "bad chunk size",
+        `POST ${p} HTTP/1.1\r\n${H}Transfer-Encoding: chunked\r\n\r\n${rng.pick(["zz", "-1", "0x2", "fffffffffffffffffff"])}\r\n{}\r\n0\r\n\r\n`,
+        [V400],
+      );
+    case 16:
+      return mk(
+        "Transfer-Encoding gzip",
+        `POST ${p} HTTP/1.1\r\n${H}Transfer-Encoding: ${rng.pick(["gzip", "chunked, gzip", "identity", "chunked;x", "xchunked"])}\r\n\r\n{}`,
+        [V400],
+        true,
+      );
+    case 17:
+      return mk("conflicting Content-Length", `POST ${p} HTTP/1.1\r\n${H}Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x`, [V400]);
+    case 18:
+      return mk(
+        "bad Content-Length",
+        `POST ${p} HTTP/1.1\r\n${H}Content-Length: ${rng.pick(["-1", "abc", "+5", "1 2", "0x10", "99999999999999999999999", "2,2"])}\r\n\r\n{}`,
+        [V400],
+      );
     case 19: {
       const onApi = rng.chance(0.8);
-      return mk(`declared 10 MB, 1 KiB sent${onApi ? "" : " (bad path)"}`, `POST ${onApi ? p : "/nope"} HTTP/1.1\r\n${H}Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n${"{".repeat(1024)}`, [onApi ? U501 : P404]);
+      return mk(
+        `declared 10 MB, 1 KiB sent${onApi ? "" : " (bad path)"}`,
+        `POST ${onApi ? p : "/nope"} HTTP/1.1\r\n${H}Content-Type: application/json\r\nContent-Length: 10000000\r\n\r\n${"{".repeat(1024)}`,
+        [onApi ? U501 : P404],
+      );
     }
-    case 20: return mk("head over 16 KiB", `POST ${p} HTTP/1.1\r\n${H}X-Big: ${"b".repeat(rng.int(17_000, 40_000))}\r\n\r\n`, [V400]);
-    case 21: return mk("raw UTF-8 in the target", Buffer.concat([L(`POST ${API}/keys/`), Buffer.from(rng.pick(["✓", "ü", "💥", "日本"])), L(`/encrypt HTTP/1.1\r\n${H}Content-Length: 0\r\n\r\n`)]), [V400]);
-    case 22: return mk("Expect: (not 100-continue)", `POST ${p} HTTP/1.1\r\n${H}Expect: ${rng.pick(["foo", "200-ok", "100-continue-please"])}\r\nContent-Length: 2\r\n\r\n{}`, [A401]);
-    case 23: return mk("absolute-form target", `POST http://${hostHeader}${p} HTTP/1.1\r\n${H}Content-Length: 0\r\n\r\n`, [P404]);
-    case 24: return mk("asterisk-form OPTIONS", `OPTIONS * HTTP/1.1\r\n${H}\r\n`, [P404]);
-    case 25: return mk("websocket upgrade on an API URI", `GET ${p} HTTP/1.1\r\n${H}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`, [M405]);
-    case 26: return mk("bad HTTP version", `POST ${p} ${rng.pick(["HTTP/1.2", "HTTP/3.0", "HTTP/1", "HTTPS/1.1", "http/1.1", "HTTP/11"])}\r\n${H}Content-Length: 0\r\n\r\n`, [V400, A401]);
+    case 20:
+      return mk("head over 16 KiB", `POST ${p} HTTP/1.1\r\n${H}X-Big: ${"b".repeat(rng.int(17_000, 40_000))}\r\n\r\n`, [V400]);
+    case 21:
+      return mk(
+        "raw UTF-8 in the target",
+        Buffer.concat([
+          L(`POST ${API}/keys/`),
+          Buffer.from(rng.pick(["✓", "ü", "💥", "日本"])),
+          L(`/encrypt HTTP/1.1\r\n${H}Content-Length: 0\r\n\r\n`),
+        ]),
+        [V400],
+      );
+    case 22:
+      return mk(
+        "Expect: (not 100-continue)",
+        `POST ${p} HTTP/1.1\r\n${H}Expect: ${rng.pick(["foo", "200-ok", "100-continue-please"])}\r\nContent-Length: 2\r\n\r\n{}`,
+        [A401],
+      );
+    case 23:
+      return mk("absolute-form target", `POST http://${hostHeader}${p} HTTP/1.1\r\n${H}Content-Length: 0\r\n\r\n`, [P404]);
+    case 24:
+      return mk("asterisk-form OPTIONS", `OPTIONS * HTTP/1.1\r\n${H}\r\n`, [P404]);
+    case 25:
+      return mk(
+        "websocket upgrade on an API URI",
+        `GET ${p} HTTP/1.1\r\n${H}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n`,
+        [M405],
+      );
+    case 26:
+      return mk(
+        "bad HTTP version",
+        `POST ${p} ${rng.pick(["HTTP/1.2", "HTTP/3.0", "HTTP/1", "HTTPS/1.1", "http/1.1", "HTTP/11"])}\r\n${H}Content-Length: 0\r\n\r\n`,
+        [V400, A401],
+      );
     // Node's parser tolerates doubled spaces: then it is an unsigned request on an API URI.
-    default: return mk("spaces in the request line", `POST  ${p}  HTTP/1.1\r\n${H}\r\n`, [V400, A401]);
+    default:
+      return mk("spaces in the request line", `POST  ${p}  HTTP/1.1\r\n${H}\r\n`, [V400, A401]);
   }
 }

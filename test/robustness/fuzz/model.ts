@@ -31,8 +31,13 @@ export const STORES: Record<string, { creds: Creds[]; keys: string[] }> = {
 };
 
 export type Op = "Encrypt" | "Decrypt" | "GetKeyMetadata" | "GetHealthStatus";
-export const OP_SEGMENT: Record<Exclude<Op, "GetHealthStatus">, string> = { Encrypt: "encrypt", Decrypt: "decrypt", GetKeyMetadata: "metadata" };
-export const opPath = (prefix: string, op: Op, key = "foo") => (op === "GetHealthStatus" ? `${prefix}/kms/xks/v1/health` : `${prefix}/kms/xks/v1/keys/${key}/${OP_SEGMENT[op]}`);
+export const OP_SEGMENT: Record<Exclude<Op, "GetHealthStatus">, string> = {
+  Encrypt: "encrypt",
+  Decrypt: "decrypt",
+  GetKeyMetadata: "metadata",
+};
+export const opPath = (prefix: string, op: Op, key = "foo") =>
+  op === "GetHealthStatus" ? `${prefix}/kms/xks/v1/health` : `${prefix}/kms/xks/v1/keys/${key}/${OP_SEGMENT[op]}`;
 
 /** An outcome: "400:ValidationException", "405", "200", ... */
 export type Outcome = string;
@@ -59,7 +64,12 @@ export function resolveRoute(target: string): { prefix: string; op: Op; key?: st
     const rest = path.slice(base.length);
     if (rest === "health") return { prefix, op: "GetHealthStatus" };
     const m = /^keys\/([^/]+)\/(metadata|encrypt|decrypt)$/.exec(rest);
-    if (m) return { prefix, op: ({ metadata: "GetKeyMetadata", encrypt: "Encrypt", decrypt: "Decrypt" } as const)[m[2] as "metadata"], key: m[1] };
+    if (m)
+      return {
+        prefix,
+        op: ({ metadata: "GetKeyMetadata", encrypt: "Encrypt", decrypt: "Decrypt" } as const)[m[2] as "metadata"],
+        key: m[1],
+      };
   }
   return undefined;
 }
@@ -100,7 +110,9 @@ export function expectedOutcomes(f: RequestFacts): Set<Outcome> {
   if (f.parserMayRefuse) expect = [...expect, V400];
   // A request that gets as far as the agent may find the chain busy (a full queue, or the agent
   // deadline passing while a loaded machine stalls): the spec's busy answers are then right.
-  const reachesAgent = expect.some((o) => o === "200" || o === E("InvalidCiphertextException") || o === E("InvalidKeyUsageException")) || (f.agentCase === true && expect.includes(K404));
+  const reachesAgent =
+    expect.some((o) => o === "200" || o === E("InvalidCiphertextException") || o === E("InvalidKeyUsageException")) ||
+    (f.agentCase === true && expect.includes(K404));
   if (reachesAgent) expect = [...expect, ...BUSY_OUTCOMES];
   return new Set(expect);
 }
@@ -109,7 +121,6 @@ export function expectedOutcomes(f: RequestFacts): Set<Outcome> {
 export function agentOutcomes(op: Op): Outcome[] {
   return op === "Decrypt" ? [E("InvalidCiphertextException")] : [];
 }
-
 
 /** What the transport saw: an HTTP answer, or an error (no answer, a broken one). */
 export interface Answer {
@@ -149,14 +160,18 @@ export function checkAnswer(method: string, a: Answer): Outcome {
   }
   const o = j as Record<string, unknown>;
   const keys = Object.keys(o);
-  if (!keys.includes("errorName") || keys.some((k) => k !== "errorName" && k !== "errorMessage")) throw new Error(`body members ${keys.join(",")}`);
+  if (!keys.includes("errorName") || keys.some((k) => k !== "errorName" && k !== "errorMessage"))
+    throw new Error(`body members ${keys.join(",")}`);
   const name = o.errorName;
-  if (typeof name !== "string" || !Object.hasOwn(XKS_ERRORS, name)) throw new Error(`errorName ${JSON.stringify(name)} is not in the spec's list`);
+  if (typeof name !== "string" || !Object.hasOwn(XKS_ERRORS, name))
+    throw new Error(`errorName ${JSON.stringify(name)} is not in the spec's list`);
   if (o.errorMessage !== undefined) {
     const msg = o.errorMessage;
-    if (typeof msg !== "string" || !/^[\x20-\x7e]*$/.test(msg) || msg.length >= 512) throw new Error("errorMessage is not printable ASCII < 512 chars");
+    if (typeof msg !== "string" || !/^[\x20-\x7e]*$/.test(msg) || msg.length >= 512)
+      throw new Error("errorMessage is not printable ASCII < 512 chars");
   }
-  if (XKS_ERRORS[name as XksErrorName].status !== a.status) throw new Error(`${name} answered with ${a.status}, XKS_ERRORS says ${XKS_ERRORS[name as XksErrorName].status}`);
+  if (XKS_ERRORS[name as XksErrorName].status !== a.status)
+    throw new Error(`${name} answered with ${a.status}, XKS_ERRORS says ${XKS_ERRORS[name as XksErrorName].status}`);
   return `${a.status}:${name}`;
 }
 

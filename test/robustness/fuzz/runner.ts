@@ -15,11 +15,28 @@ import { CREDS } from "../../../testbed/configs.ts";
 import type { ProxyFixture, TestAgent } from "../../../testbed/in-process.ts";
 import { AUTHORIZATION_MARKERS, findLeaks } from "../../../testbed/logs.ts";
 import { until } from "../../../testbed/wait.ts";
-import { type EncryptAnswer } from "../../../testbed/xks/bodies.ts";
+import type { EncryptAnswer } from "../../../testbed/xks/bodies.ts";
 import { type Resp, retryBusy, signedPost } from "../../../testbed/xks/client.ts";
 import {
-  AAD_B64, AAD_MARKER, AUTHZ_MARKER, COUNT, type FuzzCase, finalize, generate, ONLY, PT_B64, PT_MARKER, RAW_COUNT, type RawCase, rawCase, requestMetadata, Rng, SEED, WEIGHTS,
-  useRealCiphertext, draftWarmUp,
+  AAD_B64,
+  AAD_MARKER,
+  AUTHZ_MARKER,
+  COUNT,
+  type FuzzCase,
+  finalize,
+  generate,
+  ONLY,
+  PT_B64,
+  PT_MARKER,
+  RAW_COUNT,
+  type RawCase,
+  rawCase,
+  requestMetadata,
+  Rng,
+  SEED,
+  WEIGHTS,
+  useRealCiphertext,
+  draftWarmUp,
 } from "./generator.ts";
 import { type Answer, API, checkAnswer, matches, type Outcome } from "./model.ts";
 
@@ -30,7 +47,6 @@ const gc = runInNewContext("gc") as () => void;
 const IN_FLIGHT = 16;
 /** A case without an answer after this long hangs (the proxy's own deadlines are far shorter). */
 const HANG_MS = 30_000;
-
 
 export interface MemorySample {
   rss: number;
@@ -72,7 +88,17 @@ const mem = (): MemorySample => {
 
 /** Runs every case against `fx` (the proxy) in front of `agent` (the real agent on SoftHSM). */
 export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzRun> {
-  const e0 = await signedPost(fx.url, `${API}/keys/foo/encrypt`, { requestMetadata: requestMetadata("Encrypt", -1, new Rng(1)), plaintext: PT_B64, encryptionAlgorithm: "AES_GCM", additionalAuthenticatedData: AAD_B64 }, CREDS.a);
+  const e0 = await signedPost(
+    fx.url,
+    `${API}/keys/foo/encrypt`,
+    {
+      requestMetadata: requestMetadata("Encrypt", -1, new Rng(1)),
+      plaintext: PT_B64,
+      encryptionAlgorithm: "AES_GCM",
+      additionalAuthenticatedData: AAD_B64,
+    },
+    CREDS.a,
+  );
   if (e0.status !== 200) throw new Error(`the real ciphertext for Decrypt cases: ${e0.text}`);
   const real = e0.json as EncryptAnswer;
   useRealCiphertext(real);
@@ -99,16 +125,26 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
   // Nothing secret may reach a log line: proxy (incl. grpc-js), agent, and the agent's audit file.
   // Captured lines are scanned and dropped every 1,000 cases, so that memory stays about the proxy.
   const secrets = {
-    "plaintext marker": PT_MARKER, "plaintext marker (Base64)": PT_B64.slice(0, 16), "AAD marker": AAD_MARKER, "AAD marker (Base64)": AAD_B64.slice(0, 16),
-    ciphertext: real.ciphertext, tag: real.authenticationTag,
-    "secret a": CREDS.a.secretAccessKey, "secret b": CREDS.b.secretAccessKey, "secret other": CREDS.other.secretAccessKey,
-    "agent token": agent.token, PIN: agent.softhsm.pin, "SO PIN": agent.softhsm.soPin,
-    "Authorization garbage": AUTHZ_MARKER, ...AUTHORIZATION_MARKERS,
+    "plaintext marker": PT_MARKER,
+    "plaintext marker (Base64)": PT_B64.slice(0, 16),
+    "AAD marker": AAD_MARKER,
+    "AAD marker (Base64)": AAD_B64.slice(0, 16),
+    ciphertext: real.ciphertext,
+    tag: real.authenticationTag,
+    "secret a": CREDS.a.secretAccessKey,
+    "secret b": CREDS.b.secretAccessKey,
+    "secret other": CREDS.other.secretAccessKey,
+    "agent token": agent.token,
+    PIN: agent.softhsm.pin,
+    "SO PIN": agent.softhsm.soPin,
+    "Authorization garbage": AUTHZ_MARKER,
+    ...AUTHORIZATION_MARKERS,
   };
   const leaks: string[] = [];
   const scanLog = (where: string, text: string) => {
     for (const label of findLeaks(text, secrets)) if (leaks.length < 50) leaks.push(`${where} contains the ${label}`);
-    for (const hex of text.match(/[0-9a-f]{64}/g) ?? []) if (signatures.has(hex) && leaks.length < 50) leaks.push(`${where} contains a request signature`);
+    for (const hex of text.match(/[0-9a-f]{64}/g) ?? [])
+      if (signatures.has(hex) && leaks.length < 50) leaks.push(`${where} contains a request signature`);
   };
   const logCount = { proxy: 0, agent: 0, completions: 0 };
   const drainLogs = () => {
@@ -144,7 +180,9 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
       if (sent === Math.floor(indexes.length / 5) && !steady) steady = mem();
       if (ONLY) {
         // Reproduction mode: show the whole exchange and the proxy's own account of it.
-        console.log(`# case ${i}: ${c.method} ${c.path.slice(0, 300)}\n#   headers ${JSON.stringify(c.headers).slice(0, 4000)}\n#   body ${Buffer.concat(c.chunks).toString("utf8").slice(0, 600)}`);
+        console.log(
+          `# case ${i}: ${c.method} ${c.path.slice(0, 300)}\n#   headers ${JSON.stringify(c.headers).slice(0, 4000)}\n#   body ${Buffer.concat(c.chunks).toString("utf8").slice(0, 600)}`,
+        );
         console.log(`#   answer ${a.status} ${a.text.slice(0, 300)}\n#   proxy log: ${fx.logs.lines.at(-1)?.slice(0, 600)}`);
       }
       latencies.push(a.ms);
@@ -185,13 +223,33 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
 
   // The proxy is still up: a signed round trip works on a fresh connection.
   // (Retried like KMS on a busy answer: the question is whether the proxy is up, not how busy the machine is.)
-  const finalEncrypt = await retryBusy(() => signedPost(fx.url, `${API}/keys/foo/encrypt`, { requestMetadata: requestMetadata("Encrypt", -2, new Rng(2)), plaintext: PT_B64, encryptionAlgorithm: "AES_GCM", additionalAuthenticatedData: AAD_B64 }, CREDS.a));
+  const finalEncrypt = await retryBusy(() =>
+    signedPost(
+      fx.url,
+      `${API}/keys/foo/encrypt`,
+      {
+        requestMetadata: requestMetadata("Encrypt", -2, new Rng(2)),
+        plaintext: PT_B64,
+        encryptionAlgorithm: "AES_GCM",
+        additionalAuthenticatedData: AAD_B64,
+      },
+      CREDS.a,
+    ),
+  );
   const fe = finalEncrypt.json as EncryptAnswer | undefined;
   const finalDecrypt = await retryBusy(() =>
     signedPost(
       fx.url,
       `${API}/keys/foo/decrypt`,
-      { requestMetadata: requestMetadata("Decrypt", -3, new Rng(3)), ciphertext: fe?.ciphertext, initializationVector: fe?.initializationVector, authenticationTag: fe?.authenticationTag, ciphertextMetadata: fe?.ciphertextMetadata, additionalAuthenticatedData: AAD_B64, encryptionAlgorithm: "AES_GCM" },
+      {
+        requestMetadata: requestMetadata("Decrypt", -3, new Rng(3)),
+        ciphertext: fe?.ciphertext,
+        initializationVector: fe?.initializationVector,
+        authenticationTag: fe?.authenticationTag,
+        ciphertextMetadata: fe?.ciphertextMetadata,
+        additionalAuthenticatedData: AAD_B64,
+        encryptionAlgorithm: "AES_GCM",
+      },
       CREDS.b,
     ),
   );
@@ -215,7 +273,11 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
   latencies.sort((x, y) => x - y);
   const q = (p: number) => latencies[Math.min(latencies.length - 1, Math.floor(latencies.length * p))]?.toFixed(1);
   const mib = (n: number) => `${(n / 2 ** 20).toFixed(1)} MiB`;
-  const fmt = (m: Map<string, number>) => [...m].sort().map(([k, n]) => `${k}=${n}`).join(" ");
+  const fmt = (m: Map<string, number>) =>
+    [...m]
+      .sort()
+      .map(([k, n]) => `${k}=${n}`)
+      .join(" ");
   const st = steady ?? after;
   const summary = [
     seedLine,
@@ -232,12 +294,35 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
   if (failures.length) {
     // Grouped, so that one systematic problem reads as one line.
     const kinds = new Map<string, number>();
-    for (const f of failures) count(kinds, f.replace(/^#\d+ /, "").replace(/ — .*?: /, ": ").replace(/got .*/, "").slice(0, 160));
+    for (const f of failures)
+      count(
+        kinds,
+        f
+          .replace(/^#\d+ /, "")
+          .replace(/ — .*?: /, ": ")
+          .replace(/got .*/, "")
+          .slice(0, 160),
+      );
     console.log(`# failures by kind:\n${[...kinds].map(([k, n]) => `#   ${n} × ${k}`).join("\n")}`);
   }
   return {
-    seedLine, planned: indexes.length, sent, rawPlanned: rawIdx.length, rawSent, failures, fiveHundreds, leaks, byCategory, bySigning, byOutcome,
-    completions: logCount.completions, memory: { before, steady: st, after, afterReleased, rssPeak }, finalEncrypt, finalDecrypt, connectionsLeft, summary,
+    seedLine,
+    planned: indexes.length,
+    sent,
+    rawPlanned: rawIdx.length,
+    rawSent,
+    failures,
+    fiveHundreds,
+    leaks,
+    byCategory,
+    bySigning,
+    byOutcome,
+    completions: logCount.completions,
+    memory: { before, steady: st, after, afterReleased, rssPeak },
+    finalEncrypt,
+    finalDecrypt,
+    connectionsLeft,
+    summary,
   };
 }
 
@@ -256,13 +341,24 @@ export function sendCase(agent: HttpAgent, port: number, c: FuzzCase): Promise<A
     };
     let req: ReturnType<typeof httpRequest>;
     try {
-      req = httpRequest({ host: "127.0.0.1", port, method: c.method, path: c.path, headers: c.headers as unknown as Record<string, string>, agent, setHost: false }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on("data", (d: Buffer) => chunks.push(d));
-        res.on("end", () => done({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString("utf8") }));
-        res.on("error", (e) => done({ status: 0, headers: {}, text: "", error: `response: ${e.message}` }));
-        res.on("aborted", () => done({ status: 0, headers: {}, text: "", error: "response aborted" }));
-      });
+      req = httpRequest(
+        {
+          host: "127.0.0.1",
+          port,
+          method: c.method,
+          path: c.path,
+          headers: c.headers as unknown as Record<string, string>,
+          agent,
+          setHost: false,
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on("data", (d: Buffer) => chunks.push(d));
+          res.on("end", () => done({ status: res.statusCode ?? 0, headers: res.headers, text: Buffer.concat(chunks).toString("utf8") }));
+          res.on("error", (e) => done({ status: 0, headers: {}, text: "", error: `response: ${e.message}` }));
+          res.on("aborted", () => done({ status: 0, headers: {}, text: "", error: "response aborted" }));
+        },
+      );
     } catch (e) {
       done({ status: 0, headers: {}, text: "", error: `client refused the request: ${(e as Error).message}` });
       return;
@@ -293,10 +389,20 @@ export function sendRaw(port: number, c: RawCase): Promise<Answer & { closed: bo
     };
     const tryParse = (closed: boolean) => {
       // Skip interim 1xx answers (e.g. "100 Continue" for an Expect that contains 100-continue).
-      while (/^HTTP\/1\.[01] 1\d\d /.test(buf.subarray(0, 16).toString("latin1")) && buf.indexOf("\r\n\r\n") >= 0) buf = buf.subarray(buf.indexOf("\r\n\r\n") + 4);
+      while (/^HTTP\/1\.[01] 1\d\d /.test(buf.subarray(0, 16).toString("latin1")) && buf.indexOf("\r\n\r\n") >= 0)
+        buf = buf.subarray(buf.indexOf("\r\n\r\n") + 4);
       const end = buf.indexOf("\r\n\r\n");
       if (end < 0) {
-        if (closed) finish({ status: 0, headers: {}, text: buf.toString("latin1"), error: buf.length ? "incomplete response" : "closed without an answer" }, true);
+        if (closed)
+          finish(
+            {
+              status: 0,
+              headers: {},
+              text: buf.toString("latin1"),
+              error: buf.length ? "incomplete response" : "closed without an answer",
+            },
+            true,
+          );
         return;
       }
       const head = buf.subarray(0, end).toString("latin1").split("\r\n");
