@@ -10,7 +10,7 @@ import { API, CREDS } from "../../testbed/configs.ts";
 import { type ProxyFixture, startProxy, startTestAgent, type TestAgent } from "../../testbed/in-process.ts";
 import { AUTHORIZATION_MARKERS, encodings, findLeaks } from "../../testbed/logs.ts";
 import { until } from "../../testbed/wait.ts";
-import { b64, encryptBody, unb64 } from "../../testbed/xks/bodies.ts";
+import { b64, decryptBody, encryptBody, unb64 } from "../../testbed/xks/bodies.ts";
 import { curlPost, type Resp, signedPost } from "../../testbed/xks/client.ts";
 import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
 import { assertSpecError } from "../../testbed/xks/oracle.ts";
@@ -91,20 +91,7 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
       .update(Buffer.concat([aad, cm, iv, ct, tag]))
       .digest("base64");
     assert.equal(e.json.ciphertextDataIntegrityValue, cdiv);
-    const d = await curlPost(
-      fx.url,
-      `${API}/keys/${K.default}/decrypt`,
-      JSON.stringify({
-        requestMetadata: md("Decrypt"),
-        ciphertext: e.json.ciphertext,
-        initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag,
-        additionalAuthenticatedData: b64(aad),
-        encryptionAlgorithm: "AES_GCM",
-        ...(e.json.ciphertextMetadata ? { ciphertextMetadata: e.json.ciphertextMetadata } : {}),
-      }),
-      CREDS.a,
-    );
+    const d = await curlPost(fx.url, `${API}/keys/${K.default}/decrypt`, JSON.stringify(decryptBody(e.json, { aad })), CREDS.a);
     assert.equal(d.status, 200, d.text);
     assert.equal(d.text, JSON.stringify({ plaintext: b64(pt) }));
     // Without AAD and without CDIV: no integrity value in the answer.
@@ -136,15 +123,7 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
         ? await curlPost(fx.url, `${API}/keys/${K.default}/encrypt`, JSON.stringify(body), CREDS.a)
         : await post(`/keys/${K.default}/encrypt`, body);
       assert.equal(e.status, 200, e.text);
-      const d = await post(`/keys/${K.default}/decrypt`, {
-        requestMetadata: md("Decrypt"),
-        ciphertext: e.json.ciphertext,
-        initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag,
-        ciphertextMetadata: e.json.ciphertextMetadata,
-        additionalAuthenticatedData: b64(aad),
-        encryptionAlgorithm: "AES_GCM",
-      });
+      const d = await post(`/keys/${K.default}/decrypt`, decryptBody(e.json, { aad }));
       assert.equal(d.status, 200, d.text);
       assert.ok(unb64(d.json.plaintext).equals(pt));
     }
@@ -153,15 +132,7 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
   it("tampered tag / AAD / IV / ciphertext / metadata, or missing AAD → InvalidCiphertextException", async () => {
     const aad = Buffer.from("context=a");
     const e = await post(`/keys/${K.default}/encrypt`, encBody("tamper me please", aad));
-    const base: Record<string, unknown> = {
-      requestMetadata: md("Decrypt"),
-      ciphertext: e.json.ciphertext,
-      initializationVector: e.json.initializationVector,
-      authenticationTag: e.json.authenticationTag,
-      additionalAuthenticatedData: b64(aad),
-      encryptionAlgorithm: "AES_GCM",
-      ciphertextMetadata: e.json.ciphertextMetadata ?? b64("x"),
-    };
+    const base = decryptBody(e.json, { aad, over: { ciphertextMetadata: e.json.ciphertextMetadata ?? b64("x") } });
     const flip = (v: unknown) => {
       const b = unb64(v as string);
       b[b.length - 1] ^= 0x01;
@@ -190,15 +161,7 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
       "encOnly+CDIV no aad",
     );
     expectError(
-      await post(`/keys/${K.encryptOnly}/decrypt`, {
-        requestMetadata: md("Decrypt"),
-        ciphertext: ok.json.ciphertext,
-        initializationVector: ok.json.initializationVector,
-        authenticationTag: ok.json.authenticationTag,
-        ciphertextMetadata: ok.json.ciphertextMetadata,
-        additionalAuthenticatedData: b64("aad"),
-        encryptionAlgorithm: "AES_GCM",
-      }),
+      await post(`/keys/${K.encryptOnly}/decrypt`, decryptBody(ok.json, { aad: "aad" })),
       "InvalidKeyUsageException",
       "encOnly decrypt",
     );
@@ -240,28 +203,12 @@ describe("proxy ⇄ real agent on SoftHSM", () => {
     const aad = Buffer.from("AAD-VALUE-5647382910");
     const e = await post(`/keys/${K.default}/encrypt`, encBody(pt, aad, true));
     assert.equal(e.status, 200);
-    const d = await curlPost(
-      fx.url,
-      `${API}/keys/${K.default}/decrypt`,
-      JSON.stringify({
-        requestMetadata: md("Decrypt"),
-        ciphertext: e.json.ciphertext,
-        initializationVector: e.json.initializationVector,
-        authenticationTag: e.json.authenticationTag,
-        ciphertextMetadata: e.json.ciphertextMetadata,
-        additionalAuthenticatedData: b64(aad),
-        encryptionAlgorithm: "AES_GCM",
-      }),
-      CREDS.b,
-    );
+    const d = await curlPost(fx.url, `${API}/keys/${K.default}/decrypt`, JSON.stringify(decryptBody(e.json, { aad })), CREDS.b);
     assert.equal(d.status, 200);
-    await post(`/keys/${K.default}/decrypt`, {
-      requestMetadata: md("Decrypt"),
-      ciphertext: e.json.ciphertext,
-      initializationVector: e.json.initializationVector,
-      authenticationTag: b64(Buffer.alloc(16)),
-      encryptionAlgorithm: "AES_GCM",
-    });
+    await post(
+      `/keys/${K.default}/decrypt`,
+      decryptBody(e.json, { over: { authenticationTag: b64(Buffer.alloc(16)), ciphertextMetadata: undefined } }),
+    );
     const secrets = {
       ...encodings("plaintext", pt),
       ...encodings("AAD", aad),

@@ -18,7 +18,7 @@ import { CREDS, OTHER_PREFIX, PREFIX } from "../../testbed/configs.ts";
 import { type FakeAgent, startFakeAgent } from "../../testbed/fake-agent.ts";
 import { type ProxyFixture, startProxy } from "../../testbed/in-process.ts";
 import { until } from "../../testbed/wait.ts";
-import { b64, encryptBody, healthBody } from "../../testbed/xks/bodies.ts";
+import { b64, decryptBody, encryptBody, healthBody } from "../../testbed/xks/bodies.ts";
 import { curlPost, type Resp, send, signedPost } from "../../testbed/xks/client.ts";
 import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
 import { assertSpecError } from "../../testbed/xks/oracle.ts";
@@ -87,19 +87,7 @@ describe("proxy over a real port (fake agent)", () => {
     const d = await curlPost(
       fx.url,
       `${API}/keys/foo/decrypt`,
-      JSON.stringify(
-        {
-          requestMetadata: md("Decrypt"),
-          ciphertext: e.json.ciphertext,
-          initializationVector: e.json.initializationVector,
-          authenticationTag: e.json.authenticationTag,
-          ciphertextMetadata: e.json.ciphertextMetadata,
-          additionalAuthenticatedData: aad,
-          encryptionAlgorithm: "AES_GCM",
-        },
-        null,
-        4,
-      ), // pretty-printed, as the AWS test client sends it
+      JSON.stringify(decryptBody(e.json, { over: { additionalAuthenticatedData: aad } }), null, 4), // pretty-printed, as the AWS test client sends it
       CREDS.b, // second live credential (rotation)
     );
     assert.equal(d.status, 200, d.text);
@@ -165,15 +153,7 @@ describe("proxy over a real port (fake agent)", () => {
   it("Decrypt with a tampered tag, AAD, IV, ciphertext or metadata → InvalidCiphertextException", async () => {
     const aad = b64("aad-1");
     const e = await signedPost(fx.url, `${API}/keys/foo/encrypt`, encBody("secret stuff", { additionalAuthenticatedData: aad }), CREDS.a);
-    const base = {
-      requestMetadata: md("Decrypt"),
-      ciphertext: e.json.ciphertext,
-      initializationVector: e.json.initializationVector,
-      authenticationTag: e.json.authenticationTag,
-      ciphertextMetadata: e.json.ciphertextMetadata,
-      additionalAuthenticatedData: aad,
-      encryptionAlgorithm: "AES_GCM",
-    };
+    const base = decryptBody(e.json, { over: { additionalAuthenticatedData: aad } }) as Record<string, string>;
     const flip = (s: string) => {
       const b = Buffer.from(s, "base64");
       b[0] ^= 1;

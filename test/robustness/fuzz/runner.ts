@@ -15,7 +15,7 @@ import { CREDS } from "../../../testbed/configs.ts";
 import type { ProxyFixture, TestAgent } from "../../../testbed/in-process.ts";
 import { AUTHORIZATION_MARKERS, findLeaks } from "../../../testbed/logs.ts";
 import { until } from "../../../testbed/wait.ts";
-import type { EncryptAnswer } from "../../../testbed/xks/bodies.ts";
+import { decryptBody, type EncryptAnswer, encryptBody } from "../../../testbed/xks/bodies.ts";
 import { type Resp, retryBusy, signedPost } from "../../../testbed/xks/client.ts";
 import {
   AAD_B64,
@@ -88,17 +88,17 @@ const mem = (): MemorySample => {
 
 /** Runs every case against `fx` (the proxy) in front of `agent` (the real agent on SoftHSM). */
 export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzRun> {
-  const e0 = await signedPost(
-    fx.url,
-    `${API}/keys/foo/encrypt`,
-    {
-      requestMetadata: requestMetadata("Encrypt", -1, new Rng(1)),
-      plaintext: PT_B64,
-      encryptionAlgorithm: "AES_GCM",
-      additionalAuthenticatedData: AAD_B64,
-    },
-    CREDS.a,
-  );
+  /** A valid, signed Encrypt of the plaintext marker under the AAD marker (retried like KMS on a busy answer). */
+  const encryptMarker = (n: number) =>
+    retryBusy(() =>
+      signedPost(
+        fx.url,
+        `${API}/keys/foo/encrypt`,
+        encryptBody(PT_MARKER, { aad: AAD_MARKER, metadata: requestMetadata("Encrypt", n, new Rng(-n)) }),
+        CREDS.a,
+      ),
+    );
+  const e0 = await encryptMarker(-1);
   if (e0.status !== 200) throw new Error(`the real ciphertext for Decrypt cases: ${e0.text}`);
   const real = e0.json as EncryptAnswer;
   useRealCiphertext(real);
@@ -223,35 +223,11 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
 
   // The proxy is still up: a signed round trip works on a fresh connection.
   // (Retried like KMS on a busy answer: the question is whether the proxy is up, not how busy the machine is.)
-  const finalEncrypt = await retryBusy(() =>
-    signedPost(
-      fx.url,
-      `${API}/keys/foo/encrypt`,
-      {
-        requestMetadata: requestMetadata("Encrypt", -2, new Rng(2)),
-        plaintext: PT_B64,
-        encryptionAlgorithm: "AES_GCM",
-        additionalAuthenticatedData: AAD_B64,
-      },
-      CREDS.a,
-    ),
-  );
-  const fe = finalEncrypt.json as EncryptAnswer | undefined;
+  const finalEncrypt = await encryptMarker(-2);
+  const fe = (finalEncrypt.json ?? {}) as EncryptAnswer;
+  const decryptMd = requestMetadata("Decrypt", -3, new Rng(3));
   const finalDecrypt = await retryBusy(() =>
-    signedPost(
-      fx.url,
-      `${API}/keys/foo/decrypt`,
-      {
-        requestMetadata: requestMetadata("Decrypt", -3, new Rng(3)),
-        ciphertext: fe?.ciphertext,
-        initializationVector: fe?.initializationVector,
-        authenticationTag: fe?.authenticationTag,
-        ciphertextMetadata: fe?.ciphertextMetadata,
-        additionalAuthenticatedData: AAD_B64,
-        encryptionAlgorithm: "AES_GCM",
-      },
-      CREDS.b,
-    ),
+    signedPost(fx.url, `${API}/keys/foo/decrypt`, decryptBody(fe, { aad: AAD_MARKER, metadata: decryptMd }), CREDS.b),
   );
 
   // No connection left behind once the client lets go.
