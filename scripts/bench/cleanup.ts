@@ -3,7 +3,7 @@
  * chain, network namespaces, TUN devices). `runAll()` undoes it in reverse
  * order, once; Ctrl-C and SIGTERM run it too before the process exits.
  */
-import { readFileSync } from "node:fs";
+import { commandOf, killQuietly } from "../../testbed/procs.ts";
 
 type Undo = () => void | Promise<void>;
 
@@ -65,13 +65,7 @@ export function trackSshdSessions(sshd: { sessionPids(): number[] }, what: strin
     return now;
   };
   onCleanup(`${what} sshd sessions`, () => {
-    for (const pid of seen) {
-      try {
-        if (readFileSync(`/proc/${pid}/comm`, "utf8").trim() === "sshd") process.kill(pid, "SIGTERM");
-      } catch {
-        /* gone */
-      }
-    }
+    for (const pid of seen) if (/sshd/.test(commandOf(pid) ?? "")) killQuietly(pid);
   });
   return { pids };
 }

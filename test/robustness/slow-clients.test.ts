@@ -19,7 +19,7 @@
  */
 import assert from "node:assert/strict";
 import { readFileSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { Agent as HttpAgent, request as httpRequest } from "node:http";
+import { Agent as HttpAgent } from "node:http";
 import { connect, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -34,7 +34,7 @@ import { type ProxyFixture, startProxy, startTestAgent, type TestAgent } from ".
 import { GENEROUS_MS, sleep, until } from "../../testbed/wait.ts";
 import { decryptBody, encryptBody } from "../../testbed/xks/bodies.ts";
 import { BUSY_ERRORS, decryptProblem, encryptProblem, verdict } from "../../testbed/xks/oracle.ts";
-import { smithySign } from "../../testbed/xks/sign.ts";
+import { type Resp, signedPost } from "../../testbed/xks/client.ts";
 
 /**
  * Short server timeouts for the test proxy (production defaults: 10 s / 15 s / 65 s).
@@ -87,45 +87,8 @@ class GoodClient {
 
   constructor(private readonly url: string) {}
 
-  private async post(path: string, body: object): Promise<{ status: number; text: string; json: any; ms: number }> {
-    const raw = JSON.stringify(body);
-    const headers = await smithySign(this.url, { path, headers: { "content-type": "application/json" }, body: raw }, CREDS.a);
-    const u = new URL(this.url);
-    const t0 = performance.now();
-    return new Promise((resolve, reject) => {
-      const req = httpRequest(
-        {
-          host: u.hostname,
-          port: Number(u.port),
-          method: "POST",
-          path,
-          agent: this.agent,
-          headers: { ...headers, "content-length": String(Buffer.byteLength(raw)) },
-        },
-        (res) => {
-          const chunks: Buffer[] = [];
-          res.on("data", (c: Buffer) => chunks.push(c));
-          res.on("end", () => {
-            clearTimeout(timer);
-            const text = Buffer.concat(chunks).toString("utf8");
-            let json: unknown;
-            try {
-              json = JSON.parse(text);
-            } catch {
-              json = undefined;
-            }
-            resolve({ status: res.statusCode ?? 0, text, json, ms: performance.now() - t0 });
-          });
-        },
-      );
-      const timer = setTimeout(() => req.destroy(new Error(`no answer within ${HANG_MS} ms`)), HANG_MS);
-      req.on("error", (e) => {
-        clearTimeout(timer);
-        reject(e);
-      });
-      req.on("socket", (sock) => this.sockets.add(sock as Socket));
-      req.end(raw);
-    });
+  private post(path: string, body: object): Promise<Resp> {
+    return signedPost(this.url, path, body, CREDS.a, { agent: this.agent, timeoutMs: HANG_MS, onSocket: (sock) => this.sockets.add(sock) });
   }
 
   /** One round trip; failures are recorded, never thrown. */

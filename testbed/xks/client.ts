@@ -6,6 +6,7 @@
  */
 import { spawn } from "node:child_process";
 import { Agent, request as httpRequest } from "node:http";
+import type { Socket } from "node:net";
 import { GENEROUS_MS, sleep } from "../wait.ts";
 import { smithySign, type Creds, type PlainRequest, type SignOptions } from "./sign.ts";
 
@@ -31,6 +32,8 @@ export interface SendOptions {
   agent?: Agent | false;
   /** Give up (reject) after this long without a complete answer: a hang, not a slow answer. */
   timeoutMs?: number;
+  /** Told which connection carries the request (e.g. to count the connections a client used). */
+  onSocket?: (socket: Socket) => void;
 }
 
 /** Sends exactly the given headers and body (no signing). Rejects on a network error or after `timeoutMs`. */
@@ -60,6 +63,7 @@ export function send(baseUrl: string, req: PlainRequest, o: SendOptions = {}): P
       },
     );
     const timer = setTimeout(() => r.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
+    if (o.onSocket) r.on("socket", (s) => o.onSocket?.(s as Socket));
     r.on("error", (err) => {
       clearTimeout(timer);
       reject(err);
