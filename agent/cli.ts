@@ -78,6 +78,17 @@ export async function main(argv: string[]): Promise<number> {
         };
         process.once("SIGTERM", onSignal);
         process.once("SIGINT", onSignal);
+        // Identity rotation without a restart: re-read the file; a bad file keeps the running identities.
+        process.on("SIGHUP", () => {
+          try {
+            agent.reload(loadAgentConfig(values.config!));
+          } catch (err) {
+            agent.log.error(
+              { problems: err instanceof ConfigError ? err.problems : [errorMessage(err)] },
+              "reload rejected; keeping the running identities",
+            );
+          }
+        });
       });
       return 0;
     }

@@ -9,6 +9,9 @@
  *   "pkcs11": { "module": "/usr/lib/softhsm/libsofthsm2.so", "tokenLabel": "xks", "pin": {"file": "pin"} },
  *   "socket": "run/agent.sock",                    // gRPC Unix socket; its folder is made private (0700)
  *   "proxyToken": {"file": "agent-token"},         // the credential the proxy presents on every call
+ *   "identity": { "key": {"file": "agent-identity.key"}, "certificate": "agent-identity.crt" },
+ *                                                  // this agent's TLS identity on the gRPC channel (`xks-agent identity new`)
+ *   "proxyIdentities": ["proxy-identity.crt"],     // the proxy certificates accepted (1, or 2 while rotating)
  *   "healthKey": "xks-health",                     // dedicated key for the deep health check
  *   "ciphertextMetadata": "xks-agent/1",           // returned by Encrypt, <= 20 bytes (UTF-8)
  *   "stateFile": "state/controls.json",            // the owner's pause switch and disabled keys
@@ -22,6 +25,7 @@
  */
 import { hostname } from "node:os";
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
+import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE, MAX_CIPHERTEXT_METADATA_BYTES } from "../shared/xks-spec.ts";
 import type { TunnelTarget } from "./tunnel.ts";
@@ -32,6 +36,10 @@ export interface AgentConfig {
   pkcs11: { module: string; tokenLabel: string; pin: string };
   socket: string;
   proxyToken: string;
+  /** This agent's key and certificate on the gRPC channel, and its fingerprint. */
+  identity: OwnIdentity & { fingerprint: string };
+  /** The proxies' certificates this agent accepts (mutual TLS: a proxy without one of them gets nothing). */
+  proxyIdentities: PinnedIdentity[];
   healthKey: string;
   ciphertextMetadata: Buffer;
   stateFile: string;
@@ -55,6 +63,8 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "pkcs11",
     "socket",
     "proxyToken",
+    "identity",
+    "proxyIdentities",
     "healthKey",
     "ciphertextMetadata",
     "stateFile",
@@ -133,6 +143,8 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     pkcs11,
     socket: c.path(root, "socket", ""),
     proxyToken: c.secret(root, "proxyToken", "", env),
+    identity: c.identity(root, "identity", "", env) ?? { key: "", certificate: "", fingerprint: "" },
+    proxyIdentities: c.pins(root, "proxyIdentities", ""),
     healthKey: c.string(root, "healthKey", "", {
       default: "xks-health",
       pattern: EXTERNAL_KEY_ID_RE,

@@ -25,6 +25,11 @@ export interface RunningAgent {
   events: EventEmitter;
   dashboard: Dashboard | undefined;
   log: Logger;
+  /**
+   * Applies what can change without a restart from a re-read config: this
+   * agent's identity and the pinned proxy identities (for new connections).
+   */
+  reload(next: AgentConfig): void;
   stop(): Promise<void>;
 }
 
@@ -41,6 +46,8 @@ export async function runAgent(
       tokenLabel: config.pkcs11.tokenLabel,
       socket: config.socket,
       healthKey: config.healthKey,
+      identity: config.identity.fingerprint,
+      proxyIdentities: config.proxyIdentities.map((p) => p.fingerprint),
       tunnels: config.tunnels.map((t) => ({ name: t.name, host: t.host, port: t.port, remote: t.remoteSocket ?? t.remoteTcp })),
     },
     "starting",
@@ -84,7 +91,11 @@ export async function runAgent(
     if (rec.operation !== "GetHealthStatus") audit.append(rec);
     events.emit("operation", rec);
   };
-  const server = await startAgentServer(config.socket, { ctx, token: config.proxyToken, controls, log, onOperation });
+  const server = await startAgentServer(
+    config.socket,
+    { ctx, token: config.proxyToken, controls, log, onOperation },
+    { identity: config.identity, pins: config.proxyIdentities },
+  );
   tunnels.start();
   const dashboard = config.dashboard
     ? await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, events, log })
@@ -104,5 +115,13 @@ export async function runAgent(
       hsm.close();
       log.info("stopped");
     })());
-  return { config, hsm, controls, server, tunnels, events, dashboard, log, stop };
+  const reload = (next: AgentConfig) => {
+    server.setIdentity({ identity: next.identity, pins: next.proxyIdentities });
+    log.info(
+      { identity: next.identity.fingerprint, proxyIdentities: next.proxyIdentities.map((p) => p.fingerprint) },
+      "identities reloaded (other settings need a restart)",
+    );
+    log.flush();
+  };
+  return { config, hsm, controls, server, tunnels, events, dashboard, log, reload, stop };
 }

@@ -7,10 +7,12 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { chmodSync, lstatSync, mkdirSync, statSync, unlinkSync } from "node:fs";
 import { dirname } from "node:path";
-import type { Http2Server, ServerHttp2Session } from "node:http2";
+import type { Http2Server, Http2SecureServer, ServerHttp2Session } from "node:http2";
+import type { TLSSocket } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import { AGENT_TOKEN_METADATA_KEY, AgentError, REASON_METADATA_KEY, REASONS, errorMessage } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
+import { certificateFingerprint, type OwnIdentity, type PinnedIdentity } from "../shared/identity.ts";
 import { XksAgentService, type RequestMetadata, type XksAgentHandlers } from "../shared/proto.ts";
 import type { AgentOpContext } from "./ops/context.ts";
 import { decrypt } from "./ops/decrypt.ts";
@@ -186,10 +188,8 @@ const RECEIVE_WINDOW_BYTES = 8 << 20;
  * server option for it, so the window is widened on each new HTTP/2 session of
  * its (internal, pinned grpc-js 1.14.7) http2 servers.
  */
-function widenFlowControlWindow(server: grpc.Server): void {
-  const h2servers = (server as unknown as { http2Servers?: Map<Http2Server, unknown> }).http2Servers;
-  if (!(h2servers instanceof Map)) throw new Error("grpc-js internals changed: cannot set the HTTP/2 receive window");
-  for (const h2 of h2servers.keys()) {
+function widenFlowControlWindow(h2servers: Http2Server[]): void {
+  for (const h2 of h2servers) {
     h2.on("session", (session: ServerHttp2Session) => {
       session.once("localSettings", () => {
         try {
@@ -202,14 +202,100 @@ function widenFlowControlWindow(server: grpc.Server): void {
   }
 }
 
+/** The HTTP/2 servers grpc-js made for its bound ports (internal, pinned grpc-js 1.14.7). */
+function http2ServersOf(server: grpc.Server): Http2Server[] {
+  const h2servers = (server as unknown as { http2Servers?: Map<Http2Server, unknown> }).http2Servers;
+  if (!(h2servers instanceof Map)) throw new Error("grpc-js internals changed: cannot reach its HTTP/2 servers");
+  return [...h2servers.keys()];
+}
+
+/** This agent's identity and the proxies it accepts, as the channel's TLS uses them. */
+export interface ChannelIdentity {
+  identity: OwnIdentity & { fingerprint: string };
+  pins: readonly PinnedIdentity[];
+}
+
+/**
+ * The server's TLS material, swappable at run time through grpc-js's
+ * certificate-provider interface: new connections use the latest identity and
+ * pins; established ones keep theirs.
+ */
+class ChannelIdentityProvider implements grpc.experimental.CertificateProvider {
+  private readonly caListeners = new Set<grpc.experimental.CaCertificateUpdateListener>();
+  private readonly identityListeners = new Set<grpc.experimental.IdentityCertificateUpdateListener>();
+  constructor(private id: ChannelIdentity) {}
+
+  private ca(): grpc.experimental.CaCertificateUpdate {
+    return { caCertificate: Buffer.from(this.id.pins.map((p) => p.certificate).join("\n")) };
+  }
+  private own(): grpc.experimental.IdentityCertificateUpdate {
+    return { certificate: Buffer.from(this.id.identity.certificate), privateKey: Buffer.from(this.id.identity.key) };
+  }
+  set(id: ChannelIdentity): void {
+    this.id = id;
+    for (const l of this.caListeners) l(this.ca());
+    for (const l of this.identityListeners) l(this.own());
+  }
+  addCaCertificateListener(l: grpc.experimental.CaCertificateUpdateListener): void {
+    this.caListeners.add(l);
+    l(this.ca());
+  }
+  removeCaCertificateListener(l: grpc.experimental.CaCertificateUpdateListener): void {
+    this.caListeners.delete(l);
+  }
+  addIdentityCertificateListener(l: grpc.experimental.IdentityCertificateUpdateListener): void {
+    this.identityListeners.add(l);
+    l(this.own());
+  }
+  removeIdentityCertificateListener(l: grpc.experimental.IdentityCertificateUpdateListener): void {
+    this.identityListeners.delete(l);
+  }
+}
+
+/**
+ * Logs a client that failed the TLS handshake, naming the identity it
+ * presented (if any) and the pinned ones; at most one line per presented
+ * identity per minute, so a peer retrying every 100 ms does not flood the log.
+ */
+function logRefusedPeers(h2servers: Http2Server[], pins: () => readonly PinnedIdentity[], log: Logger): void {
+  const lastLogged = new Map<string, number>();
+  for (const h2 of h2servers) {
+    (h2 as unknown as Http2SecureServer).on("tlsClientError", (err: Error, socket: TLSSocket) => {
+      let presented = "none";
+      try {
+        const cert = socket.getPeerCertificate(false);
+        if (cert?.raw) presented = certificateFingerprint(cert.raw);
+      } catch {
+        /* no certificate */
+      }
+      const now = Date.now();
+      if ((lastLogged.get(presented) ?? 0) > now - 60_000) return;
+      lastLogged.set(presented, now);
+      if (lastLogged.size > 100) lastLogged.clear();
+      log.error(
+        { presented, expected: pins().map((p) => p.fingerprint), why: err.message.slice(0, 200) },
+        "refused a gRPC client: it did not present a pinned proxy identity",
+      );
+    });
+  }
+}
+
 export interface AgentServer {
   server: grpc.Server;
   socketPath: string;
+  /** Swaps this agent's identity and the pinned proxy identities for new connections (rotation without restart). */
+  setIdentity(id: ChannelIdentity): void;
   close(graceMs?: number): Promise<void>;
 }
 
-/** Serves the agent's gRPC service on a Unix socket in a private directory. */
-export async function startAgentServer(socketPath: string, deps: AgentServiceDeps): Promise<AgentServer> {
+/**
+ * Serves the agent's gRPC service over mutual TLS on a Unix socket in a private
+ * directory. The agent presents its certificate, and a client must present one
+ * of the pinned proxy certificates (they are the only trust anchors; each is
+ * self-signed) or the handshake fails before any gRPC frame: an unpinned peer
+ * sends no request and receives nothing.
+ */
+export async function startAgentServer(socketPath: string, deps: AgentServiceDeps, id: ChannelIdentity): Promise<AgentServer> {
   preparePrivateSocket(socketPath);
   const server = new grpc.Server({
     "grpc.max_receive_message_length": 1 << 20,
@@ -218,14 +304,24 @@ export async function startAgentServer(socketPath: string, deps: AgentServiceDep
     "grpc.enable_channelz": 0,
   });
   server.addService(XksAgentService, createAgentService(deps));
-  await new Promise<void>((resolve, reject) =>
-    server.bindAsync(`unix://${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())),
-  );
+  const provider = new ChannelIdentityProvider(id);
+  const creds = grpc.experimental.createCertificateProviderServerCredentials(provider, provider, true);
+  let current = id;
+  await new Promise<void>((resolve, reject) => server.bindAsync(`unix://${socketPath}`, creds, (err) => (err ? reject(err) : resolve())));
+  // grpc-js registers its watcher only after our provider's first answers, so the
+  // material is handed over once more now that it listens.
+  provider.set(id);
   chmodSync(socketPath, 0o600);
-  widenFlowControlWindow(server);
+  const h2servers = http2ServersOf(server);
+  widenFlowControlWindow(h2servers);
+  logRefusedPeers(h2servers, () => current.pins, deps.log);
   return {
     server,
     socketPath,
+    setIdentity(next) {
+      provider.set(next);
+      current = next;
+    },
     close: (graceMs = 2000) =>
       new Promise<void>((resolve) => {
         const timer = setTimeout(() => {

@@ -13,7 +13,15 @@
  * - Health: a background refresh calls every agent's GetHealthStatus; the
  *   request path only ever reads the cache (`healthSnapshot`), never awaits
  *   an agent.
+ * - The channel is mutual TLS inside whatever stream reaches the agent (the
+ *   SSH-forwarded socket): the proxy presents its own certificate and accepts
+ *   only the agent certificates pinned for that agent, whoever bound the
+ *   socket or port. Nothing (no token, no request) is sent before the agent's
+ *   certificate is verified. When a health check fails, one TLS handshake
+ *   without a client certificate finds out who is listening, so the log and
+ *   the health cache can name the identity presented (`identityProblem`).
  */
+import { connect as tlsConnect } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import {
   AGENT_TOKEN_METADATA_KEY,
@@ -24,6 +32,7 @@ import {
   isReason,
   type XksErrorName,
 } from "../shared/errors.ts";
+import { certificateFingerprint, type OwnIdentity, type PinnedIdentity } from "../shared/identity.ts";
 import type { Logger } from "../shared/logging.ts";
 import {
   XksAgentClient,
@@ -64,6 +73,8 @@ export interface AgentHealth {
   checkedAt?: number;
   /** The agent's last successful answer, if any. */
   report?: GetHealthStatusResponse;
+  /** Why the agent is UNAVAILABLE, when known (e.g. an identity mismatch). */
+  reason?: string;
 }
 
 /**
@@ -172,6 +183,70 @@ const INVOKE: { [M in keyof AgentMethods]: Invoke<M> } = {
   GetHealthStatus: (client, req, md, opts, cb) => client.GetHealthStatus(req, md, opts, cb),
 };
 
+/**
+ * The channel credentials for one agent: this proxy's key and certificate, and
+ * the agent's pinned certificates as the only trust anchors. checkServerIdentity
+ * replaces the host-name check (a socket path has no host name) with the pin
+ * check on the presented public key.
+ */
+export function agentChannelCredentials(own: OwnIdentity, pins: readonly PinnedIdentity[]): grpc.ChannelCredentials {
+  return grpc.credentials.createSsl(
+    Buffer.from(pins.map((p) => p.certificate).join("\n")),
+    Buffer.from(own.key),
+    Buffer.from(own.certificate),
+    {
+      checkServerIdentity: (_host, cert) => {
+        let presented = "none";
+        try {
+          if (cert?.raw) presented = certificateFingerprint(cert.raw);
+        } catch {
+          presented = "unparseable certificate";
+        }
+        return pins.some((p) => p.fingerprint === presented) ? undefined : new Error(`agent identity ${presented} is not pinned`);
+      },
+    },
+  );
+}
+
+/** Where a grpc-js target points, for a raw connection: a Unix socket path or host and port. */
+function socketAddress(target: string): { path: string } | { host: string; port: number } {
+  if (target.startsWith("unix:")) return { path: target.replace(/^unix:(\/\/)?/, "") };
+  const m = /^\[?([^\]]*?)\]?:(\d+)$/.exec(target);
+  return { host: m?.[1] ?? target, port: Number(m?.[2] ?? 0) };
+}
+
+/**
+ * The identity (fingerprint) of whoever listens at `target`, read from one TLS
+ * handshake that presents no client certificate and sends nothing else.
+ * "no TLS" when the peer is not a TLS server; undefined when nothing answers.
+ */
+export function presentedIdentity(target: string, timeoutMs = 1000): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    const socket = tlsConnect({ ...socketAddress(target), servername: "localhost", ALPNProtocols: ["h2"], rejectUnauthorized: false });
+    let connected = false;
+    const done = (v: string | undefined) => {
+      clearTimeout(timer);
+      socket.destroy();
+      resolve(v);
+    };
+    const timer = setTimeout(() => done(connected ? "no TLS" : undefined), timeoutMs);
+    socket.once("connect", () => {
+      connected = true;
+    });
+    socket.once("secureConnect", () => {
+      const cert = socket.getPeerCertificate(false);
+      let fp = "none";
+      try {
+        if (cert?.raw) fp = certificateFingerprint(cert.raw);
+      } catch {
+        fp = "unparseable certificate";
+      }
+      done(fp);
+    });
+    socket.once("error", () => done(connected ? "no TLS" : undefined));
+  });
+}
+
 interface Conn {
   cfg: AgentEndpoint;
   client: XksAgentClient;
@@ -179,10 +254,14 @@ interface Conn {
   health: AgentHealth;
   /** A call just failed in transport: route around it until the next health check answers. */
   suspect: boolean;
+  /** The identity problem last logged for this agent (logged again only when it changes). */
+  identityProblem?: string;
 }
 
 export interface AgentPoolOptions {
   agents: readonly AgentEndpoint[];
+  /** This proxy's identity on every agent channel. */
+  identity: OwnIdentity;
   /** Deadline of GetKeyMetadata / Encrypt / Decrypt calls. */
   deadlineMs: number;
   /** Deadline of one background GetHealthStatus call. */
@@ -200,6 +279,7 @@ export class AgentPool implements AgentApi {
   private readonly conns: Conn[];
   private readonly opts: AgentPoolOptions;
   private readonly now: () => number;
+  private identity: OwnIdentity;
   private next = 0;
   private timer: NodeJS.Timeout | undefined;
   private refreshing: Promise<void> | undefined;
@@ -210,12 +290,53 @@ export class AgentPool implements AgentApi {
   constructor(opts: AgentPoolOptions) {
     this.opts = opts;
     this.now = opts.now ?? Date.now;
-    this.conns = opts.agents.map((cfg) => {
-      const client = new XksAgentClient(cfg.target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
-      // Connect eagerly so the first KMS request does not pay for the handshake.
-      client.getChannel().getConnectivityState(true);
-      return { cfg, client, health: { id: cfg.id, state: "UNAVAILABLE" }, suspect: false };
-    });
+    this.identity = opts.identity;
+    this.conns = opts.agents.map((cfg) => ({
+      cfg,
+      client: this.newClient(cfg, opts.identity),
+      health: { id: cfg.id, state: "UNAVAILABLE" },
+      suspect: false,
+    }));
+  }
+
+  private newClient(cfg: AgentEndpoint, identity: OwnIdentity): XksAgentClient {
+    const client = new XksAgentClient(cfg.target, agentChannelCredentials(identity, cfg.identities), CHANNEL_OPTIONS);
+    // Connect eagerly so the first KMS request does not pay for the handshake.
+    client.getChannel().getConnectivityState(true);
+    return client;
+  }
+
+  /**
+   * Identity rotation without a restart: for every agent whose pinned
+   * identities changed (or for all, when this proxy's own identity changed),
+   * a new channel is opened and, once it is ready (or after the health
+   * deadline), replaces the old one; the old channel is closed only after
+   * that, so calls in flight finish on it. Agents are matched by id; the set
+   * of agents itself needs a restart.
+   */
+  async updateIdentities(identity: OwnIdentity, agents: readonly AgentEndpoint[]): Promise<void> {
+    const ownChanged = identity.certificate !== this.identity.certificate || identity.key !== this.identity.key;
+    this.identity = identity;
+    await Promise.all(
+      this.conns.map(async (c) => {
+        const next = agents.find((a) => a.id === c.cfg.id);
+        if (!next) return;
+        const pinsChanged = next.identities.map((p) => p.fingerprint).join() !== c.cfg.identities.map((p) => p.fingerprint).join();
+        if (!ownChanged && !pinsChanged) return;
+        const client = this.newClient(next, identity);
+        await new Promise<void>((resolve) => client.waitForReady(Date.now() + this.opts.healthDeadlineMs, () => resolve()));
+        const old = c.client;
+        c.client = client;
+        c.cfg = next;
+        c.identityProblem = undefined;
+        this.opts.log.info(
+          { agent: c.cfg.id, identities: next.identities.map((p) => p.fingerprint) },
+          "agent channel re-opened with the new identities",
+        );
+        setTimeout(() => old.close(), this.opts.deadlineMs * 5).unref();
+      }),
+    );
+    void this.refreshHealth();
   }
 
   /** Starts the background health refresh (one immediately, then every healthRefreshMs). */
@@ -330,12 +451,41 @@ export class AgentPool implements AgentApi {
         this.opts.healthDeadlineMs,
       );
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
-      this.setHealth(c, { state, checkedAt: this.now(), report: res }, res.detail ? res.detail.slice(0, 200) : "health check");
+      c.identityProblem = undefined;
+      this.setHealth(
+        c,
+        { state, checkedAt: this.now(), report: res, reason: state === "UNAVAILABLE" ? res.detail.slice(0, 200) : undefined },
+        res.detail ? res.detail.slice(0, 200) : "health check",
+      );
     } catch (err) {
-      const { error } = classifyAgentFailure(err, c.cfg.id);
-      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report }, error.message);
+      const { error, transport } = classifyAgentFailure(err, c.cfg.id);
+      const problem = transport ? await this.identityProblem(c) : undefined;
+      const reason = problem ?? error.message;
+      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report, reason }, reason);
     }
     c.suspect = false;
+  }
+
+  /**
+   * After a transport failure: who is listening at the agent's target? A peer
+   * with an unpinned identity (or none) is named in one error line per change;
+   * a pinned agent that refuses us means it does not pin this proxy's identity.
+   */
+  private async identityProblem(c: Conn): Promise<string | undefined> {
+    const presented = await presentedIdentity(c.cfg.target);
+    const expected = c.cfg.identities.map((p) => p.fingerprint);
+    let problem: string | undefined;
+    if (presented === undefined) problem = undefined;
+    else if (!expected.includes(presented)) {
+      problem = `agent identity mismatch at ${c.cfg.target}: expected ${expected.join(" or ")}, presented ${presented}`;
+    } else {
+      problem = `agent ${presented} refused this proxy's identity ${certificateFingerprint(this.identity.certificate)}: pin it in the agent's proxyIdentities`;
+    }
+    if (problem !== undefined && problem !== c.identityProblem) {
+      this.opts.log.error({ agent: c.cfg.id, target: c.cfg.target, expected, presented }, problem);
+    }
+    c.identityProblem = problem;
+    return problem;
   }
 
   /** Refreshes every agent's health once (concurrent calls share one refresh). */

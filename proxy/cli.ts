@@ -82,6 +82,7 @@ async function cmdServe(argv: string[]): Promise<number> {
       try {
         const next = loadProxyConfig(file, process.env);
         running.keyStores.replace(next.keyStores);
+        void running.agents.updateIdentities(next.identity, next.agents);
         log.info(
           {
             keyStores: next.keyStores.map((s) => ({
@@ -90,7 +91,7 @@ async function cmdServe(argv: string[]): Promise<number> {
               keys: s.keys.length,
             })),
           },
-          "key stores reloaded (other settings need a restart)",
+          "key stores and identities reloaded (other settings need a restart)",
         );
       } catch (e) {
         log.error(

@@ -16,8 +16,11 @@
  *   "agents": [                                         // 1..10; one ekmFleetDetails entry each
  *     { "id": "mac-1",                                  // unique, [A-Za-z0-9._:-]{1,64}
  *       "target": "unix:///run/xks/agent.sock",         // or "127.0.0.1:7000"
- *       "token": { "file": "agent-token" } }            // secret: sent as metadata x-xks-agent-token
+ *       "token": { "file": "agent-token" },             // secret: sent as metadata x-xks-agent-token
+ *       "identities": ["agent-identity.crt"] }          // the agent's certificates accepted (1, or 2 while rotating)
  *   ],
+ *   "identity": { "key": { "file": "proxy-identity.key" },   // this proxy's TLS identity towards its agents
+ *                 "certificate": "proxy-identity.crt" },    //   (`xks-proxy identity new`)
  *   "agentDeadlineMs": 200,                             // [200] deadline of each crypto/metadata call, 10..240
  *   "healthRefreshMs": 10000,                           // [10000] background health refresh period, 100..30000
  *   "healthDeadlineMs": 2000,                           // [2000] deadline of one background health call, 10..10000
@@ -49,6 +52,7 @@
  * ```
  */
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
+import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, SPEC_MIN_AAD_BYTES, SPEC_MIN_PLAINTEXT_BYTES } from "../shared/xks-spec.ts";
 
@@ -78,6 +82,8 @@ export interface AgentEndpoint {
   /** grpc-js target: `unix:///abs/path.sock` or `host:port`. */
   target: string;
   token: string;
+  /** The agent's certificates accepted on its channel (mutual TLS, pinned). */
+  identities: PinnedIdentity[];
 }
 
 export interface Limits {
@@ -103,6 +109,8 @@ export interface ProxyConfig {
   vendor: string;
   ekmVendor: string;
   agents: AgentEndpoint[];
+  /** This proxy's key and certificate towards its agents, and its fingerprint. */
+  identity: OwnIdentity & { fingerprint: string };
   agentDeadlineMs: number;
   healthRefreshMs: number;
   healthDeadlineMs: number;
@@ -159,6 +167,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     "vendor",
     "ekmVendor",
     "agents",
+    "identity",
     "agentDeadlineMs",
     "healthRefreshMs",
     "healthDeadlineMs",
@@ -191,7 +200,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   agentList.forEach((a, i) => {
     const f = `agents[${i}]`;
     const o = c.object(a, f);
-    c.noUnknown(o, f, ["id", "target", "token"]);
+    c.noUnknown(o, f, ["id", "target", "token", "identities"]);
     const id = c.string(o, "id", f, { pattern: AGENT_ID_RE, hint: "1-64 characters of [A-Za-z0-9._:-]" });
     if (id !== "" && agentIds.has(id)) c.problem(`${f}.id`, `duplicate agent id "${id}"`);
     agentIds.add(id);
@@ -201,8 +210,11 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     });
     const token = c.secret(o, "token", f, env);
     if (token !== "" && !TOKEN_RE.test(token)) c.problem(`${f}.token`, "must be 16-1024 printable ASCII characters without spaces");
-    agents.push({ id, target, token });
+    const identities = c.pins(o, "identities", f);
+    agents.push({ id, target, token, identities });
   });
+
+  const identity = c.identity(root, "identity", "", env) ?? { key: "", certificate: "", fingerprint: "" };
 
   // limits
   const limitsObj = root.limits === undefined ? {} : c.object(root.limits, "limits");
@@ -299,6 +311,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     vendor,
     ekmVendor,
     agents,
+    identity,
     agentDeadlineMs,
     healthRefreshMs,
     healthDeadlineMs,
@@ -317,7 +330,8 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
     region: cfg.region,
     fleetSize: cfg.fleetSize,
     vendor: cfg.vendor,
-    agents: cfg.agents.map((a) => ({ id: a.id, target: a.target })),
+    identity: cfg.identity.fingerprint,
+    agents: cfg.agents.map((a) => ({ id: a.id, target: a.target, identities: a.identities.map((p) => p.fingerprint) })),
     agentDeadlineMs: cfg.agentDeadlineMs,
     healthRefreshMs: cfg.healthRefreshMs,
     healthDeadlineMs: cfg.healthDeadlineMs,

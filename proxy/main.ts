@@ -81,6 +81,7 @@ export async function serve(config: Readonly<ProxyConfig>, log: Logger, opts: { 
   routeGrpcLogs(log);
   const agents = new AgentPool({
     agents: config.agents,
+    identity: config.identity,
     deadlineMs: config.agentDeadlineMs,
     healthDeadlineMs: config.healthDeadlineMs,
     healthRefreshMs: config.healthRefreshMs,

@@ -7,6 +7,7 @@
 import { readFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { dirname, isAbsolute, resolve } from "node:path";
+import { checkOwnIdentity, type OwnIdentity, type PinnedIdentity, parsePinned } from "./identity.ts";
 
 export class ConfigError extends Error {
   readonly problems: string[];
@@ -151,6 +152,65 @@ export class Checker {
       const code = (err as NodeJS.ErrnoException).code;
       this.problem(f, `cannot read the secret (${code ?? "lookup failed"})`);
       return "";
+    }
+  }
+
+  /**
+   * This side's identity on the proxy↔agent channel: {"key": <secret reference to the PEM private key>,
+   * "certificate": <path to its PEM certificate>}. The key must belong to the certificate.
+   */
+  identity(o: Obj, key: string, field: string, env: NodeJS.ProcessEnv = process.env): (OwnIdentity & { fingerprint: string }) | undefined {
+    const f = field ? `${field}.${key}` : key;
+    const io = this.object(o[key], f);
+    this.noUnknown(io, f, ["key", "certificate"]);
+    const pem = this.secret(io, "key", f, env);
+    const certificate = this.textFile(io, "certificate", f);
+    if (pem === "" || certificate === undefined) return undefined;
+    try {
+      return { key: pem, certificate, fingerprint: checkOwnIdentity({ key: pem, certificate }) };
+    } catch (err) {
+      this.problem(f, (err as Error).message);
+      return undefined;
+    }
+  }
+
+  /** The peer identities this side accepts: 1 or 2 paths to PEM certificates (two while one is being rotated). */
+  pins(o: Obj, key: string, field: string): PinnedIdentity[] {
+    const f = field ? `${field}.${key}` : key;
+    const list = this.array(o, key, field, { min: 1 });
+    if (list.length > 2) this.problem(f, "must have 1 or 2 entries (the current identity and, while rotating, the next)");
+    const pins: PinnedIdentity[] = [];
+    list.forEach((v, i) => {
+      const fi = `${f}[${i}]`;
+      if (typeof v !== "string" || v === "") {
+        this.problem(fi, "must be the path of a PEM certificate");
+        return;
+      }
+      const text = this.readText(isAbsolute(v) ? v : resolve(dirname(this.file), v), fi);
+      if (text === undefined) return;
+      try {
+        const pin = parsePinned(text);
+        if (pins.some((p) => p.fingerprint === pin.fingerprint)) this.problem(fi, "the same identity is pinned twice");
+        pins.push(pin);
+      } catch (err) {
+        this.problem(fi, (err as Error).message);
+      }
+    });
+    return pins;
+  }
+
+  /** The text of a (public) file named by a path field; undefined after reporting a problem. */
+  private textFile(o: Obj, key: string, field: string): string | undefined {
+    const p = this.path(o, key, field);
+    return p === "" ? undefined : this.readText(p, `${field}.${key}`);
+  }
+
+  private readText(path: string, field: string): string | undefined {
+    try {
+      return readFileSync(path, "utf8");
+    } catch (err) {
+      this.problem(field, `cannot read ${path} (${(err as NodeJS.ErrnoException).code ?? "error"})`);
+      return undefined;
     }
   }
 

@@ -5,6 +5,7 @@
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { SoftHsmToken } from "./hsm.ts";
+import { type Identity, TEST_IDENTITIES, writeIdentity, writePins } from "./identities.ts";
 import type { Creds } from "./xks/sign.ts";
 
 /** Writes `value` to `dir/name` (0600) and returns the config's reference to it. */
@@ -19,6 +20,10 @@ export interface AgentConfigOptions {
   proxyToken: string;
   agentId?: string;
   healthKey?: string;
+  /** The agent's own channel identity (default TEST_IDENTITIES.agent). */
+  identity?: Identity;
+  /** The proxy identities it accepts (default [TEST_IDENTITIES.proxy]). */
+  proxyIdentities?: Identity[];
   /** Any other top-level fields (tunnels, dashboard, log, …), written as given. */
   extra?: Record<string, unknown>;
 }
@@ -31,6 +36,8 @@ export function writeAgentConfig(dir: string, o: AgentConfigOptions): string {
     pkcs11: { module: o.token.module, tokenLabel: o.token.tokenLabel, pin: secretFile(dir, "pin", o.token.pin) },
     socket: "run/agent.sock",
     proxyToken: secretFile(dir, "agent-token", o.proxyToken),
+    identity: writeIdentity(dir, "agent-identity", o.identity ?? TEST_IDENTITIES.agent),
+    proxyIdentities: writePins(dir, "pinned-proxy", o.proxyIdentities ?? [TEST_IDENTITIES.proxy]),
     healthKey: o.healthKey ?? "xks-health",
     stateFile: "state/controls.json",
     auditLog: "state/audit.log",
@@ -46,6 +53,8 @@ export interface AgentEntry {
   /** grpc-js target: `unix:///abs/path.sock` or `host:port`. */
   target: string;
   token: string;
+  /** The agent identities the proxy accepts for it (default [TEST_IDENTITIES.agent]). */
+  identities?: Identity[];
 }
 
 /** One KMS external key store served by the proxy. */
@@ -61,6 +70,8 @@ export interface ProxyConfigOptions {
   /** Default 0: any free port. */
   port?: number;
   region?: string;
+  /** The proxy's own channel identity (default TEST_IDENTITIES.proxy). */
+  identity?: Identity;
   /** Any other top-level fields (deadlines, http, log, …), written as given. */
   extra?: Record<string, unknown>;
 }
@@ -71,7 +82,13 @@ export function writeProxyConfig(dir: string, o: ProxyConfigOptions): string {
   const config = {
     listen: { host: "127.0.0.1", port: o.port ?? 0 },
     region: o.region ?? "us-east-1",
-    agents: o.agents.map((a, i) => ({ id: a.id, target: a.target, token: secretFile(dir, `agent-token-${i}`, a.token) })),
+    identity: writeIdentity(dir, "proxy-identity", o.identity ?? TEST_IDENTITIES.proxy),
+    agents: o.agents.map((a, i) => ({
+      id: a.id,
+      target: a.target,
+      token: secretFile(dir, `agent-token-${i}`, a.token),
+      identities: writePins(dir, `pinned-agent-${i}`, a.identities ?? [TEST_IDENTITIES.agent]),
+    })),
     keyStores: o.keyStores.map((s) => ({
       uriPathPrefix: s.prefix,
       credentials: s.credentials.map((c) => ({

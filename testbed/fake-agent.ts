@@ -7,7 +7,9 @@
  *   - "status-internal" fails with a bare INTERNAL status (no reason);
  *   - "never" never answers (the proxy's deadline is then certain to pass);
  *   - "bad-answer" returns a malformed result.
- * `health.never = true` makes GetHealthStatus never answer either. The real
+ * `health.never = true` makes GetHealthStatus never answer either. It serves
+ * mutual TLS like the real agent, with TEST_IDENTITIES.agent (or `identity`)
+ * and accepting TEST_IDENTITIES.proxy. The real
  * agent on SoftHSM is what the integration and e2e tests use otherwise.
  */
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:crypto";
@@ -24,6 +26,7 @@ import {
   type HealthState,
   XksAgentService,
 } from "../shared/proto.ts";
+import { type Identity, TEST_IDENTITIES } from "./identities.ts";
 
 export interface FakeAgent {
   target: string;
@@ -43,7 +46,7 @@ function hsmAad(aad: Buffer, cm: Buffer): Buffer {
   return Buffer.concat([a, aad, Buffer.from([cm.length]), cm]);
 }
 
-export async function startFakeAgent(opts: { dir?: string; token?: string; name?: string } = {}): Promise<FakeAgent> {
+export async function startFakeAgent(opts: { dir?: string; token?: string; name?: string; identity?: Identity } = {}): Promise<FakeAgent> {
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "xks-fake-agent-"));
   const socketPath = join(dir, `${opts.name ?? "fake"}.sock`);
   const token = opts.token ?? randomBytes(24).toString("base64url");
@@ -128,7 +131,9 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
     }),
   });
   await new Promise<void>((resolve, reject) =>
-    server.bindAsync(`unix://${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())),
+    server.bindAsync(`unix://${socketPath}`, fakeAgentCredentials(opts.identity ?? TEST_IDENTITIES.agent), (err) =>
+      err ? reject(err) : resolve(),
+    ),
   );
   return {
     target: `unix://${socketPath}`,
@@ -144,4 +149,13 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
         setTimeout(() => server.forceShutdown(), 200).unref();
       }),
   };
+}
+
+/** The agent side of the channel's mutual TLS: `identity`, accepting only TEST_IDENTITIES.proxy. */
+export function fakeAgentCredentials(identity: Identity): grpc.ServerCredentials {
+  return grpc.ServerCredentials.createSsl(
+    Buffer.from(TEST_IDENTITIES.proxy.certificate),
+    [{ private_key: Buffer.from(identity.key), cert_chain: Buffer.from(identity.certificate) }],
+    true,
+  );
 }

@@ -5,7 +5,9 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY } from "../shared/errors.ts";
+import { agentChannelCredentials } from "../proxy/agent-client.ts";
 import { XksAgentClient } from "../shared/proto.ts";
+import { type Identity, pinOf, TEST_IDENTITIES } from "./identities.ts";
 import { GENEROUS_MS } from "./wait.ts";
 
 export interface CallError {
@@ -35,9 +37,18 @@ export interface AgentTestClient {
   close(): void;
 }
 
-/** A client of the agent at `target` (e.g. `unix:///path/agent.sock`) presenting `token`. Rejections are {@link CallError}s. */
-export function agentClient(target: string, token: string): AgentTestClient {
-  const client = new XksAgentClient(target, grpc.credentials.createInsecure());
+/**
+ * A client of the agent at `target` (e.g. `unix:///path/agent.sock`) presenting `token`, over the
+ * channel's mutual TLS as the proxy makes it: presenting `identity` (default TEST_IDENTITIES.proxy)
+ * and accepting only `agentIdentities` (default [TEST_IDENTITIES.agent]). Rejections are {@link CallError}s.
+ */
+export function agentClient(
+  target: string,
+  token: string,
+  ids: { identity?: Identity; agentIdentities?: Identity[] } = {},
+): AgentTestClient {
+  const creds = agentChannelCredentials(ids.identity ?? TEST_IDENTITIES.proxy, (ids.agentIdentities ?? [TEST_IDENTITIES.agent]).map(pinOf));
+  const client = new XksAgentClient(target, creds);
   const call: AgentTestClient["call"] = (method, req, opts = {}) =>
     new Promise((resolve, reject) => {
       const md = new grpc.Metadata();

@@ -11,10 +11,12 @@ import * as protoLoader from "@grpc/proto-loader";
 import pkcs11js from "pkcs11js";
 import { verifyAuditLog } from "../../agent/audit.ts";
 import { Hsm } from "../../agent/hsm/hsm.ts";
+import { agentChannelCredentials } from "../../proxy/agent-client.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY } from "../../shared/errors.ts";
 import { agentClient, type AgentTestClient, type CallError } from "../../testbed/grpc-client.ts";
 import { createRawAesKey } from "../../testbed/hsm.ts";
+import { pinOf, TEST_IDENTITIES } from "../../testbed/identities.ts";
 import { startTestAgent, type TestAgent } from "../../testbed/in-process.ts";
 import { encodings, findLeaks } from "../../testbed/logs.ts";
 import { nextEvent } from "../../testbed/wait.ts";
@@ -301,7 +303,10 @@ describe("contract", () => {
     writeFileSync(file, newer);
     const def = protoLoader.loadSync(file, { keepCase: false, defaults: true });
     const pkg = grpc.loadPackageDefinition(def) as any;
-    const client = new pkg.xks.agent.v1.XksAgent(`unix://${t.socketPath}`, grpc.credentials.createInsecure());
+    const client = new pkg.xks.agent.v1.XksAgent(
+      `unix://${t.socketPath}`,
+      agentChannelCredentials(TEST_IDENTITIES.proxy, [pinOf(TEST_IDENTITIES.agent)]),
+    );
     const md = new grpc.Metadata();
     md.set(AGENT_TOKEN_METADATA_KEY, t.token);
     const res: any = await new Promise((resolve, reject) =>

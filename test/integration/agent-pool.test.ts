@@ -4,6 +4,7 @@ import { describe, it } from "node:test";
 import { AgentPool } from "../../proxy/agent-client.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { startFakeAgent } from "../../testbed/fake-agent.ts";
+import { pinOf, TEST_IDENTITIES } from "../../testbed/identities.ts";
 import { until } from "../../testbed/wait.ts";
 
 describe("agent pool health cache", () => {
@@ -11,7 +12,8 @@ describe("agent pool health cache", () => {
     const fa = await startFakeAgent({ name: "cache" });
     let now = 1_000_000;
     const pool = new AgentPool({
-      agents: [{ id: "x", target: fa.target, token: fa.token }],
+      agents: [{ id: "x", target: fa.target, token: fa.token, identities: [pinOf(TEST_IDENTITIES.agent)] }],
+      identity: TEST_IDENTITIES.proxy,
       deadlineMs: 200,
       healthDeadlineMs: 500,
       healthRefreshMs: 10_000,
@@ -49,7 +51,8 @@ describe("agent pool health cache", () => {
     const fa = await startFakeAgent({ name: "mute" });
     fa.health.never = true;
     const pool = new AgentPool({
-      agents: [{ id: "mute", target: fa.target, token: fa.token }],
+      agents: [{ id: "mute", target: fa.target, token: fa.token, identities: [pinOf(TEST_IDENTITIES.agent)] }],
+      identity: TEST_IDENTITIES.proxy,
       deadlineMs: 200,
       healthDeadlineMs: 300,
       healthRefreshMs: 10_000,

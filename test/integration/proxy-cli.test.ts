@@ -116,7 +116,7 @@ describe("xks-proxy CLI", () => {
       ];
       writeFileSync(file, JSON.stringify(cfg));
       p.kill("SIGHUP");
-      await until(() => stdout.includes("key stores reloaded"), "the reload");
+      await until(() => stdout.includes("key stores and identities reloaded"), "the reload");
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, fresh)).status, 200);
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, CREDS.b)).status, 200);
       assert.equal((await signedPost(url, `${PREFIX}/kms/xks/v1/health`, health, CREDS.a)).status, 401);

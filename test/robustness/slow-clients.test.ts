@@ -30,6 +30,7 @@ import { ConfigError } from "../../shared/config.ts";
 import { MAX_HEADERS_COUNT } from "../../proxy/main.ts";
 import { parseProxyConfig } from "../../proxy/config.ts";
 import { API, CREDS, PREFIX } from "../../testbed/configs.ts";
+import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { type ProxyFixture, startProxy, startTestAgent, type TestAgent } from "../../testbed/in-process.ts";
 import { GENEROUS_MS, sleep, until } from "../../testbed/wait.ts";
 import { decryptBody, encryptBody } from "../../testbed/xks/bodies.ts";
@@ -625,7 +626,15 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
       writeFileSync(join(dir, "a.secret"), CREDS.a.secretAccessKey);
       const base = {
         region: "us-east-1",
-        agents: [{ id: "mac-1", target: "unix:///run/xks/agent.sock", token: { file: "token" } }],
+        identity: writeIdentity(dir, "proxy-identity", TEST_IDENTITIES.proxy),
+        agents: [
+          {
+            id: "mac-1",
+            target: "unix:///run/xks/agent.sock",
+            token: { file: "token" },
+            identities: writePins(dir, "agent", [TEST_IDENTITIES.agent]),
+          },
+        ],
         keyStores: [
           {
             uriPathPrefix: PREFIX,

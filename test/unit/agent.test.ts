@@ -9,6 +9,7 @@ import { CKR, classifyCkr, type FailureScope } from "../../agent/hsm/ckr.ts";
 import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
 import { parseAgentConfig } from "../../agent/config.ts";
 import { ConfigError } from "../../shared/config.ts";
+import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { REASONS, XKS_ERRORS, type Reason } from "../../shared/errors.ts";
 
 test("hsmAAD = u16be(len AAD) || AAD || u8(len CM) || CM", () => {
@@ -148,6 +149,8 @@ test("agent config: every problem reported at once, with file and field, never t
     "ciphertextMetadata",
     "tunnels[0].privateKey",
     "tunnels[0].hostKeyFingerprint",
+    "identity",
+    "proxyIdentities",
     "typo",
   ]) {
     assert.ok(
@@ -158,11 +161,22 @@ test("agent config: every problem reported at once, with file and field, never t
   assert.ok(!text.includes("inline-pin-9911"), "the config error echoes a secret");
 
   const ok = parseAgentConfig(
-    { pkcs11: { module: "/x.so", tokenLabel: "t", pin: { file: "pin" } }, proxyToken: { env: "TOK" }, socket: "run/a.sock" },
+    {
+      pkcs11: { module: "/x.so", tokenLabel: "t", pin: { file: "pin" } },
+      proxyToken: { env: "TOK" },
+      socket: "run/a.sock",
+      identity: writeIdentity(dir, "agent-identity", TEST_IDENTITIES.agent),
+      proxyIdentities: writePins(dir, "proxy", [TEST_IDENTITIES.proxy]),
+    },
     file,
     { TOK: "0123456789abcdef-token" },
   );
   assert.equal(ok.pkcs11.pin, "s3cret-pin-value");
+  assert.equal(ok.identity.fingerprint, TEST_IDENTITIES.agent.fingerprint);
+  assert.deepEqual(
+    ok.proxyIdentities.map((p) => p.fingerprint),
+    [TEST_IDENTITIES.proxy.fingerprint],
+  );
   assert.equal(ok.socket, join(dir, "run/a.sock"));
   assert.ok(Object.isFrozen(ok) && Object.isFrozen(ok.pkcs11));
 });

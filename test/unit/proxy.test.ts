@@ -22,6 +22,7 @@ import { buildHealthResponse } from "../../proxy/handlers/get-health-status.ts";
 import { parseXksPath } from "../../proxy/routes.ts";
 import { isCanonicalBase64, parseJsonBody, parseRequestMetadata, base64Field } from "../../proxy/validate.ts";
 import { CREDS, PREFIX } from "../../testbed/configs.ts";
+import { newIdentity, TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { LogCapture } from "../../testbed/logs.ts";
 import { send, signedPost } from "../../testbed/xks/client.ts";
 import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
@@ -187,12 +188,16 @@ describe("proxy config", () => {
     writeFileSync(join(dir, "a.secret"), `${CREDS.a.secretAccessKey}\n`);
     writeFileSync(join(dir, "short.secret"), "tooshort\n");
     writeFileSync(join(dir, "token"), "0123456789abcdef0123\n");
+    writeIdentity(dir, "proxy-identity", TEST_IDENTITIES.proxy);
+    writePins(dir, "agent", [TEST_IDENTITIES.agent, newIdentity("next"), newIdentity("third")]);
+    writeFileSync(join(dir, "not-a-cert.crt"), "hello\n");
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
   const valid = () => ({
     region: "us-east-1",
-    agents: [{ id: "mac-1", target: "unix:///run/xks/agent.sock", token: { file: "token" } }],
+    identity: { key: { file: "proxy-identity.key" }, certificate: "proxy-identity.crt" },
+    agents: [{ id: "mac-1", target: "unix:///run/xks/agent.sock", token: { file: "token" }, identities: ["agent-0.crt"] }],
     keyStores: [
       { uriPathPrefix: PREFIX, credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { file: "a.secret" } }], keys: ["foo"] },
     ],
@@ -208,6 +213,11 @@ describe("proxy config", () => {
     assert.deepEqual(c.limits, { maxPlaintextBytes: 8192, maxCiphertextBytes: 8192, maxAadBytes: 16384, maxBodyBytes: 65536 });
     assert.equal(c.keyStores[0].credentials[0].secretAccessKey, CREDS.a.secretAccessKey);
     assert.equal(c.agents[0].token, "0123456789abcdef0123");
+    assert.equal(c.identity.fingerprint, TEST_IDENTITIES.proxy.fingerprint);
+    assert.deepEqual(
+      c.agents[0].identities.map((p) => p.fingerprint),
+      [TEST_IDENTITIES.agent.fingerprint],
+    );
     assert.ok(Object.isFrozen(c) && Object.isFrozen(c.keyStores[0].credentials[0]));
   });
 
@@ -217,9 +227,12 @@ describe("proxy config", () => {
       region: "US East",
       agentDeadlineMs: 400,
       typo: true,
+      identity: { key: { file: "proxy-identity.key" }, certificate: "agent-0.crt" },
       agents: [
-        { id: "mac 1", target: "http://x", token: "inline-token" },
-        { id: "mac-2", target: "127.0.0.1:7000", token: { env: "NOPE" } },
+        { id: "mac 1", target: "http://x", token: "inline-token", identities: [] },
+        { id: "mac-2", target: "127.0.0.1:7000", token: { env: "NOPE" }, identities: ["agent-0.crt", "agent-1.crt", "agent-2.crt"] },
+        { id: "mac-3", target: "127.0.0.1:7001", token: { file: "token" }, identities: ["agent-0.crt", "agent-0.crt"] },
+        { id: "mac-4", target: "127.0.0.1:7002", token: { file: "token" }, identities: ["not-a-cert.crt", "missing.crt"] },
       ],
       limits: { maxPlaintextBytes: 4000, maxAadBytes: 1024, maxBodyBytes: 2048 },
       keyStores: [
@@ -262,6 +275,12 @@ describe("proxy config", () => {
       "agents[0].target:",
       "agents[0].token:",
       "agents[1].token: environment variable NOPE",
+      "identity: the key does not belong to the certificate",
+      "agents[0].identities: must have at least 1",
+      "agents[1].identities: must have 1 or 2 entries",
+      "agents[2].identities[1]: the same identity is pinned twice",
+      "agents[3].identities[0]: not a PEM X.509 certificate",
+      "agents[3].identities[1]: cannot read",
       "limits.maxPlaintextBytes:",
       "limits.maxAadBytes:",
       "limits.maxBodyBytes:",
@@ -456,10 +475,14 @@ describe("buildApp in-process with a stub agent", () => {
     },
     healthSnapshot: () => [{ id: "stub-1", state: "UNAVAILABLE" }],
   };
+  const idDir = mkdtempSync(join(tmpdir(), "xks-app-ids-"));
   const config = parseProxyConfig(
     {
       region: "us-east-1",
-      agents: [{ id: "stub-1", target: "127.0.0.1:1", token: { env: "T" } }],
+      identity: writeIdentity(idDir, "proxy-identity", TEST_IDENTITIES.proxy),
+      agents: [
+        { id: "stub-1", target: "127.0.0.1:1", token: { env: "T" }, identities: writePins(idDir, "agent", [TEST_IDENTITIES.agent]) },
+      ],
       keyStores: [
         {
           uriPathPrefix: PREFIX,
@@ -468,7 +491,7 @@ describe("buildApp in-process with a stub agent", () => {
         },
       ],
     },
-    "/in-memory.json",
+    join(idDir, "in-memory.json"),
     { T: "0123456789abcdef", SA: CREDS.a.secretAccessKey },
   );
   const logs = new LogCapture();
