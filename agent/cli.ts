@@ -7,11 +7,13 @@
  *   xks-agent keys disable|enable --config FILE --label L   per-key switch (metadata DISABLED, crypto refused)
  *   xks-agent pause|resume --config FILE                 cut KMS off / let it back in, at once
  *   xks-agent audit verify --config FILE                 check the audit log's hash chain
+ *   xks-agent identity new --out PATH                    write this agent's channel identity: PATH.key (0600) and PATH.crt
  */
 import { parseArgs } from "node:util";
 import { ConfigError } from "../shared/config.ts";
 import { createLogger } from "../shared/logging.ts";
 import { errorMessage } from "../shared/errors.ts";
+import { writeNewIdentity } from "../shared/identity.ts";
 import { verifyAuditLog } from "./audit.ts";
 import { loadAgentConfig, type AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
@@ -25,7 +27,8 @@ const USAGE = `usage:
   xks-agent keys list --config FILE
   xks-agent keys disable|enable --config FILE --label LABEL
   xks-agent pause|resume --config FILE
-  xks-agent audit verify --config FILE`;
+  xks-agent audit verify --config FILE
+  xks-agent identity new --out PATH`;
 
 function withHsm<T>(config: AgentConfig, fn: (hsm: Hsm) => T): T {
   const hsm = new Hsm(config.pkcs11, createLogger({ level: "warn", name: "xks-agent" }, process.stderr));
@@ -45,6 +48,7 @@ export async function main(argv: string[]): Promise<number> {
       config: { type: "string", short: "c" },
       label: { type: "string" },
       usage: { type: "string", default: "encrypt,decrypt" },
+      out: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -52,6 +56,20 @@ export async function main(argv: string[]): Promise<number> {
   if (values.help || !cmd) {
     console.log(USAGE);
     return values.help ? 0 : 2;
+  }
+  if (cmd === "identity" && sub === "new") {
+    if (!values.out) {
+      console.error(`--out PATH is required\n${USAGE}`);
+      return 2;
+    }
+    try {
+      for (const line of writeNewIdentity(values.out, "agent", "xks-agent")) console.log(line);
+      return 0;
+    } catch (err) {
+      const exists = (err as NodeJS.ErrnoException).code === "EEXIST";
+      console.error(`cannot write the identity: ${exists ? `${values.out}.key or .crt exists already` : errorMessage(err)}`);
+      return 1;
+    }
   }
   if (!values.config) {
     console.error(`--config FILE is required\n${USAGE}`);

@@ -19,7 +19,8 @@
  *   "dashboard": { "port": 7420 },                 // optional local dashboard on 127.0.0.1
  *   "tunnels": [ { "name": "ec2-a", "host": "ec2.example.com", "port": 22, "username": "xks-tunnel",
  *                  "privateKey": {"file": "id_ed25519"}, "hostKeyFingerprint": "SHA256:…",
- *                  "remoteSocket": "/run/xks/agent.sock" } ],   // or "remoteTcp": {"host": "127.0.0.1", "port": 7000}
+ *                  "remoteSocket": "/run/xks/agent.sock",      // or "remoteTcp": {"host": "127.0.0.1", "port": 7000}
+ *                  "reassertAfterMs": 30000 } ],                // silence after which the forward is taken back
  *   "log": { "level": "info" }
  * }
  */
@@ -98,6 +99,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
       "remoteSocket",
       "remoteTcp",
       "keepaliveIntervalMs",
+      "reassertAfterMs",
     ]);
     const target: TunnelTarget = {
       name: c.string(o, "name", f, { default: `tunnel-${i}` }),
@@ -110,6 +112,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
         hint: "SHA256:<43 base64 characters>, as printed by ssh-keygen -lf <host key>.pub",
       }),
       keepaliveIntervalMs: c.int(o, "keepaliveIntervalMs", f, { default: 5000, min: 500, max: 600000 }),
+      reassertAfterMs: c.int(o, "reassertAfterMs", f, { default: 30_000, min: 1000, max: 600_000 }),
     };
     if (o.remoteSocket !== undefined && o.remoteTcp !== undefined) c.problem(f, 'give "remoteSocket" or "remoteTcp", not both');
     if (o.remoteTcp !== undefined) {

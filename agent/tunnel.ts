@@ -14,6 +14,12 @@
  *   session can hold the TCP port, and the socket path needs sshd `StreamLocalBindUnlink yes`.
  * - Any close or error → state `down`, reconnect with jittered exponential backoff, reset by a
  *   successful handshake.
+ * - The forward is re-asserted when nothing has arrived through it for `reassertAfterMs`: the
+ *   proxy's health checks and HTTP/2 keepalive pings cross it every few seconds, so silence means
+ *   the proxy is down or another session (a second holder of an authorised key, with
+ *   `StreamLocalBindUnlink`) has bound the socket path. Cancelling and requesting the forward again
+ *   takes the path back; the proxy's next connection reaches this agent again (and its channel's
+ *   mutual TLS would have refused the other listener anyway).
  */
 import { createHash, timingSafeEqual } from "node:crypto";
 import { EventEmitter } from "node:events";
@@ -44,6 +50,8 @@ export interface TunnelTarget {
   readyTimeoutMs?: number;
   /** Reconnect backoff, default 250 ms doubling to 2000 ms, ±20 % jitter (a refused dial is cheap; KMS wants the path back fast). */
   backoff?: { initialMs: number; maxMs: number };
+  /** Silence through the forward after which it is re-asserted, default 30000 ms (three of the proxy's default health periods). */
+  reassertAfterMs?: number;
 }
 
 export type TunnelStateName = "connecting" | "up" | "down" | "stopped";
@@ -59,6 +67,8 @@ export interface TunnelState {
   connects: number;
   /** Whether the current connection ran its exec, so sshd has TCP_NODELAY on. */
   nodelayExec: boolean;
+  /** Times the forward was re-asserted after silence (possible takeover of the remote socket). */
+  reasserts: number;
 }
 
 const FORWARD_RETRY_MS = 500;
@@ -94,6 +104,11 @@ export class Tunnel extends EventEmitter {
   private attempt = 0;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private forwardTimer: NodeJS.Timeout | undefined;
+  private quietTimer: NodeJS.Timeout | undefined;
+  /** When something last arrived through the forward (or the forward was (re)established). */
+  private lastInboundAt = 0;
+  /** Consecutive re-asserts with nothing arriving in between (the first is logged as a warning). */
+  private silentRun = 0;
   private readonly pipes = new Set<net.Socket>();
 
   constructor(target: TunnelTarget, localSocketPath: string, log: Logger) {
@@ -108,7 +123,14 @@ export class Tunnel extends EventEmitter {
     this.localSocketPath = localSocketPath;
     this.remote = target.remoteSocket ?? `${target.remoteTcp!.host}:${target.remoteTcp!.port}`;
     this.log = log.child({ tunnel: target.name });
-    this.current = { name: target.name, state: "stopped", since: new Date().toISOString(), connects: 0, nodelayExec: false };
+    this.current = {
+      name: target.name,
+      state: "stopped",
+      since: new Date().toISOString(),
+      connects: 0,
+      nodelayExec: false,
+      reasserts: 0,
+    };
   }
 
   state(): TunnelState {
@@ -135,6 +157,7 @@ export class Tunnel extends EventEmitter {
   private async shutdown(): Promise<void> {
     clearTimeout(this.reconnectTimer);
     clearTimeout(this.forwardTimer);
+    clearInterval(this.quietTimer);
     const conn = this.conn;
     this.conn = undefined;
     if (conn) {
@@ -194,6 +217,7 @@ export class Tunnel extends EventEmitter {
       this.conn = undefined;
       this.forwarded = false;
       clearTimeout(this.forwardTimer);
+      clearInterval(this.quietTimer);
       const msg = failure ?? "connection closed";
       this.setState("down", msg);
       this.scheduleReconnect(msg);
@@ -266,13 +290,45 @@ export class Tunnel extends EventEmitter {
         return;
       }
       this.forwarded = true;
+      this.lastInboundAt = Date.now();
       this.setState("up");
       this.log.info({ remote: this.remote, nodelayExec: this.current.nodelayExec, retries: failures }, "tunnel up");
       this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
+      this.watchForSilence(conn);
     };
     const t = this.target;
     if (t.remoteSocket !== undefined) conn.openssh_forwardInStreamLocal(t.remoteSocket, (err) => done(err));
     else conn.forwardIn(t.remoteTcp!.host, t.remoteTcp!.port, (err) => done(err));
+  }
+
+  /** Re-asserts the forward whenever nothing has arrived through it for `reassertAfterMs`. */
+  private watchForSilence(conn: ssh2.Client): void {
+    const quietMs = this.target.reassertAfterMs ?? 30_000;
+    clearInterval(this.quietTimer);
+    this.quietTimer = setInterval(
+      () => {
+        if (this.conn !== conn || !this.forwarded) return;
+        const silentMs = Date.now() - this.lastInboundAt;
+        if (silentMs < quietMs) return;
+        this.current.reasserts++;
+        const why = `nothing arrived through the forward for ${Math.round(silentMs / 1000)} s: the proxy is down, or another session took ${this.remote}; re-asserting the forward`;
+        this.current.lastError = why;
+        // The first of a run of silent periods is a warning; while it stays silent (proxy down), a debug line.
+        this.silentRun++;
+        if (this.silentRun === 1) this.log.warn({ remote: this.remote, reasserts: this.current.reasserts }, why);
+        else this.log.debug({ remote: this.remote, reasserts: this.current.reasserts }, why);
+        this.log.flush();
+        this.emit("state", this.state());
+        this.lastInboundAt = Date.now();
+        this.forwarded = false;
+        clearInterval(this.quietTimer);
+        this.unforward(conn, () => {
+          if (this.conn === conn) this.requestForward(conn, 0);
+        });
+      },
+      Math.max(100, Math.floor(quietMs / 4)),
+    );
+    this.quietTimer.unref();
   }
 
   private unforward(conn: ssh2.Client, cb: () => void): void {
@@ -292,6 +348,11 @@ export class Tunnel extends EventEmitter {
       return;
     }
     const ch = accept();
+    this.lastInboundAt = Date.now();
+    this.silentRun = 0;
+    ch.on("data", () => {
+      this.lastInboundAt = Date.now();
+    });
     const sock = net.connect(this.localSocketPath);
     this.pipes.add(sock);
     let finished = false;

@@ -8,9 +8,11 @@
  *   xks-proxy credentials new [--prefix /p]
  *                                        print a fresh SigV4 credential and the KMS
  *                                        "proxy configuration file" JSON for it
+ *   xks-proxy identity new --out PATH    write this proxy's channel identity: PATH.key (0600) and PATH.crt
  *   xks-proxy version
  */
 import { ConfigError } from "../shared/config.ts";
+import { writeNewIdentity } from "../shared/identity.ts";
 import { createLogger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
@@ -21,6 +23,7 @@ const USAGE = `usage:
   xks-proxy serve --config FILE
   xks-proxy check --config FILE
   xks-proxy credentials new [--prefix /uri/path/prefix]
+  xks-proxy identity new --out PATH
   xks-proxy version`;
 
 function flag(argv: string[], name: string): string | undefined {
@@ -148,6 +151,23 @@ function cmdCredentials(argv: string[]): number {
   return 0;
 }
 
+function cmdIdentity(argv: string[]): number {
+  const outPath = flag(argv, "--out");
+  if (argv[0] !== "new" || !outPath) {
+    err(USAGE);
+    return 2;
+  }
+  try {
+    for (const line of writeNewIdentity(outPath, "proxy", "xks-proxy")) out(line);
+    return 0;
+  } catch (e) {
+    err(
+      `cannot write the identity: ${(e as NodeJS.ErrnoException).code === "EEXIST" ? `${outPath}.key or .crt exists already` : (e as Error).message}`,
+    );
+    return 1;
+  }
+}
+
 /** Runs the CLI; resolves with the process exit code (serve resolves after a graceful stop). */
 export async function main(argv: string[]): Promise<number> {
   switch (argv[0]) {
@@ -157,6 +177,8 @@ export async function main(argv: string[]): Promise<number> {
       return cmdCheck(argv.slice(1));
     case "credentials":
       return cmdCredentials(argv.slice(1));
+    case "identity":
+      return cmdIdentity(argv.slice(1));
     case "version":
     case "--version":
       out(`xks-proxy ${VERSION}`);

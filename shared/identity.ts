@@ -18,6 +18,7 @@
  * by real TLS handshakes in the tests.
  */
 import { X509Certificate, createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign } from "node:crypto";
+import { writeFileSync } from "node:fs";
 
 /** `SHA256:<43 base64 characters>`. */
 export const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
@@ -132,4 +133,25 @@ export function generateIdentity(cn: string): OwnIdentity & { fingerprint: strin
     certificate,
     fingerprint: spkiFingerprint(spki),
   };
+}
+
+/**
+ * `identity new` of both CLIs: writes `<out>.key` (0600, never overwritten) and
+ * `<out>.crt`, and returns the lines to print: the fingerprint and where each
+ * file goes. `side` names this daemon, `peer` the one that pins it.
+ */
+export function writeNewIdentity(out: string, side: "agent" | "proxy", cn: string): string[] {
+  const id = generateIdentity(cn);
+  const keyFile = `${out}.key`;
+  const crtFile = `${out}.crt`;
+  writeFileSync(keyFile, id.key, { mode: 0o600, flag: "wx" });
+  writeFileSync(crtFile, id.certificate, { mode: 0o644, flag: "wx" });
+  const pinField = side === "agent" ? "proxy.json agents[].identities (this agent's entry)" : "agent.json proxyIdentities";
+  return [
+    `wrote ${keyFile} (private key, mode 0600) and ${crtFile} (certificate, public)`,
+    `identity ${id.fingerprint}`,
+    `this ${side}'s config: "identity": {"key": {"file": "${keyFile}"}, "certificate": "${crtFile}"}`,
+    `the ${side === "agent" ? "proxy" : "agent"} pins it: copy ${crtFile} there and add its path to ${pinField}`,
+    "(to rotate: pin the new certificate next to the old one, reload the peer with SIGHUP, switch this side, reload, then drop the old pin)",
+  ];
 }

@@ -10,7 +10,7 @@
  * which is how CI runs it.
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir, userInfo } from "node:os";
 import { join } from "node:path";
 import { descendantsOf, killQuietly } from "./procs.ts";
@@ -31,6 +31,11 @@ export interface Sshd {
   /** OpenSSH private key text of the authorized client key. */
   clientPrivateKey: string;
   clientKeyPath: string;
+  /**
+   * Authorises one more client key for the same user with the same options
+   * (another holder of a tunnel key, e.g. a rogue); returns its private key text.
+   */
+  authorizeAnotherKey(comment: string): string;
   /** Everything sshd wrote to stdout/stderr so far (across restarts). */
   logs(): string;
   /** PIDs of the sshd processes below the listener (one or more per connection; `sshd-session` from OpenSSH 9.8 on), for kill tests. */
@@ -98,6 +103,13 @@ export async function startSshd(opts: StartSshdOptions = {}): Promise<Sshd> {
     if (opts.permitListen) keyOptions.push(`permitlisten="${opts.permitListen}"`);
     keyOptions.push(`command="/usr/sbin/nologin"`);
     writeFileSync(authorizedKeys, `${keyOptions.join(",")} ${clientPub}\n`, { mode: 0o600 });
+    let extraKeys = 0;
+    const authorizeAnotherKey = (comment: string): string => {
+      const path = join(keys, `extra_${extraKeys++}_ed25519`);
+      keygen(path, comment);
+      appendFileSync(authorizedKeys, `${keyOptions.join(",")} ${readFileSync(`${path}.pub`, "utf8").trim()}\n`);
+      return readFileSync(path, "utf8");
+    };
 
     writeFileSync(
       configPath,
@@ -168,6 +180,7 @@ export async function startSshd(opts: StartSshdOptions = {}): Promise<Sshd> {
       hostKeyFingerprint,
       clientPrivateKey,
       clientKeyPath,
+      authorizeAnotherKey,
       logs: () => output,
       sessionPids: () =>
         child?.pid === undefined
