@@ -3,7 +3,7 @@
  *
  *   xks-agent run          --config FILE                 start the daemon
  *   xks-agent keys create  --config FILE --label L [--usage encrypt,decrypt|encrypt|decrypt|none]
- *   xks-agent keys list    --config FILE
+ *   xks-agent keys list    --config FILE                 every key: attributes, served or not and why
  *   xks-agent keys disable|enable --config FILE --label L   per-key switch (metadata DISABLED, crypto refused)
  *   xks-agent pause|resume --config FILE                 cut KMS off / let it back in, at once
  *   xks-agent audit verify --config FILE                 check the audit log's hash chain
@@ -20,6 +20,7 @@ import { Controls } from "./controls.ts";
 import { Hsm } from "./hsm/hsm.ts";
 import { createKey, describeKey, parseUsage } from "./keys.ts";
 import { runAgent } from "./main.ts";
+import { allowListMap, type ServingPolicy } from "./serving.ts";
 
 const USAGE = `usage:
   xks-agent run --config FILE
@@ -29,6 +30,10 @@ const USAGE = `usage:
   xks-agent pause|resume --config FILE
   xks-agent audit verify --config FILE
   xks-agent identity new --out PATH`;
+
+function servingPolicy(config: AgentConfig): ServingPolicy {
+  return { healthKey: config.healthKey, keyStores: allowListMap(config.keyStores) };
+}
 
 function withHsm<T>(config: AgentConfig, fn: (hsm: Hsm) => T): T {
   const hsm = new Hsm(config.pkcs11, createLogger({ level: "warn", name: "xks-agent" }, process.stderr));
@@ -113,11 +118,12 @@ export async function main(argv: string[]): Promise<number> {
     case "keys create": {
       const label = needLabel();
       const info = withHsm(config, (hsm) => createKey(hsm, label, parseUsage(values.usage!)));
-      console.log(JSON.stringify(describeKey(info)));
+      console.log(JSON.stringify(describeKey(info, servingPolicy(config))));
       return 0;
     }
     case "keys list": {
-      for (const k of withHsm(config, (hsm) => hsm.listKeys())) console.log(JSON.stringify(describeKey(k)));
+      // One JSON line per secret key: its attributes, whether KMS may use it, through which key stores, and if not, why.
+      for (const k of withHsm(config, (hsm) => hsm.listKeys())) console.log(JSON.stringify(describeKey(k, servingPolicy(config))));
       return 0;
     }
     case "keys disable":

@@ -12,7 +12,11 @@
  *   "identity": { "key": {"file": "agent-identity.key"}, "certificate": "agent-identity.crt" },
  *                                                  // this agent's TLS identity on the gRPC channel (`xks-agent identity new`)
  *   "proxyIdentities": ["proxy-identity.crt"],     // the proxy certificates accepted (1, or 2 while rotating)
- *   "healthKey": "xks-health",                     // dedicated key for the deep health check
+ *   "healthKey": "xks-health",                     // dedicated key for the deep health check, never served to KMS
+ *   "keyStores": [                                 // required, 1+: the ONLY keys KMS may use, per key store
+ *     { "keyStore": "/example/prefix",             //   the proxy's uriPathPrefix of the key store ("" = no prefix), unique
+ *       "keys": ["my-kms-key"] }                   //   labels (externalKeyIds), unique, never the health key
+ *   ],
  *   "ciphertextMetadata": "xks-agent/1",           // returned by Encrypt, <= 20 bytes (UTF-8)
  *   "stateFile": "state/controls.json",            // the owner's pause switch and disabled keys
  *   "auditLog": "state/audit.log",                 // hash-chained record of every operation
@@ -28,7 +32,8 @@ import { hostname } from "node:os";
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
-import { EXTERNAL_KEY_ID_RE, MAX_CIPHERTEXT_METADATA_BYTES } from "../shared/xks-spec.ts";
+import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, MAX_CIPHERTEXT_METADATA_BYTES, prefixProblem } from "../shared/xks-spec.ts";
+import type { KeyStoreAllowList } from "./serving.ts";
 import type { TunnelTarget } from "./tunnel.ts";
 
 export interface AgentConfig {
@@ -42,6 +47,8 @@ export interface AgentConfig {
   /** The proxies' certificates this agent accepts (mutual TLS: a proxy without one of them gets nothing). */
   proxyIdentities: PinnedIdentity[];
   healthKey: string;
+  /** What KMS may use, per key store (agent/serving.ts); nothing else is served. */
+  keyStores: KeyStoreAllowList[];
   ciphertextMetadata: Buffer;
   stateFile: string;
   auditLog: string;
@@ -67,6 +74,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "identity",
     "proxyIdentities",
     "healthKey",
+    "keyStores",
     "ciphertextMetadata",
     "stateFile",
     "auditLog",
@@ -139,6 +147,12 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
       port: c.int(d, "port", "dashboard", { default: 7420, min: 0, max: 65535 }),
     };
   }
+  const healthKey = c.string(root, "healthKey", "", {
+    default: "xks-health",
+    pattern: EXTERNAL_KEY_ID_RE,
+    hint: "a key label of [a-zA-Z0-9._-]",
+  });
+  const keyStores = parseKeyStores(c, root, healthKey);
   const log = c.object(root.log ?? {}, "log");
   const cfg: AgentConfig = {
     file,
@@ -148,11 +162,8 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     proxyToken: c.secret(root, "proxyToken", "", env),
     identity: c.identity(root, "identity", "", env) ?? { key: "", certificate: "", fingerprint: "" },
     proxyIdentities: c.pins(root, "proxyIdentities", ""),
-    healthKey: c.string(root, "healthKey", "", {
-      default: "xks-health",
-      pattern: EXTERNAL_KEY_ID_RE,
-      hint: "a key label of [a-zA-Z0-9._-]",
-    }),
+    healthKey,
+    keyStores,
     ciphertextMetadata,
     stateFile: c.path(root, "stateFile", "", "state/controls.json"),
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),
@@ -167,4 +178,33 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   // fields only (runAgent's "starting" line names its fields), and the logger's `redact`
   // (shared/logging.ts) is the backstop for log-object fields named pin, token or privateKey.
   return deepFreeze(cfg);
+}
+
+/**
+ * `keyStores`: required and non-empty, so that an agent never starts serving
+ * keys nobody listed. Each key store at most once, each label at most once per
+ * store; the health key is never listed.
+ */
+function parseKeyStores(c: Checker, root: Record<string, unknown>, healthKey: string): KeyStoreAllowList[] {
+  const seen = new Set<string>();
+  return c.array(root, "keyStores", "", { min: 1 }).map((s, i) => {
+    const f = `keyStores[${i}]`;
+    const o = c.object(s, f);
+    c.noUnknown(o, f, ["keyStore", "keys"]);
+    const keyStore = c.string(o, "keyStore", f, { hint: "the key store's uriPathPrefix in the proxy's config" });
+    const problem = typeof o.keyStore === "string" ? prefixProblem(keyStore) : undefined;
+    if (problem) c.problem(`${f}.keyStore`, `${problem} (the key store's uriPathPrefix in the proxy's config)`);
+    else if (seen.has(keyStore)) c.problem(`${f}.keyStore`, `duplicate key store ${JSON.stringify(keyStore)}`);
+    seen.add(keyStore);
+    const keys = new Set<string>();
+    c.array(o, "keys", f, { min: 1 }).forEach((k, j) => {
+      const kf = `${f}.keys[${j}]`;
+      if (typeof k !== "string" || !EXTERNAL_KEY_ID_RE.test(k))
+        c.problem(kf, `must be a key label (externalKeyId): ${EXTERNAL_KEY_ID_RULE}`);
+      else if (k === healthKey) c.problem(kf, `is the health key (healthKey); the health key is never served to KMS`);
+      else if (keys.has(k)) c.problem(kf, `duplicate key ${JSON.stringify(k)}`);
+      else keys.add(k);
+    });
+    return { keyStore, keys: [...keys] };
+  });
 }

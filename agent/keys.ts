@@ -7,6 +7,7 @@ import pkcs11js from "pkcs11js";
 import { AgentError } from "../shared/errors.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, KEY_BYTES } from "../shared/xks-spec.ts";
 import type { Hsm, KeyInfo } from "./hsm/hsm.ts";
+import { servingRefusals, type ServingPolicy } from "./serving.ts";
 
 export type KeyUsage = "encrypt" | "decrypt";
 export const ALL_USAGES: readonly KeyUsage[] = ["encrypt", "decrypt"];
@@ -51,10 +52,37 @@ export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): 
   return hsm.key(label);
 }
 
-export function describeKey(k: KeyInfo): { label: string; type: string; bits: number; usage: string[] } {
+export interface KeyDescription {
+  label: string;
+  type: string;
+  bits: number;
+  usage: string[];
+  sensitive: boolean;
+  extractable: boolean;
+  /** Whether KMS may use the key (agent/serving.ts), through the key stores listed in `keyStores`. */
+  served: boolean;
+  keyStores: string[];
+  /** Every reason why it is not served; empty when served. */
+  notServed: string[];
+}
+
+/** One line of `keys list`: the key's attributes and whether, where and (if not) why not it is served. */
+export function describeKey(k: KeyInfo, policy: ServingPolicy): KeyDescription {
   const type = k.keyType === pkcs11js.CKK_AES ? "AES" : `0x${k.keyType.toString(16)}`;
   const usage = Object.entries(k.usage)
     .filter(([, on]) => on)
     .map(([n]) => n);
-  return { label: k.label, type, bits: k.valueLen > 0 ? k.valueLen * 8 : 0, usage };
+  const notServed = servingRefusals(policy, k.label, "any-key-store", k).map((r) => r.why);
+  const keyStores = [...policy.keyStores].filter(([, keys]) => keys.has(k.label)).map(([store]) => store);
+  return {
+    label: k.label,
+    type,
+    bits: k.valueLen > 0 ? k.valueLen * 8 : 0,
+    usage,
+    sensitive: k.sensitive,
+    extractable: k.extractable,
+    served: notServed.length === 0,
+    keyStores,
+    notServed,
+  };
 }

@@ -8,6 +8,7 @@ import type { AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
 import { Hsm } from "./hsm/hsm.ts";
 import type { AgentOpContext } from "./ops/context.ts";
+import { allowListMap } from "./serving.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
@@ -48,6 +49,7 @@ export async function runAgent(
       healthKey: config.healthKey,
       identity: config.identity.fingerprint,
       proxyIdentities: config.proxyIdentities.map((p) => p.fingerprint),
+      keyStores: config.keyStores.map((s) => ({ keyStore: s.keyStore, keys: s.keys.length })),
       tunnels: config.tunnels.map((t) => ({ name: t.name, host: t.host, port: t.port, remote: t.remoteSocket ?? t.remoteTcp })),
     },
     "starting",
@@ -72,6 +74,7 @@ export async function runAgent(
     hsm,
     ciphertextMetadata: config.ciphertextMetadata,
     healthKey: config.healthKey,
+    keyStores: allowListMap(config.keyStores),
     agentId: config.agentId,
     isKeyDisabled: (label) => controls.isKeyDisabled(label),
     tunnels: () =>

@@ -19,7 +19,18 @@ import { decrypt } from "./ops/decrypt.ts";
 import { encrypt } from "./ops/encrypt.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
 import { getKeyMetadata } from "./ops/get-key-metadata.ts";
+import { checkKeyRequest, checkLength } from "./ops/validate.ts";
 import type { Controls } from "./controls.ts";
+import {
+  IV_LENGTHS,
+  MAX_CIPHERTEXT_METADATA_BYTES,
+  MAX_DATA_BYTES_LIMIT,
+  MAX_EXTERNAL_KEY_ID_CHARS,
+  MAX_LAYOUT_AAD_BYTES,
+  MAX_METADATA_CHARS,
+  METADATA_FIELD_COUNT,
+  TAG_BYTES,
+} from "../shared/xks-spec.ts";
 
 export type OperationName = "GetHealthStatus" | "GetKeyMetadata" | "Encrypt" | "Decrypt";
 
@@ -61,6 +72,16 @@ export function tokenChecker(expected: string): (presented: unknown) => boolean 
   return (presented) => typeof presented === "string" && presented.length > 0 && timingSafeEqual(want, digest(presented));
 }
 
+/**
+ * A recorded request field, cut to `max` characters with the cut marked. Every
+ * field of a record comes from the caller, authenticated or not, valid or not;
+ * no record carries more than the longest legal value of a field.
+ */
+export function capField(value: string | undefined, max: number): string {
+  const v = value ?? "";
+  return v.length <= max ? v : `${v.slice(0, max)}…[${v.length} chars]`;
+}
+
 /** The request fields a log line and an OperationRecord are built from (GetHealthStatus has no key or metadata). */
 interface Described {
   keyId?: string;
@@ -82,18 +103,19 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       const started = process.hrtime.bigint();
       const req = call.request;
       const m = req.metadata;
+      const md = (v: string | undefined) => capField(v, MAX_METADATA_CHARS);
       const rec: Omit<OperationRecord, "result" | "latencyMs"> = {
         time: new Date().toISOString(),
         operation,
-        kmsRequestId: m?.kmsRequestId ?? req.kmsRequestId ?? "",
-        kmsOperation: m?.kmsOperation ?? req.kmsOperation ?? "",
-        keyId: req.keyId ?? "",
-        principal: m?.awsPrincipalArn ?? "",
-        kmsKeyArn: m?.kmsKeyArn ?? "",
-        viaService: m?.kmsViaService ?? "",
-        sourceVpc: m?.awsSourceVpc ?? "",
-        sourceVpce: m?.awsSourceVpce ?? "",
-        keyStore: m?.keyStore ?? "",
+        kmsRequestId: md(m?.kmsRequestId ?? req.kmsRequestId),
+        kmsOperation: md(m?.kmsOperation ?? req.kmsOperation),
+        keyId: capField(req.keyId, MAX_EXTERNAL_KEY_ID_CHARS),
+        principal: md(m?.awsPrincipalArn),
+        kmsKeyArn: md(m?.kmsKeyArn),
+        viaService: md(m?.kmsViaService),
+        sourceVpc: md(m?.awsSourceVpc),
+        sourceVpce: md(m?.awsSourceVpce),
+        keyStore: md(m?.keyStore),
       };
       const finish = (result: string, detail?: string) => {
         const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
@@ -109,7 +131,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
             keyStore: full.keyStore,
             latencyMs: full.latencyMs,
             result,
-            ...(detail ? { detail } : {}),
+            ...(detail ? { detail: capField(detail, MAX_METADATA_CHARS) } : {}),
           },
           "operation",
         );
@@ -142,7 +164,9 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
   return {
     GetHealthStatus: unary(
       "GetHealthStatus",
-      () => {
+      (req) => {
+        checkLength("kmsRequestId", req.kmsRequestId, MAX_METADATA_CHARS);
+        checkLength("kmsOperation", req.kmsOperation, MAX_METADATA_CHARS);
         if (controls.paused) {
           const h = getHealthStatus(ctx);
           return { ...h, state: "UNAVAILABLE", paused: true, detail: "paused by the owner" };
@@ -151,9 +175,11 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       },
       { pausable: false },
     ),
-    GetKeyMetadata: unary("GetKeyMetadata", (req) => getKeyMetadata(ctx, req), { pausable: true }),
-    Encrypt: unary("Encrypt", (req) => encrypt(ctx, req), { pausable: true }),
-    Decrypt: unary("Decrypt", (req) => decrypt(ctx, req), { pausable: true }),
+    // Every key operation: its request checked (ops/validate.ts), then the key store it arrived on decides
+    // which keys it may use (serving.ts), before any HSM work.
+    GetKeyMetadata: unary("GetKeyMetadata", (req) => getKeyMetadata(ctx, req, checkKeyRequest(req)), { pausable: true }),
+    Encrypt: unary("Encrypt", (req) => encrypt(ctx, req, checkKeyRequest(req)), { pausable: true }),
+    Decrypt: unary("Decrypt", (req) => decrypt(ctx, req, checkKeyRequest(req)), { pausable: true }),
   };
 }
 
@@ -176,6 +202,34 @@ export function preparePrivateSocket(socketPath: string): void {
     if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
   }
 }
+
+/**
+ * The largest request message the agent accepts: the largest legal Decrypt or
+ * Encrypt (data at the proxy's configurable maximum, AAD at the layout's
+ * maximum, every metadata string at the spec's longest value in UTF-8, at most
+ * 3 bytes per UTF-16 unit, a key id, IV, tag and ciphertext metadata) plus 1 KiB
+ * for protobuf framing. Larger messages are refused by grpc-js
+ * (RESOURCE_EXHAUSTED) before they are decoded.
+ */
+export const MAX_REQUEST_MESSAGE_BYTES =
+  MAX_DATA_BYTES_LIMIT +
+  MAX_LAYOUT_AAD_BYTES +
+  METADATA_FIELD_COUNT * MAX_METADATA_CHARS * 3 +
+  MAX_EXTERNAL_KEY_ID_CHARS +
+  Math.max(...IV_LENGTHS) +
+  TAG_BYTES +
+  MAX_CIPHERTEXT_METADATA_BYTES +
+  1024;
+
+/**
+ * Concurrent HTTP/2 streams (calls) per connection. The agent runs calls one
+ * at a time on its JS thread (about 3,400 calls/s over gRPC, README
+ * "Performance"), so 128 calls in flight are already ~40 ms of queued work; a
+ * client with more outstanding waits for a free stream on its side. The cap
+ * bounds what one connection can make the agent hold: 128 requests of at most
+ * MAX_REQUEST_MESSAGE_BYTES each.
+ */
+export const MAX_CONCURRENT_STREAMS = 128;
 
 /** The HTTP/2 connection-level receive window the agent advertises (the default is 64 KiB). */
 const RECEIVE_WINDOW_BYTES = 8 << 20;
@@ -298,7 +352,8 @@ export interface AgentServer {
 export async function startAgentServer(socketPath: string, deps: AgentServiceDeps, id: ChannelIdentity): Promise<AgentServer> {
   preparePrivateSocket(socketPath);
   const server = new grpc.Server({
-    "grpc.max_receive_message_length": 1 << 20,
+    "grpc.max_receive_message_length": MAX_REQUEST_MESSAGE_BYTES,
+    "grpc.max_concurrent_streams": MAX_CONCURRENT_STREAMS,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.min_ping_interval_without_data_ms": 5000,
     "grpc.enable_channelz": 0,

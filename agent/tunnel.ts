@@ -72,6 +72,13 @@ export interface TunnelState {
 }
 
 const FORWARD_RETRY_MS = 500;
+/**
+ * Forwarded channels open at once per tunnel. Each one costs a local socket
+ * (two file handles with the channel); the proxy keeps one gRPC connection per
+ * agent, so a handful covers it, reconnects overlapping included. Past the cap
+ * sshd is told the channel is refused, and the far side's connection closes.
+ */
+export const MAX_FORWARDED_CHANNELS = 32;
 const STOP_STEP_TIMEOUT_MS = 2000;
 const FINGERPRINT_RE = /^SHA256:[A-Za-z0-9+/]{43}$/;
 
@@ -90,7 +97,10 @@ function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
-/** One reverse tunnel to one sshd, reconnecting until `stop()`. Emits `"state"` with a {@link TunnelState}. */
+/**
+ * One reverse tunnel to one sshd, reconnecting until `stop()`. Emits `"state"` with a
+ * {@link TunnelState}, and `"refused"` with the burst's count when a forwarded channel is refused.
+ */
 export class Tunnel extends EventEmitter {
   private readonly target: TunnelTarget;
   private readonly localSocketPath: string;
@@ -110,6 +120,8 @@ export class Tunnel extends EventEmitter {
   /** Consecutive re-asserts with nothing arriving in between (the first is logged as a warning). */
   private silentRun = 0;
   private readonly pipes = new Set<net.Socket>();
+  /** Channels refused since the cap was last reached (logged once per burst). */
+  private refusedInBurst = 0;
 
   constructor(target: TunnelTarget, localSocketPath: string, log: Logger) {
     super();
@@ -341,11 +353,32 @@ export class Tunnel extends EventEmitter {
     else conn.unforwardIn(t.remoteTcp!.host, t.remoteTcp!.port, done);
   }
 
-  /** Pipes one forwarded channel into a fresh connection to the local socket, both ways. */
+  /**
+   * Pipes one forwarded channel into a fresh connection to the local socket, both ways; past
+   * MAX_FORWARDED_CHANNELS open ones, refuses it. A burst of refusals is logged twice: when the
+   * cap is reached, and with the count when a channel is accepted again.
+   */
   private onForwarded(conn: ssh2.Client, accept: () => ClientChannel | Channel, reject: () => void): void {
     if (this.conn !== conn) {
       reject();
       return;
+    }
+    if (this.pipes.size >= MAX_FORWARDED_CHANNELS) {
+      if (this.refusedInBurst === 0) {
+        this.log.warn(
+          { open: this.pipes.size, max: MAX_FORWARDED_CHANNELS },
+          "tunnel forwarded-channel cap reached; refusing new channels",
+        );
+        this.log.flush();
+      }
+      this.refusedInBurst++;
+      this.emit("refused", this.refusedInBurst);
+      reject();
+      return;
+    }
+    if (this.refusedInBurst > 0) {
+      this.log.info({ refused: this.refusedInBurst, max: MAX_FORWARDED_CHANNELS }, "tunnel accepting forwarded channels again");
+      this.refusedInBurst = 0;
     }
     const ch = accept();
     this.lastInboundAt = Date.now();

@@ -228,7 +228,11 @@ export function buildApp(deps: AppDeps): express.Express {
     if (!parsed || !store) throw new XksError("InvalidUriPathException", "no such key store or API path");
     st.operation = parsed.operation;
     st.keyStore = parsed.prefix;
-    st.key = parsed.keyId?.slice(0, MAX_EXTERNAL_KEY_ID_CHARS);
+    // The log line's copy is cut (and marked); the key id itself is never cut, see step 6.
+    st.key =
+      parsed.keyId !== undefined && parsed.keyId.length > MAX_EXTERNAL_KEY_ID_CHARS
+        ? `${parsed.keyId.slice(0, MAX_EXTERNAL_KEY_ID_CHARS)}…[${parsed.keyId.length} chars]`
+        : parsed.keyId;
     if (req.method !== "POST") throw new MethodNotAllowedError(req.method);
 
     // 4. The raw body, any content type, capped, never inflated (the bytes SigV4 covers).
@@ -249,8 +253,13 @@ export function buildApp(deps: AppDeps): express.Express {
     st.kmsOperation = validated.metadata.kmsOperation.slice(0, 64);
     st.principal = validated.metadata.awsPrincipalArn ? validated.metadata.awsPrincipalArn.slice(0, MAX_METADATA_CHARS) : undefined;
 
+    // An externalKeyId is at most MAX_EXTERNAL_KEY_ID_CHARS (spec §1.2); a longer one is invalid input.
+    const keyId = parsed.keyId ?? "";
+    if (keyId.length > MAX_EXTERNAL_KEY_ID_CHARS) {
+      throw new XksError("ValidationException", `key id is ${keyId.length} characters, more than ${MAX_EXTERNAL_KEY_ID_CHARS}`);
+    }
+
     // 7. The key store's allow-list.
-    const keyId = st.key ?? "";
     if (operation !== "GetHealthStatus" && !store.keys.includes(keyId)) {
       throw new XksError("KeyNotFoundException", "key not in the key store's allow-list");
     }

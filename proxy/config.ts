@@ -25,9 +25,9 @@
  *   "healthRefreshMs": 10000,                           // [10000] background health refresh period, 100..30000
  *   "healthDeadlineMs": 2000,                           // [2000] deadline of one background health call, 10..10000
  *   "limits": {
- *     "maxPlaintextBytes": 8192,                        // [8192]  >= 4300 (spec minimum); larger -> 501
- *     "maxCiphertextBytes": 8192,                       // [8192]  >= 4300
- *     "maxAadBytes": 16384,                             // [16384] >= 8192
+ *     "maxPlaintextBytes": 8192,                        // [8192]  4300..1048576 (spec minimum..agent maximum); larger -> 501
+ *     "maxCiphertextBytes": 8192,                       // [8192]  4300..1048576
+ *     "maxAadBytes": 16384,                             // [16384] 8192..65535 (the AAD layout's uint16 length)
  *     "maxBodyBytes": 65536                             // [65536] hard cap, checked before reading the body -> 501
  *   },
  *   "http": {                                           // HTTP server hardening (slow or idle clients)
@@ -54,7 +54,18 @@
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
-import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, SPEC_MIN_AAD_BYTES, SPEC_MIN_PLAINTEXT_BYTES } from "../shared/xks-spec.ts";
+import {
+  EXTERNAL_KEY_ID_RE,
+  EXTERNAL_KEY_ID_RULE,
+  MAX_DATA_BYTES_LIMIT,
+  MAX_LAYOUT_AAD_BYTES,
+  PREFIX_RE,
+  prefixProblem,
+  SPEC_MIN_AAD_BYTES,
+  SPEC_MIN_PLAINTEXT_BYTES,
+} from "../shared/xks-spec.ts";
+
+export { PREFIX_RE, prefixProblem };
 
 export interface ListenConfig {
   host: string;
@@ -120,7 +131,6 @@ export interface ProxyConfig {
   log: { level: LogLevel };
 }
 
-export const PREFIX_RE = /^\/[a-zA-Z0-9/_-]{8,116}$/;
 export const ACCESS_KEY_ID_RE = /^[A-Z2-7]{20,30}$/;
 export const SECRET_ACCESS_KEY_RE = /^[a-zA-Z0-9/+=]{43,64}$/;
 const AGENT_ID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
@@ -128,15 +138,6 @@ const TARGET_RE = /^(?:unix:\/\/\/[^\s]+|unix:\/[^\s]+|[A-Za-z0-9.-]+:\d{1,5}|\[
 const REGION_RE = /^[a-z]{2,}(?:-[a-z0-9]+)+$/;
 const TOKEN_RE = /^[\x21-\x7e]{16,1024}$/;
 const LOG_LEVELS: LogLevel[] = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
-
-/** Why a URI path prefix is invalid, or undefined when it is fine ("" is fine). */
-export function prefixProblem(prefix: string): string | undefined {
-  if (prefix === "") return undefined;
-  if (!PREFIX_RE.test(prefix)) return 'must be "" or 9-117 characters of [a-zA-Z0-9/_-] starting with "/"';
-  if (prefix.endsWith("/")) return 'must not end with "/"';
-  if (prefix.includes("//")) return 'must not contain "//"';
-  return undefined;
-}
 
 function b64len(bytes: number): number {
   return 4 * Math.ceil(bytes / 3);
@@ -219,13 +220,18 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   // limits
   const limitsObj = root.limits === undefined ? {} : c.object(root.limits, "limits");
   c.noUnknown(limitsObj, "limits", ["maxPlaintextBytes", "maxCiphertextBytes", "maxAadBytes", "maxBodyBytes"]);
-  const maxPlaintextBytes = c.int(limitsObj, "maxPlaintextBytes", "limits", { default: 8192, min: SPEC_MIN_PLAINTEXT_BYTES, max: 1 << 20 });
+  const maxPlaintextBytes = c.int(limitsObj, "maxPlaintextBytes", "limits", {
+    default: 8192,
+    min: SPEC_MIN_PLAINTEXT_BYTES,
+    max: MAX_DATA_BYTES_LIMIT,
+  });
   const maxCiphertextBytes = c.int(limitsObj, "maxCiphertextBytes", "limits", {
     default: 8192,
     min: SPEC_MIN_PLAINTEXT_BYTES,
-    max: 1 << 20,
+    max: MAX_DATA_BYTES_LIMIT,
   });
-  const maxAadBytes = c.int(limitsObj, "maxAadBytes", "limits", { default: 16384, min: SPEC_MIN_AAD_BYTES, max: 1 << 20 });
+  // The agent's AAD layout carries at most MAX_LAYOUT_AAD_BYTES: a larger AAD could never be used.
+  const maxAadBytes = c.int(limitsObj, "maxAadBytes", "limits", { default: 16384, min: SPEC_MIN_AAD_BYTES, max: MAX_LAYOUT_AAD_BYTES });
   const maxBodyBytes = c.int(limitsObj, "maxBodyBytes", "limits", { default: 65536, min: 1024, max: 8 << 20 });
   const needBody = minBodyBytes({ maxPlaintextBytes, maxCiphertextBytes, maxAadBytes });
   if (maxBodyBytes < needBody) {

@@ -20,7 +20,7 @@ import { cpus, loadavg, release } from "node:os";
 import { join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
-import type { Chain } from "../testbed/chain.ts";
+import { CHAIN_PREFIX, type Chain } from "../testbed/chain.ts";
 import { freePort } from "../testbed/ports.ts";
 import { cleanupOnSignals, onCleanup, runAll } from "./bench/cleanup.ts";
 import { measureEcho } from "./bench/echo.ts";
@@ -121,6 +121,7 @@ async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> 
           kind: "grpc",
           socket,
           token: chain.agentToken,
+          keyStore: CHAIN_PREFIX,
           keyId: chain.keys.default,
           case: c,
           concurrency,

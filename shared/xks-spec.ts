@@ -43,3 +43,28 @@ export const SPEC_MIN_AAD_BYTES = 8192;
 
 /** requestMetadata values (spec §1.3): the longest is an ARN of up to 2048 characters. */
 export const MAX_METADATA_CHARS = 2048;
+
+/**
+ * The largest plaintext or ciphertext a proxy may be configured to pass on
+ * (proxy limits.maxPlaintextBytes / maxCiphertextBytes at most). The agent
+ * refuses anything larger, whatever the proxy sent.
+ */
+export const MAX_DATA_BYTES_LIMIT = 1 << 20;
+
+/** The RequestMetadata strings the proxy passes to the agent (the seven of spec §1.3, and the key store). */
+export const METADATA_FIELD_COUNT = 8;
+
+/**
+ * A key store's URI path prefix (spec §1.2: XksProxyUriPath is 10-128 characters of
+ * [a-zA-Z0-9/_-] and ends in /kms/xks/v1): "" or "/" and 8-116 more of those characters.
+ */
+export const PREFIX_RE = /^\/[a-zA-Z0-9/_-]{8,116}$/;
+
+/** Why a URI path prefix is invalid, or undefined when it is fine ("" is fine). */
+export function prefixProblem(prefix: string): string | undefined {
+  if (prefix === "") return undefined;
+  if (!PREFIX_RE.test(prefix)) return 'must be "" or 9-117 characters of [a-zA-Z0-9/_-] starting with "/"';
+  if (prefix.endsWith("/")) return 'must not end with "/"';
+  if (prefix.includes("//")) return 'must not contain "//"';
+  return undefined;
+}

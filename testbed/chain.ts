@@ -107,6 +107,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     proxyToken: agentToken,
     agentId: "owner-machine",
     healthKey: keys.health,
+    keyStores: [{ keyStore: CHAIN_PREFIX, keys: kmsKeys(keys) }],
     extra: {
       dashboard: { port: 0 },
       tunnels: [

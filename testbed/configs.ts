@@ -4,7 +4,8 @@
  */
 import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import type { SoftHsmToken } from "./hsm.ts";
+import type { KeyStoreAllowList } from "../agent/serving.ts";
+import { kmsKeys, type SoftHsmToken, TEST_KEYS } from "./hsm.ts";
 import { type Identity, TEST_IDENTITIES, writeIdentity, writePins } from "./identities.ts";
 import type { Creds } from "./xks/sign.ts";
 
@@ -24,6 +25,8 @@ export interface AgentConfigOptions {
   identity?: Identity;
   /** The proxy identities it accepts (default [TEST_IDENTITIES.proxy]). */
   proxyIdentities?: Identity[];
+  /** The agent's allow-lists; default: every KMS key of the test key set for each test key store (testAgentKeyStores). */
+  keyStores?: KeyStoreAllowList[];
   /** Any other top-level fields (tunnels, dashboard, log, …), written as given. */
   extra?: Record<string, unknown>;
 }
@@ -39,6 +42,7 @@ export function writeAgentConfig(dir: string, o: AgentConfigOptions): string {
     identity: writeIdentity(dir, "agent-identity", o.identity ?? TEST_IDENTITIES.agent),
     proxyIdentities: writePins(dir, "pinned-proxy", o.proxyIdentities ?? [TEST_IDENTITIES.proxy]),
     healthKey: o.healthKey ?? "xks-health",
+    keyStores: o.keyStores ?? testAgentKeyStores(),
     stateFile: "state/controls.json",
     auditLog: "state/audit.log",
     ...o.extra,
@@ -115,6 +119,17 @@ export const PREFIX = "/example/uri/path/prefix";
 export const OTHER_PREFIX = "/tenant-two/xks";
 /** The main test store's URI path. */
 export const API = `${PREFIX}/kms/xks/v1`;
+
+/**
+ * The test agent's allow-lists: for each test key store (PREFIX, OTHER_PREFIX),
+ * every KMS key of the test key set (never the health key); `more` for PREFIX only.
+ */
+export function testAgentKeyStores(more: string[] = []): KeyStoreAllowList[] {
+  return [
+    { keyStore: PREFIX, keys: [...kmsKeys(TEST_KEYS), ...more] },
+    { keyStore: OTHER_PREFIX, keys: kmsKeys(TEST_KEYS) },
+  ];
+}
 
 /** The test key stores: PREFIX (credentials a and b, `keys`) and OTHER_PREFIX (credential other, key foo). */
 export function testKeyStores(keys: string[] = ["foo"]): KeyStoreEntry[] {

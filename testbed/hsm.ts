@@ -12,6 +12,7 @@ import { join } from "node:path";
 import { Hsm } from "../agent/hsm/hsm.ts";
 import { createKey, type KeyUsage } from "../agent/keys.ts";
 import type { AgentOpContext } from "../agent/ops/context.ts";
+import { allowListMap } from "../agent/serving.ts";
 import { createLogger } from "../shared/logging.ts";
 
 export const SOFTHSM_MODULE_CANDIDATES = [
@@ -124,11 +125,17 @@ export function createKeySet(token: SoftHsmToken, keys: KeySet): void {
 
 /**
  * An AES key made straight through PKCS#11, outside the agent's own key
- * creation, for what the agent must refuse or what a test must check from
- * outside: another length (e.g. AES-128), or an extractable key whose value
- * is returned so that Node's own AES-GCM can check the agent's output.
+ * creation, for what the agent must refuse: another length (e.g. AES-128), an
+ * extractable key, a key that is not sensitive (sensitive defaults to
+ * !extractable). A key that is extractable and not sensitive has its value
+ * returned (PKCS#11 reveals CKA_VALUE of no other key).
  */
-export function createRawAesKey(hsm: Hsm, label: string, o: { bytes: number; extractable: boolean }): Buffer | undefined {
+export function createRawAesKey(
+  hsm: Hsm,
+  label: string,
+  o: { bytes: number; extractable: boolean; sensitive?: boolean },
+): Buffer | undefined {
+  const sensitive = o.sensitive ?? !o.extractable;
   return hsm.run("test key", (p11, s) => {
     const k = p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, [
       { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
@@ -137,24 +144,56 @@ export function createRawAesKey(hsm: Hsm, label: string, o: { bytes: number; ext
       { type: pkcs11js.CKA_LABEL, value: label },
       { type: pkcs11js.CKA_TOKEN, value: true },
       { type: pkcs11js.CKA_PRIVATE, value: true },
-      { type: pkcs11js.CKA_SENSITIVE, value: !o.extractable },
+      { type: pkcs11js.CKA_SENSITIVE, value: sensitive },
       { type: pkcs11js.CKA_EXTRACTABLE, value: o.extractable },
       { type: pkcs11js.CKA_ENCRYPT, value: true },
       { type: pkcs11js.CKA_DECRYPT, value: true },
     ]);
-    return o.extractable ? (p11.C_GetAttributeValue(s, k, [{ type: pkcs11js.CKA_VALUE }])[0].value as Buffer) : undefined;
+    return sensitive || !o.extractable ? undefined : (p11.C_GetAttributeValue(s, k, [{ type: pkcs11js.CKA_VALUE }])[0].value as Buffer);
   });
 }
 
-/** What the agent's operations need, for calling them directly on `hsm` (no server, no owner switches). */
-export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> = {}): AgentOpContext {
+/**
+ * An AES-256 key with a value the test knows, imported (C_CreateObject) as
+ * sensitive and never extractable, so the agent serves it and a test can check
+ * its output with Node's own AES-GCM. Needs the real module (pkcs11js).
+ */
+export function importAesKey(hsm: Hsm, label: string, value: Buffer): void {
+  hsm.run("import test key", (p11, s) => {
+    if (!(p11 instanceof pkcs11js.PKCS11)) throw new Error("importAesKey needs the pkcs11js port");
+    p11.C_CreateObject(s, [
+      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
+      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
+      { type: pkcs11js.CKA_VALUE, value },
+      { type: pkcs11js.CKA_LABEL, value: label },
+      { type: pkcs11js.CKA_TOKEN, value: true },
+      { type: pkcs11js.CKA_PRIVATE, value: true },
+      { type: pkcs11js.CKA_SENSITIVE, value: true },
+      { type: pkcs11js.CKA_EXTRACTABLE, value: false },
+      { type: pkcs11js.CKA_ENCRYPT, value: true },
+      { type: pkcs11js.CKA_DECRYPT, value: true },
+    ]);
+  });
+}
+
+/** The key use of direct operation calls: the key store directOpContext allow-lists its `serve` labels for. */
+export const DIRECT_USE = { keyStore: "/direct-calls" } as const;
+
+/**
+ * What the agent's operations need, for calling them directly on `hsm` (no
+ * server, no owner switches); the labels in `serve` are allow-listed for
+ * DIRECT_USE.
+ */
+export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> & { serve?: string[] } = {}): AgentOpContext {
+  const { serve = [], ...over } = o;
   return {
     hsm,
     ciphertextMetadata: Buffer.from("xks-agent/1"),
     healthKey: "xks-health",
+    keyStores: allowListMap([{ keyStore: DIRECT_USE.keyStore, keys: serve }]),
     agentId: "direct",
     isKeyDisabled: () => false,
     tunnels: () => [],
-    ...o,
+    ...over,
   };
 }

@@ -12,7 +12,7 @@ import { type RunningAgent, runAgent } from "../agent/main.ts";
 import { loadProxyConfig, type ProxyConfig } from "../proxy/config.ts";
 import { type RunningProxy, serve } from "../proxy/main.ts";
 import { createLogger } from "../shared/logging.ts";
-import { type AgentEntry, testKeyStores, writeAgentConfig, writeProxyConfig } from "./configs.ts";
+import { type AgentEntry, testAgentKeyStores, testKeyStores, writeAgentConfig, writeProxyConfig } from "./configs.ts";
 import { createKeySet, createSoftHsmToken, type KeySet, type SoftHsmToken, TEST_KEYS } from "./hsm.ts";
 import { LogCapture } from "./logs.ts";
 
@@ -33,13 +33,23 @@ export interface TestAgent {
   destroy(): Promise<void>;
 }
 
-/** The real agent on a fresh token with the test keys; `extra` adds config fields (e.g. a dashboard). */
-export async function startTestAgent(opts: { extra?: Record<string, unknown> } = {}): Promise<TestAgent> {
+/**
+ * The real agent on a fresh token with the test keys, allow-listed for the
+ * test key stores (testAgentKeyStores) with the labels in `serve` too;
+ * `extra` adds config fields (e.g. a dashboard).
+ */
+export async function startTestAgent(opts: { extra?: Record<string, unknown>; serve?: string[] } = {}): Promise<TestAgent> {
   const dir = mkdtempSync(join(tmpdir(), "xks-agent-"));
   const softhsm = createSoftHsmToken({ dir: join(dir, "hsm") });
   createKeySet(softhsm, TEST_KEYS);
   const token = randomBytes(24).toString("base64url");
-  const configFile = writeAgentConfig(dir, { token: softhsm, proxyToken: token, healthKey: TEST_KEYS.health, extra: opts.extra });
+  const configFile = writeAgentConfig(dir, {
+    token: softhsm,
+    proxyToken: token,
+    healthKey: TEST_KEYS.health,
+    keyStores: testAgentKeyStores(opts.serve),
+    extra: opts.extra,
+  });
   const config = loadAgentConfig(configFile);
   const logs = new LogCapture();
   const t: TestAgent = {

@@ -32,6 +32,10 @@ export interface KeyInfo {
   /** Key length in bytes (CKA_VALUE_LEN). */
   valueLen: number;
   usage: { encrypt: boolean; decrypt: boolean; sign: boolean; verify: boolean; wrap: boolean; unwrap: boolean; derive: boolean };
+  /** CKA_SENSITIVE: the value can never be read in the clear. */
+  sensitive: boolean;
+  /** CKA_EXTRACTABLE: the value can be wrapped out of the token. */
+  extractable: boolean;
 }
 
 export interface TokenInfo {
@@ -238,6 +242,8 @@ export class Hsm {
       { type: pkcs11js.CKA_WRAP },
       { type: pkcs11js.CKA_UNWRAP },
       { type: pkcs11js.CKA_DERIVE },
+      { type: pkcs11js.CKA_SENSITIVE },
+      { type: pkcs11js.CKA_EXTRACTABLE },
     ]);
     let valueLen = -1;
     try {
@@ -260,6 +266,8 @@ export class Hsm {
         unwrap: flag(attrs[6]),
         derive: flag(attrs[7]),
       },
+      sensitive: flag(attrs[8]),
+      extractable: flag(attrs[9]),
     };
   }
 

@@ -32,16 +32,24 @@ export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
   try {
     const probe = randomBytes(32);
     const aad = Buffer.from("xks-agent health check");
-    const enc = encrypt(ctx, { metadata: NO_METADATA, keyId: ctx.healthKey, plaintext: probe, aad, wantIntegrityValue: false });
-    const dec = decrypt(ctx, {
-      metadata: NO_METADATA,
-      keyId: ctx.healthKey,
-      ciphertext: enc.ciphertext,
-      iv: enc.iv,
-      tag: enc.tag,
-      aad,
-      ciphertextMetadata: enc.ciphertextMetadata,
-    });
+    const enc = encrypt(
+      ctx,
+      { metadata: NO_METADATA, keyId: ctx.healthKey, plaintext: probe, aad, wantIntegrityValue: false },
+      "health-check",
+    );
+    const dec = decrypt(
+      ctx,
+      {
+        metadata: NO_METADATA,
+        keyId: ctx.healthKey,
+        ciphertext: enc.ciphertext,
+        iv: enc.iv,
+        tag: enc.tag,
+        aad,
+        ciphertextMetadata: enc.ciphertextMetadata,
+      },
+      "health-check",
+    );
     if (!dec.plaintext.equals(probe)) return { ...base, ...tokenFields, state: "DEGRADED", detail: "health round trip mismatch" };
     return { ...base, ...tokenFields, state: "ACTIVE", detail: "" };
   } catch (err) {

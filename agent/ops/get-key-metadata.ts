@@ -1,15 +1,19 @@
 import type { GetKeyMetadataRequest, GetKeyMetadataResponse } from "../../shared/proto.ts";
-import { assertAes256, type AgentOpContext } from "./context.ts";
+import { type KeyUse, refuseUnlessServed } from "../serving.ts";
+import type { AgentOpContext } from "./context.ts";
 
 /**
  * XKS GetKeyMetadata (spec §1.4), from the key's real attributes: CKA_KEY_TYPE
  * and CKA_VALUE_LEN give the spec (only AES_256 is accepted; anything else is
  * refused, never misreported), CKA_ENCRYPT/DECRYPT/SIGN/VERIFY/WRAP/UNWRAP/DERIVE
- * give the usage, and the owner's per-key switch gives the status.
+ * give the usage, and the owner's per-key switch gives the status. A key that
+ * is not served for `use` (agent/serving.ts) is refused, before the HSM is
+ * asked when its label alone decides.
  */
-export function getKeyMetadata(ctx: AgentOpContext, req: GetKeyMetadataRequest): GetKeyMetadataResponse {
+export function getKeyMetadata(ctx: AgentOpContext, req: GetKeyMetadataRequest, use: KeyUse): GetKeyMetadataResponse {
+  refuseUnlessServed(ctx, req.keyId, use);
   const key = ctx.hsm.key(req.keyId);
-  assertAes256(key);
+  refuseUnlessServed(ctx, req.keyId, use, key);
   const u = key.usage;
   const keyUsage = (
     [

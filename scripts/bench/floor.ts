@@ -13,7 +13,7 @@ import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
 import { createLogger } from "../../shared/logging.ts";
 import type { RequestMetadata } from "../../shared/proto.ts";
-import { createSoftHsmToken, directOpContext } from "../../testbed/hsm.ts";
+import { createSoftHsmToken, DIRECT_USE, directOpContext } from "../../testbed/hsm.ts";
 import { summarize, type LatencySummary } from "./stats.ts";
 
 export interface FloorResult {
@@ -33,7 +33,7 @@ const META: RequestMetadata = {
   kmsViaService: "",
   awsSourceVpc: "",
   awsSourceVpce: "",
-  keyStore: "/bench",
+  keyStore: DIRECT_USE.keyStore,
 };
 
 /** Times `fn` back to back for `seconds` (after a short warm-up). */
@@ -58,15 +58,15 @@ export function measureFloor(dir: string, sizes: number[], secondsEach: number):
   try {
     hsm.open();
     createKey(hsm, KEY, ["encrypt", "decrypt"]);
-    const ctx = directOpContext(hsm, { healthKey: KEY, agentId: "bench-floor" });
+    const ctx = directOpContext(hsm, { serve: [KEY], agentId: "bench-floor" });
     const out: FloorResult[] = [];
     for (const size of sizes) {
       const plaintext = Buffer.alloc(size, 0x42);
       const enc = timeLoop(secondsEach, () => {
-        encrypt(ctx, { metadata: META, keyId: KEY, plaintext, aad: AAD, wantIntegrityValue: false });
+        encrypt(ctx, { metadata: META, keyId: KEY, plaintext, aad: AAD, wantIntegrityValue: false }, DIRECT_USE);
       });
       out.push({ op: "Encrypt", size, ...enc });
-      const e = encrypt(ctx, { metadata: META, keyId: KEY, plaintext, aad: AAD, wantIntegrityValue: false });
+      const e = encrypt(ctx, { metadata: META, keyId: KEY, plaintext, aad: AAD, wantIntegrityValue: false }, DIRECT_USE);
       const req = {
         metadata: { ...META, kmsOperation: "Decrypt" },
         keyId: KEY,
@@ -76,9 +76,9 @@ export function measureFloor(dir: string, sizes: number[], secondsEach: number):
         aad: AAD,
         ciphertextMetadata: e.ciphertextMetadata,
       };
-      if (!decrypt(ctx, req).plaintext.equals(plaintext)) throw new Error("floor: decrypt did not give the plaintext back");
+      if (!decrypt(ctx, req, DIRECT_USE).plaintext.equals(plaintext)) throw new Error("floor: decrypt did not give the plaintext back");
       const dec = timeLoop(secondsEach, () => {
-        decrypt(ctx, req);
+        decrypt(ctx, req, DIRECT_USE);
       });
       out.push({ op: "Decrypt", size, ...dec });
     }

@@ -6,8 +6,10 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { writeAgentConfig } from "../../testbed/configs.ts";
-import { createSoftHsmToken, type SoftHsmToken } from "../../testbed/hsm.ts";
+import { Hsm } from "../../agent/hsm/hsm.ts";
+import { createLogger } from "../../shared/logging.ts";
+import { OTHER_PREFIX, PREFIX, writeAgentConfig } from "../../testbed/configs.ts";
+import { createRawAesKey, createSoftHsmToken, type SoftHsmToken } from "../../testbed/hsm.ts";
 
 const run = promisify(execFile);
 const BIN = new URL("../../bin/xks-agent.js", import.meta.url).pathname;
@@ -28,7 +30,14 @@ async function cli(...args: string[]): Promise<{ code: number; stdout: string; s
 before(() => {
   dir = mkdtempSync(join(tmpdir(), "xks-cli-"));
   hsm = createSoftHsmToken({ dir: join(dir, "hsm") });
-  config = writeAgentConfig(dir, { token: hsm, proxyToken: "cli-test-token-0123456789" });
+  config = writeAgentConfig(dir, {
+    token: hsm,
+    proxyToken: "cli-test-token-0123456789",
+    keyStores: [
+      { keyStore: PREFIX, keys: ["both", "enc", "dec", "none", "extractable", "not-sensitive", "aes-128"] },
+      { keyStore: OTHER_PREFIX, keys: ["both"] },
+    ],
+  });
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
@@ -36,7 +45,17 @@ test("keys create makes AES-256 keys with the usage asked for; keys list shows t
   assert.equal((await cli("keys", "create", "--config", config, "--label", "both")).code, 0);
   const r = await cli("keys", "create", "--config", config, "--label", "enc", "--usage", "encrypt");
   assert.equal(r.code, 0, r.stderr);
-  assert.deepEqual(JSON.parse(r.stdout), { label: "enc", type: "AES", bits: 256, usage: ["encrypt"] });
+  assert.deepEqual(JSON.parse(r.stdout), {
+    label: "enc",
+    type: "AES",
+    bits: 256,
+    usage: ["encrypt"],
+    sensitive: true,
+    extractable: false,
+    served: true,
+    keyStores: [PREFIX],
+    notServed: [],
+  });
   assert.equal((await cli("keys", "create", "--config", config, "--label", "dec", "--usage", "decrypt")).code, 0);
   assert.equal((await cli("keys", "create", "--config", config, "--label", "none", "--usage", "none")).code, 0);
   const list = await cli("keys", "list", "--config", config);
@@ -46,10 +65,72 @@ test("keys create makes AES-256 keys with the usage asked for; keys list shows t
     .split("\n")
     .map((l) => JSON.parse(l));
   const byLabel = Object.fromEntries(keys.map((k) => [k.label, k]));
-  assert.deepEqual(byLabel.both, { label: "both", type: "AES", bits: 256, usage: ["encrypt", "decrypt"] });
+  assert.deepEqual(byLabel.both, {
+    label: "both",
+    type: "AES",
+    bits: 256,
+    usage: ["encrypt", "decrypt"],
+    sensitive: true,
+    extractable: false,
+    served: true,
+    keyStores: [PREFIX, OTHER_PREFIX],
+    notServed: [],
+  });
   assert.deepEqual(byLabel.enc.usage, ["encrypt"]);
   assert.deepEqual(byLabel.dec.usage, ["decrypt"]);
   assert.deepEqual(byLabel.none.usage, []);
+});
+
+test("keys list shows for every key whether it is served, through which key stores, and if not why", async () => {
+  assert.equal((await cli("keys", "create", "--config", config, "--label", "xks-health")).code, 0);
+  assert.equal((await cli("keys", "create", "--config", config, "--label", "unlisted")).code, 0);
+  // Keys the agent's own key creation never makes, straight through PKCS#11.
+  const h = new Hsm({ module: hsm.module, tokenLabel: hsm.tokenLabel, pin: hsm.pin }, createLogger({ level: "silent" }));
+  h.open();
+  try {
+    createRawAesKey(h, "extractable", { bytes: 32, extractable: true, sensitive: true });
+    createRawAesKey(h, "not-sensitive", { bytes: 32, extractable: false, sensitive: false });
+    createRawAesKey(h, "aes-128", { bytes: 16, extractable: false });
+  } finally {
+    h.close();
+  }
+  const list = await cli("keys", "list", "--config", config);
+  assert.equal(list.code, 0, list.stderr);
+  const byLabel = Object.fromEntries(
+    list.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l))
+      .map((k) => [k.label, k]),
+  );
+  const verdict = (label: string) => {
+    const k = byLabel[label];
+    return { served: k.served, keyStores: k.keyStores, notServed: k.notServed };
+  };
+  assert.deepEqual(verdict("both"), { served: true, keyStores: [PREFIX, OTHER_PREFIX], notServed: [] });
+  assert.deepEqual(verdict("xks-health"), {
+    served: false,
+    keyStores: [],
+    notServed: ["key xks-health is the health key, never served for KMS operations"],
+  });
+  assert.deepEqual(verdict("unlisted"), {
+    served: false,
+    keyStores: [],
+    notServed: ["key unlisted is not allow-listed for any key store"],
+  });
+  assert.deepEqual(verdict("extractable"), {
+    served: false,
+    keyStores: [PREFIX],
+    notServed: ["key extractable is extractable (CKA_EXTRACTABLE is true)"],
+  });
+  assert.deepEqual(verdict("not-sensitive"), {
+    served: false,
+    keyStores: [PREFIX],
+    notServed: ["key not-sensitive is not sensitive (CKA_SENSITIVE is false)"],
+  });
+  assert.deepEqual(verdict("aes-128"), { served: false, keyStores: [PREFIX], notServed: ["key aes-128 is AES-128, XKS needs AES-256"] });
+  assert.equal(byLabel.extractable.extractable, true);
+  assert.equal(byLabel["not-sensitive"].sensitive, false);
 });
 
 test("keys create refuses a duplicate label and a bad usage", async () => {
@@ -71,6 +152,7 @@ test("a bad config is reported with file and field, exit code 2, no secret echoe
   assert.match(r.stderr, /pkcs11\.pin: must reference a secret/);
   assert.match(r.stderr, /socket: must be a string/);
   assert.match(r.stderr, /proxyToken: /);
+  assert.match(r.stderr, /keyStores: must be an array/);
   assert.ok(!r.stderr.includes("1234-inline"));
 });
 

@@ -5,28 +5,41 @@ import { after, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from "node:crypto";
 import { readFileSync, statSync, writeFileSync } from "node:fs";
+import http2 from "node:http2";
+import tls from "node:tls";
 import { dirname } from "node:path";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import pkcs11js from "pkcs11js";
 import { verifyAuditLog } from "../../agent/audit.ts";
 import { Hsm } from "../../agent/hsm/hsm.ts";
+import { createKey } from "../../agent/keys.ts";
 import { agentChannelCredentials } from "../../proxy/agent-client.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { AGENT_TOKEN_METADATA_KEY, REASON_METADATA_KEY } from "../../shared/errors.ts";
 import { agentClient, type AgentTestClient, type CallError } from "../../testbed/grpc-client.ts";
-import { createRawAesKey } from "../../testbed/hsm.ts";
+import { createRawAesKey, importAesKey } from "../../testbed/hsm.ts";
 import { pinOf, TEST_IDENTITIES } from "../../testbed/identities.ts";
 import { startTestAgent, type TestAgent } from "../../testbed/in-process.ts";
 import { encodings, findLeaks } from "../../testbed/logs.ts";
 import { nextEvent } from "../../testbed/wait.ts";
 import { agentMetadata as sampleMetadata } from "../../testbed/xks/metadata.ts";
+import { OTHER_PREFIX, PREFIX } from "../../testbed/configs.ts";
+import { MAX_CONCURRENT_STREAMS, MAX_REQUEST_MESSAGE_BYTES, type OperationRecord } from "../../agent/server.ts";
+import { MAX_DATA_BYTES_LIMIT, MAX_EXTERNAL_KEY_ID_CHARS, MAX_LAYOUT_AAD_BYTES, MAX_METADATA_CHARS } from "../../shared/xks-spec.ts";
 
 let t: TestAgent;
 let c: AgentTestClient;
-const EXTRACTABLE = "extractable-for-test";
+/** Sensitive, never extractable, with a value this test knows (imported), so Node's AES-GCM can check the agent's output. */
+const KNOWN = "known-value-key";
 const AES128 = "aes-128-key";
-let extractableValue: Buffer;
+const EXTRACTABLE = "extractable-key";
+const NOT_SENSITIVE = "not-sensitive-key";
+/** A good key on the token that no allow-list names. */
+const UNLISTED = "unlisted-key";
+/** A 128-character label, the longest key id; allow-listed. */
+const LONGEST = "k".repeat(128);
+const knownValue = randomBytes(32);
 
 async function rejects(p: Promise<unknown>, reason: string, code?: grpc.status): Promise<CallError> {
   try {
@@ -46,14 +59,18 @@ const dec = (keyId: string, fields: Record<string, unknown>) =>
   c.call("Decrypt", { metadata: sampleMetadata("Decrypt"), keyId, ...fields });
 
 before(async () => {
-  t = await startTestAgent();
+  // Allow-listed for PREFIX besides the test key set: the odd keys below, so that what refuses them is their attributes.
+  t = await startTestAgent({ serve: [KNOWN, AES128, EXTRACTABLE, NOT_SENSITIVE, LONGEST] });
   c = agentClient(t.target, t.token);
-  // Two extra keys made straight through PKCS#11, outside the agent's own key creation:
-  // an extractable AES-256 key (so Node's own AES-GCM can check the agent's output) and an AES-128 key.
+  // Keys made straight through PKCS#11, outside the agent's own key creation.
   const hsm = new Hsm(t.config.pkcs11, createLogger({ level: "silent" }));
   hsm.open();
-  extractableValue = createRawAesKey(hsm, EXTRACTABLE, { bytes: 32, extractable: true })!;
+  importAesKey(hsm, KNOWN, knownValue);
   createRawAesKey(hsm, AES128, { bytes: 16, extractable: false });
+  createRawAesKey(hsm, EXTRACTABLE, { bytes: 32, extractable: true, sensitive: true });
+  createRawAesKey(hsm, NOT_SENSITIVE, { bytes: 32, extractable: false, sensitive: false });
+  createKey(hsm, UNLISTED, ["encrypt", "decrypt"]);
+  createKey(hsm, LONGEST, ["encrypt", "decrypt"]);
   hsm.close();
 });
 
@@ -91,20 +108,20 @@ describe("encrypt and decrypt", () => {
     const pt = Buffer.from("made elsewhere");
     const aad = Buffer.from("a");
     const iv = randomBytes(12);
-    const cipher = createCipheriv("aes-256-gcm", extractableValue, iv);
+    const cipher = createCipheriv("aes-256-gcm", knownValue, iv);
     cipher.setAAD(Buffer.concat([Buffer.from([0, 1]), aad, Buffer.from([0])]));
     const ct = Buffer.concat([cipher.update(pt), cipher.final()]);
-    const d = await dec(EXTRACTABLE, { ciphertext: ct, iv, tag: cipher.getAuthTag(), aad });
+    const d = await dec(KNOWN, { ciphertext: ct, iv, tag: cipher.getAuthTag(), aad });
     assert.deepEqual(d.plaintext, pt);
   });
 
   test("the output is AES-256-GCM over the spec's hsmAAD layout (checked with Node's own AES-GCM)", async () => {
     const pt = Buffer.from("Hello World!");
     const aad = Buffer.from("project=nile,department=marketing");
-    const e = await enc(EXTRACTABLE, pt, { aad });
+    const e = await enc(KNOWN, pt, { aad });
     // hsmAAD = u16be(len AAD) || AAD || u8(len CM) || CM, written out by hand here.
     const layout = Buffer.concat([Buffer.from([0, aad.length]), aad, Buffer.from([e.ciphertextMetadata.length]), e.ciphertextMetadata]);
-    const d = createDecipheriv("aes-256-gcm", extractableValue, e.iv);
+    const d = createDecipheriv("aes-256-gcm", knownValue, e.iv);
     d.setAAD(layout);
     d.setAuthTag(e.tag);
     assert.deepEqual(Buffer.concat([d.update(e.ciphertext), d.final()]), pt);
@@ -330,8 +347,10 @@ describe("contract", () => {
     const md = await new Promise<grpc.Metadata>((resolve) => {
       const meta = new grpc.Metadata();
       meta.set(AGENT_TOKEN_METADATA_KEY, t.token);
-      (c.client as any).Encrypt({ keyId: "no-such-key", plaintext: Buffer.from("x") }, meta, (err: grpc.ServiceError) =>
-        resolve(err.metadata),
+      (c.client as any).Encrypt(
+        { metadata: sampleMetadata("Encrypt"), keyId: "no-such-key", plaintext: Buffer.from("x") },
+        meta,
+        (err: grpc.ServiceError) => resolve(err.metadata),
       );
     });
     assert.deepEqual(md.get(REASON_METADATA_KEY), ["KEY_NOT_FOUND"]);
@@ -452,5 +471,205 @@ describe("records", () => {
     };
     assert.deepEqual(findLeaks(text, secrets), [], "the operational log");
     assert.deepEqual(findLeaks(readFileSync(t.config.auditLog, "utf8"), secrets), [], "the audit log");
+  });
+});
+
+/** How many HSM lookups and operations the agent starts while `fn` runs (its Hsm's methods, counted in place). */
+async function hsmCallsDuring(fn: () => Promise<unknown>): Promise<number> {
+  const hsm = t.agent.hsm as unknown as Record<string, (...args: unknown[]) => unknown>;
+  const methods = ["key", "run", "runWithKey", "listKeys"];
+  let calls = 0;
+  for (const m of methods) {
+    const original = hsm[m];
+    hsm[m] = function (this: unknown, ...args: unknown[]) {
+      calls++;
+      return original.apply(this, args);
+    };
+  }
+  try {
+    await fn();
+  } finally {
+    for (const m of methods) delete hsm[m];
+  }
+  return calls;
+}
+
+const onStore = (keyStore: string, kmsOperation = "Encrypt") => ({ metadata: sampleMetadata(kmsOperation, {}, keyStore) });
+const someCiphertext = () => ({ ciphertext: randomBytes(8), iv: randomBytes(12), tag: randomBytes(16) });
+
+describe("the agent serves only what its config allow-lists", () => {
+  test("a key on the token that no allow-list names is KeyNotFound, refused before any HSM work", async () => {
+    const calls = await hsmCallsDuring(async () => {
+      await rejects(enc(UNLISTED, Buffer.from("x")), "KEY_NOT_FOUND", grpc.status.NOT_FOUND);
+      await rejects(dec(UNLISTED, someCiphertext()), "KEY_NOT_FOUND");
+      await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: UNLISTED }), "KEY_NOT_FOUND");
+    });
+    assert.equal(calls, 0, "no HSM lookup or operation for a key that is not allow-listed");
+    assert.match(t.logs.text(), /key unlisted-key is not allow-listed for key store \\"\/example\/uri\/path\/prefix\\"/);
+  });
+
+  test("a key allow-listed for one key store is refused on another, on an unknown and on an empty one", async () => {
+    assert.equal((await c.call("Encrypt", { ...onStore(PREFIX), keyId: KNOWN, plaintext: Buffer.from("ok") })).ciphertext.length, 2);
+    const calls = await hsmCallsDuring(async () => {
+      for (const keyStore of [OTHER_PREFIX, "/not/a/configured/store", ""]) {
+        await rejects(c.call("Encrypt", { ...onStore(keyStore), keyId: KNOWN, plaintext: Buffer.from("x") }), "KEY_NOT_FOUND");
+        await rejects(c.call("Decrypt", { ...onStore(keyStore, "Decrypt"), keyId: KNOWN, ...someCiphertext() }), "KEY_NOT_FOUND");
+        await rejects(c.call("GetKeyMetadata", { ...onStore(keyStore, "DescribeKey"), keyId: KNOWN }), "KEY_NOT_FOUND");
+      }
+    });
+    assert.equal(calls, 0);
+    const text = t.logs.text();
+    assert.match(text, /key known-value-key is not allow-listed for key store \\"\/tenant-two\/xks\\"/);
+    assert.match(text, /key store \\"\/not\/a\/configured\/store\\" is not in the agent's keyStores/);
+    assert.match(text, /key store \\"\\" is not in the agent's keyStores/);
+  });
+
+  test("the health key is never used for KMS operations, while the deep health check still uses it", async () => {
+    const calls = await hsmCallsDuring(async () => {
+      await rejects(enc(t.keys.health, Buffer.from("x")), "KEY_NOT_FOUND");
+      await rejects(dec(t.keys.health, someCiphertext()), "KEY_NOT_FOUND");
+      await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: t.keys.health }), "KEY_NOT_FOUND");
+    });
+    assert.equal(calls, 0);
+    assert.match(t.logs.text(), /key xks-health is the health key, never served for KMS operations/);
+    assert.equal((await c.call("GetHealthStatus", { kmsRequestId: "h2", kmsOperation: "KmsHealthCheck" })).state, "ACTIVE");
+  });
+
+  test("an extractable key and a key that is not sensitive are refused, the reason in the owner's log", async () => {
+    for (const label of [EXTRACTABLE, NOT_SENSITIVE]) {
+      await rejects(enc(label, Buffer.from("x")), "INVALID_STATE", grpc.status.FAILED_PRECONDITION);
+      await rejects(dec(label, someCiphertext()), "INVALID_STATE");
+      await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: label }), "INVALID_STATE");
+    }
+    const text = t.logs.text();
+    assert.match(text, /key extractable-key is extractable \(CKA_EXTRACTABLE is true\)/);
+    assert.match(text, /key not-sensitive-key is not sensitive \(CKA_SENSITIVE is false\)/);
+  });
+});
+
+describe("what reaches the agent is checked as if the proxy were hostile", () => {
+  const fields = [
+    "awsPrincipalArn",
+    "kmsKeyArn",
+    "kmsOperation",
+    "kmsRequestId",
+    "kmsViaService",
+    "awsSourceVpc",
+    "awsSourceVpce",
+    "keyStore",
+  ] as const;
+
+  test(`every metadata string is at most ${MAX_METADATA_CHARS} characters, and metadata must be present`, async () => {
+    const longest = "a".repeat(MAX_METADATA_CHARS);
+    const e = await enc(t.keys.default, Buffer.from("x"), { metadata: sampleMetadata("Encrypt", { kmsKeyArn: longest }) });
+    assert.equal(e.ciphertext.length, 1, "the longest legal value is served");
+    const calls = await hsmCallsDuring(async () => {
+      for (const f of fields) {
+        const metadata = sampleMetadata("Encrypt", { [f]: `${longest}a` });
+        await rejects(enc(t.keys.default, Buffer.from("x"), { metadata }), "VALIDATION", grpc.status.INVALID_ARGUMENT);
+        await rejects(c.call("GetKeyMetadata", { metadata, keyId: t.keys.default }), "VALIDATION");
+      }
+      await rejects(c.call("Encrypt", { keyId: t.keys.default, plaintext: Buffer.from("x") }), "VALIDATION");
+      await rejects(c.call("GetHealthStatus", { kmsRequestId: `${longest}a`, kmsOperation: "KmsHealthCheck" }), "VALIDATION");
+    });
+    assert.equal(calls, 0);
+    assert.match(t.logs.text(), /metadata\.awsSourceVpce is 2049 characters, more than 2048/);
+  });
+
+  test("key ids follow the spec's rule and are refused, never truncated", async () => {
+    assert.equal((await enc(LONGEST, Buffer.from("x"))).ciphertext.length, 1, "a 128-character key id is served");
+    const calls = await hsmCallsDuring(async () => {
+      // Its first 128 characters name an allow-listed key.
+      await rejects(enc(`${LONGEST}k`, Buffer.from("x")), "VALIDATION");
+      await rejects(c.call("GetKeyMetadata", { metadata: sampleMetadata("CreateKey"), keyId: `${LONGEST}k` }), "VALIDATION");
+      await rejects(enc("foo/../foo", Buffer.from("x")), "VALIDATION");
+      await rejects(enc("", Buffer.from("x")), "VALIDATION");
+    });
+    assert.equal(calls, 0);
+    assert.match(t.logs.text(), /keyId is 129 characters, more than 128/);
+  });
+
+  test("data larger than any proxy may pass on is refused", async () => {
+    const calls = await hsmCallsDuring(async () => {
+      await rejects(enc(t.keys.default, Buffer.alloc(MAX_DATA_BYTES_LIMIT + 1)), "VALIDATION");
+      await rejects(dec(t.keys.default, { ...someCiphertext(), ciphertext: Buffer.alloc(MAX_DATA_BYTES_LIMIT + 1) }), "VALIDATION");
+      await rejects(enc(t.keys.default, Buffer.from("x"), { aad: Buffer.alloc(MAX_LAYOUT_AAD_BYTES + 1) }), "VALIDATION");
+    });
+    assert.equal(calls, 0);
+  });
+
+  test("a message larger than the largest legal request is refused by the transport", async () => {
+    const before = t.agent.hsm.stats.sessionsOpened;
+    await assert.rejects(
+      enc(t.keys.default, Buffer.alloc(MAX_REQUEST_MESSAGE_BYTES)),
+      (e: CallError) => e.code === grpc.status.RESOURCE_EXHAUSTED,
+    );
+    assert.equal(t.agent.hsm.stats.sessionsOpened, before);
+    assert.equal((await enc(t.keys.default, Buffer.from("after"))).ciphertext.length, 5);
+  });
+
+  test(`a connection carries at most ${MAX_CONCURRENT_STREAMS} calls at once (the HTTP/2 setting the agent announces)`, async () => {
+    const session = http2.connect("https://agent", {
+      createConnection: () =>
+        tls.connect({
+          path: t.socketPath,
+          key: TEST_IDENTITIES.proxy.key,
+          cert: TEST_IDENTITIES.proxy.certificate,
+          ca: TEST_IDENTITIES.agent.certificate,
+          checkServerIdentity: () => undefined,
+          ALPNProtocols: ["h2"],
+        }),
+    });
+    try {
+      const settings = await new Promise<http2.Settings>((resolve, reject) => {
+        session.once("remoteSettings", resolve);
+        session.once("error", reject);
+      });
+      assert.equal(settings.maxConcurrentStreams, MAX_CONCURRENT_STREAMS);
+    } finally {
+      session.destroy();
+    }
+  });
+
+  test("records of unauthenticated and invalid calls carry no attacker-sized strings", async () => {
+    const records: OperationRecord[] = [];
+    const onRecord = (r: OperationRecord) => records.push(r);
+    t.agent.events.on("operation", onRecord);
+    const huge = "A".repeat(900_000);
+    const long = "B".repeat(100_000);
+    try {
+      // Without the token: 900 KB of kmsKeyArn and a 5,000-character key id.
+      await assert.rejects(
+        c.call(
+          "Encrypt",
+          {
+            metadata: sampleMetadata("Encrypt", { kmsKeyArn: huge, kmsRequestId: "m1-unauth" }),
+            keyId: "k".repeat(5000),
+            plaintext: Buffer.from("x"),
+          },
+          { token: "not-the-token" },
+        ),
+        (e: CallError) => e.code === grpc.status.UNAUTHENTICATED,
+      );
+      // With the token, invalid: 100,000 characters in every metadata field.
+      const metadata = Object.fromEntries(fields.map((f) => [f, long]));
+      await rejects(c.call("Decrypt", { metadata, keyId: long, ...someCiphertext() }), "VALIDATION");
+    } finally {
+      t.agent.events.off("operation", onRecord);
+    }
+    assert.equal(records.length, 2);
+    const maxChars = MAX_METADATA_CHARS + 20; // the cut is marked: …[N chars]
+    for (const r of records) {
+      for (const [field, value] of Object.entries(r)) {
+        if (typeof value === "string") assert.ok(value.length <= maxChars, `record field ${field} is ${value.length} characters`);
+      }
+      assert.ok(r.keyId.length <= MAX_EXTERNAL_KEY_ID_CHARS + 20);
+    }
+    assert.equal(records[0].kmsKeyArn, `${"A".repeat(MAX_METADATA_CHARS)}…[900000 chars]`);
+    assert.equal(records[1].principal, `${"B".repeat(MAX_METADATA_CHARS)}…[100000 chars]`);
+    // The audit log's and the operational log's lines for those calls are small too.
+    const auditLines = readFileSync(t.config.auditLog, "utf8").trim().split("\n").slice(-2);
+    for (const l of auditLines) assert.ok(l.length < 10 * MAX_METADATA_CHARS, `audit line of ${l.length} characters`);
+    for (const l of t.logs.lines) assert.ok(l.length < 10 * MAX_METADATA_CHARS, `log line of ${l.length} characters`);
   });
 });

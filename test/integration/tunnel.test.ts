@@ -16,7 +16,7 @@ import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { Tunnel, TunnelSet, fingerprintOf, type TunnelState, type TunnelTarget } from "../../agent/tunnel.ts";
+import { MAX_FORWARDED_CHANNELS, Tunnel, TunnelSet, fingerprintOf, type TunnelState, type TunnelTarget } from "../../agent/tunnel.ts";
 import { createLogger, type Logger } from "../../shared/logging.ts";
 import { LogCapture } from "../../testbed/logs.ts";
 import { freePort } from "../../testbed/ports.ts";
@@ -32,6 +32,8 @@ function captureLog(): { log: Logger; lines: string[] } {
 interface EchoServer {
   path: string;
   connections: () => number;
+  /** Connections open now. */
+  open: () => number;
   close: () => Promise<void>;
 }
 
@@ -69,6 +71,7 @@ async function startEchoServer(): Promise<EchoServer> {
   return {
     path,
     connections: () => connections,
+    open: () => socks.size,
     close: async () => {
       for (const s of socks) s.destroy();
       await new Promise<void>((resolve) => server.close(() => resolve()));
@@ -517,4 +520,43 @@ test("a target without a valid pinned fingerprint or with two remotes is rejecte
   assert.throws(() => new Tunnel({ ...base, hostKeyFingerprint: "MD5:aa:bb" }, "/tmp/agent.sock", log), /hostKeyFingerprint/);
   assert.throws(() => new Tunnel({ ...base, remoteTcp: { host: "127.0.0.1", port: 7000 } }, "/tmp/agent.sock", log), /exactly one/);
   assert.throws(() => new Tunnel({ ...base, remoteSocket: undefined }, "/tmp/agent.sock", log), /exactly one/);
+});
+
+test(`past ${MAX_FORWARDED_CHANNELS} open forwarded channels, new ones are refused and the burst is logged once`, async (t) => {
+  const { sshd, echo, lines, tunnel } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd) }));
+  tunnel.start();
+  await waitForState(tunnel, (s) => s.state === "up", "up");
+  const open: FarClient[] = [];
+  t.after(() => {
+    for (const c of open) c.close();
+  });
+  for (let i = 0; i < MAX_FORWARDED_CHANNELS; i++) {
+    const far = await FarClient.connect({ path: socketIn(sshd) });
+    open.push(far);
+    assert.equal(await far.ask(`c${i}`), `echo:c${i}`);
+  }
+  assert.equal(echo.open(), MAX_FORWARDED_CHANNELS);
+
+  // Past the cap: sshd accepts each connection, the agent refuses its channel, sshd closes it.
+  const refused = nextEvent<number>(tunnel, "refused", (n) => n === 5, "five refused channels");
+  for (let i = 0; i < 5; i++) {
+    const far = await FarClient.connect({ path: socketIn(sshd) });
+    await assert.rejects(far.ask("over the cap"), "closed without an answer");
+    far.close();
+  }
+  await refused;
+  assert.equal(echo.open(), MAX_FORWARDED_CHANNELS, "no local socket for a refused channel");
+  assert.equal(echo.connections(), MAX_FORWARDED_CHANNELS);
+  assert.equal(lines.filter((l) => l.includes("forwarded-channel cap reached")).length, 1, "one line for the burst");
+  assert.equal(tunnel.state().state, "up");
+
+  // One closes: the next channel is accepted, and the burst's count is logged.
+  open.shift()!.close();
+  await until(() => echo.open() < MAX_FORWARDED_CHANNELS, "the closed channel's local socket to close");
+  const again = await FarClient.connect({ path: socketIn(sshd) });
+  open.push(again);
+  assert.equal(await again.ask("back"), "echo:back");
+  const resumed = lines.find((l) => l.includes("accepting forwarded channels again"));
+  assert.ok(resumed, "the end of the burst is logged");
+  assert.equal(JSON.parse(resumed).refused, 5);
 });

@@ -8,6 +8,8 @@ import { status } from "@grpc/grpc-js";
 import { CKR, classifyCkr, type FailureScope } from "../../agent/hsm/ckr.ts";
 import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
 import { parseAgentConfig } from "../../agent/config.ts";
+import type { KeyInfo } from "../../agent/hsm/hsm.ts";
+import { allowListMap, servingRefusals } from "../../agent/serving.ts";
 import { ConfigError } from "../../shared/config.ts";
 import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { REASONS, XKS_ERRORS, type Reason } from "../../shared/errors.ts";
@@ -151,6 +153,7 @@ test("agent config: every problem reported at once, with file and field, never t
     "tunnels[0].hostKeyFingerprint",
     "identity",
     "proxyIdentities",
+    "keyStores",
     "typo",
   ]) {
     assert.ok(
@@ -167,6 +170,7 @@ test("agent config: every problem reported at once, with file and field, never t
       socket: "run/a.sock",
       identity: writeIdentity(dir, "agent-identity", TEST_IDENTITIES.agent),
       proxyIdentities: writePins(dir, "proxy", [TEST_IDENTITIES.proxy]),
+      keyStores: [{ keyStore: "/example/prefix", keys: ["k1"] }],
     },
     file,
     { TOK: "0123456789abcdef-token" },
@@ -191,4 +195,102 @@ test("IVs are 12 fresh random bytes, distinct across pool refills", async () => 
   }
   assert.equal(seen.size, 3000, "no IV repeats (3000 draws span ~9 pool refills)");
   assert.ok(!seen.has("000000000000000000000000"));
+});
+
+test("agent config: keyStores is required; each store and key is checked; the health key is never listed", () => {
+  const dir = mkdtempSync(join(tmpdir(), "xks-cfg-"));
+  writeFileSync(join(dir, "pin"), "s3cret-pin-value");
+  const file = join(dir, "agent.json");
+  const base = {
+    pkcs11: { module: "/x.so", tokenLabel: "t", pin: { file: "pin" } },
+    proxyToken: { env: "TOK" },
+    socket: "run/a.sock",
+    identity: writeIdentity(dir, "agent-identity", TEST_IDENTITIES.agent),
+    proxyIdentities: writePins(dir, "proxy", [TEST_IDENTITIES.proxy]),
+  };
+  const problems = (extra: Record<string, unknown>): string[] => {
+    try {
+      parseAgentConfig({ ...base, ...extra }, file, { TOK: "0123456789abcdef-token" });
+      return [];
+    } catch (e) {
+      assert.ok(e instanceof ConfigError);
+      assert.ok(e.message.includes(file));
+      return e.problems;
+    }
+  };
+  assert.deepEqual(problems({}), ["keyStores: must be an array"]);
+  assert.deepEqual(problems({ keyStores: [] }), ["keyStores: must have at least 1 entries"]);
+  assert.deepEqual(
+    problems({
+      keyStores: [
+        { keyStore: "/example/prefix", keys: ["k1", "k1", "xks-health", "bad/label", "k".repeat(129)] },
+        { keyStore: "/example/prefix", keys: ["k2"] },
+        { keyStore: "short", keys: [] },
+        { keys: ["k3"], typo: true },
+      ],
+    }),
+    [
+      'keyStores[0].keys[1]: duplicate key "k1"',
+      "keyStores[0].keys[2]: is the health key (healthKey); the health key is never served to KMS",
+      "keyStores[0].keys[3]: must be a key label (externalKeyId): 1-128 characters of [a-zA-Z0-9-_.]",
+      "keyStores[0].keys[4]: must be a key label (externalKeyId): 1-128 characters of [a-zA-Z0-9-_.]",
+      'keyStores[1].keyStore: duplicate key store "/example/prefix"',
+      'keyStores[2].keyStore: must be "" or 9-117 characters of [a-zA-Z0-9/_-] starting with "/" (the key store\'s uriPathPrefix in the proxy\'s config)',
+      "keyStores[2].keys: must have at least 1 entries",
+      "keyStores[3].typo: unknown field",
+      "keyStores[3].keyStore: is required",
+    ],
+  );
+  const ok = parseAgentConfig(
+    {
+      ...base,
+      keyStores: [
+        { keyStore: "", keys: ["a"] },
+        { keyStore: "/tenant-two/xks", keys: ["a", "b"] },
+      ],
+    },
+    file,
+    { TOK: "0123456789abcdef-token" },
+  );
+  assert.deepEqual(ok.keyStores, [
+    { keyStore: "", keys: ["a"] },
+    { keyStore: "/tenant-two/xks", keys: ["a", "b"] },
+  ]);
+});
+
+test("serving: the health key is refused for KMS even when an allow-list names it; each rule gives its reason", () => {
+  const good: KeyInfo = {
+    label: "k",
+    handle: Buffer.alloc(8),
+    keyType: 0x1f, // CKK_AES
+    valueLen: 32,
+    usage: { encrypt: true, decrypt: true, sign: false, verify: false, wrap: false, unwrap: false, derive: false },
+    sensitive: true,
+    extractable: false,
+  };
+  // A policy built by hand (the config refuses to list the health key).
+  const policy = { healthKey: "hk", keyStores: allowListMap([{ keyStore: "/store/one", keys: ["k", "hk"] }]) };
+  const reasons = (label: string, use: Parameters<typeof servingRefusals>[2], key?: KeyInfo) =>
+    servingRefusals(policy, label, use, key).map((r) => `${r.reason}: ${r.why}`);
+  assert.deepEqual(reasons("k", { keyStore: "/store/one" }, good), []);
+  assert.deepEqual(reasons("hk", { keyStore: "/store/one" }, { ...good, label: "hk" }), [
+    "KEY_NOT_FOUND: key hk is the health key, never served for KMS operations",
+  ]);
+  assert.deepEqual(reasons("hk", "any-key-store"), ["KEY_NOT_FOUND: key hk is the health key, never served for KMS operations"]);
+  assert.deepEqual(reasons("hk", "health-check", { ...good, label: "hk" }), []);
+  assert.deepEqual(reasons("k", "health-check"), ["KEY_NOT_FOUND: key k is not the health key"]);
+  assert.deepEqual(reasons("k", { keyStore: "/store/two" }), ['KEY_NOT_FOUND: key store "/store/two" is not in the agent\'s keyStores']);
+  assert.deepEqual(reasons("k", { keyStore: "" }), ['KEY_NOT_FOUND: key store "" is not in the agent\'s keyStores']);
+  assert.deepEqual(reasons("other", { keyStore: "/store/one" }), [
+    'KEY_NOT_FOUND: key other is not allow-listed for key store "/store/one"',
+  ]);
+  assert.deepEqual(reasons("other", "any-key-store"), ["KEY_NOT_FOUND: key other is not allow-listed for any key store"]);
+  assert.deepEqual(reasons("k", { keyStore: "/store/one" }, { ...good, valueLen: 16, sensitive: false, extractable: true }), [
+    "INVALID_KEY_USAGE: key k is AES-128, XKS needs AES-256",
+    "INVALID_STATE: key k is not sensitive (CKA_SENSITIVE is false)",
+    "INVALID_STATE: key k is extractable (CKA_EXTRACTABLE is true)",
+  ]);
+  assert.deepEqual(reasons("k", { keyStore: "/store/one" }, { ...good, keyType: 0x15 }), [
+    "INVALID_KEY_USAGE: key k is not an AES key (CKA_KEY_TYPE 0x15)",
+  ]);
 });

@@ -13,7 +13,7 @@ import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
 import { AgentError, type Reason } from "../../shared/errors.ts";
 import { createLogger } from "../../shared/logging.ts";
-import { directOpContext } from "../../testbed/hsm.ts";
+import { DIRECT_USE, directOpContext } from "../../testbed/hsm.ts";
 
 const CKR_GENERAL_ERROR = 0x05;
 const CKR_FUNCTION_FAILED = 0x06;
@@ -201,6 +201,8 @@ class StubPkcs11 implements Pkcs11Port {
       [pkcs11js.CKA_WRAP]: Buffer.from([0]),
       [pkcs11js.CKA_UNWRAP]: Buffer.from([0]),
       [pkcs11js.CKA_DERIVE]: Buffer.from([0]),
+      [pkcs11js.CKA_SENSITIVE]: Buffer.from([1]),
+      [pkcs11js.CKA_EXTRACTABLE]: Buffer.from([0]),
     };
     return template.map(({ type }) => {
       const value = values[type];
@@ -271,19 +273,23 @@ function rig() {
     port: () => stub,
     now: () => clock.ms,
   });
-  const ctx = directOpContext(hsm, { ciphertextMetadata: Buffer.from("cm"), healthKey: KEY, agentId: "unit" });
+  const ctx = directOpContext(hsm, { ciphertextMetadata: Buffer.from("cm"), serve: [KEY], agentId: "unit" });
   const enc = (plaintext = Buffer.from("hello")) =>
-    encrypt(ctx, { metadata: null, keyId: KEY, plaintext, aad: Buffer.alloc(0), wantIntegrityValue: false });
+    encrypt(ctx, { metadata: null, keyId: KEY, plaintext, aad: Buffer.alloc(0), wantIntegrityValue: false }, DIRECT_USE);
   const dec = (e: ReturnType<typeof enc>) =>
-    decrypt(ctx, {
-      metadata: null,
-      keyId: KEY,
-      ciphertext: e.ciphertext,
-      iv: e.iv,
-      tag: e.tag,
-      aad: Buffer.alloc(0),
-      ciphertextMetadata: e.ciphertextMetadata,
-    }).plaintext;
+    decrypt(
+      ctx,
+      {
+        metadata: null,
+        keyId: KEY,
+        ciphertext: e.ciphertext,
+        iv: e.iv,
+        tag: e.tag,
+        aad: Buffer.alloc(0),
+        ciphertextMetadata: e.ciphertextMetadata,
+      },
+      DIRECT_USE,
+    ).plaintext;
   return { stub, clock, hsm, enc, dec };
 }
 

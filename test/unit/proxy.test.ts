@@ -465,6 +465,9 @@ describe("credentials new", () => {
   });
 });
 
+/** A 128-character key id, the longest the spec allows. */
+const LONGEST_KEY = "L".repeat(128);
+
 describe("buildApp in-process with a stub agent", () => {
   const calls: Array<{ method: AgentMethod; req: any }> = [];
   let answer: (method: AgentMethod, req: any) => any = () => ({});
@@ -487,7 +490,7 @@ describe("buildApp in-process with a stub agent", () => {
         {
           uriPathPrefix: PREFIX,
           credentials: [{ accessKeyId: CREDS.a.accessKeyId, secretAccessKey: { env: "SA" } }],
-          keys: ["foo"],
+          keys: ["foo", LONGEST_KEY],
         },
       ],
     },
@@ -609,6 +612,25 @@ describe("buildApp in-process with a stub agent", () => {
       ],
     );
     assert.equal(calls.length, 0);
+  });
+
+  it("a key id longer than 128 characters is a ValidationException, never cut to an allow-listed one", async () => {
+    calls.length = 0;
+    answer = () => ({ ciphertext: Buffer.alloc(5), iv: Buffer.alloc(12), tag: Buffer.alloc(16) });
+    const ok = await signedPost(url, `${PREFIX}/kms/xks/v1/keys/${LONGEST_KEY}/encrypt`, encBody(), CREDS.a);
+    assert.equal(ok.status, 200, ok.text);
+    assert.equal(calls.length, 1);
+    assert.equal(calls[0].req.keyId, LONGEST_KEY);
+    calls.length = 0;
+    // 152 characters whose first 128 are an allow-listed key id.
+    const long = `${LONGEST_KEY}${"x".repeat(24)}`;
+    const r = await signedPost(url, `${PREFIX}/kms/xks/v1/keys/${long}/encrypt`, encBody(), CREDS.a);
+    assert.equal(r.status, 400);
+    assert.equal(r.json.errorName, "ValidationException");
+    assert.equal(calls.length, 0);
+    const line = logs.requests().at(-1)!;
+    assert.equal(line.key, `${LONGEST_KEY}…[152 chars]`);
+    assert.match(line.detail, /key id is 152 characters, more than 128/);
   });
 
   it("health answers from the snapshot without calling the agent", async () => {

@@ -4,6 +4,7 @@
  */
 import { randomBytes } from "node:crypto";
 import type { RequestMetadata } from "../../shared/proto.ts";
+import { PREFIX } from "../configs.ts";
 
 export const PRINCIPAL = "arn:aws:iam::123456789012:user/Alice";
 export const KMS_KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab";
@@ -29,6 +30,6 @@ export function healthMetadata(over: Record<string, unknown> = {}): Record<strin
 }
 
 /** The proto RequestMetadata the proxy sends the agent for the same request, arriving on key store `keyStore`. */
-export function agentMetadata(kmsOperation: string, over: Partial<RequestMetadata> = {}, keyStore = "/test"): RequestMetadata {
+export function agentMetadata(kmsOperation: string, over: Partial<RequestMetadata> = {}, keyStore = PREFIX): RequestMetadata {
   return { awsSourceVpc: "", awsSourceVpce: "", keyStore, ...requestMetadata(kmsOperation), ...over } as RequestMetadata;
 }

@@ -23,7 +23,7 @@ export async function grpcDirect(spec: GrpcSpec, onStarted: () => void): Promise
     let problem: string | undefined;
     try {
       const r = (await call("Encrypt", {
-        metadata: agentMetadata("Encrypt"),
+        metadata: agentMetadata("Encrypt", {}, spec.keyStore),
         keyId: spec.keyId,
         plaintext,
         aad,

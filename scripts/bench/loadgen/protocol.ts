@@ -50,6 +50,8 @@ export interface GrpcSpec {
   kind: "grpc";
   socket: string;
   token: string;
+  /** The key store the calls name (the agent serves keyId only for the key stores it allow-lists). */
+  keyStore: string;
   keyId: string;
   case: Case;
   /** 1 = sequential calls; more = that many calls kept in flight. */

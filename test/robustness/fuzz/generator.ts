@@ -1258,7 +1258,8 @@ function badPath(i: number, rng: Rng, op: Op, body: Body): Draft {
     }
     case 6: {
       const n = rng.int(129, 8000);
-      alternatives.push([`${n}-char key id`, `${API}/keys/${rng.str(n, `${ALNUM}-_.`)}/${seg}`, [K404]]);
+      // Longer than the spec's 128 characters: invalid input, never cut to 128 and looked up.
+      alternatives.push([`${n}-char key id`, `${API}/keys/${rng.str(n, `${ALNUM}-_.`)}/${seg}`, [V400]]);
       break;
     }
     case 7: {
