@@ -87,7 +87,7 @@ test("pause / resume and key disable write the owner's state file", async () => 
 
 test("a wrong PIN is a clear error, and the PIN is not printed", async () => {
   const wrong = join(dir, "wrong.json");
-  writeFileSync(join(dir, "wrong-pin"), "9999-wrong");
+  writeFileSync(join(dir, "wrong-pin"), "9999-wrong", { mode: 0o600 });
   writeFileSync(wrong, readFileSync(config, "utf8").replace('"file": "pin"', '"file": "wrong-pin"'));
   const r = await cli("keys", "list", "--config", wrong);
   assert.notEqual(r.code, 0);
