@@ -1,14 +1,14 @@
 /** Unit tests of the agent's pure modules: the layouts, the CK_RV table, config validation. */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
-import { CKR, classifyCkr, type FailureScope } from "../../agent/hsm/ckr.ts";
+import { CKR, classifyCkr, type FailureScope, refusesPin } from "../../agent/hsm/ckr.ts";
 import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
 import { parseAgentConfig } from "../../agent/config.ts";
-import { ConfigError } from "../../shared/config.ts";
+import { ConfigError, secretFileProblem } from "../../shared/config.ts";
 import { REASONS, XKS_ERRORS, type Reason } from "../../shared/errors.ts";
 
 test("hsmAAD = u16be(len AAD) || AAD || u8(len CM) || CM", () => {
@@ -74,6 +74,12 @@ test("CK_RV classification: one table gives the name, scope and reason for (code
     [0x90, true, "CKR_OPERATION_ACTIVE", "session", "INTERNAL"],
     [0xa0, false, "CKR_PIN_INCORRECT", "device", "HSM_UNAVAILABLE"],
     [0xa0, true, "CKR_PIN_INCORRECT", "device", "HSM_UNAVAILABLE"],
+    [0xa1, false, "CKR_PIN_INVALID", "device", "HSM_UNAVAILABLE"],
+    [0xa1, true, "CKR_PIN_INVALID", "device", "HSM_UNAVAILABLE"],
+    [0xa2, false, "CKR_PIN_LEN_RANGE", "device", "HSM_UNAVAILABLE"],
+    [0xa2, true, "CKR_PIN_LEN_RANGE", "device", "HSM_UNAVAILABLE"],
+    [0xa3, false, "CKR_PIN_EXPIRED", "device", "HSM_UNAVAILABLE"],
+    [0xa3, true, "CKR_PIN_EXPIRED", "device", "HSM_UNAVAILABLE"],
     [0xa4, false, "CKR_PIN_LOCKED", "device", "HSM_UNAVAILABLE"],
     [0xa4, true, "CKR_PIN_LOCKED", "device", "HSM_UNAVAILABLE"],
     [0xb0, false, "CKR_SESSION_CLOSED", "session", "INTERNAL"],
@@ -97,6 +103,14 @@ test("CK_RV classification: one table gives the name, scope and reason for (code
     assert.deepEqual(classifyCkr(code, inDecrypt), { name, scope, reason }, `0x${code.toString(16)} inDecrypt=${inDecrypt}`);
   }
   assert.deepEqual(classifyCkr(0x05), classifyCkr(0x05, false), "inDecrypt defaults to false");
+  // The PIN refusals, after which no login is tried until the PIN changes: exactly these five.
+  assert.deepEqual(
+    Object.keys(CKR)
+      .map(Number)
+      .filter(refusesPin)
+      .map((c) => CKR[c].name),
+    ["CKR_PIN_INCORRECT", "CKR_PIN_INVALID", "CKR_PIN_LEN_RANGE", "CKR_PIN_EXPIRED", "CKR_PIN_LOCKED"],
+  );
   // The test's table covers every row of CKR, both ways.
   const covered = new Set(table.map(([code, inDecrypt]) => `${code}/${inDecrypt}`));
   for (const code of Object.keys(CKR).map(Number)) {
@@ -121,7 +135,7 @@ test("every agent reason maps to a gRPC status and an XKS error with its HTTP st
 
 test("agent config: every problem reported at once, with file and field, never the secret", () => {
   const dir = mkdtempSync(join(tmpdir(), "xks-cfg-"));
-  writeFileSync(join(dir, "pin"), "s3cret-pin-value");
+  writeFileSync(join(dir, "pin"), "s3cret-pin-value", { mode: 0o600 });
   const file = join(dir, "agent.json");
   const raw = {
     pkcs11: { module: "/x.so", tokenLabel: "", pin: "inline-pin-9911" },
@@ -177,4 +191,51 @@ test("IVs are 12 fresh random bytes, distinct across pool refills", async () => 
   }
   assert.equal(seen.size, 3000, "no IV repeats (3000 draws span ~9 pool refills)");
   assert.ok(!seen.has("000000000000000000000000"));
+});
+
+test("secret files must be private: group/other access or another owner is refused, naming the file and the fix", () => {
+  const dir = mkdtempSync(join(tmpdir(), "xks-secret-perm-"));
+  const file = join(dir, "agent.json");
+  const write = (name: string, value: string, mode: number) => {
+    writeFileSync(join(dir, name), value, { mode });
+    chmodSync(join(dir, name), mode); // the umask does not narrow it
+  };
+  write("pin", "perm-pin-value-1", 0o600);
+  write("token-640", "perm-token-value-0123456789", 0o640);
+  write("token-604", "perm-token-value-0123456789", 0o604);
+  const raw = (token: string) => ({
+    pkcs11: { module: "/x.so", tokenLabel: "t", pin: { file: "pin" } },
+    proxyToken: { file: token },
+    socket: "run/a.sock",
+  });
+  for (const [name, mode] of [
+    ["token-640", "0640"],
+    ["token-604", "0604"],
+  ]) {
+    const err = (() => {
+      try {
+        parseAgentConfig(raw(name), file, {});
+      } catch (e) {
+        return e;
+      }
+    })();
+    assert.ok(err instanceof ConfigError, `${name} accepted`);
+    const path = join(dir, name);
+    assert.deepEqual(err.problems, [
+      `proxyToken: the secret file ${path} has mode ${mode}, so other users may read it: run chmod 600 ${path}`,
+    ]);
+    assert.ok(!err.message.includes("perm-token-value"), "the secret is not echoed");
+  }
+  chmodSync(join(dir, "token-640"), 0o400);
+  assert.equal(parseAgentConfig(raw("token-640"), file, {}).proxyToken, "perm-token-value-0123456789", "0400 is private");
+  assert.equal(secretFileProblem(join(dir, "pin")), undefined);
+
+  // Owned by someone else (needs root to arrange; CI runs the suite as root for sshd).
+  if (process.getuid?.() === 0) {
+    chownSync(join(dir, "pin"), 65534, 65534);
+    const p = secretFileProblem(join(dir, "pin")) ?? "";
+    assert.match(p, /is owned by uid 65534, not by the user running this \(uid 0\)/);
+    assert.ok(p.includes(join(dir, "pin")));
+  }
+  rmSync(dir, { recursive: true, force: true });
 });
