@@ -143,7 +143,8 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       () => {
         if (controls.paused) {
           const h = getHealthStatus(ctx);
-          return { ...h, state: "UNAVAILABLE", paused: true, detail: "paused by the owner" };
+          const detail = controls.problem ? `paused: ${controls.problem}; fix it with xks-agent resume` : "paused by the owner";
+          return { ...h, state: "UNAVAILABLE", paused: true, detail: detail.slice(0, 300) };
         }
         return getHealthStatus(ctx);
       },
