@@ -357,7 +357,7 @@ export class Hsm extends EventEmitter {
       const labels: string[] = [];
       this.slot = p11.C_GetSlotList(true).find((slot) => {
         const label = p11.C_GetTokenInfo(slot).label.trim();
-        labels.push(JSON.stringify(label));
+        if (label !== "") labels.push(JSON.stringify(label)); // SoftHSM keeps one empty, uninitialized token
         return label === this.cfg.tokenLabel;
       });
       if (this.slot === undefined)
