@@ -2,14 +2,15 @@
  * Config files for the agent and the proxy, written as an operator would:
  * JSON with every secret in a 0600 file of its own, referenced by path.
  */
-import { writeFileSync } from "node:fs";
+import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { SoftHsmToken } from "./hsm.ts";
 import type { Creds } from "./xks/sign.ts";
 
-/** Writes `value` to `dir/name` (0600) and returns the config's reference to it. */
+/** Writes `value` to `dir/name` (0600, also when the file was there before) and returns the config's reference to it. */
 export function secretFile(dir: string, name: string, value: string): { file: string } {
   writeFileSync(join(dir, name), `${value}\n`, { mode: 0o600 });
+  chmodSync(join(dir, name), 0o600); // `mode` applies only when the file is created
   return { file: name };
 }
 
