@@ -179,6 +179,9 @@ describe("xks-agent check", () => {
   let cdir: string;
   let token: SoftHsmToken;
   let sshd: Sshd;
+  /** The sshd's authorized client key, re-encrypted under PASSPHRASE. */
+  let encryptedKey: string;
+  const PASSPHRASE = "check-ssh-passphrase-31";
   const check = (config: string) => cliWith(token, "check", "--config", config);
 
   before(async () => {
@@ -186,6 +189,10 @@ describe("xks-agent check", () => {
     token = createSoftHsmToken({ dir: join(cdir, "hsm"), tokenLabel: "xks-check" });
     createKeySet(token, TEST_KEYS);
     sshd = await startSshd();
+    const keyFile = join(cdir, "id_ed25519-encrypted");
+    writeFileSync(keyFile, sshd.clientPrivateKey, { mode: 0o600 });
+    await run("ssh-keygen", ["-q", "-p", "-f", keyFile, "-P", "", "-N", PASSPHRASE]);
+    encryptedKey = readFileSync(keyFile, "utf8");
   });
   after(async () => {
     await sshd?.stop();
@@ -206,7 +213,8 @@ describe("xks-agent check", () => {
             host: "127.0.0.1",
             port: sshd.port,
             username: sshd.user,
-            privateKey: secretFile(d, "id_ed25519", sshd.clientPrivateKey),
+            privateKey: secretFile(d, "id_ed25519", encryptedKey),
+            privateKeyPassphrase: secretFile(d, "ssh-passphrase", PASSPHRASE),
             hostKeyFingerprint: sshd.hostKeyFingerprint,
             remoteSocket: join(sshd.dir, `${name}.sock`),
           },
@@ -229,6 +237,7 @@ describe("xks-agent check", () => {
       "secret file pkcs11.pin is private",
       "secret file proxyToken is private",
       "secret file tunnels[0].privateKey is private",
+      "secret file tunnels[0].privateKeyPassphrase is private",
       "config is valid",
       "the PKCS#11 module loads",
       "the token is found",
@@ -242,9 +251,13 @@ describe("xks-agent check", () => {
     assert.equal(items.length, expected.length, r.stdout);
     for (const [i, e] of expected.entries()) assert.ok(items[i].startsWith(`✓ ${e}`), `item ${i}: ${items[i]} (expected ✓ ${e})`);
     assert.equal(lines(r.stdout).at(-1), "all checks passed");
+    assert.match(item(r.stdout, "tunnel ec2-test: the SSH private key parses"), /passphrase-protected, decrypted$/);
     assert.match(sshd.logs(), /Accepted publickey for/);
     assert.equal(existsSync(join(sshd.dir, "good.sock")), false, "no forward");
-    assert.deepEqual(findLeaks(r.stdout + r.stderr, { PIN: token.pin, "SSH key": sshd.clientPrivateKey.split("\n")[1] }), []);
+    assert.deepEqual(
+      findLeaks(r.stdout + r.stderr, { PIN: token.pin, passphrase: PASSPHRASE, "SSH key": encryptedKey.split("\n")[1] }),
+      [],
+    );
   });
 
   test("a wrong PIN: ✗ login with a fix hint, the key items skipped, exit 1, the PIN not printed", async () => {
