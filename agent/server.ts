@@ -143,7 +143,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       () => {
         if (controls.paused) {
           const h = getHealthStatus(ctx);
-          const detail = controls.problem ? `paused: ${controls.problem}; fix it with xks-agent resume` : "paused by the owner";
+          const detail = controls.problem ? `paused (fix: xks-agent resume): ${controls.problem}` : "paused by the owner";
           return { ...h, state: "UNAVAILABLE", paused: true, detail: detail.slice(0, 300) };
         }
         return getHealthStatus(ctx);

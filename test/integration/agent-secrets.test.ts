@@ -205,8 +205,7 @@ describe("a damaged owner-controls file fails closed", () => {
       const h = await c.call("GetHealthStatus", {});
       assert.equal(h.state, "UNAVAILABLE");
       assert.equal(h.paused, true);
-      assert.match(h.detail, /paused: the owner controls file .* is damaged: not valid JSON/);
-      assert.match(h.detail, /xks-agent resume/);
+      assert.match(h.detail, /^paused \(fix: xks-agent resume\): the owner controls file .* is damaged: not valid JSON/);
       await assert.rejects(
         c.call("Encrypt", { metadata: agentMetadata("Encrypt"), keyId: a.keys.default, plaintext: Buffer.from("x") }),
         (e: CallError) => e.reason === "INVALID_STATE",
