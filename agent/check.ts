@@ -20,6 +20,7 @@ import { ConfigError, secretFileProblem } from "../shared/config.ts";
 import { errorMessage } from "../shared/errors.ts";
 import { createLogger } from "../shared/logging.ts";
 import { type AgentConfig, loadAgentConfig, privateKeyProblem } from "./config.ts";
+import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import { assertAes256 } from "./ops/context.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
@@ -112,6 +113,16 @@ function configItems(s: CheckSession): CheckItem[] {
     run: (s) => {
       s.config = loadAgentConfig(s.file);
       return s.file;
+    },
+  });
+  items.push({
+    name: "the owner controls file is valid",
+    needs: "config",
+    run: (s) => {
+      const controls = new Controls(s.config!.stateFile);
+      if (controls.problem) throw new CheckFailure(controls.problem, controlsFix(s.file));
+      if (controls.paused) return "valid (the agent is PAUSED by the owner: xks-agent resume lets KMS in)";
+      return undefined;
     },
   });
   return items;

@@ -115,3 +115,8 @@ export class Controls extends EventEmitter {
     this.emit("change", this.snapshot());
   }
 }
+
+/** How the owner repairs a damaged controls file. */
+export function controlsFix(configFile: string): string {
+  return `Check the file, then run \`xks-agent resume --config ${configFile}\` to rewrite it (un-paused, no keys disabled; disable keys again if needed).`;
+}

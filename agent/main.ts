@@ -9,7 +9,7 @@
 import { AuditLog } from "./audit.ts";
 import { startDashboard, type Dashboard } from "./dashboard.ts";
 import type { AgentConfig } from "./config.ts";
-import { Controls } from "./controls.ts";
+import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import type { AgentOpContext } from "./ops/context.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
@@ -149,9 +149,4 @@ export async function runAgent(
       log.info("stopped");
     })());
   return { config, hsm, controls, server, tunnels, events, dashboard, log, stop };
-}
-
-/** How the owner repairs a damaged controls file. */
-export function controlsFix(configFile: string): string {
-  return `Check the file, then run \`xks-agent resume --config ${configFile}\` to rewrite it (un-paused, no keys disabled; disable keys again if needed).`;
 }

@@ -239,6 +239,7 @@ describe("xks-agent check", () => {
       "secret file tunnels[0].privateKey is private",
       "secret file tunnels[0].privateKeyPassphrase is private",
       "config is valid",
+      "the owner controls file is valid",
       "the PKCS#11 module loads",
       "the token is found",
       "login with the PIN works",
@@ -316,6 +317,16 @@ describe("xks-agent check", () => {
     const l = item(r.stdout, "tunnel ec2-test: 127.0.0.1");
     assert.ok(l.startsWith("✗") && l.includes(`expected ${wrong}, seen ${sshd.hostKeyFingerprint}`), l);
     assert.match(r.stdout, /fix: if 127\.0\.0\.1 really has a new host key/);
+  });
+
+  test("a damaged owner controls file: ✗ with the fix (the agent would start paused)", async () => {
+    const f = config("damaged-controls");
+    mkdirSync(join(cdir, "damaged-controls", "state"), { recursive: true });
+    writeFileSync(join(cdir, "damaged-controls", "state", "controls.json"), "{ oops", { mode: 0o600 });
+    const r = await check(f);
+    assert.equal(r.code, 1);
+    assert.match(item(r.stdout, "the owner controls file is valid"), /^✗ .*controls\.json is damaged: not valid JSON/);
+    assert.match(r.stdout, /fix: Check the file, then run `xks-agent resume --config .*agent\.json`/);
   });
 
   test("an invalid config: every problem listed under ✗ config, a world-readable secret named, the rest skipped", async () => {
