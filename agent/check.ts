@@ -13,7 +13,7 @@
  * dialled once, its host key checked against the pin, the login completed, and the connection
  * closed again without a forward.
  */
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
 import { dirname, isAbsolute, resolve } from "node:path";
 import ssh2 from "ssh2";
 import { ConfigError, secretFileProblem } from "../shared/config.ts";
@@ -22,6 +22,7 @@ import { createLogger } from "../shared/logging.ts";
 import { type AgentConfig, loadAgentConfig, privateKeyProblem } from "./config.ts";
 import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
+import { refusalMemoFile } from "./main.ts";
 import { assertAes256 } from "./ops/context.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
 import { fingerprintOf, isAuthFailure, sameFingerprint, type TunnelTarget } from "./tunnel.ts";
@@ -162,6 +163,8 @@ const HSM_ITEMS: CheckItem[] = [
       const err = s.openHsm();
       if (err instanceof HsmOpenError && err.stage !== "login") throw new CheckSkipped("the token was not reached");
       if (err) throw new CheckFailure(err.message, "fix the PIN that pkcs11.pin refers to (one login was tried)");
+      // The PIN works: a refusal remembered by an earlier `run` no longer holds.
+      rmSync(refusalMemoFile(s.config!), { force: true });
       const t = s.hsm().tokenInfo();
       return `${t.manufacturer} ${t.model}, serial ${t.serial}`;
     },

@@ -18,6 +18,12 @@ import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
 import { EventEmitter } from "node:events";
+import { dirname, join } from "node:path";
+
+/** Where a refusal of the PIN file is remembered across restarts (agent/hsm/hsm.ts). */
+export function refusalMemoFile(config: AgentConfig): string {
+  return join(dirname(config.stateFile), "pin-refused.json");
+}
 
 /** A reason the agent cannot start that waiting will not fix; its message is one line for the owner. */
 export class StartError extends Error {
@@ -57,7 +63,8 @@ export async function runAgent(
     },
     "starting",
   );
-  const hsm = new Hsm(config.pkcs11, log);
+  // A refused PIN file is remembered next to the owner's switches: a restart by launchd does not spend another try.
+  const hsm = new Hsm(config.pkcs11, log, { refusalMemoFile: refusalMemoFile(config) });
   try {
     hsm.open();
   } catch (err) {

@@ -14,10 +14,15 @@
  * (CKF_USER_PIN_LOCKED, CKF_USER_PIN_FINAL_TRY), and once the token refuses
  * the PIN (ckr.ts pinRefused) no login is tried again until the PIN changes:
  * a new process, or the PIN's secret file changing on disk (re-read when its
- * size, times or inode change; used when its content differs).
+ * size, times or inode change; used when its content differs). With a
+ * `refusalMemoFile`, a refusal of a PIN read from a file is remembered across
+ * restarts (the file's path and stamp, nothing derived from the PIN), so a
+ * supervisor that restarts the agent does not spend a try per restart on a
+ * PIN file that has not changed.
  */
 import { EventEmitter } from "node:events";
-import { statSync } from "node:fs";
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
 import pkcs11js from "pkcs11js"; // NOT `import * as`: under ESM that loses every constant
 import { readSecretFile } from "../../shared/config.ts";
 import { AgentError } from "../../shared/errors.ts";
@@ -100,6 +105,16 @@ export interface HsmDeps {
   port?: () => Pkcs11Port;
   /** The clock for the retry interval after a failed open, in ms; Date.now by default. */
   now?: () => number;
+  /** Where a refusal of a PIN read from a file is remembered across restarts (written 0600). */
+  refusalMemoFile?: string;
+}
+
+/** What the refusal memo holds: which PIN file version was refused, why and when. Never the PIN. */
+interface RefusalMemo {
+  pinFile: string;
+  pinStamp: string;
+  why: string;
+  at: string;
 }
 
 /** What identifies one version of a file on disk, without reading it. */
@@ -131,6 +146,9 @@ export class Hsm extends EventEmitter {
   private loginStop: { detail: string; pinStamp: string | undefined } | undefined;
   /** The PIN was changed by the owner after logins were stopped: one login may be tried with it despite CKF_USER_PIN_FINAL_TRY. */
   private pinIsNew = false;
+  /** Whether the refusal memo was consulted (once, before the first open). */
+  private memoRead = false;
+  private readonly memoFile: string | undefined;
   /** Counters for tests and diagnostics: sessionsOpened counts sessions opened and logged in. */
   readonly stats = { sessionsOpened: 0 };
   private readonly newPort: () => Pkcs11Port;
@@ -145,6 +163,7 @@ export class Hsm extends EventEmitter {
     this.newPort = deps.port ?? pkcs11jsPort;
     this.now = deps.now ?? Date.now;
     this.pin = cfg.pin;
+    this.memoFile = cfg.pinFile !== undefined ? deps.refusalMemoFile : undefined;
   }
 
   /** Why logins are stopped (the token refused the PIN, or its flags forbid a try), or undefined. */
@@ -325,6 +344,7 @@ export class Hsm extends EventEmitter {
 
   private ensureSession(): Handle {
     if (this.session !== undefined) return this.session;
+    this.recallRefusal();
     const stopped = this.stillStopped();
     if (stopped !== undefined) throw new HsmOpenError("login", true, stopped);
     if (this.now() < this.retryOpenAt)
@@ -408,6 +428,7 @@ export class Hsm extends EventEmitter {
       }
       this.session = session;
       this.stats.sessionsOpened++;
+      if (this.memoFile) rmSync(this.memoFile, { force: true });
       this.log.info({ tokenLabel: this.token.label, serial: this.token.serial }, "HSM session open");
       return session;
     } catch (err) {
@@ -423,13 +444,46 @@ export class Hsm extends EventEmitter {
   }
 
   /** Stops logins until the PIN changes; logs why once and tells listeners. Returns the error to throw. */
-  private stopLogins(why: string): HsmOpenError {
-    const detail = `${why}${this.cfg.pinFile ? " (the PIN file is re-read when it changes)" : " (restart the agent once the PIN is fixed)"}`;
-    this.loginStop = { detail, pinStamp: this.cfg.pinFile ? fileStamp(this.cfg.pinFile) : undefined };
+  private stopLogins(why: string, remembered?: string): HsmOpenError {
+    const detail = `${why}${this.cfg.pinFile ? " (the PIN file is re-read when it changes)" : " (restart the agent once the PIN is fixed)"}${remembered ?? ""}`;
+    const pinStamp = this.cfg.pinFile ? fileStamp(this.cfg.pinFile) : undefined;
+    this.loginStop = { detail, pinStamp };
+    if (this.memoFile && pinStamp !== undefined && remembered === undefined) {
+      const memo: RefusalMemo = { pinFile: this.cfg.pinFile!, pinStamp, why, at: new Date().toISOString() };
+      try {
+        mkdirSync(dirname(this.memoFile), { recursive: true, mode: 0o700 });
+        writeFileSync(this.memoFile, `${JSON.stringify(memo)}\n`, { mode: 0o600 });
+      } catch (err) {
+        this.log.warn({ memoFile: this.memoFile, err: (err as Error).message }, "cannot remember the PIN refusal across restarts");
+      }
+    }
     this.log.error({ tokenLabel: this.cfg.tokenLabel, pinFile: this.cfg.pinFile }, `HSM logins stopped: ${detail}`);
     this.log.flush();
     this.emit("login", detail);
     return new HsmOpenError("login", true, detail);
+  }
+
+  /**
+   * Once, before the first open: a refusal remembered from an earlier run for this very version of
+   * the PIN file stops logins at once. A memo for another file or version is removed.
+   */
+  private recallRefusal(): void {
+    if (this.memoRead || !this.memoFile) return;
+    this.memoRead = true;
+    let memo: RefusalMemo;
+    try {
+      memo = JSON.parse(readFileSync(this.memoFile, "utf8")) as RefusalMemo;
+    } catch {
+      return; // none (or unreadable: then a login may be tried, as without a memo)
+    }
+    if (memo.pinFile !== this.cfg.pinFile || memo.pinStamp !== fileStamp(this.cfg.pinFile!)) {
+      rmSync(this.memoFile, { force: true });
+      return;
+    }
+    this.stopLogins(
+      String(memo.why),
+      `; refused at ${String(memo.at)} and the PIN file has not changed since, so no login was tried (if the token's PIN was changed to match the file instead: touch the file)`,
+    );
   }
 
   /**
@@ -453,6 +507,7 @@ export class Hsm extends EventEmitter {
     this.pin = read.value;
     this.pinIsNew = true;
     this.loginStop = undefined;
+    if (this.memoFile) rmSync(this.memoFile, { force: true });
     this.log.warn({ pinFile: file }, "the PIN file changed: logging in again");
     this.emit("login", undefined);
     return undefined;

@@ -5,6 +5,7 @@ import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
+import pkcs11js from "pkcs11js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -105,6 +106,31 @@ test("a wrong PIN is a clear error, and the PIN is not printed", async () => {
   assert.ok(!r.stderr.includes("9999-wrong"));
 });
 
+/** Changes the token's user PIN (C_SetPIN), as an owner would with the token's own tools. */
+function setUserPin(token: SoftHsmToken, from: string, to: string): void {
+  const p = new pkcs11js.PKCS11();
+  p.load(token.module);
+  try {
+    p.C_Initialize();
+  } catch (err) {
+    if ((err as { code?: number }).code !== 0x191) throw err; // already initialized in this process
+  }
+  try {
+    const slot = p.C_GetSlotList(true).find((s) => p.C_GetTokenInfo(s).label.trim() === token.tokenLabel)!;
+    const session = p.C_OpenSession(slot, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
+    try {
+      p.C_Login(session, pkcs11js.CKU_USER, from);
+      p.C_SetPIN(session, from, to);
+      p.C_Logout(session);
+    } finally {
+      p.C_CloseSession(session);
+    }
+  } finally {
+    p.C_Finalize();
+    p.close();
+  }
+}
+
 describe("errors that cannot heal", () => {
   /** A copy of the working config with `change` applied to its JSON, in a folder of its own. */
   function variant(name: string, change: (raw: any, dir: string) => void): string {
@@ -140,12 +166,31 @@ describe("errors that cannot heal", () => {
     await runFails(f, new RegExp(`^xks-agent: cannot start: no token labelled "no-such-token" \\(tokens present: .*"${hsm.tokenLabel}"`));
   });
 
-  test("run: the PIN refused → exit 1 after one login, the PIN never printed", async () => {
+  test("run: the PIN refused → exit 1 after one login, the PIN never printed; a restart with the same PIN file tries none", async () => {
     const f = variant("bad-pin", (raw, d) => {
       raw.pkcs11.pin = secretFile(d, "pin-wrong", "7777-wrong-pin");
     });
     const r = await runFails(f, /^xks-agent: cannot start: PIN refused by the token \(CKR_PIN_INCORRECT\): fix the PIN/);
+    assert.doesNotMatch(r.stderr, /no login was tried/);
     assert.deepEqual(findLeaks(r.stdout + r.stderr, { "wrong PIN": "7777-wrong-pin", PIN: hsm.pin }), []);
+    // Started again (as launchd would) with the PIN file unchanged: refused without a login.
+    const again = await runFails(f, /^xks-agent: cannot start: PIN refused by the token \(CKR_PIN_INCORRECT\)/);
+    assert.match(again.stderr, /the PIN file has not changed since, so no login was tried/);
+    // Another PIN in the file: tried (once) again.
+    secretFile(join(dir, "bad-pin"), "pin-wrong", "7778-wrong-pin");
+    const changed = await runFails(f, /^xks-agent: cannot start: PIN refused by the token \(CKR_PIN_INCORRECT\)/);
+    assert.doesNotMatch(changed.stderr, /no login was tried/);
+    // The token's PIN is changed to the file's instead: `check` logs in and forgets the refusal.
+    const memo = join(dir, "bad-pin", "state", "pin-refused.json");
+    assert.ok(existsSync(memo));
+    setUserPin(hsm, hsm.pin, "7778-wrong-pin");
+    try {
+      const r = await cli("check", "--config", f);
+      assert.match(r.stdout, /✓ login with the PIN works/);
+      assert.equal(existsSync(memo), false);
+    } finally {
+      setUserPin(hsm, "7778-wrong-pin", hsm.pin);
+    }
   });
 
   test("run: the dashboard's port taken → exit 1 (not a half-started daemon)", async (t) => {

@@ -4,9 +4,9 @@
  * failure. No module, no clock, no timing: the stub records every call and
  * can make the next call(s) of a method fail with a given CK_RV.
  */
-import { chmodSync, mkdtempSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import pkcs11js from "pkcs11js";
@@ -277,13 +277,14 @@ const DECRYPT = (n: number) => [`C_DecryptInit s${n}`, `C_Decrypt s${n}`];
  * A stub with key k1, an Hsm on it with a hand-turned clock (and the given PIN, from the given
  * file), and an AgentOpContext for the real encrypt/decrypt ops.
  */
-function rig(o: { pin?: string; pinFile?: string } = {}) {
+function rig(o: { pin?: string; pinFile?: string; refusalMemoFile?: string } = {}) {
   const stub = new StubPkcs11();
   stub.addKey(KEY);
   const clock = { ms: 1_000_000 };
   const hsm = new Hsm({ module: "/stub/libpkcs11.so", tokenLabel: TOKEN, pin: o.pin ?? PIN, pinFile: o.pinFile }, SILENT, {
     port: () => stub,
     now: () => clock.ms,
+    refusalMemoFile: o.refusalMemoFile,
   });
   const ctx = directOpContext(hsm, { ciphertextMetadata: Buffer.from("cm"), healthKey: KEY, agentId: "unit" });
   const enc = (plaintext = Buffer.from("hello")) =>
@@ -647,4 +648,35 @@ test("a key lookup finding no key is KEY_NOT_FOUND, finding two is INVALID_STATE
   enc();
   assert.deepEqual(stub.calls, ENCRYPT(1), "k1 is still cached on session 1");
   assert.equal(hsm.stats.sessionsOpened, 1);
+});
+
+test("a refused PIN file is remembered across restarts: the next process tries no login until the file changes", (t) => {
+  const f = pinFile("0000-wrong");
+  t.after(f.remove);
+  const memo = join(dirname(f.file), "state", "pin-refused.json");
+  const logins = (r: { stub: StubPkcs11 }) => r.stub.calls.filter((c) => c.startsWith("C_Login")).length;
+
+  const first = rig({ pin: "0000-wrong", pinFile: f.file, refusalMemoFile: memo });
+  throwsReason(() => first.hsm.open(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT/);
+  assert.equal(logins(first), 1);
+  assert.equal(statSync(memo).mode & 0o777, 0o600);
+  assert.ok(!readFileSync(memo, "utf8").includes("0000-wrong"), "the memo holds no PIN");
+
+  // A restart (a new Hsm in a new process) with the same file: no login at all.
+  const second = rig({ pin: "0000-wrong", pinFile: f.file, refusalMemoFile: memo });
+  throwsReason(() => second.hsm.open(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT.*has not changed since, so no login was tried/);
+  assert.equal(logins(second), 0);
+  assert.deepEqual(second.stub.calls, [], "not even the module is loaded");
+
+  // The owner fixes the file: the next start logs in once, and the memo is gone.
+  f.write(PIN);
+  const third = rig({ pin: PIN, pinFile: f.file, refusalMemoFile: memo });
+  third.hsm.open();
+  assert.equal(logins(third), 1);
+  assert.equal(existsSync(memo), false);
+
+  // Without a PIN file (env, Keychain) nothing is remembered: a restart is the change.
+  const env = rig({ pin: "0000-wrong", refusalMemoFile: memo });
+  throwsReason(() => env.hsm.open(), "HSM_UNAVAILABLE", /restart the agent once the PIN is fixed/);
+  assert.equal(existsSync(memo), false);
 });
