@@ -3,10 +3,11 @@
  * it. A list of items, each printed ✓ or ✗ (with a fix hint), or "-" when an item it depends on
  * failed; the exit code is non-zero when any item failed.
  *
- * Items are plain entries in the lists below (CONFIG_ITEMS, HSM_ITEMS, tunnelItems): a new
- * check is one more entry. An item returns a detail for ✓ or throws a CheckFailure for ✗; an
- * item marked `needs: "config"` or `"hsm"` is skipped when the config is invalid or the HSM did
- * not open.
+ * Items are plain entries in the lists below (configItems, HSM_ITEMS, keyItems, tunnelItems; the
+ * ones built from the config are functions of it): a new check is one more entry. An item
+ * returns a detail for ✓ or throws a CheckFailure for ✗ (CheckSkipped for "-"); an item marked
+ * `needs: "config"` or `"hsm"` is skipped when the config is invalid or the HSM did not open.
+ * keysNamedBy() lists the keys the config names (the health key today).
  *
  * Nothing secret is printed: config problems name fields, never values, and the PIN, the keys and
  * the passphrases stay in memory. The HSM is logged into at most once; each tunnel's sshd is
