@@ -1,7 +1,8 @@
 /**
  * `xks-agent` command line.
  *
- *   xks-agent run          --config FILE                 start the daemon
+ *   xks-agent run          --config FILE                 start the daemon (exits 1 on a failure that cannot heal)
+ *   xks-agent check        --config FILE                 preflight: every item ✓/✗ with a fix hint; exit 1 on any ✗
  *   xks-agent keys create  --config FILE --label L [--usage encrypt,decrypt|encrypt|decrypt|none]
  *   xks-agent keys list    --config FILE                 every key: attributes, served or not and why
  *   xks-agent keys disable|enable --config FILE --label L   per-key switch (metadata DISABLED, crypto refused)
@@ -19,11 +20,13 @@ import { loadAgentConfig, type AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
 import { Hsm } from "./hsm/hsm.ts";
 import { createKey, describeKey, parseUsage } from "./keys.ts";
-import { runAgent } from "./main.ts";
+import { runChecks } from "./check.ts";
+import { runAgent, StartError } from "./main.ts";
 import { allowListMap, type ServingPolicy } from "./serving.ts";
 
 const USAGE = `usage:
   xks-agent run --config FILE
+  xks-agent check --config FILE
   xks-agent keys create --config FILE --label LABEL [--usage encrypt,decrypt]
   xks-agent keys list --config FILE
   xks-agent keys disable|enable --config FILE --label LABEL
@@ -80,6 +83,10 @@ export async function main(argv: string[]): Promise<number> {
     console.error(`--config FILE is required\n${USAGE}`);
     return 2;
   }
+  if (cmd === "check" && !sub) {
+    const outcomes = await runChecks(values.config, (line) => console.log(line));
+    return outcomes.some((o) => o.result === "failed") ? 1 : 0;
+  }
   let config: AgentConfig;
   try {
     config = loadAgentConfig(values.config);
@@ -93,7 +100,14 @@ export async function main(argv: string[]): Promise<number> {
   };
   switch (`${cmd}${sub ? ` ${sub}` : ""}`) {
     case "run": {
-      const agent = await runAgent(config);
+      let agent: Awaited<ReturnType<typeof runAgent>>;
+      try {
+        agent = await runAgent(config);
+      } catch (err) {
+        if (!(err instanceof StartError)) throw err;
+        console.error(`xks-agent: cannot start: ${err.message}`);
+        return 1;
+      }
       await new Promise<void>((resolve) => {
         const onSignal = (sig: string) => {
           agent.log.info({ signal: sig }, "signal received");

@@ -3,6 +3,8 @@
  * reported at once with the file and the field. Secrets (the PIN, the proxy
  * token, SSH private keys) are references: {"file": …} | {"env": …} |
  * {"keychain": {"service", "account"}} (macOS), never inline and never logged.
+ * A secret file must be private to the user running the agent (mode 0600 or
+ * stricter, owned by that user), as OpenSSH requires of private keys.
  *
  * {
  *   "agentId": "owner-mac",                       // default: the host name
@@ -23,12 +25,14 @@
  *   "dashboard": { "port": 7420 },                 // optional local dashboard on 127.0.0.1
  *   "tunnels": [ { "name": "ec2-a", "host": "ec2.example.com", "port": 22, "username": "xks-tunnel",
  *                  "privateKey": {"file": "id_ed25519"}, "hostKeyFingerprint": "SHA256:…",
+ *                  "privateKeyPassphrase": {"keychain": {…}},   // optional, for a passphrase-protected key
  *                  "remoteSocket": "/run/xks/agent.sock",      // or "remoteTcp": {"host": "127.0.0.1", "port": 7000}
  *                  "reassertAfterMs": 30000 } ],                // silence after which the forward is taken back
  *   "log": { "level": "info" }
  * }
  */
 import { hostname } from "node:os";
+import ssh2 from "ssh2";
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
@@ -39,7 +43,8 @@ import type { TunnelTarget } from "./tunnel.ts";
 export interface AgentConfig {
   file: string;
   agentId: string;
-  pkcs11: { module: string; tokenLabel: string; pin: string };
+  /** `pinFile`: the file the PIN was read from, when it is a file (re-read after the token refuses the PIN). */
+  pkcs11: { module: string; tokenLabel: string; pin: string; pinFile?: string };
   socket: string;
   proxyToken: string;
   /** This agent's key and certificate on the gRPC channel, and its fingerprint. */
@@ -84,10 +89,12 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
   ]);
   const p = c.object(root.pkcs11, "pkcs11");
   c.noUnknown(p, "pkcs11", ["module", "tokenLabel", "pin"]);
+  const pin = c.secretRef(p, "pin", "pkcs11", env);
   const pkcs11 = {
     module: c.path(p, "module", "pkcs11"),
     tokenLabel: c.string(p, "tokenLabel", "pkcs11", { min: 1, max: 32 }),
-    pin: c.secret(p, "pin", "pkcs11", env),
+    pin: pin.value,
+    ...(pin.file !== undefined ? { pinFile: pin.file } : {}),
   };
   const cmText = c.string(root, "ciphertextMetadata", "", { default: "xks-agent/1" });
   const ciphertextMetadata = Buffer.from(cmText, "utf8");
@@ -103,18 +110,26 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
       "port",
       "username",
       "privateKey",
+      "privateKeyPassphrase",
       "hostKeyFingerprint",
       "remoteSocket",
       "remoteTcp",
       "keepaliveIntervalMs",
       "reassertAfterMs",
     ]);
+    const problemsBefore = c.problems.length;
+    const privateKey = c.secret(o, "privateKey", f, env);
+    const passphrase = c.optionalSecret(o, "privateKeyPassphrase", f, env);
+    // The key is parsed only when both secrets could be read (a problem with either is already reported).
+    const keyProblem = c.problems.length === problemsBefore ? privateKeyProblem(privateKey, passphrase) : undefined;
+    if (keyProblem) c.problem(keyProblem.field === "key" ? `${f}.privateKey` : `${f}.privateKeyPassphrase`, keyProblem.msg);
     const target: TunnelTarget = {
       name: c.string(o, "name", f, { default: `tunnel-${i}` }),
       host: c.string(o, "host", f, { min: 1 }),
       port: c.int(o, "port", f, { default: 22, min: 1, max: 65535 }),
       username: c.string(o, "username", f, { min: 1 }),
-      privateKey: c.secret(o, "privateKey", f, env),
+      privateKey,
+      ...(passphrase !== undefined ? { passphrase } : {}),
       hostKeyFingerprint: c.string(o, "hostKeyFingerprint", f, {
         pattern: /^SHA256:[A-Za-z0-9+/]{43}$/,
         hint: "SHA256:<43 base64 characters>, as printed by ssh-keygen -lf <host key>.pub",
@@ -207,4 +222,28 @@ function parseKeyStores(c: Checker, root: Record<string, unknown>, healthKey: st
     });
     return { keyStore, keys: [...keys] };
   });
+}
+
+/**
+ * Why ssh2 could not use this private key (with this passphrase), or undefined
+ * when it parses as a private key. The answer never contains the key or the
+ * passphrase.
+ */
+export function privateKeyProblem(
+  key: string | Buffer,
+  passphrase: string | undefined,
+): { field: "key" | "passphrase"; msg: string } | undefined {
+  const parsed = ssh2.utils.parseKey(key, passphrase);
+  if (parsed instanceof Error) {
+    const m = parsed.message;
+    if (/no passphrase given/i.test(m))
+      return { field: "passphrase", msg: 'the private key is passphrase-protected: give "privateKeyPassphrase" (a secret reference)' };
+    if (/decrypt|bad passphrase|integrity check/i.test(m) && passphrase !== undefined)
+      return { field: "passphrase", msg: "cannot decrypt the private key with this passphrase (wrong passphrase?)" };
+    return { field: "key", msg: `cannot parse the private key (${m.replace(/[^\x20-\x7e]/g, "?").slice(0, 120)})` };
+  }
+  const key0 = Array.isArray(parsed) ? parsed[0] : parsed;
+  if (!key0?.isPrivateKey())
+    return { field: "key", msg: "is a public key, not a private key: give the private key file (e.g. id_ed25519, not id_ed25519.pub)" };
+  return undefined;
 }

@@ -1,7 +1,9 @@
 /**
  * The owner's live dashboard: a page on a loopback port and a WebSocket feed
  * of what KMS is doing (every operation record, never payloads), the tunnels'
- * states and the owner's switches, with the pause switch and per-key disable
+ * states (with the reason and next attempt while down), the HSM's login state
+ * (why logins are stopped, if they are) and the owner's switches (and why the
+ * agent is paused when its controls file is damaged), with the pause switch and per-key disable
  * as controls.
  *
  * Access needs the dashboard token (random per start, written to
@@ -17,6 +19,7 @@ import { WebSocketServer, type WebSocket } from "ws";
 import type { Logger } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE } from "../shared/xks-spec.ts";
 import type { Controls } from "./controls.ts";
+import type { Hsm } from "./hsm/hsm.ts";
 import type { OperationRecord } from "./server.ts";
 import type { TunnelSet } from "./tunnel.ts";
 import { tokenChecker } from "./server.ts";
@@ -30,6 +33,8 @@ export interface DashboardDeps {
   stateFile: string;
   controls: Controls;
   tunnels: TunnelSet;
+  /** Why HSM logins are stopped, and "login" events when that changes. */
+  hsm: Pick<Hsm, "loginStopped" | "on" | "off">;
   events: EventEmitter;
   log: Logger;
 }
@@ -88,7 +93,13 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
   };
 
   wss.on("connection", (ws: WebSocket) => {
-    send(ws, { type: "snapshot", controls: d.controls.snapshot(), tunnels: d.tunnels.states(), recent });
+    send(ws, {
+      type: "snapshot",
+      controls: d.controls.snapshot(),
+      tunnels: d.tunnels.states(),
+      hsm: { loginStopped: d.hsm.loginStopped() ?? null },
+      recent,
+    });
     ws.on("message", (data) => {
       let msg: ClientMessage;
       try {
@@ -118,8 +129,10 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
   };
   const onControls = (state: unknown) => broadcast({ type: "controls", controls: state });
   const onTunnel = () => broadcast({ type: "tunnels", tunnels: d.tunnels.states() });
+  const onLogin = (why: string | undefined) => broadcast({ type: "hsm", hsm: { loginStopped: why ?? null } });
   d.events.on("operation", onOperation);
   d.controls.on("change", onControls);
+  d.hsm.on("login", onLogin);
   const tunnelListeners = d.tunnels.list().map((t) => {
     t.on("state", onTunnel);
     return t;
@@ -141,6 +154,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
     close: async () => {
       d.events.off("operation", onOperation);
       d.controls.off("change", onControls);
+      d.hsm.off("login", onLogin);
       for (const t of tunnelListeners) t.off("state", onTunnel);
       for (const ws of wss.clients) ws.terminate();
       wss.close();
@@ -159,6 +173,8 @@ button{font-size:1em;padding:.4em 1em} #state{font-weight:bold}
 </style></head><body>
 <h1>xks-agent: what KMS is doing with your keys</h1>
 <p>KMS access: <span id="state">…</span> <button id="toggle">…</button></p>
+<p id="damaged" class="bad"></p>
+<p>HSM: <span id="hsm">…</span></p>
 <p>Tunnels: <span id="tunnels">…</span></p>
 <p>Disabled keys: <span id="disabled">none</span></p>
 <table><thead><tr><th>time</th><th>operation</th><th>KMS operation</th><th>key</th><th>principal</th><th>via</th><th>result</th><th>ms</th><th>request id</th></tr></thead><tbody id="ops"></tbody></table>
@@ -179,12 +195,15 @@ function controls(c) {
   $("state").textContent = paused ? "PAUSED (KMS is refused)" : "allowed"; $("state").className = paused ? "bad" : "ok";
   $("toggle").textContent = paused ? "Resume" : "Pause KMS now";
   $("disabled").textContent = c.disabledKeys.length ? c.disabledKeys.join(", ") : "none";
+  $("damaged").textContent = c.problem ? c.problem + " (the agent stays paused until it is rewritten: xks-agent resume)" : "";
 }
-function tunnels(t) { $("tunnels").textContent = t.length ? t.map((x) => x.name + ": " + x.state + " since " + x.since + (x.lastError ? " (" + x.lastError + ")" : "")).join("; ") : "none configured"; }
+function hsm(h) { $("hsm").textContent = h.loginStopped ? "logins stopped: " + h.loginStopped : "ok"; $("hsm").className = h.loginStopped ? "bad" : "ok"; }
+function tunnels(t) { $("tunnels").textContent = t.length ? t.map((x) => x.name + ": " + x.state + " since " + x.since + (x.lastError ? " (" + x.lastError + ")" : "") + (x.state === "down" && x.nextAttemptAt ? ", next attempt at " + x.nextAttemptAt : "")).join("; ") : "none configured"; }
 $("toggle").onclick = () => ws.send(JSON.stringify({ type: "setPaused", paused: !paused }));
 ws.onmessage = (ev) => {
   const m = JSON.parse(ev.data);
-  if (m.type === "snapshot") { controls(m.controls); tunnels(m.tunnels); m.recent.forEach(addOp); }
+  if (m.type === "snapshot") { controls(m.controls); tunnels(m.tunnels); hsm(m.hsm); m.recent.forEach(addOp); }
+  if (m.type === "hsm") hsm(m.hsm);
   if (m.type === "operation") addOp(m.rec);
   if (m.type === "controls") controls(m.controls);
   if (m.type === "tunnels") tunnels(m.tunnels);

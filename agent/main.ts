@@ -1,12 +1,16 @@
 /**
- * Process wiring for the agent: config → logger → HSM → gRPC server → tunnels.
+ * Process wiring for the agent: config → logger → HSM → gRPC server → dashboard → tunnels.
  * Shutdown runs in reverse: tunnels, server (drain), audit log, HSM.
+ *
+ * A failure at start that cannot heal by itself (no such PKCS#11 module, no token with the
+ * label, the PIN refused, the dashboard's port taken) rejects with a StartError, after undoing
+ * what was started. Anything else (the HSM busy or briefly gone) starts anyway and recovers.
  */
 import { AuditLog } from "./audit.ts";
 import { startDashboard, type Dashboard } from "./dashboard.ts";
 import type { AgentConfig } from "./config.ts";
-import { Controls } from "./controls.ts";
-import { Hsm } from "./hsm/hsm.ts";
+import { Controls, controlsFix } from "./controls.ts";
+import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import type { AgentOpContext } from "./ops/context.ts";
 import { allowListMap } from "./serving.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
@@ -15,6 +19,20 @@ import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
 import { EventEmitter } from "node:events";
+import { dirname, join } from "node:path";
+
+/** Where a refusal of the PIN file is remembered across restarts (agent/hsm/hsm.ts). */
+export function refusalMemoFile(config: AgentConfig): string {
+  return join(dirname(config.stateFile), "pin-refused.json");
+}
+
+/** A reason the agent cannot start that waiting will not fix; its message is one line for the owner. */
+export class StartError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "StartError";
+  }
+}
 
 export interface RunningAgent {
   config: AgentConfig;
@@ -54,19 +72,33 @@ export async function runAgent(
     },
     "starting",
   );
-  const hsm = new Hsm(config.pkcs11, log);
+  // A refused PIN file is remembered next to the owner's switches: a restart by launchd does not spend another try.
+  const hsm = new Hsm(config.pkcs11, log, { refusalMemoFile: refusalMemoFile(config) });
   try {
     hsm.open();
   } catch (err) {
+    if (err instanceof HsmOpenError && err.permanent) {
+      hsm.close();
+      log.fatal({ err: err.message, stage: err.stage }, "cannot start");
+      log.flush();
+      throw new StartError(err.message, { cause: err });
+    }
     // Start anyway: health reports UNAVAILABLE and every call retries the open.
     log.error({ err: (err as Error).message }, "HSM not available at start; will retry on each call");
   }
   const controls = new Controls(config.stateFile);
+  const reportDamage = (problem: string | undefined) => {
+    if (problem === undefined) return;
+    log.error({ stateFile: config.stateFile, problem }, `OWNER CONTROLS FILE DAMAGED: the agent is PAUSED. ${controlsFix(config.file)}`);
+    log.flush();
+  };
+  reportDamage(controls.problem);
   const unwatchControls = controls.watch();
   controls.on("change", (state) => {
     log.warn({ paused: state.paused, disabledKeys: state.disabledKeys }, "owner controls changed");
     log.flush();
   });
+  controls.on("damaged", reportDamage);
   const audit = new AuditLog(config.auditLog);
   const events = new EventEmitter();
   const tunnels = new TunnelSet(config.tunnels, config.socket, log);
@@ -82,7 +114,9 @@ export async function runAgent(
         name: t.name,
         state: t.state,
         since: t.since,
-        lastError: t.lastError ?? "",
+        // While down, the reason and when the next attempt is due.
+        lastError:
+          t.state === "down" && t.nextAttemptAt ? `${t.lastError ?? "down"}; next attempt at ${t.nextAttemptAt}` : (t.lastError ?? ""),
         connects: t.connects,
         nodelayExec: t.nodelayExec,
       })),
@@ -99,10 +133,27 @@ export async function runAgent(
     { ctx, token: config.proxyToken, controls, log, onOperation },
     { identity: config.identity, pins: config.proxyIdentities },
   );
+  let dashboard: Dashboard | undefined;
+  if (config.dashboard) {
+    const where = `${config.dashboard.host}:${config.dashboard.port}`;
+    try {
+      dashboard = await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, hsm, events, log });
+    } catch (err) {
+      unwatchControls();
+      await server.close(0);
+      audit.close();
+      hsm.close();
+      const code = (err as NodeJS.ErrnoException).code;
+      const msg =
+        code === "EADDRINUSE"
+          ? `the dashboard's port ${where} is already in use (another xks-agent?): stop it or set dashboard.port`
+          : `cannot start the dashboard on ${where}: ${(err as Error).message}`;
+      log.fatal({ err: msg }, "cannot start");
+      log.flush();
+      throw new StartError(msg, { cause: err });
+    }
+  }
   tunnels.start();
-  const dashboard = config.dashboard
-    ? await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, events, log })
-    : undefined;
   log.info({ socket: config.socket, paused: controls.paused }, "listening");
   log.flush();
 

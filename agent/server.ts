@@ -169,7 +169,8 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         checkLength("kmsOperation", req.kmsOperation, MAX_METADATA_CHARS);
         if (controls.paused) {
           const h = getHealthStatus(ctx);
-          return { ...h, state: "UNAVAILABLE", paused: true, detail: "paused by the owner" };
+          const detail = controls.problem ? `paused (fix: xks-agent resume): ${controls.problem}` : "paused by the owner";
+          return { ...h, state: "UNAVAILABLE", paused: true, detail: detail.slice(0, 300) };
         }
         return getHealthStatus(ctx);
       },

@@ -13,7 +13,9 @@
  * - The forward request is retried every ~500 ms while the connection is up: a half-dead old
  *   session can hold the TCP port, and the socket path needs sshd `StreamLocalBindUnlink yes`.
  * - Any close or error → state `down`, reconnect with jittered exponential backoff, reset by a
- *   successful handshake.
+ *   successful handshake. A refusal that retrying cannot fix (the server refused our key, or its
+ *   host key is not the pinned one) backs off to minutes instead (30 s doubling to 10 min), so
+ *   that the owner's address does not look like a password guesser to fail2ban and the like.
  * - The forward is re-asserted when nothing has arrived through it for `reassertAfterMs`: the
  *   proxy's health checks and HTTP/2 keepalive pings cross it every few seconds, so silence means
  *   the proxy is down or another session (a second holder of an authorised key, with
@@ -36,6 +38,8 @@ export interface TunnelTarget {
   username: string;
   /** OpenSSH private key text. Never logged. */
   privateKey: Buffer | string;
+  /** The private key's passphrase, when it is passphrase-protected. Never logged. */
+  passphrase?: string;
   /** Pinned host key, `SHA256:<base64 without padding>` as `ssh-keygen -lf` prints it. Required. */
   hostKeyFingerprint: string;
   /** Remote Unix socket path (OpenSSH streamlocal forward). Set exactly one of remoteSocket / remoteTcp. */
@@ -52,7 +56,15 @@ export interface TunnelTarget {
   backoff?: { initialMs: number; maxMs: number };
   /** Silence through the forward after which it is re-asserted, default 30000 ms (three of the proxy's default health periods). */
   reassertAfterMs?: number;
+  /** Backoff after an authentication or host-key refusal, default 30 s doubling to 10 min, ±20 % jitter. */
+  refusalBackoff?: { initialMs: number; maxMs: number };
 }
+
+/** Why the last connection failed: the network (fast reconnect), or a refusal that needs the owner (slow). */
+export type TunnelFailure = "network" | "auth" | "hostkey";
+
+export const NETWORK_BACKOFF = { initialMs: 250, maxMs: 2000 } as const;
+export const REFUSAL_BACKOFF = { initialMs: 30_000, maxMs: 600_000 } as const;
 
 export type TunnelStateName = "connecting" | "up" | "down" | "stopped";
 
@@ -69,6 +81,12 @@ export interface TunnelState {
   nodelayExec: boolean;
   /** Times the forward was re-asserted after silence (possible takeover of the remote socket). */
   reasserts: number;
+  /** While down: what kind of failure it was. */
+  failure?: TunnelFailure;
+  /** While down: the delay chosen before the next attempt, in ms. */
+  retryInMs?: number;
+  /** While down: ISO time of the next attempt. */
+  nextAttemptAt?: string;
 }
 
 const FORWARD_RETRY_MS = 500;
@@ -88,13 +106,18 @@ export function fingerprintOf(hostKey: Buffer): string {
 }
 
 /** Constant-time string equality (hashing first makes the lengths equal). */
-function sameFingerprint(a: string, b: string): boolean {
+export function sameFingerprint(a: string, b: string): boolean {
   const h = (s: string) => createHash("sha256").update(s).digest();
   return timingSafeEqual(h(a), h(b));
 }
 
 function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
+}
+
+/** ssh2 marks the failure of every authentication method with level "client-authentication". */
+export function isAuthFailure(err: unknown): boolean {
+  return (err as { level?: unknown } | undefined)?.level === "client-authentication";
 }
 
 /**
@@ -112,6 +135,8 @@ export class Tunnel extends EventEmitter {
   private stopped = true;
   private stopping: Promise<void> | undefined;
   private attempt = 0;
+  /** Refusals in a row (authentication or host key), for the slow backoff. */
+  private refusals = 0;
   private reconnectTimer: NodeJS.Timeout | undefined;
   private forwardTimer: NodeJS.Timeout | undefined;
   private quietTimer: NodeJS.Timeout | undefined;
@@ -154,6 +179,7 @@ export class Tunnel extends EventEmitter {
     this.stopped = false;
     this.stopping = undefined;
     this.attempt = 0;
+    this.refusals = 0;
     this.connect();
   }
 
@@ -188,12 +214,15 @@ export class Tunnel extends EventEmitter {
     this.log.info("tunnel stopped");
   }
 
-  private setState(state: TunnelStateName, lastError?: string): void {
+  private setState(state: TunnelStateName, lastError?: string, retry?: { failure: TunnelFailure; retryInMs: number }): void {
+    const { failure: _f, retryInMs: _r, nextAttemptAt: _n, ...rest } = this.current;
+    const now = Date.now();
     this.current = {
-      ...this.current,
+      ...rest,
       state,
-      since: new Date().toISOString(),
+      since: new Date(now).toISOString(),
       ...(lastError !== undefined ? { lastError } : {}),
+      ...(retry ? { ...retry, nextAttemptAt: new Date(now + retry.retryInMs).toISOString() } : {}),
     };
     this.emit("state", this.state());
   }
@@ -210,10 +239,12 @@ export class Tunnel extends EventEmitter {
     // A host-key refusal surfaces from ssh2 as "Host denied (verification failed)"; keep our clearer message.
     let refusal: string | undefined;
     let failure: string | undefined;
+    let kind: TunnelFailure = "network";
 
     conn.on("ready", () => {
       if (this.conn !== conn) return;
       this.attempt = 0;
+      this.refusals = 0;
       this.current.connects++;
       conn.setNoDelay(true);
       this.log.info({ connects: this.current.connects }, "tunnel ssh connection ready");
@@ -222,7 +253,11 @@ export class Tunnel extends EventEmitter {
     conn.on("unix connection", (_info, accept, reject) => this.onForwarded(conn, accept, reject));
     conn.on("tcp connection", (_info, accept, reject) => this.onForwarded(conn, accept, reject));
     conn.on("error", (err) => {
-      failure = refusal ?? describe(err);
+      if (refusal !== undefined) kind = "hostkey";
+      else if (isAuthFailure(err)) kind = "auth";
+      failure =
+        refusal ??
+        (kind === "auth" ? `authentication refused by ${t.host}:${t.port} for user ${t.username} (${describe(err)})` : describe(err));
     });
     conn.on("close", () => {
       if (this.conn !== conn) return; // stop() or a superseded connection
@@ -231,8 +266,7 @@ export class Tunnel extends EventEmitter {
       clearTimeout(this.forwardTimer);
       clearInterval(this.quietTimer);
       const msg = failure ?? "connection closed";
-      this.setState("down", msg);
-      this.scheduleReconnect(msg);
+      this.scheduleReconnect(msg, kind);
     });
 
     try {
@@ -241,6 +275,7 @@ export class Tunnel extends EventEmitter {
         port: t.port,
         username: t.username,
         privateKey: t.privateKey,
+        ...(t.passphrase !== undefined ? { passphrase: t.passphrase } : {}),
         hostVerifier: (key: Buffer): boolean => {
           const seen = fingerprintOf(key);
           if (sameFingerprint(seen, t.hostKeyFingerprint)) return true;
@@ -259,9 +294,7 @@ export class Tunnel extends EventEmitter {
     } catch (err) {
       // Synchronous config errors (e.g. an unparsable private key): no "close" will follow.
       this.conn = undefined;
-      const msg = describe(err);
-      this.setState("down", msg);
-      this.scheduleReconnect(msg);
+      this.scheduleReconnect(describe(err), "auth");
     }
   }
 
@@ -349,8 +382,13 @@ export class Tunnel extends EventEmitter {
       if (err) this.log.warn({ remote: this.remote, err: err.message }, "tunnel unforward failed");
       cb();
     };
-    if (t.remoteSocket !== undefined) conn.openssh_unforwardInStreamLocal(t.remoteSocket, done);
-    else conn.unforwardIn(t.remoteTcp!.host, t.remoteTcp!.port, done);
+    try {
+      if (t.remoteSocket !== undefined) conn.openssh_unforwardInStreamLocal(t.remoteSocket, done);
+      else conn.unforwardIn(t.remoteTcp!.host, t.remoteTcp!.port, done);
+    } catch (err) {
+      // ssh2 throws "Not connected" when the connection died before its close event was handled.
+      done(err as Error);
+    }
   }
 
   /**
@@ -402,13 +440,25 @@ export class Tunnel extends EventEmitter {
     ch.on("error", done).on("close", () => done());
   }
 
-  private scheduleReconnect(reason: string): void {
-    if (this.stopped) return;
-    const { initialMs, maxMs } = this.target.backoff ?? { initialMs: 250, maxMs: 2000 };
-    const base = Math.min(maxMs, initialMs * 2 ** this.attempt);
+  /**
+   * Goes `down` and schedules the next attempt: a network failure after the fast backoff, a refusal
+   * (authentication, host key, an unusable key) after the slow one, whose step count only a
+   * successful handshake resets.
+   */
+  private scheduleReconnect(reason: string, failure: TunnelFailure): void {
+    const refused = failure !== "network";
+    const { initialMs, maxMs } = refused ? (this.target.refusalBackoff ?? REFUSAL_BACKOFF) : (this.target.backoff ?? NETWORK_BACKOFF);
+    const step = refused ? this.refusals++ : this.attempt;
+    const base = Math.min(maxMs, initialMs * 2 ** step);
     const delay = Math.round(Math.min(maxMs, base * (0.8 + 0.4 * Math.random())));
     this.attempt++;
-    this.log.warn({ err: reason, retryInMs: delay, attempt: this.attempt }, "tunnel down");
+    this.setState("down", reason, this.stopped ? undefined : { failure, retryInMs: delay });
+    if (this.stopped) return;
+    const log = refused ? this.log.error.bind(this.log) : this.log.warn.bind(this.log);
+    log(
+      { err: reason, failure, retryInMs: delay, nextAttemptAt: this.current.nextAttemptAt, attempt: this.attempt },
+      refused ? "tunnel refused; waiting before the next attempt" : "tunnel down",
+    );
     this.log.flush(); // state changes reach the log at once (lines are otherwise batched)
     clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(() => {

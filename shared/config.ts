@@ -4,7 +4,7 @@
  * Secrets come from a file, an environment variable or (macOS) the Keychain,
  * never inline in the config, and are never echoed back in errors or logs.
  */
-import { readFileSync } from "node:fs";
+import { readFileSync, statSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { dirname, isAbsolute, resolve } from "node:path";
 import { checkOwnIdentity, type OwnIdentity, type PinnedIdentity, parsePinned } from "./identity.ts";
@@ -19,6 +19,42 @@ export class ConfigError extends Error {
 }
 
 type Obj = Record<string, unknown>;
+
+/**
+ * Why a secret file must not be used, or undefined when it is private: like
+ * OpenSSH for private keys, a file that any other user may access (a group or
+ * other permission bit set) or that another user owns is refused. The answer
+ * names the file and the fix, never its content.
+ */
+export function secretFileProblem(path: string): string | undefined {
+  let st: ReturnType<typeof statSync>;
+  try {
+    st = statSync(path);
+  } catch (err) {
+    return `cannot read the secret file ${path} (${(err as NodeJS.ErrnoException).code ?? "error"})`;
+  }
+  if (!st.isFile()) return `the secret file ${path} is not a regular file`;
+  const uid = typeof process.getuid === "function" ? process.getuid() : undefined;
+  if (uid !== undefined && st.uid !== uid) {
+    return `the secret file ${path} is owned by uid ${st.uid}, not by the user running this (uid ${uid}): chown it to that user and chmod 600 ${path}`;
+  }
+  const mode = st.mode & 0o777;
+  if ((mode & 0o077) !== 0) {
+    return `the secret file ${path} has mode 0${mode.toString(8)}, so other users may read it: run chmod 600 ${path}`;
+  }
+  return undefined;
+}
+
+/** Reads a secret file after secretFileProblem() found it private; drops one trailing newline. */
+export function readSecretFile(path: string): { value: string } | { problem: string } {
+  const problem = secretFileProblem(path);
+  if (problem !== undefined) return { problem };
+  try {
+    return { value: readFileSync(path, "utf8").replace(/\r?\n$/, "") };
+  } catch (err) {
+    return { problem: `cannot read the secret file ${path} (${(err as NodeJS.ErrnoException).code ?? "error"})` };
+  }
+}
 
 /** Collects problems while reading typed fields out of an untyped object. */
 export class Checker {
@@ -114,44 +150,65 @@ export class Checker {
    * Returns the secret's value; problems name the field, never the value.
    */
   secret(o: Obj, key: string, field: string, env: NodeJS.ProcessEnv = process.env): string {
+    return this.secretRef(o, key, field, env).value;
+  }
+
+  /** Like secret(), for an optional field: undefined when the field is absent. */
+  optionalSecret(o: Obj, key: string, field: string, env: NodeJS.ProcessEnv = process.env): string | undefined {
+    return o[key] === undefined ? undefined : this.secret(o, key, field, env);
+  }
+
+  /**
+   * Like secret(), and also says which file the secret came from (when it is a
+   * {"file": …} reference), so that the caller can read it again later. A file
+   * must be private (secretFileProblem).
+   */
+  secretRef(o: Obj, key: string, field: string, env: NodeJS.ProcessEnv = process.env): { value: string; file?: string } {
     const f = field ? `${field}.${key}` : key;
     const ref = o[key];
     if (typeof ref === "string") {
       this.problem(f, 'must reference a secret ({"file": …}, {"env": …} or {"keychain": …}), not hold it inline');
-      return "";
+      return { value: "" };
     }
     const r = this.object(ref, f);
     const kinds = ["file", "env", "keychain"].filter((k) => r[k] !== undefined);
     if (kinds.length !== 1) {
       this.problem(f, 'must have exactly one of "file", "env", "keychain"');
-      return "";
+      return { value: "" };
     }
     try {
       if (r.file !== undefined) {
         const p = this.path(r, "file", f);
-        return readFileSync(p, "utf8").replace(/\r?\n$/, "");
+        if (p === "") return { value: "" };
+        const read = readSecretFile(p);
+        if ("problem" in read) {
+          this.problem(f, read.problem);
+          return { value: "", file: p };
+        }
+        return { value: read.value, file: p };
       }
       if (r.env !== undefined) {
         const name = this.string(r, "env", f);
         const v = env[name];
         if (v === undefined || v === "") this.problem(f, `environment variable ${name} is not set`);
-        return v ?? "";
+        return { value: v ?? "" };
       }
       const kc = this.object(r.keychain, `${f}.keychain`);
       const service = this.string(kc, "service", `${f}.keychain`);
       const account = this.string(kc, "account", `${f}.keychain`);
       if (process.platform !== "darwin") {
         this.problem(`${f}.keychain`, "the Keychain is only available on macOS");
-        return "";
+        return { value: "" };
       }
-      return execFileSync("/usr/bin/security", ["find-generic-password", "-a", account, "-s", service, "-w"], {
+      const value = execFileSync("/usr/bin/security", ["find-generic-password", "-a", account, "-s", service, "-w"], {
         encoding: "utf8",
         stdio: ["ignore", "pipe", "ignore"],
       }).replace(/\n$/, "");
+      return { value };
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       this.problem(f, `cannot read the secret (${code ?? "lookup failed"})`);
-      return "";
+      return { value: "" };
     }
   }
 

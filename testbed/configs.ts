@@ -2,16 +2,17 @@
  * Config files for the agent and the proxy, written as an operator would:
  * JSON with every secret in a 0600 file of its own, referenced by path.
  */
-import { writeFileSync } from "node:fs";
+import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { KeyStoreAllowList } from "../agent/serving.ts";
 import { kmsKeys, type SoftHsmToken, TEST_KEYS } from "./hsm.ts";
 import { type Identity, TEST_IDENTITIES, writeIdentity, writePins } from "./identities.ts";
 import type { Creds } from "./xks/sign.ts";
 
-/** Writes `value` to `dir/name` (0600) and returns the config's reference to it. */
+/** Writes `value` to `dir/name` (0600, also when the file was there before) and returns the config's reference to it. */
 export function secretFile(dir: string, name: string, value: string): { file: string } {
   writeFileSync(join(dir, name), `${value}\n`, { mode: 0o600 });
+  chmodSync(join(dir, name), 0o600); // `mode` applies only when the file is created
   return { file: name };
 }
 
@@ -49,6 +50,23 @@ export function writeAgentConfig(dir: string, o: AgentConfigOptions): string {
   };
   writeFileSync(file, JSON.stringify(config, null, 2));
   return file;
+}
+
+/**
+ * The smallest valid agent config as an object (for tests of config parsing):
+ * its secret files (0600), identity and pins written into `dir`, one key store
+ * allow-listing "k1"; `over` replaces top-level fields.
+ */
+export function minimalAgentConfig(dir: string, over: Record<string, unknown> = {}): Record<string, unknown> {
+  return {
+    pkcs11: { module: "/x.so", tokenLabel: "t", pin: secretFile(dir, "pin", "s3cret-pin-value") },
+    proxyToken: secretFile(dir, "token", "0123456789abcdef-token"),
+    socket: "run/a.sock",
+    identity: writeIdentity(dir, "agent-identity", TEST_IDENTITIES.agent),
+    proxyIdentities: writePins(dir, "pinned-proxy", [TEST_IDENTITIES.proxy]),
+    keyStores: [{ keyStore: "/example/prefix", keys: ["k1"] }],
+    ...over,
+  };
 }
 
 /** An agent as the proxy's config names it. */

@@ -29,6 +29,8 @@ export interface CkrRule extends CkrOutcome {
   name: string;
   /** Replaces scope and reason when the failure happened inside a decrypt. */
   inDecrypt?: CkrOutcome;
+  /** From C_Login: the token refuses this PIN; no login may be tried again until the PIN changes. */
+  pinRefused?: true;
 }
 
 /** A CK_RV resolved for one call: its name and what to do about it. */
@@ -61,9 +63,13 @@ export const CKR: Record<number, CkrRule> = {
   0x71: { name: "CKR_MECHANISM_PARAM_INVALID", scope: "caller", reason: "VALIDATION", inDecrypt: BAD_CIPHERTEXT },
   0x82: { name: "CKR_OBJECT_HANDLE_INVALID", scope: "session", reason: "INTERNAL" },
   0x90: { name: "CKR_OPERATION_ACTIVE", scope: "session", reason: "INTERNAL" },
-  // Login failures: the agent cannot serve until the owner fixes the PIN.
-  0xa0: { name: "CKR_PIN_INCORRECT", scope: "device", reason: "HSM_UNAVAILABLE" },
-  0xa4: { name: "CKR_PIN_LOCKED", scope: "device", reason: "HSM_UNAVAILABLE" },
+  // Login refusals: the agent cannot serve until the owner fixes the PIN, and logging in again with
+  // the same PIN would only spend the token's tries (agent/hsm/hsm.ts stops until the PIN changes).
+  0xa0: { name: "CKR_PIN_INCORRECT", scope: "device", reason: "HSM_UNAVAILABLE", pinRefused: true },
+  0xa1: { name: "CKR_PIN_INVALID", scope: "device", reason: "HSM_UNAVAILABLE", pinRefused: true },
+  0xa2: { name: "CKR_PIN_LEN_RANGE", scope: "device", reason: "HSM_UNAVAILABLE", pinRefused: true },
+  0xa3: { name: "CKR_PIN_EXPIRED", scope: "device", reason: "HSM_UNAVAILABLE", pinRefused: true },
+  0xa4: { name: "CKR_PIN_LOCKED", scope: "device", reason: "HSM_UNAVAILABLE", pinRefused: true },
   0xb0: { name: "CKR_SESSION_CLOSED", scope: "session", reason: "INTERNAL" },
   0xb3: { name: "CKR_SESSION_HANDLE_INVALID", scope: "session", reason: "INTERNAL" },
   0xe0: { name: "CKR_TOKEN_NOT_PRESENT", scope: "device", reason: "HSM_UNAVAILABLE" },
@@ -82,4 +88,9 @@ export function classifyCkr(code: number, inDecrypt = false): CkrClass {
   if (rule === undefined) return { name: `CKR_0x${code.toString(16)}`, scope: "session", reason: "INTERNAL" };
   const { scope, reason } = (inDecrypt && rule.inDecrypt) || rule;
   return { name: rule.name, scope, reason };
+}
+
+/** Whether a C_Login failure with this CK_RV means the token refuses the PIN itself. */
+export function refusesPin(code: number): boolean {
+  return CKR[code]?.pinRefused === true;
 }

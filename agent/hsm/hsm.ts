@@ -9,11 +9,25 @@
  * use-after-free report (pkcs11js#121). With sync calls the JS thread
  * serialises every operation, so one session is enough and CKR_OPERATION_ACTIVE
  * cannot happen between callers.
+ *
+ * The PIN is never spent blindly: before C_Login the token's flags are read
+ * (CKF_USER_PIN_LOCKED, CKF_USER_PIN_FINAL_TRY), and once the token refuses
+ * the PIN (ckr.ts pinRefused) no login is tried again until the PIN changes:
+ * a new process, or the PIN's secret file changing on disk (re-read when its
+ * size, times or inode change; used when its content differs). With a
+ * `refusalMemoFile`, a refusal of a PIN read from a file is remembered across
+ * restarts (the file's path and stamp, nothing derived from the PIN), so a
+ * supervisor that restarts the agent does not spend a try per restart on a
+ * PIN file that has not changed.
  */
+import { EventEmitter } from "node:events";
+import { mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
 import pkcs11js from "pkcs11js"; // NOT `import * as`: under ESM that loses every constant
+import { readSecretFile } from "../../shared/config.ts";
 import { AgentError } from "../../shared/errors.ts";
 import type { Logger } from "../../shared/logging.ts";
-import { classifyCkr } from "./ckr.ts";
+import { classifyCkr, refusesPin } from "./ckr.ts";
 import { ckrOf, type Handle, type Pkcs11Port, pkcs11jsPort } from "./port.ts";
 
 export interface HsmConfig {
@@ -23,6 +37,28 @@ export interface HsmConfig {
   tokenLabel: string;
   /** The user PIN. Never logged. */
   pin: string;
+  /** The file the PIN was read from, if it came from a file: re-read after a refusal when it changes. */
+  pinFile?: string;
+}
+
+/**
+ * Where opening the HSM failed: loading or initializing the module, finding the token (listing
+ * slots, the label, opening a session) or logging in. `permanent` failures cannot heal by
+ * themselves (no such module file, no token with the label, the PIN refused): a daemon that meets
+ * one at start stops with its message instead of serving errors forever.
+ */
+export type OpenStage = "module" | "token" | "login";
+
+export class HsmOpenError extends AgentError {
+  constructor(
+    readonly stage: OpenStage,
+    readonly permanent: boolean,
+    detail: string,
+    options?: { cause?: unknown },
+  ) {
+    super("HSM_UNAVAILABLE", detail, options);
+    this.name = "HsmOpenError";
+  }
 }
 
 export interface KeyInfo {
@@ -46,6 +82,8 @@ export interface TokenInfo {
 }
 
 const CKR_USER_ALREADY_LOGGED_IN = 0x100;
+const CKF_USER_PIN_FINAL_TRY = 0x20000;
+const CKF_USER_PIN_LOCKED = 0x40000;
 const CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191;
 /**
  * After an open that failed with a PKCS#11 error, calls fail fast with HSM_UNAVAILABLE for this long
@@ -71,9 +109,33 @@ export interface HsmDeps {
   port?: () => Pkcs11Port;
   /** The clock for the retry interval after a failed open, in ms; Date.now by default. */
   now?: () => number;
+  /** Where a refusal of a PIN read from a file is remembered across restarts (written 0600). */
+  refusalMemoFile?: string;
 }
 
-export class Hsm {
+/** What the refusal memo holds: which PIN file version was refused, why and when. Never the PIN. */
+interface RefusalMemo {
+  pinFile: string;
+  pinStamp: string;
+  why: string;
+  at: string;
+}
+
+/** What identifies one version of a file on disk, without reading it. */
+function fileStamp(path: string): string | undefined {
+  try {
+    const st = statSync(path);
+    return `${st.dev}:${st.ino}:${st.size}:${st.mtimeMs}:${st.ctimeMs}`;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Emits "login" with the reason logins are stopped (a string), or undefined
+ * once they may be tried again.
+ */
+export class Hsm extends EventEmitter {
   private p11: Pkcs11Port | undefined;
   private initialized = false;
   private session: Handle | undefined;
@@ -82,6 +144,15 @@ export class Hsm {
   private token: TokenInfo | undefined;
   /** After an open that failed with a PKCS#11 error, calls fail fast until this time instead of re-initializing the module per call. */
   private retryOpenAt = 0;
+  /** The PIN logins use; replaced when the PIN file changes after a refusal. */
+  private pin: string;
+  /** Set while logins are stopped: why, and the PIN file's stamp when it was last looked at. */
+  private loginStop: { detail: string; pinStamp: string | undefined } | undefined;
+  /** The PIN was changed by the owner after logins were stopped: one login may be tried with it despite CKF_USER_PIN_FINAL_TRY. */
+  private pinIsNew = false;
+  /** Whether the refusal memo was consulted (once, before the first open). */
+  private memoRead = false;
+  private readonly memoFile: string | undefined;
   /** Counters for tests and diagnostics: sessionsOpened counts sessions opened and logged in. */
   readonly stats = { sessionsOpened: 0 };
   private readonly newPort: () => Pkcs11Port;
@@ -92,8 +163,16 @@ export class Hsm {
     private readonly log: Logger,
     deps: HsmDeps = {},
   ) {
+    super();
     this.newPort = deps.port ?? pkcs11jsPort;
     this.now = deps.now ?? Date.now;
+    this.pin = cfg.pin;
+    this.memoFile = cfg.pinFile !== undefined ? deps.refusalMemoFile : undefined;
+  }
+
+  /** Why logins are stopped (the token refused the PIN, or its flags forbid a try), or undefined. */
+  loginStopped(): string | undefined {
+    return this.loginStop?.detail;
   }
 
   /** Opens the module, the token and a logged-in session. Throws AgentError(HSM_UNAVAILABLE) on failure. */
@@ -273,12 +352,24 @@ export class Hsm {
 
   private ensureSession(): Handle {
     if (this.session !== undefined) return this.session;
+    this.recallRefusal();
+    const stopped = this.stillStopped();
+    if (stopped !== undefined) throw new HsmOpenError("login", true, stopped);
     if (this.now() < this.retryOpenAt)
       throw new AgentError("HSM_UNAVAILABLE", "the HSM could not be opened a moment ago; retrying shortly");
+    let stage: OpenStage = "module";
     try {
       if (!this.p11) {
-        this.p11 = this.newPort();
-        this.p11.load(this.cfg.module);
+        const p11 = this.newPort();
+        try {
+          p11.load(this.cfg.module);
+        } catch (err) {
+          // No such file, or not a PKCS#11 module: nothing that retrying fixes.
+          throw new HsmOpenError("module", true, `cannot load the PKCS#11 module ${this.cfg.module}: ${(err as Error).message}`, {
+            cause: err,
+          });
+        }
+        this.p11 = p11;
       }
       if (!this.initialized) {
         try {
@@ -290,8 +381,19 @@ export class Hsm {
         this.initialized = true;
       }
       const p11 = this.p11;
-      this.slot = p11.C_GetSlotList(true).find((slot) => p11.C_GetTokenInfo(slot).label.trim() === this.cfg.tokenLabel);
-      if (this.slot === undefined) throw new AgentError("HSM_UNAVAILABLE", `no token labelled ${JSON.stringify(this.cfg.tokenLabel)}`);
+      stage = "token";
+      const labels: string[] = [];
+      this.slot = p11.C_GetSlotList(true).find((slot) => {
+        const label = p11.C_GetTokenInfo(slot).label.trim();
+        if (label !== "") labels.push(JSON.stringify(label)); // SoftHSM keeps one empty, uninitialized token
+        return label === this.cfg.tokenLabel;
+      });
+      if (this.slot === undefined)
+        throw new HsmOpenError(
+          "token",
+          true,
+          `no token labelled ${JSON.stringify(this.cfg.tokenLabel)} (tokens present: ${labels.join(", ") || "none"})`,
+        );
       const ti = p11.C_GetTokenInfo(this.slot);
       this.token = {
         label: ti.label.trim(),
@@ -299,9 +401,24 @@ export class Hsm {
         model: ti.model.trim(),
         serial: ti.serialNumber.trim(),
       };
+      stage = "login";
+      // Read before every login: a locked PIN or a last try is never spent on a PIN that failed before.
+      if ((ti.flags & CKF_USER_PIN_LOCKED) !== 0) {
+        throw this.stopLogins(
+          "the token's user PIN is locked (CKF_USER_PIN_LOCKED): unblock it with the SO PIN; no login is tried until the PIN changes",
+        );
+      }
+      if ((ti.flags & CKF_USER_PIN_FINAL_TRY) !== 0 && !this.pinIsNew) {
+        throw this.stopLogins(
+          "the token allows one more PIN try (CKF_USER_PIN_FINAL_TRY): check the PIN; no login is tried until the PIN changes",
+        );
+      }
+      stage = "token";
       const session = p11.C_OpenSession(this.slot, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
+      stage = "login";
       try {
-        p11.C_Login(session, pkcs11js.CKU_USER, this.cfg.pin);
+        this.pinIsNew = false;
+        p11.C_Login(session, pkcs11js.CKU_USER, this.pin);
       } catch (err) {
         if (ckrOf(err) !== CKR_USER_ALREADY_LOGGED_IN) {
           try {
@@ -309,11 +426,17 @@ export class Hsm {
           } catch {
             /* ignore */
           }
+          const code = ckrOf(err);
+          if (code !== undefined && refusesPin(code)) {
+            const name = classifyCkr(code).name;
+            throw this.stopLogins(`PIN refused by the token (${name}): fix the PIN; no further logins until it changes`);
+          }
           throw err;
         }
       }
       this.session = session;
       this.stats.sessionsOpened++;
+      if (this.memoFile) rmSync(this.memoFile, { force: true });
       this.log.info({ tokenLabel: this.token.label, serial: this.token.serial }, "HSM session open");
       return session;
     } catch (err) {
@@ -324,8 +447,78 @@ export class Hsm {
       // but not before OPEN_RETRY_MS, so a dead HSM costs each call microseconds, not a C_Initialize.
       this.reinitialize();
       this.retryOpenAt = this.now() + OPEN_RETRY_MS;
-      throw new AgentError("HSM_UNAVAILABLE", `cannot open the HSM: ${detail}`, { cause: err });
+      throw new HsmOpenError(stage, false, `cannot open the HSM: ${detail}`, { cause: err });
     }
+  }
+
+  /** Stops logins until the PIN changes; logs why once and tells listeners. Returns the error to throw. */
+  private stopLogins(why: string, remembered?: string): HsmOpenError {
+    const detail = `${why}${this.cfg.pinFile ? " (the PIN file is re-read when it changes)" : " (restart the agent once the PIN is fixed)"}${remembered ?? ""}`;
+    const pinStamp = this.cfg.pinFile ? fileStamp(this.cfg.pinFile) : undefined;
+    this.loginStop = { detail, pinStamp };
+    if (this.memoFile && pinStamp !== undefined && remembered === undefined) {
+      const memo: RefusalMemo = { pinFile: this.cfg.pinFile!, pinStamp, why, at: new Date().toISOString() };
+      try {
+        mkdirSync(dirname(this.memoFile), { recursive: true, mode: 0o700 });
+        writeFileSync(this.memoFile, `${JSON.stringify(memo)}\n`, { mode: 0o600 });
+      } catch (err) {
+        this.log.warn({ memoFile: this.memoFile, err: (err as Error).message }, "cannot remember the PIN refusal across restarts");
+      }
+    }
+    this.log.error({ tokenLabel: this.cfg.tokenLabel, pinFile: this.cfg.pinFile }, `HSM logins stopped: ${detail}`);
+    this.log.flush();
+    this.emit("login", detail);
+    return new HsmOpenError("login", true, detail);
+  }
+
+  /**
+   * Once, before the first open: a refusal remembered from an earlier run for this very version of
+   * the PIN file stops logins at once. A memo for another file or version is removed.
+   */
+  private recallRefusal(): void {
+    if (this.memoRead || !this.memoFile) return;
+    this.memoRead = true;
+    let memo: RefusalMemo;
+    try {
+      memo = JSON.parse(readFileSync(this.memoFile, "utf8")) as RefusalMemo;
+    } catch {
+      return; // none (or unreadable: then a login may be tried, as without a memo)
+    }
+    if (memo.pinFile !== this.cfg.pinFile || memo.pinStamp !== fileStamp(this.cfg.pinFile!)) {
+      rmSync(this.memoFile, { force: true });
+      return;
+    }
+    this.stopLogins(
+      String(memo.why),
+      `; refused at ${String(memo.at)} and the PIN file has not changed since, so no login was tried (if the token's PIN was changed to match the file instead: touch the file)`,
+    );
+  }
+
+  /**
+   * While logins are stopped: whether they still are. When the PIN came from a file whose stamp
+   * changed, the file is read again (it must still be private); a different PIN resumes logins.
+   */
+  private stillStopped(): string | undefined {
+    const stop = this.loginStop;
+    if (stop === undefined) return undefined;
+    const file = this.cfg.pinFile;
+    if (file === undefined) return stop.detail;
+    const stamp = fileStamp(file);
+    if (stamp === stop.pinStamp) return stop.detail;
+    stop.pinStamp = stamp;
+    const read = readSecretFile(file);
+    if ("problem" in read) {
+      this.log.error({ pinFile: file, problem: read.problem }, "the PIN file changed but cannot be used; logins stay stopped");
+      return stop.detail;
+    }
+    if (read.value === this.pin) return stop.detail;
+    this.pin = read.value;
+    this.pinIsNew = true;
+    this.loginStop = undefined;
+    if (this.memoFile) rmSync(this.memoFile, { force: true });
+    this.log.warn({ pinFile: file }, "the PIN file changed: logging in again");
+    this.emit("login", undefined);
+    return undefined;
   }
 
   private dropSession(): void {

@@ -14,8 +14,8 @@ import pkcs11js from "pkcs11js"; // NOT `import * as`: under ESM that loses ever
 
 export type Handle = pkcs11js.Handle;
 
-/** The token fields the agent reads from C_GetTokenInfo (space-padded, as PKCS#11 returns them). */
-export type Pkcs11TokenInfo = Pick<pkcs11js.TokenInfo, "label" | "manufacturerID" | "model" | "serialNumber">;
+/** The token fields the agent reads from C_GetTokenInfo (strings space-padded, as PKCS#11 returns them; flags CKF_*). */
+export type Pkcs11TokenInfo = Pick<pkcs11js.TokenInfo, "label" | "manufacturerID" | "model" | "serialNumber" | "flags">;
 
 export interface Pkcs11Port {
   /** Loads the PKCS#11 module (shared library) at `modulePath`. */

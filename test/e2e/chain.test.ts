@@ -211,9 +211,19 @@ describe("the tunnel", () => {
         current: tunnel.state(),
       });
       assert.match(down.lastError ?? "", /host key verification failed/);
-      // It keeps trying, and is refused every time: never up.
-      await nextEvent<TunnelState>(tunnel, "state", (s) => s.state === "down" && s.since !== down.since, "a second refused attempt");
+      // A refusal is not retried within seconds: the next attempt is at least 24 s away (30 s ±20 %).
+      assert.equal(down.failure, "hostkey");
+      assert.ok(down.retryInMs! >= 24_000, `next attempt in ${down.retryInMs} ms`);
       assert.equal(tunnel.state().connects, 0);
+      // The agent's health carries the reason and the next attempt's time.
+      const c = agentClient(`unix://${join(dir, "agent.sock")}`, chain.agentToken);
+      try {
+        const h = await c.call("GetHealthStatus", {});
+        assert.match(h.tunnels[0].lastError, /host key verification failed/);
+        assert.ok(h.tunnels[0].lastError.endsWith(`next attempt at ${down.nextAttemptAt}`), h.tunnels[0].lastError);
+      } finally {
+        c.close();
+      }
       assert.match(logs.text(), /host key does not match the pinned fingerprint/);
       assert.ok(
         logs.text().includes(wrongFp) && logs.text().includes(chain.sshd.hostKeyFingerprint),

@@ -109,7 +109,7 @@ describe("xks-proxy CLI", () => {
       // Rotation without restart: drop credential a, add a new one, SIGHUP.
       const cfg = JSON.parse(readFileSync(file, "utf8"));
       const fresh = { accessKeyId: "DDDDDDDDDDDDDDDDDDDDDDDDDD", secretAccessKey: "ZnJlc2gtc2VjcmV0LWZyZXNoLXNlY3JldC1mcmVzaC1zZWNyZXQ=" };
-      writeFileSync(join(dir, "fresh.secret"), fresh.secretAccessKey);
+      writeFileSync(join(dir, "fresh.secret"), fresh.secretAccessKey, { mode: 0o600 });
       cfg.keyStores[0].credentials = [
         cfg.keyStores[0].credentials[1],
         { accessKeyId: fresh.accessKeyId, secretAccessKey: { file: "fresh.secret" } },

@@ -11,14 +11,19 @@
  */
 import { after, before, describe, type TestContext, test } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
+import { parseAgentConfig } from "../../agent/config.ts";
 import { MAX_FORWARDED_CHANNELS, Tunnel, TunnelSet, fingerprintOf, type TunnelState, type TunnelTarget } from "../../agent/tunnel.ts";
+import { ConfigError } from "../../shared/config.ts";
 import { createLogger, type Logger } from "../../shared/logging.ts";
-import { LogCapture } from "../../testbed/logs.ts";
+import { minimalAgentConfig, secretFile } from "../../testbed/configs.ts";
+import { findLeaks, LogCapture } from "../../testbed/logs.ts";
+import { killQuietly } from "../../testbed/procs.ts";
 import { freePort } from "../../testbed/ports.ts";
 import { type Sshd, type StartSshdOptions, startSshd } from "../../testbed/sshd.ts";
 import { nextEvent, sleep, until } from "../../testbed/wait.ts";
@@ -356,7 +361,17 @@ test("a remote forward that cannot bind yet is retried until it binds", async (t
   assert.equal(await far.ask("bound"), "echo:bound");
 });
 
-test("a wrong pinned host key is refused: never up, no forward, clear log", async (t) => {
+/** sshd's log line for every TCP connection it accepts (LogLevel VERBOSE). */
+const connectionsSeen = (sshd: Sshd) => (sshd.logs().match(/Connection from 127\.0\.0\.1 port/g) ?? []).length;
+
+/** The slow backoff's first step: 30 s ±20 %, so at least 24 s before a second attempt. */
+function assertWaitsMinutesStep(s: TunnelState, failure: string): void {
+  assert.equal(s.failure, failure);
+  assert.ok(s.retryInMs !== undefined && s.retryInMs >= 24_000 && s.retryInMs <= 36_000, `retryInMs ${s.retryInMs}`);
+  assert.equal(Date.parse(s.nextAttemptAt ?? "") - Date.parse(s.since), s.retryInMs, "nextAttemptAt = since + retryInMs");
+}
+
+test("a wrong pinned host key is refused: never up, no forward, clear log, next attempt in minutes", async (t) => {
   // A real but different key, as after a host-key change.
   const wrongFor = (sshd: Sshd) => fingerprintOf(Buffer.from(readFileSync(`${sshd.clientKeyPath}.pub`, "utf8").split(" ")[1], "base64"));
   const { sshd, echo, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({
@@ -366,28 +381,217 @@ test("a wrong pinned host key is refused: never up, no forward, clear log", asyn
   const remoteSocket = socketIn(sshd);
   const wrong = wrongFor(sshd);
   assert.notEqual(wrong, sshd.hostKeyFingerprint);
+  // startSshd's readiness probe was one connection already.
+  await until(() => connectionsSeen(sshd) >= 1, "sshd to log its readiness probe");
+  const probes = connectionsSeen(sshd);
   tunnel.start();
 
   const down = await waitForState(tunnel, (s) => s.state === "down", "down");
   assert.match(down.lastError ?? "", /host key verification failed/);
   assert.ok(down.lastError!.includes(wrong) && down.lastError!.includes(sshd.hostKeyFingerprint), down.lastError);
-  // It keeps retrying (backoff 100 ms → 1 s), and every attempt is refused the same way.
-  await until(() => history.filter((s) => s.state === "down").length >= 3, "two more refused attempts");
-  assert.ok(!history.some((s) => s.state === "up"), "never up");
+  // One attempt, and the next one is scheduled at least 24 s later (the fast backoff would be 100 ms).
+  assertWaitsMinutesStep(down, "hostkey");
+  await until(() => connectionsSeen(sshd) > probes, "sshd to log the connection");
+  assert.equal(connectionsSeen(sshd), probes + 1, "one connection to sshd");
+  assert.deepEqual(
+    history.map((s) => s.state),
+    ["connecting", "down"],
+  );
   assert.equal(tunnel.state().connects, 0);
   assert.equal(tunnel.state().nodelayExec, false);
   assert.equal(existsSync(remoteSocket), false, "no forward was created");
   assert.doesNotMatch(sshd.logs(), /Accepted publickey/, "the client never authenticated");
 
-  const refusal = lines
-    .map((l) => JSON.parse(l) as Record<string, unknown>)
-    .find((l) => l.msg === "tunnel refused: host key does not match the pinned fingerprint");
+  const json = lines.map((l) => JSON.parse(l) as Record<string, unknown>);
+  const refusal = json.find((l) => l.msg === "tunnel refused: host key does not match the pinned fingerprint");
   assert.ok(refusal, "a refusal log line");
   assert.equal(refusal.expected, wrong);
   assert.equal(refusal.seen, sshd.hostKeyFingerprint);
   assert.equal(refusal.level, 50);
+  const waiting = json.find((l) => l.msg === "tunnel refused; waiting before the next attempt");
+  assert.equal(waiting?.retryInMs, down.retryInMs);
+  assert.equal(waiting?.nextAttemptAt, down.nextAttemptAt);
   assertNoKeyInLogs(lines, sshd);
   assert.equal(echo.connections(), 0);
+});
+
+/** A fresh ed25519 key that no sshd authorizes; its private key text and public key line. */
+function strayKey(t: TestContext, passphrase = ""): { privateKey: string; publicKey: string; path: string } {
+  const dir = mkdtempSync(join(tmpdir(), "xks-stray-key-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, "id_ed25519");
+  execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", passphrase, "-C", "stray", "-f", path], { stdio: ["ignore", "ignore", "pipe"] });
+  return { privateKey: readFileSync(path, "utf8"), publicKey: readFileSync(`${path}.pub`, "utf8").trim(), path };
+}
+
+test("a key the server refuses: one attempt, the next one minutes later, the reason in the state", async (t) => {
+  const stray = strayKey(t);
+  const { sshd, lines, tunnel, history } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd), privateKey: stray.privateKey }));
+  // startSshd's readiness probe was one connection already.
+  await until(() => connectionsSeen(sshd) >= 1, "sshd to log its readiness probe");
+  const probes = connectionsSeen(sshd);
+  tunnel.start();
+  const down = await waitForState(tunnel, (s) => s.state === "down", "down");
+  assert.match(down.lastError ?? "", new RegExp(`authentication refused by 127\\.0\\.0\\.1:${sshd.port} for user ${sshd.user}`));
+  assertWaitsMinutesStep(down, "auth");
+  await until(() => connectionsSeen(sshd) > probes, "sshd to log the connection");
+  assert.equal(connectionsSeen(sshd), probes + 1, "one connection to sshd");
+  assert.deepEqual(
+    history.map((s) => s.state),
+    ["connecting", "down"],
+  );
+  assert.ok(
+    lines.some((l) => l.includes('"failure":"auth"') && l.includes('"level":50')),
+    "an error line with the failure kind",
+  );
+  const body = stray.privateKey.split("\n").filter((l) => l && !l.startsWith("-----"));
+  for (const l of lines) for (const part of body) assert.ok(!l.includes(part), "no key material in the log");
+});
+
+test("refusals back off exponentially to a cap, network failures stay fast, and a handshake resets the count", async (t) => {
+  const stray = strayKey(t);
+  const refusalBackoff = { initialMs: 200, maxMs: 800 };
+  const { sshd, tunnel, history } = await tunnelRig(t, (sshd) => ({
+    remoteSocket: socketIn(sshd),
+    privateKey: stray.privateKey,
+    refusalBackoff,
+  }));
+  tunnel.start();
+  await until(() => history.filter((s) => s.state === "down").length >= 4, "four refused attempts");
+  const delays = history.filter((s) => s.state === "down").map((s) => s.retryInMs!);
+  // Bases 200, 400, 800, 800 (capped), each ±20 %, never above the cap.
+  for (const [i, base] of [200, 400, 800, 800].entries()) {
+    assert.ok(delays[i] >= base * 0.8 && delays[i] <= Math.min(800, base * 1.2), `refusal ${i + 1}: ${delays[i]} ms for base ${base}`);
+  }
+  assert.ok(history.filter((s) => s.state === "down").every((s) => s.failure === "auth"));
+
+  // The owner authorizes the key: the next attempt gets in, which resets the refusal count.
+  const authorized = join(sshd.dir, "keys", "authorized_keys");
+  const before = readFileSync(authorized, "utf8");
+  writeFileSync(authorized, `${before}restrict,port-forwarding,command="/usr/sbin/nologin" ${stray.publicKey}\n`);
+  await waitForState(tunnel, (s) => s.state === "up", "up with the key authorized");
+  writeFileSync(authorized, before);
+  const seen = history.length;
+  for (const pid of sshd.sessionPids()) killQuietly(pid, "SIGKILL");
+  const again = await nextEvent<TunnelState>(
+    tunnel,
+    "state",
+    (s) => s.state === "down" && s.failure === "auth",
+    "a refusal after the key was withdrawn",
+  );
+  assert.ok(again.retryInMs! <= 200 * 1.2, `the count restarted: ${again.retryInMs} ms`);
+  // Between them, the cut session was a network failure, retried fast.
+  const cut = history.slice(seen).find((s) => s.state === "down");
+  assert.equal(cut?.failure, "network");
+  assert.ok(cut!.retryInMs! <= 1000, `network failure retried in ${cut!.retryInMs} ms`);
+});
+
+test("nothing listening: a network failure, reconnected with the fast backoff (default 250 ms → 2 s)", async (t) => {
+  const echo = await startEchoServer();
+  t.after(() => echo.close());
+  const { log } = captureLog();
+  const port = await freePort();
+  const tunnel = new Tunnel(
+    {
+      name: "nowhere",
+      host: "127.0.0.1",
+      port,
+      username: "u",
+      privateKey: "",
+      hostKeyFingerprint: `SHA256:${"A".repeat(43)}`,
+      remoteSocket: "/tmp/nowhere.sock",
+    },
+    echo.path,
+    log,
+  );
+  const history = watch(tunnel);
+  t.after(() => tunnel.stop());
+  tunnel.start();
+  await until(() => history.filter((s) => s.state === "down").length >= 3, "three refused dials");
+  for (const s of history.filter((s) => s.state === "down")) {
+    assert.equal(s.failure, "network");
+    assert.match(s.lastError ?? "", /ECONNREFUSED/);
+    assert.ok(s.retryInMs! <= 2000, `${s.retryInMs}`);
+  }
+});
+
+test("a passphrase-protected private key connects with its passphrase", async (t) => {
+  const sshd0 = await startSshd();
+  const stops: Array<() => unknown> = [];
+  // Tunnel before echo server before sshd.
+  t.after(async () => {
+    for (const stop of stops.reverse()) await stop();
+    await sshd0.stop();
+  });
+  // The authorized key, re-encrypted under a passphrase (same key pair).
+  const dir = mkdtempSync(join(tmpdir(), "xks-enc-key-"));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const encrypted = join(dir, "id_ed25519");
+  writeFileSync(encrypted, sshd0.clientPrivateKey, { mode: 0o600 });
+  const passphrase = "tunnel-passphrase-4711";
+  execFileSync("ssh-keygen", ["-q", "-p", "-f", encrypted, "-P", "", "-N", passphrase], { stdio: ["ignore", "ignore", "pipe"] });
+  const privateKey = readFileSync(encrypted, "utf8");
+  assert.match(privateKey, /BEGIN OPENSSH PRIVATE KEY/);
+  assert.ok(!privateKey.includes(sshd0.clientPrivateKey.split("\n")[2]), "re-encrypted");
+
+  const echo = await startEchoServer();
+  stops.push(() => echo.close());
+  const capture = new LogCapture();
+  const tunnel = new Tunnel(
+    targetFor(sshd0, { remoteSocket: socketIn(sshd0), privateKey, passphrase }),
+    echo.path,
+    createLogger({ level: "debug" }, capture),
+  );
+  stops.push(() => tunnel.stop());
+  tunnel.start();
+  await waitForState(tunnel, (s) => s.state === "up", "up");
+  const far = await FarClient.connect({ path: socketIn(sshd0) });
+  stops.push(() => far.close());
+  assert.equal(await far.ask("through an encrypted key"), "echo:through an encrypted key");
+  assert.deepEqual(findLeaks(capture.text(), { passphrase, "private key": privateKey.split("\n")[1] }), []);
+
+  // In the agent's config: the passphrase is a secret reference; missing or wrong is a config error at start.
+  const cfgDir = mkdtempSync(join(tmpdir(), "xks-enc-cfg-"));
+  t.after(() => rmSync(cfgDir, { recursive: true, force: true }));
+  const file = join(cfgDir, "agent.json");
+  const raw = (tunnel: Record<string, unknown>) =>
+    minimalAgentConfig(cfgDir, {
+      tunnels: [
+        {
+          host: "127.0.0.1",
+          port: sshd0.port,
+          username: sshd0.user,
+          hostKeyFingerprint: sshd0.hostKeyFingerprint,
+          remoteSocket: socketIn(sshd0),
+          privateKey: secretFile(cfgDir, "id_ed25519", privateKey),
+          ...tunnel,
+        },
+      ],
+    });
+  const problems = (tunnel: Record<string, unknown>): string[] => {
+    try {
+      parseAgentConfig(raw(tunnel), file, {});
+      return [];
+    } catch (err) {
+      assert.ok(err instanceof ConfigError);
+      assert.deepEqual(findLeaks(err.message, { passphrase, "wrong passphrase": "not-the-passphrase" }), []);
+      return err.problems;
+    }
+  };
+  const ok = parseAgentConfig(raw({ privateKeyPassphrase: secretFile(cfgDir, "passphrase", passphrase) }), file, {});
+  assert.equal(ok.tunnels[0].passphrase, passphrase);
+  assert.deepEqual(problems({}), [
+    'tunnels[0].privateKeyPassphrase: the private key is passphrase-protected: give "privateKeyPassphrase" (a secret reference)',
+  ]);
+  assert.deepEqual(problems({ privateKeyPassphrase: { env: "XKS_TEST_PASSPHRASE_UNSET" } }), [
+    "tunnels[0].privateKeyPassphrase: environment variable XKS_TEST_PASSPHRASE_UNSET is not set",
+  ]);
+  assert.deepEqual(problems({ privateKeyPassphrase: secretFile(cfgDir, "wrong", "not-the-passphrase") }), [
+    "tunnels[0].privateKeyPassphrase: cannot decrypt the private key with this passphrase (wrong passphrase?)",
+  ]);
+  assert.deepEqual(problems({ privateKey: secretFile(cfgDir, "id.pub", readFileSync(`${sshd0.clientKeyPath}.pub`, "utf8")) }), [
+    "tunnels[0].privateKey: is a public key, not a private key: give the private key file (e.g. id_ed25519, not id_ed25519.pub)",
+  ]);
 });
 
 test("kill -9 of the sshd session: down, back up by itself, traffic flows again", async (t) => {

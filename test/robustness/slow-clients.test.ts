@@ -622,8 +622,8 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
   it("config: the http block is validated (ranges, requestTimeout >= headersTimeout, unknown fields)", () => {
     const dir = mkdtempSync(join(tmpdir(), "xks-slow-cfg-"));
     try {
-      writeFileSync(join(dir, "token"), "0123456789abcdef0123");
-      writeFileSync(join(dir, "a.secret"), CREDS.a.secretAccessKey);
+      writeFileSync(join(dir, "token"), "0123456789abcdef0123", { mode: 0o600 });
+      writeFileSync(join(dir, "a.secret"), CREDS.a.secretAccessKey, { mode: 0o600 });
       const base = {
         region: "us-east-1",
         identity: writeIdentity(dir, "proxy-identity", TEST_IDENTITIES.proxy),

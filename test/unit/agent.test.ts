@@ -1,16 +1,17 @@
 /** Unit tests of the agent's pure modules: the layouts, the CK_RV table, config validation. */
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { chmodSync, chownSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { status } from "@grpc/grpc-js";
-import { CKR, classifyCkr, type FailureScope } from "../../agent/hsm/ckr.ts";
+import { CKR, classifyCkr, type FailureScope, refusesPin } from "../../agent/hsm/ckr.ts";
 import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
 import { parseAgentConfig } from "../../agent/config.ts";
 import type { KeyInfo } from "../../agent/hsm/hsm.ts";
 import { allowListMap, servingRefusals } from "../../agent/serving.ts";
-import { ConfigError } from "../../shared/config.ts";
+import { ConfigError, secretFileProblem } from "../../shared/config.ts";
+import { minimalAgentConfig } from "../../testbed/configs.ts";
 import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { REASONS, XKS_ERRORS, type Reason } from "../../shared/errors.ts";
 
@@ -77,6 +78,12 @@ test("CK_RV classification: one table gives the name, scope and reason for (code
     [0x90, true, "CKR_OPERATION_ACTIVE", "session", "INTERNAL"],
     [0xa0, false, "CKR_PIN_INCORRECT", "device", "HSM_UNAVAILABLE"],
     [0xa0, true, "CKR_PIN_INCORRECT", "device", "HSM_UNAVAILABLE"],
+    [0xa1, false, "CKR_PIN_INVALID", "device", "HSM_UNAVAILABLE"],
+    [0xa1, true, "CKR_PIN_INVALID", "device", "HSM_UNAVAILABLE"],
+    [0xa2, false, "CKR_PIN_LEN_RANGE", "device", "HSM_UNAVAILABLE"],
+    [0xa2, true, "CKR_PIN_LEN_RANGE", "device", "HSM_UNAVAILABLE"],
+    [0xa3, false, "CKR_PIN_EXPIRED", "device", "HSM_UNAVAILABLE"],
+    [0xa3, true, "CKR_PIN_EXPIRED", "device", "HSM_UNAVAILABLE"],
     [0xa4, false, "CKR_PIN_LOCKED", "device", "HSM_UNAVAILABLE"],
     [0xa4, true, "CKR_PIN_LOCKED", "device", "HSM_UNAVAILABLE"],
     [0xb0, false, "CKR_SESSION_CLOSED", "session", "INTERNAL"],
@@ -100,6 +107,14 @@ test("CK_RV classification: one table gives the name, scope and reason for (code
     assert.deepEqual(classifyCkr(code, inDecrypt), { name, scope, reason }, `0x${code.toString(16)} inDecrypt=${inDecrypt}`);
   }
   assert.deepEqual(classifyCkr(0x05), classifyCkr(0x05, false), "inDecrypt defaults to false");
+  // The PIN refusals, after which no login is tried until the PIN changes: exactly these five.
+  assert.deepEqual(
+    Object.keys(CKR)
+      .map(Number)
+      .filter(refusesPin)
+      .map((c) => CKR[c].name),
+    ["CKR_PIN_INCORRECT", "CKR_PIN_INVALID", "CKR_PIN_LEN_RANGE", "CKR_PIN_EXPIRED", "CKR_PIN_LOCKED"],
+  );
   // The test's table covers every row of CKR, both ways.
   const covered = new Set(table.map(([code, inDecrypt]) => `${code}/${inDecrypt}`));
   for (const code of Object.keys(CKR).map(Number)) {
@@ -124,7 +139,7 @@ test("every agent reason maps to a gRPC status and an XKS error with its HTTP st
 
 test("agent config: every problem reported at once, with file and field, never the secret", () => {
   const dir = mkdtempSync(join(tmpdir(), "xks-cfg-"));
-  writeFileSync(join(dir, "pin"), "s3cret-pin-value");
+  writeFileSync(join(dir, "pin"), "s3cret-pin-value", { mode: 0o600 });
   const file = join(dir, "agent.json");
   const raw = {
     pkcs11: { module: "/x.so", tokenLabel: "", pin: "inline-pin-9911" },
@@ -199,15 +214,8 @@ test("IVs are 12 fresh random bytes, distinct across pool refills", async () => 
 
 test("agent config: keyStores is required; each store and key is checked; the health key is never listed", () => {
   const dir = mkdtempSync(join(tmpdir(), "xks-cfg-"));
-  writeFileSync(join(dir, "pin"), "s3cret-pin-value");
   const file = join(dir, "agent.json");
-  const base = {
-    pkcs11: { module: "/x.so", tokenLabel: "t", pin: { file: "pin" } },
-    proxyToken: { env: "TOK" },
-    socket: "run/a.sock",
-    identity: writeIdentity(dir, "agent-identity", TEST_IDENTITIES.agent),
-    proxyIdentities: writePins(dir, "proxy", [TEST_IDENTITIES.proxy]),
-  };
+  const { keyStores: _, ...base } = minimalAgentConfig(dir, { proxyToken: { env: "TOK" } });
   const problems = (extra: Record<string, unknown>): string[] => {
     try {
       parseAgentConfig({ ...base, ...extra }, file, { TOK: "0123456789abcdef-token" });
@@ -293,4 +301,54 @@ test("serving: the health key is refused for KMS even when an allow-list names i
   assert.deepEqual(reasons("k", { keyStore: "/store/one" }, { ...good, keyType: 0x15 }), [
     "INVALID_KEY_USAGE: key k is not an AES key (CKA_KEY_TYPE 0x15)",
   ]);
+});
+
+test("secret files must be private: group/other access or another owner is refused, naming the file and the fix", () => {
+  const dir = mkdtempSync(join(tmpdir(), "xks-secret-perm-"));
+  const file = join(dir, "agent.json");
+  const write = (name: string, value: string, mode: number) => {
+    writeFileSync(join(dir, name), value, { mode });
+    chmodSync(join(dir, name), mode); // the umask does not narrow it
+  };
+  write("pin", "perm-pin-value-1", 0o600);
+  write("token-640", "perm-token-value-0123456789", 0o640);
+  write("token-604", "perm-token-value-0123456789", 0o604);
+  const raw = (token: string) => ({
+    pkcs11: { module: "/x.so", tokenLabel: "t", pin: { file: "pin" } },
+    proxyToken: { file: token },
+    socket: "run/a.sock",
+    identity: writeIdentity(dir, "agent-identity", TEST_IDENTITIES.agent),
+    proxyIdentities: writePins(dir, "proxy", [TEST_IDENTITIES.proxy]),
+    keyStores: [{ keyStore: "/example/prefix", keys: ["k1"] }],
+  });
+  for (const [name, mode] of [
+    ["token-640", "0640"],
+    ["token-604", "0604"],
+  ]) {
+    const err = (() => {
+      try {
+        parseAgentConfig(raw(name), file, {});
+      } catch (e) {
+        return e;
+      }
+    })();
+    assert.ok(err instanceof ConfigError, `${name} accepted`);
+    const path = join(dir, name);
+    assert.deepEqual(err.problems, [
+      `proxyToken: the secret file ${path} has mode ${mode}, so other users may read it: run chmod 600 ${path}`,
+    ]);
+    assert.ok(!err.message.includes("perm-token-value"), "the secret is not echoed");
+  }
+  chmodSync(join(dir, "token-640"), 0o400);
+  assert.equal(parseAgentConfig(raw("token-640"), file, {}).proxyToken, "perm-token-value-0123456789", "0400 is private");
+  assert.equal(secretFileProblem(join(dir, "pin")), undefined);
+
+  // Owned by someone else (needs root to arrange; CI runs the suite as root for sshd).
+  if (process.getuid?.() === 0) {
+    chownSync(join(dir, "pin"), 65534, 65534);
+    const p = secretFileProblem(join(dir, "pin")) ?? "";
+    assert.match(p, /is owned by uid 65534, not by the user running this \(uid 0\)/);
+    assert.ok(p.includes(join(dir, "pin")));
+  }
+  rmSync(dir, { recursive: true, force: true });
 });

@@ -4,6 +4,9 @@
  * failure. No module, no clock, no timing: the stub records every call and
  * can make the next call(s) of a method fail with a given CK_RV.
  */
+import { chmodSync, existsSync, mkdtempSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import pkcs11js from "pkcs11js";
@@ -77,6 +80,8 @@ class StubPkcs11 implements Pkcs11Port {
   readonly calls: string[] = [];
   /** Whether C_GetSlotList(true) lists the token. */
   present = true;
+  /** The token's CKF_* flags, as C_GetTokenInfo reports them. */
+  flags = 0;
   private readonly failures = new Map<Method, number[]>();
   private initialized = false;
   private loggedIn = false;
@@ -150,7 +155,13 @@ class StubPkcs11 implements Pkcs11Port {
   C_GetTokenInfo(slot: Handle): Pkcs11TokenInfo {
     this.enter("C_GetTokenInfo");
     this.slot("C_GetTokenInfo", slot);
-    return { label: TOKEN.padEnd(32), manufacturerID: "Stub".padEnd(32), model: "stub".padEnd(16), serialNumber: "0001".padEnd(16) };
+    return {
+      label: TOKEN.padEnd(32),
+      manufacturerID: "Stub".padEnd(32),
+      model: "stub".padEnd(16),
+      serialNumber: "0001".padEnd(16),
+      flags: this.flags,
+    };
   }
   C_OpenSession(slot: Handle, _flags: number): Handle {
     this.enter("C_OpenSession");
@@ -264,14 +275,18 @@ const FIND_NONE = (n: number) => [`C_FindObjectsInit s${n}`, `C_FindObjects s${n
 const ENCRYPT = (n: number) => [`C_EncryptInit s${n}`, `C_Encrypt s${n}`];
 const DECRYPT = (n: number) => [`C_DecryptInit s${n}`, `C_Decrypt s${n}`];
 
-/** A stub with key k1, an Hsm on it with a hand-turned clock, and an AgentOpContext for the real encrypt/decrypt ops. */
-function rig() {
+/**
+ * A stub with key k1, an Hsm on it with a hand-turned clock (and the given PIN, from the given
+ * file), and an AgentOpContext for the real encrypt/decrypt ops.
+ */
+function rig(o: { pin?: string; pinFile?: string; refusalMemoFile?: string } = {}) {
   const stub = new StubPkcs11();
   stub.addKey(KEY);
   const clock = { ms: 1_000_000 };
-  const hsm = new Hsm({ module: "/stub/libpkcs11.so", tokenLabel: TOKEN, pin: PIN }, SILENT, {
+  const hsm = new Hsm({ module: "/stub/libpkcs11.so", tokenLabel: TOKEN, pin: o.pin ?? PIN, pinFile: o.pinFile }, SILENT, {
     port: () => stub,
     now: () => clock.ms,
+    refusalMemoFile: o.refusalMemoFile,
   });
   const ctx = directOpContext(hsm, { ciphertextMetadata: Buffer.from("cm"), serve: [KEY], agentId: "unit" });
   const enc = (plaintext = Buffer.from("hello")) =>
@@ -468,12 +483,137 @@ test("CKR_CRYPTOKI_ALREADY_INITIALIZED at C_Initialize and CKR_USER_ALREADY_LOGG
   assert.deepEqual(r.stub.calls, ["load", "C_Initialize", ...OPEN(1)]);
 });
 
-test("any other C_Login failure closes the new session and finalizes: CKR_PIN_INCORRECT is HSM_UNAVAILABLE", () => {
-  const { stub, hsm } = rig();
-  stub.failNext("C_Login", CKR_PIN_INCORRECT);
-  throwsReason(() => hsm.open(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT/);
+test("any other C_Login failure closes the new session and finalizes, and is retried after the interval", () => {
+  const { stub, clock, hsm, enc } = rig();
+  stub.failNext("C_Login", CKR_DEVICE_REMOVED);
+  throwsReason(() => hsm.open(), "HSM_UNAVAILABLE", /CKR_DEVICE_REMOVED/);
   assert.deepEqual(stub.calls, ["load", "C_Initialize", ...OPEN(1), "C_CloseSession s1", "C_Finalize"]);
   assert.equal(hsm.stats.sessionsOpened, 0);
+  assert.equal(hsm.loginStopped(), undefined, "not a PIN refusal: logins go on");
+  stub.calls.length = 0;
+  clock.ms += OPEN_RETRY_MS;
+  enc();
+  assert.deepEqual(stub.calls, ["C_Initialize", ...OPEN(2), ...FIND_KEY(2), ...ENCRYPT(2)]);
+});
+
+const PIN_REFUSALS = [
+  [0xa0, "CKR_PIN_INCORRECT"],
+  [0xa1, "CKR_PIN_INVALID"],
+  [0xa2, "CKR_PIN_LEN_RANGE"],
+  [0xa3, "CKR_PIN_EXPIRED"],
+  [0xa4, "CKR_PIN_LOCKED"],
+] as const;
+
+for (const [code, name] of PIN_REFUSALS) {
+  test(`${name} from C_Login: one login, then none at all until the PIN changes, whatever the traffic and the clock`, () => {
+    const { stub, clock, hsm, enc } = rig();
+    const stops: Array<string | undefined> = [];
+    hsm.on("login", (why: string | undefined) => stops.push(why));
+    stub.failNext("C_Login", code);
+    const why = new RegExp(`PIN refused by the token \\(${name}\\): fix the PIN; no further logins until it changes`);
+    throwsReason(() => hsm.open(), "HSM_UNAVAILABLE", why);
+    // The session is closed; the module stays initialized (nothing to re-initialize for a PIN).
+    assert.deepEqual(stub.calls, ["load", "C_Initialize", ...OPEN(1), "C_CloseSession s1"]);
+    stub.calls.length = 0;
+    for (let i = 0; i < 50; i++) {
+      throwsReason(() => enc(), "HSM_UNAVAILABLE", why);
+      throwsReason(() => hsm.tokenInfo(), "HSM_UNAVAILABLE", why);
+      clock.ms += OPEN_RETRY_MS * 10;
+    }
+    assert.deepEqual(stub.calls, [], "no call reaches the module, so no login either");
+    assert.match(hsm.loginStopped() ?? "", why);
+    assert.match(hsm.loginStopped() ?? "", /restart the agent once the PIN is fixed/, "no PIN file: a restart brings the new PIN");
+    assert.equal(stops.length, 1, "one event for listeners (the dashboard)");
+    assert.equal(hsm.stats.sessionsOpened, 0);
+  });
+}
+
+test("a PIN refused later (the token's PIN changed under a running agent) stops logins too", () => {
+  const { stub, clock, enc } = warm();
+  stub.failNext("C_Encrypt", CKR_SESSION_HANDLE_INVALID);
+  stub.failNext("C_Login", CKR_PIN_INCORRECT);
+  throwsReason(() => enc(), "HSM_UNAVAILABLE", /PIN refused by the token \(CKR_PIN_INCORRECT\)/);
+  assert.deepEqual(stub.calls, [...ENCRYPT(1), "C_CloseSession s1", ...OPEN(2), "C_CloseSession s2"]);
+  stub.calls.length = 0;
+  clock.ms += OPEN_RETRY_MS * 100;
+  throwsReason(() => enc(), "HSM_UNAVAILABLE", /no further logins/);
+  assert.deepEqual(stub.calls, []);
+});
+
+const CKF_USER_PIN_FINAL_TRY = 0x20000;
+const CKF_USER_PIN_LOCKED = 0x40000;
+
+for (const [flag, name, why] of [
+  [CKF_USER_PIN_LOCKED, "CKF_USER_PIN_LOCKED", /user PIN is locked \(CKF_USER_PIN_LOCKED\)/],
+  [CKF_USER_PIN_FINAL_TRY, "CKF_USER_PIN_FINAL_TRY", /one more PIN try \(CKF_USER_PIN_FINAL_TRY\)/],
+] as const) {
+  test(`${name} in the token's flags: no login at all, and none later`, () => {
+    const { stub, clock, hsm, enc } = rig();
+    stub.flags = flag;
+    throwsReason(() => hsm.open(), "HSM_UNAVAILABLE", why);
+    assert.deepEqual(stub.calls, ["load", "C_Initialize", "C_GetSlotList", "C_GetTokenInfo", "C_GetTokenInfo"], "no session, no C_Login");
+    stub.calls.length = 0;
+    clock.ms += OPEN_RETRY_MS * 10;
+    throwsReason(() => enc(), "HSM_UNAVAILABLE", why);
+    assert.deepEqual(stub.calls, []);
+    assert.equal(stub.count("C_Login s1"), 0);
+  });
+}
+
+/** A private (0600) PIN file in a fresh folder, and a way to rewrite it. */
+function pinFile(value: string) {
+  const dir = mkdtempSync(join(tmpdir(), "xks-pin-"));
+  const file = join(dir, "pin");
+  let n = 0;
+  const write = (v: string, mode = 0o600) => {
+    // A new file renamed over the old one, as editors and `install` do: a new inode every time.
+    const tmp = join(dir, `pin.${n++}`);
+    writeFileSync(tmp, `${v}\n`, { mode });
+    chmodSync(tmp, mode);
+    renameSync(tmp, file);
+  };
+  write(value);
+  return { file, write, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+test("with the PIN from a file: after a refusal the file is re-read when it changes, and a new PIN logs in once", (t) => {
+  const f = pinFile("0000-wrong");
+  t.after(f.remove);
+  const { stub, hsm, enc } = rig({ pin: "0000-wrong", pinFile: f.file });
+  const events: Array<string | undefined> = [];
+  hsm.on("login", (why: string | undefined) => events.push(why));
+  throwsReason(() => hsm.open(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT.*the PIN file is re-read when it changes/);
+  assert.equal(stub.count("C_Login s1"), 1);
+
+  // Rewritten with the same wrong PIN: read again, still refused, no login.
+  f.write("0000-wrong");
+  throwsReason(() => enc(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT/);
+  // The right PIN in a file others may read: not used.
+  f.write(PIN, 0o644);
+  throwsReason(() => enc(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT/);
+  assert.equal(stub.calls.filter((c) => c.startsWith("C_Login")).length, 1, "still the one login");
+
+  // The right PIN, private: one login, and service.
+  f.write(PIN);
+  stub.calls.length = 0;
+  enc();
+  assert.deepEqual(stub.calls, [...OPEN(2), ...FIND_KEY(2), ...ENCRYPT(2)]);
+  assert.equal(hsm.loginStopped(), undefined);
+  assert.equal(events.length, 2);
+  assert.match(events[0] ?? "", /CKR_PIN_INCORRECT/);
+  assert.equal(events[1], undefined, "listeners hear that logins resumed");
+});
+
+test("CKF_USER_PIN_FINAL_TRY: the last try is spent only on a PIN the owner changed after the stop", (t) => {
+  const f = pinFile("0000-wrong");
+  t.after(f.remove);
+  const { stub, hsm, enc } = rig({ pin: "0000-wrong", pinFile: f.file });
+  stub.flags = CKF_USER_PIN_FINAL_TRY;
+  throwsReason(() => hsm.open(), "HSM_UNAVAILABLE", /CKF_USER_PIN_FINAL_TRY/);
+  assert.equal(stub.calls.filter((c) => c.startsWith("C_Login")).length, 0);
+  f.write(PIN);
+  enc();
+  assert.equal(stub.calls.filter((c) => c.startsWith("C_Login")).length, 1, "one login, with the new PIN");
 });
 
 test("C_FindObjectsFinal is called even when C_FindObjects fails", () => {
@@ -514,4 +654,35 @@ test("a key lookup finding no key is KEY_NOT_FOUND, finding two is INVALID_STATE
   enc();
   assert.deepEqual(stub.calls, ENCRYPT(1), "k1 is still cached on session 1");
   assert.equal(hsm.stats.sessionsOpened, 1);
+});
+
+test("a refused PIN file is remembered across restarts: the next process tries no login until the file changes", (t) => {
+  const f = pinFile("0000-wrong");
+  t.after(f.remove);
+  const memo = join(dirname(f.file), "state", "pin-refused.json");
+  const logins = (r: { stub: StubPkcs11 }) => r.stub.calls.filter((c) => c.startsWith("C_Login")).length;
+
+  const first = rig({ pin: "0000-wrong", pinFile: f.file, refusalMemoFile: memo });
+  throwsReason(() => first.hsm.open(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT/);
+  assert.equal(logins(first), 1);
+  assert.equal(statSync(memo).mode & 0o777, 0o600);
+  assert.ok(!readFileSync(memo, "utf8").includes("0000-wrong"), "the memo holds no PIN");
+
+  // A restart (a new Hsm in a new process) with the same file: no login at all.
+  const second = rig({ pin: "0000-wrong", pinFile: f.file, refusalMemoFile: memo });
+  throwsReason(() => second.hsm.open(), "HSM_UNAVAILABLE", /CKR_PIN_INCORRECT.*has not changed since, so no login was tried/);
+  assert.equal(logins(second), 0);
+  assert.deepEqual(second.stub.calls, [], "not even the module is loaded");
+
+  // The owner fixes the file: the next start logs in once, and the memo is gone.
+  f.write(PIN);
+  const third = rig({ pin: PIN, pinFile: f.file, refusalMemoFile: memo });
+  third.hsm.open();
+  assert.equal(logins(third), 1);
+  assert.equal(existsSync(memo), false);
+
+  // Without a PIN file (env, Keychain) nothing is remembered: a restart is the change.
+  const env = rig({ pin: "0000-wrong", refusalMemoFile: memo });
+  throwsReason(() => env.hsm.open(), "HSM_UNAVAILABLE", /restart the agent once the PIN is fixed/);
+  assert.equal(existsSync(memo), false);
 });

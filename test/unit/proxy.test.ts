@@ -185,9 +185,9 @@ describe("proxy config", () => {
   let dir: string;
   before(() => {
     dir = mkdtempSync(join(tmpdir(), "xks-proxy-config-"));
-    writeFileSync(join(dir, "a.secret"), `${CREDS.a.secretAccessKey}\n`);
-    writeFileSync(join(dir, "short.secret"), "tooshort\n");
-    writeFileSync(join(dir, "token"), "0123456789abcdef0123\n");
+    writeFileSync(join(dir, "a.secret"), `${CREDS.a.secretAccessKey}\n`, { mode: 0o600 });
+    writeFileSync(join(dir, "short.secret"), "tooshort\n", { mode: 0o600 });
+    writeFileSync(join(dir, "token"), "0123456789abcdef0123\n", { mode: 0o600 });
     writeIdentity(dir, "proxy-identity", TEST_IDENTITIES.proxy);
     writePins(dir, "agent", [TEST_IDENTITIES.agent, newIdentity("next"), newIdentity("third")]);
     writeFileSync(join(dir, "not-a-cert.crt"), "hello\n");
@@ -312,7 +312,7 @@ describe("proxy config", () => {
   });
 
   it("an access key id shared by two stores must have the same secret", () => {
-    writeFileSync(join(dir, "b.secret"), CREDS.b.secretAccessKey);
+    writeFileSync(join(dir, "b.secret"), CREDS.b.secretAccessKey, { mode: 0o600 });
     const cfg = valid();
     cfg.keyStores.push({
       uriPathPrefix: "",
