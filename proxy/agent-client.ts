@@ -432,10 +432,11 @@ export class AgentPool implements AgentApi {
     }
   }
 
-  private setHealth(c: Conn, h: Omit<AgentHealth, "id">, why: string): void {
+  /** Updates the cache; logs a change of state, or of the reason when `reasonChanged` says it matters. */
+  private setHealth(c: Conn, h: Omit<AgentHealth, "id">, why: string, reasonChanged = false): void {
     const before = c.health.state;
     c.health = { id: c.cfg.id, ...h };
-    if (before !== h.state) {
+    if (before !== h.state || reasonChanged) {
       const fields = { agent: c.cfg.id, from: before, to: h.state, why };
       if (h.state === "UNAVAILABLE") this.opts.log.warn(fields, "agent health changed");
       else this.opts.log.info(fields, "agent health changed");
@@ -461,7 +462,9 @@ export class AgentPool implements AgentApi {
       const { error, transport } = classifyAgentFailure(err, c.cfg.id);
       const problem = transport ? await this.identityProblem(c) : undefined;
       const reason = problem ?? error.message;
-      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report, reason }, reason);
+      // An identity problem is worth a health line of its own even when the agent was already UNAVAILABLE.
+      const reasonChanged = problem !== undefined && problem !== c.health.reason;
+      this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report, reason }, reason, reasonChanged);
     }
     c.suspect = false;
   }

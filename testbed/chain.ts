@@ -40,6 +40,8 @@ export interface ChainOptions {
   logLevel?: string;
   /** Extra proxy config fields (merged at the top level). */
   proxyExtra?: Record<string, unknown>;
+  /** Extra fields of the agent's tunnel entry (e.g. `reassertAfterMs`). */
+  agentTunnel?: Record<string, unknown>;
   /**
    * The agent on the far side of a network link: sshd also listens on
    * `sshdHost` (same port), the agent's tunnel dials that address, and the
@@ -62,6 +64,8 @@ export interface Chain extends XksEndpoint {
   agentSocket: string;
   /** The forwarded socket sshd makes on "EC2" (the proxy's agent target), in socket mode. */
   remoteSocket: string;
+  /** The loopback port of the forward on "EC2", in TCP mode (0 in socket mode). */
+  remoteTcpPort: number;
   /** Signs like KMS and sends, with keep-alive connections. */
   client: XksClient;
   /** Resolves once health reports the agent ACTIVE. */
@@ -119,6 +123,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
           privateKey: secretFile(a, "id_ed25519", sshd.clientPrivateKey),
           hostKeyFingerprint: sshd.hostKeyFingerprint,
           ...(o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket }),
+          ...o.agentTunnel,
         },
       ],
       log: { level: logLevel },
@@ -168,6 +173,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     proxyConfigFile,
     agentSocket: join(a, "run", "agent.sock"),
     remoteSocket,
+    remoteTcpPort: tcpPort,
     client,
     waitActive: async (capMs = GENEROUS_MS) => {
       let last = "";
