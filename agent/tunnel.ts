@@ -363,7 +363,7 @@ export class Tunnel extends EventEmitter {
         if (this.silentRun === 1) this.log.warn({ remote: this.remote, reasserts: this.current.reasserts }, why);
         else this.log.debug({ remote: this.remote, reasserts: this.current.reasserts }, why);
         this.log.flush();
-        this.emit("state", this.state());
+        this.setState("connecting", why); // "up" again once sshd has bound the forward anew
         this.lastInboundAt = Date.now();
         this.forwarded = false;
         clearInterval(this.quietTimer);

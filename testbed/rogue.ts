@@ -78,12 +78,14 @@ export async function rogueForward(sshd: Sshd, remoteSocket: string, identity: I
     conn.connect({ host: "127.0.0.1", port: sshd.port, username: sshd.user, privateKey, hostVerifier: () => true });
   });
   conn.on("error", () => {});
+  const closed = new Promise<void>((resolve) => conn.once("close", () => resolve()));
   return {
     capture: () => ({ connections, raw: Buffer.concat(rec.raw), cleartext: Buffer.concat(rec.clear) }),
     stop: async () => {
-      const closed = new Promise<void>((resolve) => conn.once("close", () => resolve()));
       conn.end();
+      const timer = setTimeout(() => conn.destroy(), 2000);
       await closed;
+      clearTimeout(timer);
     },
   };
 }

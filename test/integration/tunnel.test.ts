@@ -27,6 +27,7 @@ import { killQuietly } from "../../testbed/procs.ts";
 import { freePort } from "../../testbed/ports.ts";
 import { type Sshd, type StartSshdOptions, startSshd } from "../../testbed/sshd.ts";
 import { nextEvent, sleep, until } from "../../testbed/wait.ts";
+import { rogueForward } from "../../testbed/rogue.ts";
 
 /** A logger whose lines the test can read back. */
 function captureLog(): { log: Logger; lines: string[] } {
@@ -763,4 +764,45 @@ test(`past ${MAX_FORWARDED_CHANNELS} open forwarded channels, new ones are refus
   const resumed = lines.find((l) => l.includes("accepting forwarded channels again"));
   assert.ok(resumed, "the end of the burst is logged");
   assert.equal(JSON.parse(resumed).refused, 5);
+});
+
+test("a socket path taken over by another session is taken back once nothing arrives through the forward", async (t) => {
+  const { sshd, echo, lines, tunnel } = await tunnelRig(t, (sshd) => ({ remoteSocket: socketIn(sshd), reassertAfterMs: 1000 }));
+  tunnel.start();
+  await waitForState(tunnel, (s) => s.state === "up", "up");
+  const path = socketIn(sshd);
+  /** Which side a fresh connection to the remote path reaches. */
+  const reach = async (): Promise<"agent" | "rogue"> => {
+    const [agentBefore, rogueBefore] = [echo.connections(), rogue.capture().connections];
+    const sock = net.connect({ path });
+    sock.on("error", () => {});
+    sock.write("1:who\n");
+    try {
+      let side: "agent" | "rogue" | undefined;
+      await until(() => {
+        if (echo.connections() > agentBefore) side = "agent";
+        else if (rogue.capture().connections > rogueBefore) side = "rogue";
+        return side !== undefined;
+      }, "the connection to land on one side");
+      return side!;
+    } finally {
+      sock.destroy();
+    }
+  };
+  // Another holder of an authorised key binds the same path (sshd unlinks ours first). A re-assert of
+  // the tunnel's own may land in between; then the rogue binds again until a connection reaches it.
+  let rogue = await rogueForward(sshd, path);
+  t.after(() => rogue.stop());
+  while ((await reach()) === "agent") {
+    await rogue.stop();
+    rogue = await rogueForward(sshd, path);
+  }
+  const before = tunnel.state().reasserts;
+  await waitForState(tunnel, (s) => s.reasserts > before && s.state === "up", "re-asserted and up again");
+  assert.equal(await reach(), "agent", "the path is the agent's again");
+  assert.ok(
+    lines.some((l) => l.includes("re-asserting the forward")),
+    "the log says why",
+  );
+  assert.match(tunnel.state().lastError ?? "", /another session took .*re-asserting the forward/);
 });
