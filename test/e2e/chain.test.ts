@@ -14,6 +14,7 @@ import { runAgent } from "../../agent/main.ts";
 import type { TunnelState } from "../../agent/tunnel.ts";
 import { type Chain, startChain } from "../../testbed/chain.ts";
 import { agentClient, type CallError } from "../../testbed/grpc-client.ts";
+import { TEST_IDENTITIES } from "../../testbed/identities.ts";
 import { AUTHORIZATION_MARKERS, encodings, findLeaks, LogCapture } from "../../testbed/logs.ts";
 import { nextEvent, until } from "../../testbed/wait.ts";
 import { type EncryptAnswer, decryptBody, encryptBody, healthBody, keyPath, metadataBody, unb64 } from "../../testbed/xks/bodies.ts";
@@ -280,6 +281,15 @@ describe("records on the owner's machine", () => {
       "agent token": chain.agentToken,
       PIN: chain.softhsm.pin,
       ...AUTHORIZATION_MARKERS,
+      // Any line of either channel identity's private key (PEM body).
+      ...Object.fromEntries(
+        (["agent", "proxy"] as const).flatMap((side) =>
+          TEST_IDENTITIES[side].key
+            .split("\n")
+            .filter((l) => l && !l.startsWith("-----"))
+            .map((l, i) => [`${side} identity key line ${i}`, l]),
+        ),
+      ),
     };
     assert.deepEqual(findLeaks(logs, secrets), []);
   });
