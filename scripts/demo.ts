@@ -9,6 +9,7 @@
  * and it keeps running until Ctrl-C. Everything a client needs is written to
  * .demo/demo.json. Run it with ./scripts/demo.sh (which also does the set-up).
  */
+import { TEST_IDENTITIES } from "../testbed/identities.ts";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -102,6 +103,9 @@ async function main(): Promise<number> {
   }
   console.log(`    sshd on 127.0.0.1:${chain.sshd.port} (host key ${chain.sshd.hostKeyFingerprint})`);
   console.log(`    proxy on ${chain.url}, agent tunnel → ${chain.remoteSocket}`);
+  console.log(
+    `    channel: mutual TLS, agent identity ${TEST_IDENTITIES.agent.fingerprint}, proxy identity ${TEST_IDENTITIES.proxy.fingerprint} (each pinned by the other)`,
+  );
   const tunnelLine = chain.agent
     .logs()
     .split("\n")

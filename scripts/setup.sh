@@ -22,6 +22,7 @@ else
   command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
+  command -v openssl >/dev/null 2>&1 || need+=(openssl)
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then
