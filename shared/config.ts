@@ -200,11 +200,11 @@ export class Checker {
         this.problem(`${f}.keychain`, "the Keychain is only available on macOS");
         return { value: "" };
       }
-      const value = execFileSync("/usr/bin/security", ["find-generic-password", "-a", account, "-s", service, "-w"], {
+      const printed = execFileSync("/usr/bin/security", ["find-generic-password", "-a", account, "-s", service, "-w"], {
         encoding: "utf8",
         stdio: ["ignore", "pipe", "ignore"],
       }).replace(/\n$/, "");
-      return { value };
+      return { value: fromSecurityOutput(printed) };
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       this.problem(f, `cannot read the secret (${code ?? "lookup failed"})`);
@@ -275,6 +275,19 @@ export class Checker {
   done(): void {
     if (this.problems.length > 0) throw new ConfigError(this.file, this.problems);
   }
+}
+
+/**
+ * `security find-generic-password -w` prints a value that holds a newline (a
+ * PEM key, say) as hex instead of text; such output is decoded back when it is
+ * all hex and decodes to a PEM block.
+ */
+export function fromSecurityOutput(printed: string): string {
+  if (/^(?:[0-9a-f]{2})+$/i.test(printed)) {
+    const text = Buffer.from(printed, "hex").toString("utf8");
+    if (text.startsWith("-----BEGIN ")) return text;
+  }
+  return printed;
 }
 
 /** Reads and parses a JSON config file; a read or parse failure is a ConfigError. */

@@ -6,6 +6,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
+import { fromSecurityOutput } from "../../shared/config.ts";
 import {
   certificateFingerprint,
   checkOwnIdentity,
@@ -64,4 +65,11 @@ test("identity new writes the key 0600 and never over an existing file", () => {
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
+});
+
+test("a PEM key kept in the macOS Keychain is read back although `security -w` prints it as hex", () => {
+  const id = generateIdentity("keychain");
+  assert.equal(fromSecurityOutput(Buffer.from(id.key).toString("hex")), id.key);
+  assert.equal(fromSecurityOutput("0123456789abcdef"), "0123456789abcdef", "a hex-looking PIN stays as it is");
+  assert.equal(fromSecurityOutput("s3cret"), "s3cret");
 });
