@@ -197,6 +197,16 @@ test("both identities are rotated under live traffic (two pins at once, SIGHUP) 
     await reloaded("agent", "identities reloaded");
     await tripsNow();
 
+    // A broken file at reload is refused, naming the problem; the running identities stay.
+    const good = readFileSync(chain.agentConfigFile, "utf8");
+    editJson(chain.agentConfigFile, (c) => {
+      c.proxyIdentities = ["no-such.crt"];
+    });
+    await reloaded("agent", "reload rejected; keeping the running identities");
+    assert.match(chain.agent.logs(), /proxyIdentities\[0\]: cannot read/);
+    writeFileSync(chain.agentConfigFile, good);
+    await tripsNow();
+
     stop = true;
     await Promise.all(workers);
     console.log(`# rotation: ${trips} round trips, ${problems.length} problems`);
