@@ -17,6 +17,7 @@
  *   "tunnels": [ { "name": "ec2-a", "host": "ec2.example.com", "port": 22, "username": "xks-tunnel",
  *                  "privateKey": {"file": "id_ed25519"}, "hostKeyFingerprint": "SHA256:…",
  *                  "remoteSocket": "/run/xks/agent.sock" } ],   // or "remoteTcp": {"host": "127.0.0.1", "port": 7000}
+ *   "maxQueued": 256,                              // key operations waiting at most, 1..100000; more -> THROTTLING (429)
  *   "log": { "level": "info" }
  * }
  */
@@ -38,6 +39,8 @@ export interface AgentConfig {
   auditLog: string;
   dashboard?: { host: string; port: number };
   tunnels: TunnelTarget[];
+  /** Key operations waiting at most (agent/admission.ts). */
+  maxQueued: number;
   log: { level: LogLevel };
 }
 
@@ -61,6 +64,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "auditLog",
     "dashboard",
     "tunnels",
+    "maxQueued",
     "log",
   ]);
   const p = c.object(root.pkcs11, "pkcs11");
@@ -143,6 +147,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),
     dashboard,
     tunnels,
+    maxQueued: c.int(root, "maxQueued", "", { default: 256, min: 1, max: 100_000 }),
     log: { level: c.string(log, "level", "log", { default: "info", pattern: LEVELS }) as LogLevel },
   };
   if (cfg.proxyToken && cfg.proxyToken.length < 16) c.problem("proxyToken", "must be at least 16 characters");

@@ -84,7 +84,14 @@ export async function runAgent(
     if (rec.operation !== "GetHealthStatus") audit.append(rec);
     events.emit("operation", rec);
   };
-  const server = await startAgentServer(config.socket, { ctx, token: config.proxyToken, controls, log, onOperation });
+  const server = await startAgentServer(config.socket, {
+    ctx,
+    token: config.proxyToken,
+    controls,
+    log,
+    onOperation,
+    maxQueued: config.maxQueued,
+  });
   tunnels.start();
   const dashboard = config.dashboard
     ? await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, events, log })

@@ -13,6 +13,11 @@
  * - Health: a background refresh calls every agent's GetHealthStatus; the
  *   request path only ever reads the cache (`healthSnapshot`), never awaits
  *   an agent.
+ * - Admission (proxy/admission.ts): each agent has a gate (a concurrency limit
+ *   and a FIFO of waiters); a call carries its request's budget, its deadline
+ *   is what is left of that budget, and a call that cannot finish inside it is
+ *   refused with 429 ThrottlingException before any agent work. Health calls
+ *   do not pass through the gates: they never wait behind a backlog.
  */
 import * as grpc from "@grpc/grpc-js";
 import {
@@ -37,6 +42,7 @@ import {
   type GetKeyMetadataResponse,
   type HealthState,
 } from "../shared/proto.ts";
+import { AgentGate, Budget, throttled } from "./admission.ts";
 import type { AgentEndpoint } from "./config.ts";
 
 /** Request/response types per RPC (complete messages, shared/proto.ts). */
@@ -70,8 +76,25 @@ export interface AgentHealth {
  * The narrow interface the HTTP layer uses. AgentPool implements it over gRPC;
  * in-process unit tests may pass a stub.
  */
+/** What a call carries from its HTTP request. */
+export interface CallOptions {
+  /** The request's budget: the call's deadline is what is left of it, and a call that cannot make it is refused (429). */
+  budget?: Budget;
+  /** Aborts when the HTTP client has gone away: a waiting call leaves the queue, a sent one is cancelled. */
+  signal?: AbortSignal;
+}
+
 export interface AgentApi {
-  call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>>;
+  call<M extends AgentMethod>(
+    method: M,
+    request: AgentMethods[M]["req"],
+    opts?: CallOptions,
+  ): Promise<AgentCallResult<AgentMethods[M]["res"]>>;
+  /**
+   * Why a request with this budget would be refused by every agent right now
+   * (undefined: some agent can take it). Cheap; asked before the body is read.
+   */
+  refusal?(budget: Budget): string | undefined;
   /** The cached health of every configured agent, in config order. Never blocks; kicks a refresh when stale. */
   healthSnapshot(): AgentHealth[];
 }
@@ -179,6 +202,7 @@ interface Conn {
   health: AgentHealth;
   /** A call just failed in transport: route around it until the next health check answers. */
   suspect: boolean;
+  gate: AgentGate;
 }
 
 export interface AgentPoolOptions {
@@ -189,6 +213,8 @@ export interface AgentPoolOptions {
   healthDeadlineMs: number;
   /** Background refresh period. */
   healthRefreshMs: number;
+  /** Admission per agent (proxy/admission.ts); default: no queue target, 128 in flight. */
+  admission?: { maxInFlightPerAgent: number; queueTargetMs: number };
   log: Logger;
   now?: () => number;
 }
@@ -214,7 +240,11 @@ export class AgentPool implements AgentApi {
       const client = new XksAgentClient(cfg.target, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
       // Connect eagerly so the first KMS request does not pay for the handshake.
       client.getChannel().getConnectivityState(true);
-      return { cfg, client, health: { id: cfg.id, state: "UNAVAILABLE" }, suspect: false };
+      const gate = new AgentGate({
+        maxInFlight: opts.admission?.maxInFlightPerAgent ?? 128,
+        queueTargetMs: opts.admission?.queueTargetMs ?? Number.POSITIVE_INFINITY,
+      });
+      return { cfg, client, health: { id: cfg.id, state: "UNAVAILABLE" }, suspect: false, gate };
     });
   }
 
@@ -255,15 +285,26 @@ export class AgentPool implements AgentApi {
     method: M,
     request: AgentMethods[M]["req"],
     deadlineMs: number,
+    signal?: AbortSignal,
+    grace = DEADLINE_GRACE_MS,
   ): Promise<AgentMethods[M]["res"]> {
     const invoke: Invoke<M> = INVOKE[method];
     const started = Date.now();
     return new Promise((resolve, reject) => {
       let settled = false;
-      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
+      const onAbort = () => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
+        // The agent drops a cancelled call that has not started its HSM work.
+        call.cancel();
+        reject(Object.assign(deadlineExceeded(Date.now() - started), { details: "the client went away" }));
+      };
+      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + grace }, (err, res) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
         // grpc-js passes a value with every success (null error).
         if (err) reject(err);
         else resolve(res!);
@@ -272,10 +313,13 @@ export class AgentPool implements AgentApi {
         setImmediate(() => {
           if (settled) return;
           settled = true;
+          signal?.removeEventListener("abort", onAbort);
           call.cancel();
           reject(deadlineExceeded(Date.now() - started));
         });
       }, deadlineMs);
+      if (signal?.aborted) onAbort();
+      else signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
 
@@ -294,12 +338,61 @@ export class AgentPool implements AgentApi {
     return c;
   }
 
-  async call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
-    const c = this.pick();
+  /** Why every usable agent would refuse a request with this budget now, or undefined. */
+  refusal(budget: Budget): string | undefined {
+    let why: string | undefined;
+    for (const c of this.conns) {
+      why = c.gate.refusal(budget);
+      if (why === undefined) return undefined;
+    }
+    return why;
+  }
+
+  /** As pick(), but the first agent in turn whose gate would admit this budget, if any. */
+  private pickFor(budget: Budget | undefined): Conn {
+    if (budget && this.conns.length > 1) {
+      const n = this.conns.length;
+      for (let i = 0; i < n; i++) {
+        const c = this.conns[(this.next + i) % n];
+        if (c.health.state !== "UNAVAILABLE" && !c.suspect && c.gate.refusal(budget) === undefined) {
+          this.next = (this.next + i + 1) % n;
+          return c;
+        }
+      }
+    }
+    return this.pick();
+  }
+
+  async call<M extends AgentMethod>(
+    method: M,
+    request: AgentMethods[M]["req"],
+    opts: CallOptions = {},
+  ): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
+    const { budget, signal } = opts;
+    const c = this.pickFor(budget);
+    // No budget (direct callers): the configured deadline alone, still within the agent's concurrency limit.
+    const slot = await c.gate.acquire(budget ?? this.unbudgeted(), signal);
+    let ok = false;
     try {
-      const response = await this.unary(c, method, request, this.opts.deadlineMs);
+      // What is left of the budget, capped by the configured deadline; grpc-js's own deadline gets
+      // no grace past the budget, so the agent sees the same end as we do.
+      const left = budget ? Math.floor(budget.remaining()) : this.opts.deadlineMs;
+      if (left <= 0) throw throttled("no budget left at dispatch");
+      const deadlineMs = Math.min(this.opts.deadlineMs, left);
+      const response = await this.unary(
+        c,
+        method,
+        request,
+        deadlineMs,
+        signal,
+        budget ? Math.min(DEADLINE_GRACE_MS, left - deadlineMs) : undefined,
+      );
+      ok = true;
       return { response, agentId: c.cfg.id };
     } catch (err) {
+      if (err instanceof XksError) throw err;
+      // The client left: nobody gets this answer, and the agent is not to blame.
+      if (signal?.aborted) throw throttled("the client went away");
       const failure = classifyAgentFailure(err, c.cfg.id);
       if (failure.transport) {
         // Route around it until a health check answers, and check now. The reported
@@ -308,7 +401,13 @@ export class AgentPool implements AgentApi {
         this.kick();
       }
       throw failure.error;
+    } finally {
+      slot.release(ok);
     }
+  }
+
+  private unbudgeted(): Budget {
+    return new Budget(performance.now(), this.opts.deadlineMs);
   }
 
   private setHealth(c: Conn, h: Omit<AgentHealth, "id">, why: string): void {

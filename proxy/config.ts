@@ -19,6 +19,14 @@
  *       "token": { "file": "agent-token" } }            // secret: sent as metadata x-xks-agent-token
  *   ],
  *   "agentDeadlineMs": 200,                             // [200] deadline of each crypto/metadata call, 10..240
+ *   "requestBudgetMs": 200,                             // [200] each request is answered within this from its arrival, 20..240
+ *                                                       //   (KMS gives up after 250 ms): a success never after it; a request
+ *                                                       //   that cannot make it gets 429 ThrottlingException at once
+ *   "admission": {                                      // per-agent admission (proxy/admission.ts)
+ *     "maxInFlightPerAgent": 128,                       // [128] calls outstanding at one agent at most, 1..4096; others wait
+ *                                                       //   in the proxy (needs >= rate x round trip: 1,800/s x 35 ms = 63)
+ *     "queueTargetMs": 100                              // [100] predicted wait in the proxy allowed, 0..requestBudgetMs
+ *   },
  *   "healthRefreshMs": 10000,                           // [10000] background health refresh period, 100..30000
  *   "healthDeadlineMs": 2000,                           // [2000] deadline of one background health call, 10..10000
  *   "limits": {
@@ -42,13 +50,16 @@
  *         { "accessKeyId": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",   // 20..30 of [A-Z2-7], unique per store
  *           "secretAccessKey": { "file": "store1.secret" } } // secret: 43..64 of [a-zA-Z0-9/+=]
  *       ],
- *       "keys": ["foo", "bar"] }                        // allow-list of externalKeyIds, each ^[a-zA-Z0-9-_.]{1,128}$
+ *       "keys": ["foo", "bar"],                         // allow-list of externalKeyIds, each ^[a-zA-Z0-9-_.]{1,128}$
+ *       "quota": { "rate": 1800, "burst": 400 } }      // optional: this store's requests per second (1..1000000) and
+ *                                                       //   burst (1..1000000), a token bucket; over it -> 429
  *   ],
  *   "log": { "level": "info" }                          // [info]
  * }
  * ```
  */
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
+import type { QuotaConfig } from "./admission.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, SPEC_MIN_AAD_BYTES, SPEC_MIN_PLAINTEXT_BYTES } from "../shared/xks-spec.ts";
 
@@ -70,6 +81,14 @@ export interface KeyStoreConfig {
   credentials: Credential[];
   /** Allow-list of externalKeyIds this store may use. */
   keys: string[];
+  /** Optional request quota (token bucket); over it → 429 ThrottlingException. */
+  quota?: QuotaConfig;
+}
+
+/** Per-agent admission (proxy/admission.ts). */
+export interface AdmissionConfig {
+  maxInFlightPerAgent: number;
+  queueTargetMs: number;
 }
 
 /** One agent the proxy calls (an entry of `agents`); not to be confused with the agent's own config. */
@@ -104,6 +123,8 @@ export interface ProxyConfig {
   ekmVendor: string;
   agents: AgentEndpoint[];
   agentDeadlineMs: number;
+  requestBudgetMs: number;
+  admission: AdmissionConfig;
   healthRefreshMs: number;
   healthDeadlineMs: number;
   limits: Limits;
@@ -160,6 +181,8 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     "ekmVendor",
     "agents",
     "agentDeadlineMs",
+    "requestBudgetMs",
+    "admission",
     "healthRefreshMs",
     "healthDeadlineMs",
     "limits",
@@ -182,6 +205,14 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const agentDeadlineMs = c.int(root, "agentDeadlineMs", "", { default: 200, min: 10, max: 240 });
   const healthRefreshMs = c.int(root, "healthRefreshMs", "", { default: 10_000, min: 100, max: 30_000 });
   const healthDeadlineMs = c.int(root, "healthDeadlineMs", "", { default: 2_000, min: 10, max: 10_000 });
+  const requestBudgetMs = c.int(root, "requestBudgetMs", "", { default: 200, min: 20, max: 240 });
+  const admissionObj = root.admission === undefined ? {} : c.object(root.admission, "admission");
+  c.noUnknown(admissionObj, "admission", ["maxInFlightPerAgent", "queueTargetMs"]);
+  const admission: AdmissionConfig = {
+    maxInFlightPerAgent: c.int(admissionObj, "maxInFlightPerAgent", "admission", { default: 128, min: 1, max: 4096 }),
+    queueTargetMs: c.int(admissionObj, "queueTargetMs", "admission", { default: 100, min: 0, max: 240 }),
+  };
+  if (admission.queueTargetMs > requestBudgetMs) c.problem("admission.queueTargetMs", "must be <= requestBudgetMs");
 
   // agents
   const agents: AgentEndpoint[] = [];
@@ -240,7 +271,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   storeList.forEach((s, i) => {
     const f = `keyStores[${i}]`;
     const o = c.object(s, f);
-    c.noUnknown(o, f, ["uriPathPrefix", "credentials", "keys"]);
+    c.noUnknown(o, f, ["uriPathPrefix", "credentials", "keys", "quota"]);
     const uriPathPrefix = c.string(o, "uriPathPrefix", f);
     const pp = typeof o.uriPathPrefix === "string" ? prefixProblem(uriPathPrefix) : undefined;
     if (pp) c.problem(`${f}.uriPathPrefix`, pp);
@@ -282,7 +313,17 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
       keySet.add(k);
       keys.push(k);
     });
-    keyStores.push({ uriPathPrefix, credentials, keys });
+    let quota: QuotaConfig | undefined;
+    if (o.quota !== undefined) {
+      const qf = `${f}.quota`;
+      const qo = c.object(o.quota, qf);
+      c.noUnknown(qo, qf, ["rate", "burst"]);
+      quota = {
+        rate: c.int(qo, "rate", qf, { min: 1, max: 1_000_000 }),
+        burst: c.int(qo, "burst", qf, { min: 1, max: 1_000_000 }),
+      };
+    }
+    keyStores.push({ uriPathPrefix, credentials, keys, ...(quota ? { quota } : {}) });
   });
 
   const logObj = root.log === undefined ? {} : c.object(root.log, "log");
@@ -300,6 +341,8 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     ekmVendor,
     agents,
     agentDeadlineMs,
+    requestBudgetMs,
+    admission,
     healthRefreshMs,
     healthDeadlineMs,
     limits,
@@ -319,6 +362,8 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
     vendor: cfg.vendor,
     agents: cfg.agents.map((a) => ({ id: a.id, target: a.target })),
     agentDeadlineMs: cfg.agentDeadlineMs,
+    requestBudgetMs: cfg.requestBudgetMs,
+    admission: cfg.admission,
     healthRefreshMs: cfg.healthRefreshMs,
     healthDeadlineMs: cfg.healthDeadlineMs,
     limits: cfg.limits,
@@ -327,6 +372,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
       uriPathPrefix: s.uriPathPrefix,
       accessKeyIds: s.credentials.map((k) => k.accessKeyId),
       keys: s.keys,
+      quota: s.quota,
     })),
     logLevel: cfg.log.level,
   };

@@ -84,6 +84,7 @@ export async function serve(config: Readonly<ProxyConfig>, log: Logger, opts: { 
     deadlineMs: config.agentDeadlineMs,
     healthDeadlineMs: config.healthDeadlineMs,
     healthRefreshMs: config.healthRefreshMs,
+    admission: config.admission,
     log: log.child({ component: "agents" }),
   }).start();
   const keyStores = new KeyStoreRegistry(config.keyStores);

@@ -1,0 +1,187 @@
+/**
+ * Admission control, by its decisions on a fake clock (proxy/admission.ts,
+ * agent/admission.ts): no wall-clock figures, no machine speed involved.
+ */
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { WorkQueue } from "../../agent/admission.ts";
+import { AgentGate, Budget, PRIOR_COST_MS, QuotaSet, type Slot, TokenBucket } from "../../proxy/admission.ts";
+import { XksError } from "../../shared/errors.ts";
+
+function fakeClock(start = 1000) {
+  let t = start;
+  return { now: () => t, advance: (ms: number) => (t += ms) };
+}
+
+const isThrottling = (err: unknown) => err instanceof XksError && err.errorName === "ThrottlingException";
+
+describe("token bucket quotas", () => {
+  it("a bucket gives its burst at once, then one token per 1/rate seconds", () => {
+    const c = fakeClock();
+    const b = new TokenBucket({ rate: 10, burst: 3 }, c.now);
+    assert.deepEqual([b.take(), b.take(), b.take(), b.take()], [true, true, true, false]);
+    c.advance(99);
+    assert.equal(b.take(), false, "not yet a whole token after 99 ms at 10/s");
+    c.advance(1);
+    assert.equal(b.take(), true);
+    assert.equal(b.take(), false);
+    c.advance(10_000);
+    assert.deepEqual([b.take(), b.take(), b.take(), b.take()], [true, true, true, false], "never more than the burst");
+  });
+
+  it("each key store has its own bucket; a store without a quota is never refused", () => {
+    const c = fakeClock();
+    const q = new QuotaSet(c.now);
+    const quota = { rate: 1, burst: 2 };
+    assert.deepEqual([q.take("/a", quota), q.take("/a", quota), q.take("/a", quota)], [true, true, false]);
+    assert.equal(q.take("/b", quota), true, "store /b is not starved by /a");
+    for (let i = 0; i < 100; i++) assert.equal(q.take("/free", undefined), true);
+    assert.equal(q.take("/a", { rate: 1, burst: 5 }), true, "a changed quota starts a new bucket");
+  });
+});
+
+describe("the proxy's per-agent gate", () => {
+  it("calls beyond the concurrency limit wait in order and get the freed slots", async () => {
+    const c = fakeClock();
+    const gate = new AgentGate({ maxInFlight: 2, queueTargetMs: 50, clock: c.now });
+    const budget = () => new Budget(c.now(), 200, c.now);
+    const a = await gate.acquire(budget());
+    const b = await gate.acquire(budget());
+    const order: string[] = [];
+    const w1 = gate.acquire(budget()).then((s) => (order.push("w1"), s));
+    const w2 = gate.acquire(budget()).then((s) => (order.push("w2"), s));
+    assert.equal(gate.outstanding, 2);
+    assert.equal(gate.waiting, 2);
+    c.advance(1);
+    a.release(true);
+    b.release(true);
+    const [s1, s2] = await Promise.all([w1, w2]);
+    assert.deepEqual(order, ["w1", "w2"]);
+    assert.equal(gate.waiting, 0);
+    s1.release(true);
+    s2.release(true);
+    assert.equal(gate.outstanding, 0);
+  });
+
+  it("a request whose predicted wait passes the queue target is refused at once (429), before it takes a place", async () => {
+    const c = fakeClock();
+    const gate = new AgentGate({ maxInFlight: 1, queueTargetMs: 0, clock: c.now });
+    const held = await gate.acquire(new Budget(c.now(), 200, c.now));
+    assert.match(gate.refusal(new Budget(c.now(), 200, c.now)) ?? "", /over the 0 ms target/);
+    await assert.rejects(gate.acquire(new Budget(c.now(), 200, c.now)), isThrottling);
+    assert.equal(gate.waiting, 0, "nothing queued for a refused request");
+    assert.equal(gate.stats.refusedAtArrival, 1);
+    held.release(true);
+    assert.equal(gate.refusal(new Budget(c.now(), 200, c.now)), undefined, "free again once the slot is back");
+  });
+
+  it("a request whose budget is already spent is refused at once, even with a free slot", async () => {
+    const c = fakeClock();
+    const gate = new AgentGate({ maxInFlight: 8, queueTargetMs: 100, clock: c.now });
+    const budget = new Budget(c.now(), 50, c.now);
+    c.advance(50);
+    await assert.rejects(gate.acquire(budget), isThrottling);
+  });
+
+  it("a waiter whose budget cannot cover the expected latency when its turn comes is refused then, without a slot", async () => {
+    const c = fakeClock();
+    const gate = new AgentGate({ maxInFlight: 1, queueTargetMs: 200, clock: c.now });
+    const first = await gate.acquire(new Budget(c.now(), 200, c.now));
+    const waiter = gate.acquire(new Budget(c.now(), 200, c.now));
+    c.advance(150); // the first call takes 150 ms: the gate learns a base latency of 150 ms
+    first.release(true);
+    await assert.rejects(waiter, isThrottling);
+    assert.equal(gate.stats.refusedAtDispatch, 1);
+    assert.equal(gate.outstanding, 0, "the refused waiter never held a slot");
+  });
+
+  it("a waiter whose client went away leaves the queue", async () => {
+    const c = fakeClock();
+    const gate = new AgentGate({ maxInFlight: 1, queueTargetMs: 200, clock: c.now });
+    const held = await gate.acquire(new Budget(c.now(), 200, c.now));
+    const ac = new AbortController();
+    const waiter = gate.acquire(new Budget(c.now(), 200, c.now), ac.signal);
+    assert.equal(gate.waiting, 1);
+    ac.abort();
+    await assert.rejects(waiter, isThrottling);
+    assert.equal(gate.waiting, 0);
+    held.release(true);
+    assert.equal(gate.outstanding, 0, "the slot was not handed to the gone waiter");
+  });
+
+  it("learns the agent's cost per request from the spacing of answers while it is busy, not from idle gaps", async () => {
+    const c = fakeClock();
+    const gate = new AgentGate({ maxInFlight: 64, queueTargetMs: 100, clock: c.now });
+    assert.equal(gate.estimates().costMs, PRIOR_COST_MS);
+    // An idle agent answering one call now and then teaches nothing about its cost.
+    for (let i = 0; i < 5; i++) {
+      const s = await gate.acquire(new Budget(c.now(), 200, c.now));
+      c.advance(2);
+      s.release(true);
+      c.advance(500);
+    }
+    assert.equal(gate.estimates().costMs, PRIOR_COST_MS);
+    assert.equal(gate.estimates().baseMs, 2);
+    // Busy: 40 calls outstanding, answered 0.25 ms apart.
+    const slots: Slot[] = [];
+    for (let i = 0; i < 40; i++) slots.push(await gate.acquire(new Budget(c.now(), 200, c.now)));
+    for (const s of slots) {
+      c.advance(0.25);
+      s.release(true);
+    }
+    assert.ok(Math.abs(gate.estimates().costMs - 0.25) < 0.01, `cost ${gate.estimates().costMs}`);
+  });
+});
+
+describe("the agent's work queue", () => {
+  const job = (deadline: number, o: { cancelled?: () => boolean } = {}) => {
+    const r = { ran: false, dropped: "" };
+    return {
+      r,
+      job: {
+        deadline,
+        cancelled: o.cancelled ?? (() => false),
+        run: () => {
+          r.ran = true;
+        },
+        drop: (why: string) => {
+          r.dropped = why;
+        },
+      },
+    };
+  };
+  const drained = () => new Promise((r) => setImmediate(() => setImmediate(r)));
+
+  it("cancelled calls and calls past their deadline are dropped without running", async () => {
+    const c = fakeClock(1_000_000);
+    const q = new WorkQueue({ maxQueued: 10, now: c.now });
+    let cancelled = false;
+    const a = job(c.now() + 1000, { cancelled: () => cancelled });
+    const b = job(c.now() + 10);
+    const d = job(c.now() + 1000);
+    assert.equal(q.submit(a.job), undefined);
+    assert.equal(q.submit(b.job), undefined);
+    assert.equal(q.submit(d.job), undefined);
+    cancelled = true; // the caller goes away while queued
+    c.advance(20); // b's deadline passes while queued
+    await drained();
+    assert.deepEqual([a.r, b.r, d.r], [
+      { ran: false, dropped: "CANCELLED" },
+      { ran: false, dropped: "DEADLINE_EXCEEDED" },
+      { ran: true, dropped: "" },
+    ]);
+    assert.deepEqual(q.stats, { run: 1, dropped: 2, refused: 0 });
+  });
+
+  it("a full queue refuses at once; so does a call whose deadline would pass before its turn", async () => {
+    const c = fakeClock(1_000_000);
+    const q = new WorkQueue({ maxQueued: 2, now: c.now });
+    assert.equal(q.submit(job(c.now() + 1000).job), undefined);
+    assert.equal(q.submit(job(c.now() + 1000).job), undefined);
+    assert.match(q.submit(job(c.now() + 1000).job) ?? "", /queue full/);
+    await drained();
+    assert.equal(q.length, 0);
+    assert.match(q.submit(job(c.now()).job) ?? "", /before the deadline/, "no time left at all");
+    assert.equal(q.stats.refused, 2);
+  });
+});
