@@ -41,7 +41,10 @@ describe("requests that cannot be answered inside their budget", () => {
 
   it("get 429 ThrottlingException at once, while the call ahead is still out, and cost the agent nothing", async () => {
     let firstDone = false;
-    const first = encrypt(fx, "never").then((r) => ((firstDone = true), r));
+    const first = encrypt(fx, "never").then((r) => {
+      firstDone = true;
+      return r;
+    });
     await until(() => keyCalls(agent, "never") === 1, "the first call at the agent");
     const fooBefore = keyCalls(agent, "foo");
     const second = await encrypt(fx, "foo");

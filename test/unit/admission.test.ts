@@ -48,8 +48,12 @@ describe("the proxy's per-agent gate", () => {
     const a = await gate.acquire(budget());
     const b = await gate.acquire(budget());
     const order: string[] = [];
-    const w1 = gate.acquire(budget()).then((s) => (order.push("w1"), s));
-    const w2 = gate.acquire(budget()).then((s) => (order.push("w2"), s));
+    const track = (name: string) => (s: Slot) => {
+      order.push(name);
+      return s;
+    };
+    const w1 = gate.acquire(budget()).then(track("w1"));
+    const w2 = gate.acquire(budget()).then(track("w2"));
     assert.equal(gate.outstanding, 2);
     assert.equal(gate.waiting, 2);
     c.advance(1);
@@ -165,11 +169,14 @@ describe("the agent's work queue", () => {
     cancelled = true; // the caller goes away while queued
     c.advance(20); // b's deadline passes while queued
     await drained();
-    assert.deepEqual([a.r, b.r, d.r], [
-      { ran: false, dropped: "CANCELLED" },
-      { ran: false, dropped: "DEADLINE_EXCEEDED" },
-      { ran: true, dropped: "" },
-    ]);
+    assert.deepEqual(
+      [a.r, b.r, d.r],
+      [
+        { ran: false, dropped: "CANCELLED" },
+        { ran: false, dropped: "DEADLINE_EXCEEDED" },
+        { ran: true, dropped: "" },
+      ],
+    );
     assert.deepEqual(q.stats, { run: 1, dropped: 2, refused: 0 });
   });
 
