@@ -31,9 +31,10 @@
  *      waiting) × the agent's measured cost per request + its base latency. A
  *      request whose prediction passes `queueTargetMs` of waiting, or its
  *      budget, is refused before its body is read or its signature checked.
- *      The cost per request is learned from the spacing of answers while the
- *      agent is busy (1 / its throughput); until it has been busy it is taken
- *      as 1 ms, the cold figure above. A fixed queue-length limit was not used
+ *      The cost per request is 1 / the agent's capacity, the best throughput
+ *      seen over 50 ms spans during which it always had calls outstanding (the
+ *      last 30-60 s); until such a span has been seen it is taken as 1 ms, the
+ *      cold figure above. A fixed queue-length limit was not used
  *      because the right length is a time (the budget) divided by a cost that
  *      changes by 2.5× between a cold and a warm chain; an adaptive concurrency
  *      limit (Vegas/gradient style) was not used because it converges over many
@@ -133,10 +134,15 @@ export interface GateOptions {
 
 /** Cost per request assumed until the agent has been seen busy (ms): the cold chain's figure. */
 export const PRIOR_COST_MS = 1;
-/** Weight of a new sample in the moving averages. */
-const ALPHA = 0.05;
-/** The base latency is the smallest call latency over the last two windows of this length. */
-const BASE_WINDOW_MS = 5000;
+/**
+ * The base latency (smallest call latency) and the capacity (best throughput over a
+ * busy span) are kept over the last two windows of this length: they follow a change
+ * within one to two windows, and a quiet spell does not make the proxy forget them.
+ */
+const ESTIMATE_WINDOW_MS = 30_000;
+/** Throughput spans: at least this long, and this many answers. */
+const RATE_SPAN_MS = 50;
+const RATE_SPAN_MIN = 16;
 
 interface Waiter {
   budget: Budget;
@@ -159,20 +165,22 @@ export class AgentGate {
   private readonly queue: Waiter[] = [];
   private head = 0;
   private readonly clock: Clock;
-  /** Learned cost per request at the agent when it is busy (ms). */
+  /** Cost per request at the agent (ms): 1 / its measured capacity. */
   private costMs = PRIOR_COST_MS;
-  private costSamples = 0;
-  private lastCompletion = Number.NEGATIVE_INFINITY;
-  /** When the agent last went from no outstanding call to one. */
-  private busySince = 0;
   private baseCur = Number.POSITIVE_INFINITY;
   private basePrev = Number.POSITIVE_INFINITY;
-  private baseSince: number;
+  private rateCur = 0;
+  private ratePrev = 0;
+  private windowsSince: number;
+  private spanStart: number;
+  private spanCount = 0;
+  private spanBusy = false;
   readonly stats = { admitted: 0, refusedAtArrival: 0, refusedAtDispatch: 0, abandoned: 0 };
 
   constructor(private readonly o: GateOptions) {
     this.clock = o.clock ?? monotonic;
-    this.baseSince = this.clock();
+    this.windowsSince = this.clock();
+    this.spanStart = this.windowsSince;
   }
 
   get waiting(): number {
@@ -241,7 +249,12 @@ export class AgentGate {
 
   private take(): Slot {
     const started = this.clock();
-    if (this.inFlight++ === 0) this.busySince = started;
+    if (this.inFlight++ === 0) {
+      // A new busy period: the throughput span starts now.
+      this.spanStart = started;
+      this.spanCount = 0;
+      this.spanBusy = true;
+    }
     let released = false;
     return {
       release: (ok: boolean) => {
@@ -258,22 +271,30 @@ export class AgentGate {
   private sample(started: number): void {
     const now = this.clock();
     const latency = now - started;
-    if (now - this.baseSince > BASE_WINDOW_MS) {
+    if (now - this.windowsSince > ESTIMATE_WINDOW_MS) {
       this.basePrev = this.baseCur;
       this.baseCur = Number.POSITIVE_INFINITY;
-      this.baseSince = now;
+      this.ratePrev = this.rateCur;
+      this.rateCur = 0;
+      this.windowsSince = now;
     }
     this.baseCur = Math.min(this.baseCur, latency);
-    // The spacing of two answers is the agent's cost per request only when it had work
-    // outstanding all the while: both answers in one busy period, and more still to come.
-    const busy = this.inFlight + this.waiting > 0 && this.lastCompletion >= this.busySince;
-    if (busy) {
-      const gap = now - this.lastCompletion;
-      // The first samples replace the prior faster than a fixed weight would.
-      const a = Math.max(ALPHA, 1 / ++this.costSamples);
-      this.costMs = (1 - a) * this.costMs + a * gap;
+    // Throughput is measured over short spans during which the agent always had work
+    // outstanding; the best recent one is its capacity. (Spacing of answers at moderate
+    // load is the spacing of arrivals, not the agent's cost, so it is never used alone.)
+    this.spanCount++;
+    const span = now - this.spanStart;
+    if (span >= RATE_SPAN_MS) {
+      if (this.spanBusy && this.spanCount >= RATE_SPAN_MIN) this.rateCur = Math.max(this.rateCur, (this.spanCount * 1000) / span);
+      this.spanStart = now;
+      this.spanCount = 0;
+      this.spanBusy = true;
     }
-    this.lastCompletion = now;
+    if (this.inFlight === 0) this.spanBusy = false;
+    // A span at moderate load measures the arrival rate, a lower bound of the capacity: the
+    // prior stays the ceiling of the cost until a faster span has been seen.
+    const rate = Math.max(this.rateCur, this.ratePrev);
+    this.costMs = rate > 0 ? Math.min(PRIOR_COST_MS, 1000 / rate) : PRIOR_COST_MS;
   }
 
   /** Hands freed slots to the waiters that can still make it; refuses the ones that cannot. */

@@ -113,9 +113,9 @@ describe("the proxy's per-agent gate", () => {
     assert.equal(gate.outstanding, 0, "the slot was not handed to the gone waiter");
   });
 
-  it("learns the agent's cost per request from the spacing of answers while it is busy, not from idle gaps", async () => {
+  it("learns the agent's cost per request from its throughput while it is busy, not from idle gaps or moderate load", async () => {
     const c = fakeClock();
-    const gate = new AgentGate({ maxInFlight: 64, queueTargetMs: 100, clock: c.now });
+    const gate = new AgentGate({ maxInFlight: 512, queueTargetMs: 100, clock: c.now });
     assert.equal(gate.estimates().costMs, PRIOR_COST_MS);
     // An idle agent answering one call now and then teaches nothing about its cost.
     for (let i = 0; i < 5; i++) {
@@ -126,9 +126,19 @@ describe("the proxy's per-agent gate", () => {
     }
     assert.equal(gate.estimates().costMs, PRIOR_COST_MS);
     assert.equal(gate.estimates().baseMs, 2);
-    // Busy: 40 calls outstanding, answered 0.25 ms apart.
+    // Moderate load: one call at a time, back to back, 2 ms apart: the arrival rate, not the capacity.
+    for (let i = 0; i < 100; i++) {
+      const s = await gate.acquire(new Budget(c.now(), 200, c.now));
+      const next = await gate.acquire(new Budget(c.now(), 200, c.now));
+      c.advance(2);
+      s.release(true);
+      c.advance(2);
+      next.release(true);
+    }
+    assert.equal(gate.estimates().costMs, PRIOR_COST_MS, "500/s at moderate load does not make the agent look slower");
+    // Busy: 400 calls outstanding, answered 0.25 ms apart (4,000/s).
     const slots: Slot[] = [];
-    for (let i = 0; i < 40; i++) slots.push(await gate.acquire(new Budget(c.now(), 200, c.now)));
+    for (let i = 0; i < 400; i++) slots.push(await gate.acquire(new Budget(c.now(), 500, c.now)));
     for (const s of slots) {
       c.advance(0.25);
       s.release(true);
