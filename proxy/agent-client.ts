@@ -80,7 +80,12 @@ export interface AgentHealth {
 export interface CallOptions {
   /** The request's budget: the call's deadline is what is left of it, and a call that cannot make it is refused (429). */
   budget?: Budget;
-  /** Aborts when the HTTP client has gone away: a waiting call leaves the queue, a sent one is cancelled. */
+  /**
+   * Aborts when the HTTP client has gone away: a call still waiting leaves the queue. A call
+   * already sent is left to its deadline (which the agent also checks): cancelling it would
+   * cost an RST_STREAM each, and a crowd of them trips HTTP/2's rapid-reset protection (the
+   * agent's nghttp2 closed the connection under a measured overload, failing every call on it).
+   */
   signal?: AbortSignal;
 }
 
@@ -285,26 +290,16 @@ export class AgentPool implements AgentApi {
     method: M,
     request: AgentMethods[M]["req"],
     deadlineMs: number,
-    signal?: AbortSignal,
     grace = DEADLINE_GRACE_MS,
   ): Promise<AgentMethods[M]["res"]> {
     const invoke: Invoke<M> = INVOKE[method];
     const started = Date.now();
     return new Promise((resolve, reject) => {
       let settled = false;
-      const onAbort = () => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        // The agent drops a cancelled call that has not started its HSM work.
-        call.cancel();
-        reject(Object.assign(deadlineExceeded(Date.now() - started), { details: "the client went away" }));
-      };
       const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + grace }, (err, res) => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
-        signal?.removeEventListener("abort", onAbort);
         // grpc-js passes a value with every success (null error).
         if (err) reject(err);
         else resolve(res!);
@@ -313,13 +308,10 @@ export class AgentPool implements AgentApi {
         setImmediate(() => {
           if (settled) return;
           settled = true;
-          signal?.removeEventListener("abort", onAbort);
           call.cancel();
           reject(deadlineExceeded(Date.now() - started));
         });
       }, deadlineMs);
-      if (signal?.aborted) onAbort();
-      else signal?.addEventListener("abort", onAbort, { once: true });
     });
   }
 
@@ -384,15 +376,12 @@ export class AgentPool implements AgentApi {
         method,
         request,
         deadlineMs,
-        signal,
         budget ? Math.min(DEADLINE_GRACE_MS, left - deadlineMs) : undefined,
       );
       ok = true;
       return { response, agentId: c.cfg.id };
     } catch (err) {
       if (err instanceof XksError) throw err;
-      // The client left: nobody gets this answer, and the agent is not to blame.
-      if (signal?.aborted) throw throttled("the client went away");
       const failure = classifyAgentFailure(err, c.cfg.id);
       if (failure.transport) {
         // Route around it until a health check answers, and check now. The reported

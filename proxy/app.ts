@@ -25,7 +25,7 @@ import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorNa
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
-import { Budget, LoopClock, QuotaSet, throttled } from "./admission.ts";
+import { Budget, LoopClock, monotonic, QuotaSet, throttled } from "./admission.ts";
 import type { AgentApi } from "./agent-client.ts";
 import type { Limits, ProxyConfig } from "./config.ts";
 import type { HandlerContext } from "./handlers/context.ts";
@@ -45,6 +45,12 @@ export interface AppDeps {
   keyStores?: KeyStoreRegistry;
   /** Clock for SigV4's ±5 minutes (tests). */
   now?: () => number;
+  /**
+   * A request's arrival on the performance.now() clock, taken when it is first seen. Default:
+   * LoopClock (the proxy's own event loop). In-process tests share the loop with their client,
+   * whose work is not the proxy's queue: they pass performance.now.
+   */
+  arrival?: () => number;
 }
 
 /** Per-request state behind the completion log line. Only allow-listed, non-secret fields. */
@@ -52,6 +58,8 @@ interface RequestState {
   start: bigint;
   /** Arrival on the monotonic clock (performance.now(), LoopClock): the budget's start. */
   arrivedAt: number;
+  /** When the handler first saw it (performance.now()). */
+  seenAt: number;
   operation?: Operation;
   keyStore?: string;
   key?: string;
@@ -184,6 +192,8 @@ export function buildApp(deps: AppDeps): express.Express {
   const now = deps.now ?? Date.now;
   const quotas = new QuotaSet();
   const loop = new LoopClock();
+  const arrival = deps.arrival ?? (() => loop.arrival());
+
   const app = express();
   app.disable("x-powered-by");
   app.set("etag", false);
@@ -191,7 +201,7 @@ export function buildApp(deps: AppDeps): express.Express {
 
   // 1. One completion line per request, level from the status.
   app.use((req: Request, res: Response, next: NextFunction) => {
-    const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: loop.arrival() };
+    const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(), seenAt: performance.now() };
     res.locals.xks = st;
     res.once("close", () => {
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
@@ -242,7 +252,7 @@ export function buildApp(deps: AppDeps): express.Express {
     if (req.method !== "POST") throw new MethodNotAllowedError(req.method);
 
     // The budget: a key operation the agents cannot finish in time is refused now, before any work.
-    const budget = new Budget(st.arrivedAt, config.requestBudgetMs);
+    const budget = new Budget(st.arrivedAt, config.requestBudgetMs, monotonic, st.seenAt);
     const keyOperation = parsed.operation !== "GetHealthStatus";
     if (keyOperation) {
       const why = agents.refusal?.(budget);
@@ -309,7 +319,7 @@ export function buildApp(deps: AppDeps): express.Express {
 
   // 9. The one error handler. Wire bodies carry only the name and its fixed message.
   app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
-    const st = state(res) ?? { start: process.hrtime.bigint(), arrivedAt: performance.now() };
+    const st = state(res) ?? { start: process.hrtime.bigint(), arrivedAt: performance.now(), seenAt: performance.now() };
     if (res.headersSent) {
       st.detail = `error after headers were sent: ${errorMessage(err).slice(0, 200)}`;
       res.destroy();

@@ -103,7 +103,9 @@ export async function startProxy(o: ProxyFixtureOptions): Promise<ProxyFixture> 
   });
   const config = loadProxyConfig(file, {});
   const logs = new LogCapture();
-  const proxy = await serve(config, createLogger({ level: "debug", name: "xks-proxy" }, logs));
+  // Arrival is taken as seen: this process's event loop also runs the test's own client,
+  // whose busy time is not the proxy's queue (the daemons use the proxy's LoopClock).
+  const proxy = await serve(config, createLogger({ level: "debug", name: "xks-proxy" }, logs), { arrival: () => performance.now() });
   return {
     dir,
     config,

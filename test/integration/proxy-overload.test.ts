@@ -54,7 +54,8 @@ describe("requests that cannot be answered inside their budget", () => {
     const h = await health(fx);
     assert.equal(h.status, 200, "health is answered from the cache meanwhile");
     assertSpecError(await first, "DependencyTimeoutException");
-    assert.equal((await encrypt(fx, "foo")).status, 200, "served again once the slot is free");
+    // Served again once the slot is free (a request that waited unseen past the tiny target may still be refused: retried).
+    await until(async () => (await encrypt(fx, "foo")).status === 200, "a success once the slot is free");
   });
 });
 

@@ -71,7 +71,7 @@ describe("the proxy's per-agent gate", () => {
     const c = fakeClock();
     const gate = new AgentGate({ maxInFlight: 1, queueTargetMs: 0, clock: c.now });
     const held = await gate.acquire(new Budget(c.now(), 200, c.now));
-    assert.match(gate.refusal(new Budget(c.now(), 200, c.now)) ?? "", /over the 0 ms target/);
+    assert.match(gate.refusal(new Budget(c.now(), 200, c.now)) ?? "", /over the 0 ms queue target/);
     await assert.rejects(gate.acquire(new Budget(c.now(), 200, c.now)), isThrottling);
     assert.equal(gate.waiting, 0, "nothing queued for a refused request");
     assert.equal(gate.stats.refusedAtArrival, 1);
