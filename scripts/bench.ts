@@ -63,6 +63,7 @@ const HELP = `npm run bench -- [options]
   --overload-seconds S length of the 2× capacity overload                       [30]
   --capacity N         capacity for the overload part, req/s (default: the step
                        search's Encrypt 32 B result, or a search of its own)
+  --queue-target MS    the proxy's admission.queueTargetMs for the chains      [the proxy's default]
   --overload           instead of the bench: only the overload and burst part
   --soak S             instead of the bench: a soak of S seconds with RSS sampled
   --soak-rate N        soak rate, req/s                                         [1000]
@@ -85,6 +86,7 @@ const { values: opt } = parseArgs({
     "overload-seconds": { type: "string", default: "30" },
     capacity: { type: "string" },
     overload: { type: "boolean", default: false },
+    "queue-target": { type: "string" },
     soak: { type: "string" },
     "soak-rate": { type: "string", default: "1000" },
     profile: { type: "boolean", default: false },
@@ -106,6 +108,9 @@ const SHORT_S = num("short-duration");
 const STEP_S = num("step-seconds");
 const ENC32: Case = { op: "Encrypt", size: 32 };
 const CASES: Case[] = [ENC32, { op: "Encrypt", size: 4300 }, { op: "Decrypt", size: 32 }, { op: "Decrypt", size: 4300 }];
+
+/** Proxy config the bench's chains get on top of the defaults. */
+const proxyExtra = () => (opt["queue-target"] !== undefined ? { admission: { queueTargetMs: Number(opt["queue-target"]) } } : undefined);
 
 const sleep = (msec: number) => new Promise((r) => setTimeout(r, msec));
 
@@ -295,7 +300,7 @@ async function overloadPart(r: BenchResults, rig: Rig): Promise<void> {
 
 async function coldBurst(gen: LoadGenerator): Promise<Awaited<ReturnType<typeof oneBurst>>> {
   progress("5/5 cold: a fresh chain, its first burst (200) on new connections");
-  const cold = await startBenchChain(join(DIR, "cold-chain"), opt["log-level"]);
+  const cold = await startBenchChain(join(DIR, "cold-chain"), opt["log-level"], undefined, proxyExtra());
   await gen.init(loadTarget(cold.chain, num("sockets")));
   const b = await oneBurst(rigFor(cold, gen), ENC32, 200, true);
   await cold.chain.stop();
@@ -306,7 +311,7 @@ async function coldBurst(gen: LoadGenerator): Promise<Awaited<ReturnType<typeof 
 
 async function bench(r: BenchResults): Promise<void> {
   await floorPart(r);
-  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"], undefined, proxyExtra());
   const gen = startGenerator();
   await gen.init(loadTarget(bc.chain, num("sockets")));
   const rig = rigFor(bc, gen);
@@ -325,7 +330,7 @@ async function bench(r: BenchResults): Promise<void> {
 async function overloadOnly(r: BenchResults): Promise<void> {
   const gen = startGenerator();
   const cold = await coldBurst(gen);
-  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"], undefined, proxyExtra());
   await gen.init(loadTarget(bc.chain, num("sockets")));
   await overloadPart(r, rigFor(bc, gen));
   r.overload?.bursts.push(cold);
