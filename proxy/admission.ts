@@ -45,6 +45,15 @@
  *   4. At dispatch a waiter is checked again (the prediction may have been
  *      optimistic): if what is left of its budget cannot cover the expected
  *      latency, it gets its 429 then, without any agent work.
+ * Measured while building it (same machine, KMS-like caller, 3,000 req/s
+ * offered for 15 s after a warm-up; the chain serves ~2,200/s):
+ *   - taking arrival as the moment the handler first sees a request: 18,199 of
+ *     45,000 requests timed out at the caller with only 45 refusals, because
+ *     they waited unseen in the kernel while the proxy's loop was busy; with
+ *     LoopClock's arrival: 0 timeouts, goodput 2,235/s, 11,476 × 429;
+ *   - `queueTargetMs` 100 vs 20: goodput 2,235 vs 1,463/s, refusals p99 83 vs
+ *     34 ms, warm bursts of 200/400/800 served 200/372/185 vs 84/73/84 in time,
+ *     and at 20 ms even half the capacity drew refusals: hence 100.
  * Refusals are 429 ThrottlingException (spec: "rate too high"), which KMS
  * treats as retryable. Nothing is retried here (no retry amplification) and
  * nothing is left queued once the load drops: waiters leave when refused, when

@@ -72,10 +72,6 @@ export interface AgentHealth {
   report?: GetHealthStatusResponse;
 }
 
-/**
- * The narrow interface the HTTP layer uses. AgentPool implements it over gRPC;
- * in-process unit tests may pass a stub.
- */
 /** What a call carries from its HTTP request. */
 export interface CallOptions {
   /** The request's budget: the call's deadline is what is left of it, and a call that cannot make it is refused (429). */
@@ -89,6 +85,10 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * The narrow interface the HTTP layer uses. AgentPool implements it over gRPC;
+ * in-process unit tests may pass a stub.
+ */
 export interface AgentApi {
   call<M extends AgentMethod>(
     method: M,

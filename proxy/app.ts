@@ -12,13 +12,13 @@
  *   6. Content-Type, JSON, per-operation fields   → 400 ValidationException / 501 for sizes
  *   7. key allow-list of the key store            → 404 KeyNotFoundException
  *   8. the operation: ONE agent call (or the health cache)
+ *   9. ONE error middleware, last: every failure becomes compact {"errorName","errorMessage"} JSON
+ *      (the 405 gets METHOD_NOT_ALLOWED's {"errorMessage"}).
  *
  * Every request has a budget (requestBudgetMs) from its arrival (proxy/admission.ts):
  * a key operation that cannot finish inside it is refused with 429 ThrottlingException
  * at once, before its body is read (agent queue too deep) or right after SigV4 (its key
  * store's quota is spent), and a success is never written after the budget.
- *   9. ONE error middleware, last: every failure becomes compact {"errorName","errorMessage"} JSON
- *      (the 405 gets METHOD_NOT_ALLOWED's {"errorMessage"}).
  */
 import express, { type NextFunction, type Request, type Response } from "express";
 import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
