@@ -6,6 +6,7 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { WorkQueue } from "../../agent/admission.ts";
 import { AgentGate, Budget, PRIOR_COST_MS, QuotaSet, type Slot, TokenBucket } from "../../proxy/admission.ts";
+import { parseProxyConfig } from "../../proxy/config.ts";
 import { XksError } from "../../shared/errors.ts";
 
 function fakeClock(start = 1000) {
@@ -200,5 +201,62 @@ describe("the agent's work queue", () => {
     assert.equal(q.length, 0);
     assert.match(q.submit(job(c.now()).job) ?? "", /before the deadline/, "no time left at all");
     assert.equal(q.stats.refused, 2);
+  });
+});
+
+describe("admission and quota config", () => {
+  const base = (extra: Record<string, unknown>, quota?: unknown) => ({
+    region: "us-east-1",
+    agents: [{ id: "a", target: "127.0.0.1:1", token: { env: "T" } }],
+    keyStores: [
+      {
+        uriPathPrefix: "",
+        credentials: [{ accessKeyId: "AAAAAAAAAAAAAAAAAAAAAAAAAA", secretAccessKey: { env: "S" } }],
+        keys: ["foo"],
+        ...(quota === undefined ? {} : { quota }),
+      },
+    ],
+    ...extra,
+  });
+  const env = { T: "0123456789abcdef", S: "c2VjcmV0LWEtc2VjcmV0LWEtc2VjcmV0LWEtc2VjcmV0LWE=" };
+
+  it("defaults: a 200 ms budget, 128 calls in flight per agent, a 100 ms queue target, no quota", () => {
+    const c = parseProxyConfig(base({}), "/x.json", env);
+    assert.equal(c.requestBudgetMs, 200);
+    assert.deepEqual(c.admission, { maxInFlightPerAgent: 128, queueTargetMs: 100 });
+    assert.equal(c.keyStores[0].quota, undefined);
+    assert.deepEqual(parseProxyConfig(base({}, { rate: 1800, burst: 400 }), "/x.json", env).keyStores[0].quota, { rate: 1800, burst: 400 });
+  });
+
+  it("every problem is reported with its field", () => {
+    assert.throws(
+      () =>
+        parseProxyConfig(
+          base(
+            { requestBudgetMs: 300, admission: { maxInFlightPerAgent: 0, queueTargetMs: 250, extra: 1 } },
+            { rate: 0, burst: "x", y: 1 },
+          ),
+          "/x.json",
+          env,
+        ),
+      (err: Error) => {
+        for (const f of [
+          "requestBudgetMs",
+          "admission.maxInFlightPerAgent",
+          "admission.queueTargetMs",
+          "admission.extra",
+          "keyStores[0].quota.rate",
+          "keyStores[0].quota.burst",
+          "keyStores[0].quota.y",
+        ]) {
+          assert.ok(err.message.includes(f), `${f} in: ${err.message}`);
+        }
+        return true;
+      },
+    );
+    assert.throws(
+      () => parseProxyConfig(base({ requestBudgetMs: 50, admission: { queueTargetMs: 80 } }), "/x.json", env),
+      /queueTargetMs: must be <= requestBudgetMs/,
+    );
   });
 });
