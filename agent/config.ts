@@ -28,6 +28,7 @@
  *                  "privateKeyPassphrase": {"keychain": {…}},   // optional, for a passphrase-protected key
  *                  "remoteSocket": "/run/xks/agent.sock",      // or "remoteTcp": {"host": "127.0.0.1", "port": 7000}
  *                  "reassertAfterMs": 30000 } ],                // silence after which the forward is taken back
+ *   "maxQueued": 256,                              // key operations waiting at most, 1..100000; more -> THROTTLING (429)
  *   "log": { "level": "info" }
  * }
  */
@@ -59,6 +60,8 @@ export interface AgentConfig {
   auditLog: string;
   dashboard?: { host: string; port: number };
   tunnels: TunnelTarget[];
+  /** Key operations waiting at most (agent/admission.ts). */
+  maxQueued: number;
   log: { level: LogLevel };
 }
 
@@ -85,6 +88,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "auditLog",
     "dashboard",
     "tunnels",
+    "maxQueued",
     "log",
   ]);
   const p = c.object(root.pkcs11, "pkcs11");
@@ -184,6 +188,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),
     dashboard,
     tunnels,
+    maxQueued: c.int(root, "maxQueued", "", { default: 256, min: 1, max: 100_000 }),
     log: { level: c.string(log, "level", "log", { default: "info", pattern: LEVELS }) as LogLevel },
   };
   if (cfg.proxyToken && cfg.proxyToken.length < 16) c.problem("proxyToken", "must be at least 16 characters");

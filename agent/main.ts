@@ -130,7 +130,7 @@ export async function runAgent(
   };
   const server = await startAgentServer(
     config.socket,
-    { ctx, token: config.proxyToken, controls, log, onOperation },
+    { ctx, token: config.proxyToken, controls, log, onOperation, maxQueued: config.maxQueued },
     { identity: config.identity, pins: config.proxyIdentities },
   );
   let dashboard: Dashboard | undefined;

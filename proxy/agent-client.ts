@@ -20,6 +20,11 @@
  *   certificate is verified. When a health check fails, one TLS handshake
  *   without a client certificate finds out who is listening, so the log and
  *   the health cache can name the identity presented (`identityProblem`).
+ * - Admission (proxy/admission.ts): each agent has a gate (a concurrency limit
+ *   and a FIFO of waiters); a call carries its request's budget, its deadline
+ *   is what is left of that budget, and a call that cannot finish inside it is
+ *   refused with 429 ThrottlingException before any agent work. Health calls
+ *   do not pass through the gates: they never wait behind a backlog.
  */
 import { connect as tlsConnect } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
@@ -46,6 +51,7 @@ import {
   type GetKeyMetadataResponse,
   type HealthState,
 } from "../shared/proto.ts";
+import { AgentGate, Budget, throttled } from "./admission.ts";
 import type { AgentEndpoint } from "./config.ts";
 
 /** Request/response types per RPC (complete messages, shared/proto.ts). */
@@ -77,12 +83,34 @@ export interface AgentHealth {
   reason?: string;
 }
 
+/** What a call carries from its HTTP request. */
+export interface CallOptions {
+  /** The request's budget: the call's deadline is what is left of it, and a call that cannot make it is refused (429). */
+  budget?: Budget;
+  /**
+   * Aborts when the HTTP client has gone away: a call still waiting leaves the queue. A call
+   * already sent is left to its deadline (which the agent also checks): cancelling it would
+   * cost an RST_STREAM each, and a crowd of them trips HTTP/2's rapid-reset protection (the
+   * agent's nghttp2 closed the connection under a measured overload, failing every call on it).
+   */
+  signal?: AbortSignal;
+}
+
 /**
  * The narrow interface the HTTP layer uses. AgentPool implements it over gRPC;
  * in-process unit tests may pass a stub.
  */
 export interface AgentApi {
-  call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>>;
+  call<M extends AgentMethod>(
+    method: M,
+    request: AgentMethods[M]["req"],
+    opts?: CallOptions,
+  ): Promise<AgentCallResult<AgentMethods[M]["res"]>>;
+  /**
+   * Why a request with this budget would be refused by every agent right now
+   * (undefined: some agent can take it). Cheap; asked before the body is read.
+   */
+  refusal?(budget: Budget): string | undefined;
   /** The cached health of every configured agent, in config order. Never blocks; kicks a refresh when stale. */
   healthSnapshot(): AgentHealth[];
 }
@@ -256,6 +284,7 @@ interface Conn {
   suspect: boolean;
   /** The identity problem last logged for this agent (logged again only when it changes). */
   identityProblem?: string;
+  gate: AgentGate;
 }
 
 export interface AgentPoolOptions {
@@ -268,6 +297,8 @@ export interface AgentPoolOptions {
   healthDeadlineMs: number;
   /** Background refresh period. */
   healthRefreshMs: number;
+  /** Admission per agent (proxy/admission.ts); default: no queue target, 128 in flight. */
+  admission?: { maxInFlightPerAgent: number; queueTargetMs: number };
   log: Logger;
   now?: () => number;
 }
@@ -296,6 +327,10 @@ export class AgentPool implements AgentApi {
       client: this.newClient(cfg, opts.identity),
       health: { id: cfg.id, state: "UNAVAILABLE" },
       suspect: false,
+      gate: new AgentGate({
+        maxInFlight: opts.admission?.maxInFlightPerAgent ?? 128,
+        queueTargetMs: opts.admission?.queueTargetMs ?? Number.POSITIVE_INFINITY,
+      }),
     }));
   }
 
@@ -376,12 +411,13 @@ export class AgentPool implements AgentApi {
     method: M,
     request: AgentMethods[M]["req"],
     deadlineMs: number,
+    grace = DEADLINE_GRACE_MS,
   ): Promise<AgentMethods[M]["res"]> {
     const invoke: Invoke<M> = INVOKE[method];
     const started = Date.now();
     return new Promise((resolve, reject) => {
       let settled = false;
-      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + DEADLINE_GRACE_MS }, (err, res) => {
+      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + grace }, (err, res) => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
@@ -415,12 +451,58 @@ export class AgentPool implements AgentApi {
     return c;
   }
 
-  async call<M extends AgentMethod>(method: M, request: AgentMethods[M]["req"]): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
-    const c = this.pick();
+  /** Why every usable agent would refuse a request with this budget now, or undefined. */
+  refusal(budget: Budget): string | undefined {
+    let why: string | undefined;
+    for (const c of this.conns) {
+      why = c.gate.refusal(budget);
+      if (why === undefined) return undefined;
+    }
+    return why;
+  }
+
+  /** As pick(), but the first agent in turn whose gate would admit this budget, if any. */
+  private pickFor(budget: Budget | undefined): Conn {
+    if (budget && this.conns.length > 1) {
+      const n = this.conns.length;
+      for (let i = 0; i < n; i++) {
+        const c = this.conns[(this.next + i) % n];
+        if (c.health.state !== "UNAVAILABLE" && !c.suspect && c.gate.refusal(budget) === undefined) {
+          this.next = (this.next + i + 1) % n;
+          return c;
+        }
+      }
+    }
+    return this.pick();
+  }
+
+  async call<M extends AgentMethod>(
+    method: M,
+    request: AgentMethods[M]["req"],
+    opts: CallOptions = {},
+  ): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
+    const { budget, signal } = opts;
+    const c = this.pickFor(budget);
+    // No budget (direct callers): the configured deadline alone, still within the agent's concurrency limit.
+    const slot = await c.gate.acquire(budget ?? this.unbudgeted(), signal);
+    let ok = false;
     try {
-      const response = await this.unary(c, method, request, this.opts.deadlineMs);
+      // What is left of the budget, capped by the configured deadline; grpc-js's own deadline gets
+      // no grace past the budget, so the agent sees the same end as we do.
+      const left = budget ? Math.floor(budget.remaining()) : this.opts.deadlineMs;
+      if (left <= 0) throw throttled("no budget left at dispatch");
+      const deadlineMs = Math.min(this.opts.deadlineMs, left);
+      const response = await this.unary(
+        c,
+        method,
+        request,
+        deadlineMs,
+        budget ? Math.min(DEADLINE_GRACE_MS, left - deadlineMs) : undefined,
+      );
+      ok = true;
       return { response, agentId: c.cfg.id };
     } catch (err) {
+      if (err instanceof XksError) throw err;
       const failure = classifyAgentFailure(err, c.cfg.id);
       if (failure.transport) {
         // Route around it until a health check answers, and check now. The reported
@@ -429,7 +511,13 @@ export class AgentPool implements AgentApi {
         this.kick();
       }
       throw failure.error;
+    } finally {
+      slot.release(ok);
     }
+  }
+
+  private unbudgeted(): Budget {
+    return new Budget(performance.now(), this.opts.deadlineMs);
   }
 
   /** Updates the cache; logs a change of state, or of the reason when `reasonChanged` says it matters. */

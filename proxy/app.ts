@@ -14,12 +14,18 @@
  *   8. the operation: ONE agent call (or the health cache)
  *   9. ONE error middleware, last: every failure becomes compact {"errorName","errorMessage"} JSON
  *      (the 405 gets METHOD_NOT_ALLOWED's {"errorMessage"}).
+ *
+ * Every request has a budget (requestBudgetMs) from its arrival (proxy/admission.ts):
+ * a key operation that cannot finish inside it is refused with 429 ThrottlingException
+ * at once, before its body is read (agent queue too deep) or right after SigV4 (its key
+ * store's quota is spent), and a success is never written after the budget.
  */
 import express, { type NextFunction, type Request, type Response } from "express";
 import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
+import { Budget, LoopClock, monotonic, QuotaSet, throttled } from "./admission.ts";
 import type { AgentApi } from "./agent-client.ts";
 import type { Limits, ProxyConfig } from "./config.ts";
 import type { HandlerContext } from "./handlers/context.ts";
@@ -39,11 +45,21 @@ export interface AppDeps {
   keyStores?: KeyStoreRegistry;
   /** Clock for SigV4's ±5 minutes (tests). */
   now?: () => number;
+  /**
+   * A request's arrival on the performance.now() clock, taken when it is first seen. Default:
+   * LoopClock (the proxy's own event loop). In-process tests share the loop with their client,
+   * whose work is not the proxy's queue: they pass performance.now.
+   */
+  arrival?: () => number;
 }
 
 /** Per-request state behind the completion log line. Only allow-listed, non-secret fields. */
 interface RequestState {
   start: bigint;
+  /** Arrival on the monotonic clock (performance.now(), LoopClock): the budget's start. */
+  arrivedAt: number;
+  /** When the handler first saw it (performance.now()). */
+  seenAt: number;
   operation?: Operation;
   keyStore?: string;
   key?: string;
@@ -174,6 +190,10 @@ export function buildApp(deps: AppDeps): express.Express {
   const { config, log, agents } = deps;
   const registry = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
   const now = deps.now ?? Date.now;
+  const quotas = new QuotaSet();
+  const loop = new LoopClock();
+  const arrival = deps.arrival ?? (() => loop.arrival());
+
   const app = express();
   app.disable("x-powered-by");
   app.set("etag", false);
@@ -181,7 +201,7 @@ export function buildApp(deps: AppDeps): express.Express {
 
   // 1. One completion line per request, level from the status.
   app.use((req: Request, res: Response, next: NextFunction) => {
-    const st: RequestState = { start: process.hrtime.bigint() };
+    const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(), seenAt: performance.now() };
     res.locals.xks = st;
     res.once("close", () => {
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
@@ -235,6 +255,14 @@ export function buildApp(deps: AppDeps): express.Express {
         : parsed.keyId;
     if (req.method !== "POST") throw new MethodNotAllowedError(req.method);
 
+    // The budget: a key operation the agents cannot finish in time is refused now, before any work.
+    const budget = new Budget(st.arrivedAt, config.requestBudgetMs, monotonic, st.seenAt);
+    const keyOperation = parsed.operation !== "GetHealthStatus";
+    if (keyOperation) {
+      const why = agents.refusal?.(budget);
+      if (why) throw throttled(why);
+    }
+
     // 4. The raw body, any content type, capped, never inflated (the bytes SigV4 covers).
     const body = await readRawBody(req, config.limits.maxBodyBytes);
 
@@ -244,6 +272,9 @@ export function buildApp(deps: AppDeps): express.Express {
       { region: config.region, credentials: store.credentials, now: now() },
     );
     st.accessKeyId = accessKeyId;
+    // The key store's quota, spent only by its own authenticated callers' key operations (health is
+    // answered from a cache and is how KMS decides whether the store is connected at all).
+    if (keyOperation && !quotas.take(store.uriPathPrefix, store.quota)) throw throttled("key store quota exceeded");
 
     // 6. Content type, JSON, the operation's fields.
     const operation = parsed.operation;
@@ -264,9 +295,18 @@ export function buildApp(deps: AppDeps): express.Express {
       throw new XksError("KeyNotFoundException", "key not in the key store's allow-list");
     }
 
-    // 8. The operation: one agent call (or the health cache).
+    // 8. The operation: one agent call (or the health cache), inside the budget. A client
+    // that goes away takes its call with it (out of the queue, or cancelled at the agent).
+    const gone = new AbortController();
+    const onClose = () => {
+      if (!res.writableFinished) gone.abort();
+    };
+    res.once("close", onClose);
+    const callOpts = { budget, signal: gone.signal };
     const ctx: HandlerContext = {
-      agents,
+      agents: keyOperation
+        ? { call: (method, request) => agents.call(method, request, callOpts), healthSnapshot: () => agents.healthSnapshot() }
+        : agents,
       keyStore: store.uriPathPrefix,
       keyId,
       limits: config.limits,
@@ -277,12 +317,18 @@ export function buildApp(deps: AppDeps): express.Express {
         st.agent = agentId;
       },
     };
-    sendJson(res, 200, await validated.run(ctx));
+    const answer = await validated.run(ctx);
+    res.off("close", onClose);
+    // Never a success after the budget: KMS has stopped waiting, so the answer is the spec's "did not answer in time".
+    if (keyOperation && budget.remaining() < 0) {
+      throw new XksError("DependencyTimeoutException", `answer ready ${budget.elapsed().toFixed(1)} ms after arrival, past the budget`);
+    }
+    sendJson(res, 200, answer);
   });
 
   // 9. The one error handler. Wire bodies carry only the name and its fixed message.
   app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
-    const st = state(res) ?? { start: process.hrtime.bigint() };
+    const st = state(res) ?? { start: process.hrtime.bigint(), arrivedAt: performance.now(), seenAt: performance.now() };
     if (res.headersSent) {
       st.detail = `error after headers were sent: ${errorMessage(err).slice(0, 200)}`;
       res.destroy();

@@ -22,6 +22,14 @@
  *   "identity": { "key": { "file": "proxy-identity.key" },   // this proxy's TLS identity towards its agents
  *                 "certificate": "proxy-identity.crt" },    //   (`xks-proxy identity new`)
  *   "agentDeadlineMs": 200,                             // [200] deadline of each crypto/metadata call, 10..240
+ *   "requestBudgetMs": 200,                             // [200] each request is answered within this from its arrival, 20..240
+ *                                                       //   (KMS gives up after 250 ms): a success never after it; a request
+ *                                                       //   that cannot make it gets 429 ThrottlingException at once
+ *   "admission": {                                      // per-agent admission (proxy/admission.ts)
+ *     "maxInFlightPerAgent": 128,                       // [128] calls outstanding at one agent at most, 1..4096; others wait
+ *                                                       //   in the proxy (needs >= rate x round trip: 1,800/s x 35 ms = 63)
+ *     "queueTargetMs": 100                              // [100] predicted wait in the proxy allowed, 0..requestBudgetMs
+ *   },
  *   "healthRefreshMs": 10000,                           // [10000] background health refresh period, 100..30000
  *   "healthDeadlineMs": 2000,                           // [2000] deadline of one background health call, 10..10000
  *   "limits": {
@@ -45,7 +53,9 @@
  *         { "accessKeyId": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",   // 20..30 of [A-Z2-7], unique per store
  *           "secretAccessKey": { "file": "store1.secret" } } // secret: 43..64 of [a-zA-Z0-9/+=]
  *       ],
- *       "keys": ["foo", "bar"] }                        // allow-list of externalKeyIds, each ^[a-zA-Z0-9-_.]{1,128}$
+ *       "keys": ["foo", "bar"],                         // allow-list of externalKeyIds, each ^[a-zA-Z0-9-_.]{1,128}$
+ *       "quota": { "rate": 1800, "burst": 400 } }      // optional: this store's requests per second (1..1000000) and
+ *                                                       //   burst (1..1000000), a token bucket; over it -> 429
  *   ],
  *   "log": { "level": "info" }                          // [info]
  * }
@@ -53,6 +63,7 @@
  */
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
+import type { QuotaConfig } from "./admission.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import {
   EXTERNAL_KEY_ID_RE,
@@ -85,6 +96,14 @@ export interface KeyStoreConfig {
   credentials: Credential[];
   /** Allow-list of externalKeyIds this store may use. */
   keys: string[];
+  /** Optional request quota (token bucket); over it → 429 ThrottlingException. */
+  quota?: QuotaConfig;
+}
+
+/** Per-agent admission (proxy/admission.ts). */
+export interface AdmissionConfig {
+  maxInFlightPerAgent: number;
+  queueTargetMs: number;
 }
 
 /** One agent the proxy calls (an entry of `agents`); not to be confused with the agent's own config. */
@@ -123,6 +142,8 @@ export interface ProxyConfig {
   /** This proxy's key and certificate towards its agents, and its fingerprint. */
   identity: OwnIdentity & { fingerprint: string };
   agentDeadlineMs: number;
+  requestBudgetMs: number;
+  admission: AdmissionConfig;
   healthRefreshMs: number;
   healthDeadlineMs: number;
   limits: Limits;
@@ -170,6 +191,8 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     "agents",
     "identity",
     "agentDeadlineMs",
+    "requestBudgetMs",
+    "admission",
     "healthRefreshMs",
     "healthDeadlineMs",
     "limits",
@@ -192,6 +215,14 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const agentDeadlineMs = c.int(root, "agentDeadlineMs", "", { default: 200, min: 10, max: 240 });
   const healthRefreshMs = c.int(root, "healthRefreshMs", "", { default: 10_000, min: 100, max: 30_000 });
   const healthDeadlineMs = c.int(root, "healthDeadlineMs", "", { default: 2_000, min: 10, max: 10_000 });
+  const requestBudgetMs = c.int(root, "requestBudgetMs", "", { default: 200, min: 20, max: 240 });
+  const admissionObj = root.admission === undefined ? {} : c.object(root.admission, "admission");
+  c.noUnknown(admissionObj, "admission", ["maxInFlightPerAgent", "queueTargetMs"]);
+  const admission: AdmissionConfig = {
+    maxInFlightPerAgent: c.int(admissionObj, "maxInFlightPerAgent", "admission", { default: 128, min: 1, max: 4096 }),
+    queueTargetMs: c.int(admissionObj, "queueTargetMs", "admission", { default: 100, min: 0, max: 240 }),
+  };
+  if (admission.queueTargetMs > requestBudgetMs) c.problem("admission.queueTargetMs", "must be <= requestBudgetMs");
 
   // agents
   const agents: AgentEndpoint[] = [];
@@ -258,7 +289,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   storeList.forEach((s, i) => {
     const f = `keyStores[${i}]`;
     const o = c.object(s, f);
-    c.noUnknown(o, f, ["uriPathPrefix", "credentials", "keys"]);
+    c.noUnknown(o, f, ["uriPathPrefix", "credentials", "keys", "quota"]);
     const uriPathPrefix = c.string(o, "uriPathPrefix", f);
     const pp = typeof o.uriPathPrefix === "string" ? prefixProblem(uriPathPrefix) : undefined;
     if (pp) c.problem(`${f}.uriPathPrefix`, pp);
@@ -300,7 +331,17 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
       keySet.add(k);
       keys.push(k);
     });
-    keyStores.push({ uriPathPrefix, credentials, keys });
+    let quota: QuotaConfig | undefined;
+    if (o.quota !== undefined) {
+      const qf = `${f}.quota`;
+      const qo = c.object(o.quota, qf);
+      c.noUnknown(qo, qf, ["rate", "burst"]);
+      quota = {
+        rate: c.int(qo, "rate", qf, { min: 1, max: 1_000_000 }),
+        burst: c.int(qo, "burst", qf, { min: 1, max: 1_000_000 }),
+      };
+    }
+    keyStores.push({ uriPathPrefix, credentials, keys, ...(quota ? { quota } : {}) });
   });
 
   const logObj = root.log === undefined ? {} : c.object(root.log, "log");
@@ -319,6 +360,8 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     agents,
     identity,
     agentDeadlineMs,
+    requestBudgetMs,
+    admission,
     healthRefreshMs,
     healthDeadlineMs,
     limits,
@@ -339,6 +382,8 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
     identity: cfg.identity.fingerprint,
     agents: cfg.agents.map((a) => ({ id: a.id, target: a.target, identities: a.identities.map((p) => p.fingerprint) })),
     agentDeadlineMs: cfg.agentDeadlineMs,
+    requestBudgetMs: cfg.requestBudgetMs,
+    admission: cfg.admission,
     healthRefreshMs: cfg.healthRefreshMs,
     healthDeadlineMs: cfg.healthDeadlineMs,
     limits: cfg.limits,
@@ -347,6 +392,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
       uriPathPrefix: s.uriPathPrefix,
       accessKeyIds: s.credentials.map((k) => k.accessKeyId),
       keys: s.keys,
+      quota: s.quota,
     })),
     logLevel: cfg.log.level,
   };

@@ -77,7 +77,11 @@ function routeGrpcLogs(log: Logger): void {
 }
 
 /** Starts the proxy described by `config`. Resolves once it listens. */
-export async function serve(config: Readonly<ProxyConfig>, log: Logger, opts: { now?: () => number } = {}): Promise<RunningProxy> {
+export async function serve(
+  config: Readonly<ProxyConfig>,
+  log: Logger,
+  opts: { now?: () => number; arrival?: () => number } = {},
+): Promise<RunningProxy> {
   routeGrpcLogs(log);
   const agents = new AgentPool({
     agents: config.agents,
@@ -85,10 +89,11 @@ export async function serve(config: Readonly<ProxyConfig>, log: Logger, opts: { 
     deadlineMs: config.agentDeadlineMs,
     healthDeadlineMs: config.healthDeadlineMs,
     healthRefreshMs: config.healthRefreshMs,
+    admission: config.admission,
     log: log.child({ component: "agents" }),
   }).start();
   const keyStores = new KeyStoreRegistry(config.keyStores);
-  const app = buildApp({ config, log, agents, keyStores, now: opts.now });
+  const app = buildApp({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival });
   const h = config.http;
   const server = createServer(
     {

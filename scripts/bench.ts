@@ -44,6 +44,7 @@ import {
   type Rig,
 } from "./bench/rig.ts";
 import { ensureBuilt, stopBenchLeftovers, tcpCongestionControl } from "./bench/setup.ts";
+import { measureOverload, oneBurst } from "./bench/overload.ts";
 import { netemAvailable, startWanLink } from "./bench/wan/link.ts";
 import { countRoundTrips } from "./bench/wan/roundtrips.ts";
 
@@ -59,6 +60,11 @@ const HELP = `npm run bench -- [options]
   --quiet-wait S       before each measurement, wait up to S s for other processes
                        on the machine to go quiet (they share its cores)        [0]
   --log-level L        proxy and agent log level (production: info)             [info]
+  --overload-seconds S length of the 2× capacity overload                       [30]
+  --capacity N         capacity for the overload part, req/s (default: the step
+                       search's Encrypt 32 B result, or a search of its own)
+  --queue-target MS    the proxy's admission.queueTargetMs for the chains      [the proxy's default]
+  --overload           instead of the bench: only the overload and burst part
   --soak S             instead of the bench: a soak of S seconds with RSS sampled
   --soak-rate N        soak rate, req/s                                         [1000]
   --profile            instead of the bench: CPU-profile proxy, agent and generator
@@ -77,6 +83,10 @@ const { values: opt } = parseArgs({
     sockets: { type: "string", default: "32" },
     "quiet-wait": { type: "string", default: "0" },
     "log-level": { type: "string", default: "info" },
+    "overload-seconds": { type: "string", default: "30" },
+    capacity: { type: "string" },
+    overload: { type: "boolean", default: false },
+    "queue-target": { type: "string" },
     soak: { type: "string" },
     "soak-rate": { type: "string", default: "1000" },
     profile: { type: "boolean", default: false },
@@ -98,6 +108,9 @@ const SHORT_S = num("short-duration");
 const STEP_S = num("step-seconds");
 const ENC32: Case = { op: "Encrypt", size: 32 };
 const CASES: Case[] = [ENC32, { op: "Encrypt", size: 4300 }, { op: "Decrypt", size: 32 }, { op: "Decrypt", size: 4300 }];
+
+/** Proxy config the bench's chains get on top of the defaults. */
+const proxyExtra = () => (opt["queue-target"] !== undefined ? { admission: { queueTargetMs: Number(opt["queue-target"]) } } : undefined);
 
 const sleep = (msec: number) => new Promise((r) => setTimeout(r, msec));
 
@@ -265,11 +278,41 @@ async function wanPart(r: BenchResults, gen: LoadGenerator): Promise<void> {
   rmSync(segFile, { force: true });
 }
 
+/** Overload and warm bursts on the running chain, then the first burst of a freshly started chain (cold). */
+async function overloadPart(r: BenchResults, rig: Rig): Promise<void> {
+  let capacity = opt.capacity !== undefined ? num("capacity") : (r.maxRate?.find((s) => s.case === ENC32)?.maxRate ?? 0);
+  let capacitySource = opt.capacity !== undefined ? "--capacity" : "the step search above (p99 < 100 ms, no errors)";
+  if (capacity <= 0) {
+    progress("5/5 overload: capacity first (warm-up 3 s, then a step search, Encrypt 32 B)");
+    await rig.gen.run(openLoop(ENC32, RATE / 2, 3));
+    await sleep(1000);
+    capacity = (await stepSearch(rig, ENC32, RATE)).maxRate;
+    capacitySource = "a step search of this run (p99 < 100 ms, no errors)";
+  }
+  if (capacity <= 0) throw new Error("no capacity figure for the overload part");
+  if (opt.capacity !== undefined) {
+    progress("5/5 overload: warm-up 3 s");
+    await rig.gen.run(openLoop(ENC32, capacity / 2, 3));
+  }
+  await sleep(1000);
+  const o = await measureOverload(rig, { capacity, capacitySource, overloadS: num("overload-seconds"), normalS: 5, case: ENC32 });
+  r.overload = { ...o, bursts: o.warm };
+}
+
+async function coldBurst(gen: LoadGenerator): Promise<Awaited<ReturnType<typeof oneBurst>>> {
+  progress("5/5 cold: a fresh chain, its first burst (200) on new connections");
+  const cold = await startBenchChain(join(DIR, "cold-chain"), opt["log-level"], undefined, proxyExtra());
+  await gen.init(loadTarget(cold.chain, num("sockets")));
+  const b = await oneBurst(rigFor(cold, gen), ENC32, 200, true);
+  await cold.chain.stop();
+  return b;
+}
+
 // ---------------------------------------------------------------- the modes
 
 async function bench(r: BenchResults): Promise<void> {
   await floorPart(r);
-  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"]);
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"], undefined, proxyExtra());
   const gen = startGenerator();
   await gen.init(loadTarget(bc.chain, num("sockets")));
   const rig = rigFor(bc, gen);
@@ -277,8 +320,22 @@ async function bench(r: BenchResults): Promise<void> {
   await lowLoadPart(r, rig);
   await fixedRatePart(r, rig);
   await maxRatePart(r, rig);
+  await overloadPart(r, rig);
   await bc.chain.stop();
+  const cold = await coldBurst(gen);
+  r.overload?.bursts.push(cold);
   if (!opt["no-wan"]) await wanPart(r, gen);
+}
+
+/** --overload: only the overload and burst part (the cold burst first, on the chain's first requests). */
+async function overloadOnly(r: BenchResults): Promise<void> {
+  const gen = startGenerator();
+  const cold = await coldBurst(gen);
+  const bc = await startBenchChain(join(DIR, "chain"), opt["log-level"], undefined, proxyExtra());
+  await gen.init(loadTarget(bc.chain, num("sockets")));
+  await overloadPart(r, rigFor(bc, gen));
+  r.overload?.bursts.push(cold);
+  await bc.chain.stop();
 }
 
 async function soak(r: BenchResults): Promise<void> {
@@ -384,6 +441,7 @@ async function main(): Promise<number> {
   let extra = "";
   try {
     if (opt.soak !== undefined) await soak(r);
+    else if (opt.overload) await overloadOnly(r);
     else if (opt.profile) extra = await profile(r);
     else await bench(r);
   } finally {
@@ -391,7 +449,10 @@ async function main(): Promise<number> {
   }
   r.meta.runTimeS = (performance.now() - started) / 1000;
   r.targets = opt.profile ? [] : evaluateTargets(r);
-  const file = join(DIR, opt.soak !== undefined ? "soak.json" : opt.profile ? "profile.json" : "results.json");
+  const file = join(
+    DIR,
+    opt.soak !== undefined ? "soak.json" : opt.profile ? "profile.json" : opt.overload ? "overload.json" : "results.json",
+  );
   writeFileSync(file, `${JSON.stringify(r, null, 2)}\n`);
   console.log(renderReport(r));
   if (extra) console.log(`\n${extra}`);

@@ -84,6 +84,8 @@ export interface KeyStoreEntry {
   prefix: string;
   credentials: Creds[];
   keys: string[];
+  /** The store's request quota (token bucket), if any. */
+  quota?: { rate: number; burst: number };
 }
 
 export interface ProxyConfigOptions {
@@ -118,6 +120,7 @@ export function writeProxyConfig(dir: string, o: ProxyConfigOptions): string {
         secretAccessKey: secretFile(dir, `sigv4-${n++}.secret`, c.secretAccessKey),
       })),
       keys: s.keys,
+      ...(s.quota ? { quota: s.quota } : {}),
     })),
     ...o.extra,
   };

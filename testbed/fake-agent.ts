@@ -6,6 +6,7 @@
  *   - "reason-<REASON>" fails with that agent reason;
  *   - "status-internal" fails with a bare INTERNAL status (no reason);
  *   - "never" never answers (the proxy's deadline is then certain to pass);
+ *   - "delay-<ms>" answers correctly after that many milliseconds;
  *   - "bad-answer" returns a malformed result.
  * `health.never = true` makes GetHealthStatus never answer either. It serves
  * mutual TLS like the real agent, with TEST_IDENTITIES.agent (or `identity`)
@@ -66,6 +67,17 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
       requests.push({ method, req: call.request });
       const keyId = call.request.keyId ?? "";
       if (keyId === "never" || (method === "GetHealthStatus" && health.never)) return; // the callback is never called
+      const delay = /^delay-(\d+)$/.exec(keyId);
+      if (delay) {
+        setTimeout(() => {
+          try {
+            cb(null, run(call.request));
+          } catch (err) {
+            cb({ code: grpc.status.INTERNAL, details: (err as Error).message });
+          }
+        }, Number(delay[1]));
+        return;
+      }
       const m = /^reason-([A-Z_]+)$/.exec(keyId);
       if (m && isReason(m[1])) {
         const md = new grpc.Metadata();

@@ -12,7 +12,7 @@ import { type RunningAgent, runAgent } from "../agent/main.ts";
 import { loadProxyConfig, type ProxyConfig } from "../proxy/config.ts";
 import { type RunningProxy, serve } from "../proxy/main.ts";
 import { createLogger } from "../shared/logging.ts";
-import { type AgentEntry, testAgentKeyStores, testKeyStores, writeAgentConfig, writeProxyConfig } from "./configs.ts";
+import { type AgentEntry, type KeyStoreEntry, testAgentKeyStores, testKeyStores, writeAgentConfig, writeProxyConfig } from "./configs.ts";
 import { createKeySet, createSoftHsmToken, type KeySet, type SoftHsmToken, TEST_KEYS } from "./hsm.ts";
 import { LogCapture } from "./logs.ts";
 
@@ -89,6 +89,8 @@ export interface ProxyFixtureOptions {
   agents: AgentEntry[];
   /** Allowed keys of the main test store (default ["foo"]). */
   keys?: string[];
+  /** The key stores (default: testKeyStores(keys)). */
+  keyStores?: KeyStoreEntry[];
   /** Other top-level config fields, e.g. `{ http: {...} }`. */
   extra?: Record<string, unknown>;
   dir?: string;
@@ -99,7 +101,7 @@ export async function startProxy(o: ProxyFixtureOptions): Promise<ProxyFixture> 
   const dir = o.dir ?? mkdtempSync(join(tmpdir(), "xks-proxy-"));
   const file = writeProxyConfig(dir, {
     agents: o.agents,
-    keyStores: testKeyStores(o.keys),
+    keyStores: o.keyStores ?? testKeyStores(o.keys),
     extra: {
       vendor: "xks-pair tests",
       agentDeadlineMs: 200,
@@ -111,7 +113,9 @@ export async function startProxy(o: ProxyFixtureOptions): Promise<ProxyFixture> 
   });
   const config = loadProxyConfig(file, {});
   const logs = new LogCapture();
-  const proxy = await serve(config, createLogger({ level: "debug", name: "xks-proxy" }, logs));
+  // Arrival is taken as seen: this process's event loop also runs the test's own client,
+  // whose busy time is not the proxy's queue (the daemons use the proxy's LoopClock).
+  const proxy = await serve(config, createLogger({ level: "debug", name: "xks-proxy" }, logs), { arrival: () => performance.now() });
   return {
     dir,
     config,

@@ -6,6 +6,7 @@
 import type { FloorResult } from "./floor.ts";
 import type { Case, JobResult } from "./loadgen/protocol.ts";
 import type { InsideLatency } from "./logs.ts";
+import { type OverloadResults, overloadTargets, renderOverload } from "./overload.ts";
 import type { CpuReport } from "./procstat.ts";
 import type { LatencySummary } from "./stats.ts";
 import type { RoundTripCount } from "./wan/roundtrips.ts";
@@ -82,6 +83,8 @@ export interface BenchResults {
   fixedRate?: Measured[];
   maxRate?: StepSearch[];
   wan?: WanResults;
+  /** Overload and bursts from a KMS-like caller (overload.ts). */
+  overload?: OverloadResults;
   soak?: SoakResults;
   targets: Target[];
 }
@@ -451,6 +454,8 @@ export function renderReport(r: BenchResults): string {
     );
   }
 
+  if (r.overload) out.push(...renderOverload(r.overload, { table }));
+
   if (r.soak) {
     const s = r.soak;
     out.push("", `SOAK: ${int(s.rate)} req/s for ${fmtDuration(s.durationS)}, Encrypt and Decrypt 32 B alternating, open loop`);
@@ -566,6 +571,7 @@ export function evaluateTargets(r: BenchResults): Target[] {
         .join("; "),
     });
   }
+  if (r.overload) t.push(...overloadTargets(r.overload));
   if (r.soak) {
     t.push({
       name: "soak without errors",

@@ -26,8 +26,9 @@ export async function startBenchChain(
   dir: string,
   logLevel: string | undefined,
   remoteAgent?: ChainOptions["remoteAgent"],
+  proxyExtra?: ChainOptions["proxyExtra"],
 ): Promise<BenchChain> {
-  const chain = await startChain({ dir, logLevel, remoteAgent });
+  const chain = await startChain({ dir, logLevel, remoteAgent, proxyExtra });
   const sessions = trackSshdSessions(chain.sshd, dir);
   onCleanup(`chain ${dir}`, () => chain.stop());
   await chain.waitActive();

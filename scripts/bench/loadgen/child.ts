@@ -5,7 +5,8 @@
  */
 import { grpcDirect } from "./grpc-direct.ts";
 import { HttpClient } from "./http.ts";
-import type { ChildMessage, JobResult, ParentMessage, Target } from "./protocol.ts";
+import { burst, kmsLoad } from "./kms.ts";
+import type { ChildMessage, ParentMessage, Target } from "./protocol.ts";
 import { XksRequests } from "./requests.ts";
 import { openLoop, sequential } from "./runners.ts";
 
@@ -15,7 +16,7 @@ let reqs: XksRequests | undefined;
 
 const send = (m: ChildMessage) => process.send!(m);
 
-async function handle(m: ParentMessage): Promise<JobResult | undefined> {
+async function handle(m: ParentMessage): Promise<unknown> {
   if (m.type === "init") {
     http?.close();
     target = m.target;
@@ -24,6 +25,10 @@ async function handle(m: ParentMessage): Promise<JobResult | undefined> {
     return undefined;
   }
   const started = () => send({ id: m.id, type: "started" });
+  if (m.type === "kms") {
+    if (!target || !reqs) throw new Error("not initialised");
+    return m.spec.kind === "kms" ? kmsLoad(m.spec, reqs, target.url, started) : burst(m.spec, reqs, target.url, started);
+  }
   const spec = m.spec;
   if (spec.kind === "grpc") return grpcDirect(spec, started);
   if (!http || !reqs) throw new Error("not initialised");

@@ -1,7 +1,8 @@
 /** The parent's handle on the load-generator child process (child.ts): spawn, run jobs, stop. */
 import { fork, type ChildProcess } from "node:child_process";
 import { fileURLToPath } from "node:url";
-import type { ChildMessage, JobResult, JobSpec, ParentMessage, Target } from "./protocol.ts";
+import type { BurstResult, KmsLoadResult } from "./kms.ts";
+import type { BurstSpec, ChildMessage, JobResult, JobSpec, KmsLoadSpec, ParentMessage, Target } from "./protocol.ts";
 
 /** A message before it gets its id (Omit distributed over the union). */
 type Unsent<T> = T extends unknown ? Omit<T, "id"> : never;
@@ -11,7 +12,7 @@ const CHILD = fileURLToPath(new URL("./child.ts", import.meta.url));
 export class LoadGenerator {
   private readonly proc: ChildProcess;
   private nextId = 1;
-  private readonly pending = new Map<number, { resolve(r: JobResult | undefined): void; reject(e: Error): void; started?: () => void }>();
+  private readonly pending = new Map<number, { resolve(r: unknown): void; reject(e: Error): void; started?: () => void }>();
   private readonly exited: Promise<void>;
 
   constructor() {
@@ -41,7 +42,7 @@ export class LoadGenerator {
     return this.proc.pid!;
   }
 
-  private request(m: Unsent<ParentMessage>, started?: () => void): Promise<JobResult | undefined> {
+  private request(m: Unsent<ParentMessage>, started?: () => void): Promise<unknown> {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject, started });
@@ -55,7 +56,17 @@ export class LoadGenerator {
 
   /** Runs a job; `started` is called when its measured part begins (after signing ahead and warm-up). */
   async run(spec: JobSpec, started?: () => void): Promise<JobResult> {
-    return (await this.request({ type: "run", spec }, started))!;
+    return (await this.request({ type: "run", spec }, started)) as JobResult;
+  }
+
+  /** Runs the KMS-like caller (loadgen/kms.ts). */
+  async kms(spec: KmsLoadSpec, started?: () => void): Promise<KmsLoadResult> {
+    return (await this.request({ type: "kms", spec }, started)) as KmsLoadResult;
+  }
+
+  /** Sends one burst (loadgen/kms.ts). */
+  async burst(spec: BurstSpec, started?: () => void): Promise<BurstResult> {
+    return (await this.request({ type: "kms", spec }, started)) as BurstResult;
   }
 
   async stop(): Promise<void> {

@@ -59,7 +59,32 @@ export interface GrpcSpec {
   durationS: number;
 }
 
+/** A KMS-like caller (loadgen/kms.ts): open loop through phases of fixed rates, each request given up after timeoutMs. */
+export interface KmsLoadSpec {
+  kind: "kms";
+  tag?: string;
+  case: Case;
+  phases: Array<{ rate: number; durationS: number }>;
+  timeoutMs: number;
+  /** Connections at most (new ones are opened while none is idle). */
+  sockets: number;
+}
+
+/** `size` requests sent at once, on warm keep-alive connections or (cold) new ones (loadgen/kms.ts). */
+export interface BurstSpec {
+  kind: "burst";
+  tag?: string;
+  case: Case;
+  size: number;
+  cold: boolean;
+  /** Answers slower than this count as late. */
+  lateMs: number;
+  /** Give up after this long (a hang, not a late answer). */
+  timeoutMs: number;
+}
+
 export type JobSpec = OpenLoopSpec | SequentialSpec | GrpcSpec;
+export type KmsJobSpec = KmsLoadSpec | BurstSpec;
 
 export interface ErrorSample {
   count: number;
@@ -94,9 +119,12 @@ export interface JobResult {
   windows?: Array<[string, string]>;
 }
 
-export type ParentMessage = { id: number; type: "init"; target: Target } | { id: number; type: "run"; spec: JobSpec };
+export type ParentMessage =
+  | { id: number; type: "init"; target: Target }
+  | { id: number; type: "run"; spec: JobSpec }
+  | { id: number; type: "kms"; spec: KmsJobSpec };
 
 export type ChildMessage =
   | { id: number; type: "started" }
-  | { id: number; type: "done"; result?: JobResult }
+  | { id: number; type: "done"; result?: unknown }
   | { id: number; type: "failed"; message: string };

@@ -15,7 +15,7 @@ import type { Case, ErrorSample, JobResult, OpenLoopSpec, SequentialSpec } from 
 import { encryptAnswer, type Ciphertext, type SignedRequest, type XksRequests } from "./requests.ts";
 
 /** Signs ahead of the schedule: everything up to `presignS` before the start, then keeps `aheadS` signed in the background. */
-class SignedPool {
+export class SignedPool {
   private readonly slots: Array<SignedRequest | undefined> = [];
   private signed = 0;
   private taken = 0;

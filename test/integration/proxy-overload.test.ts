@@ -1,0 +1,160 @@
+/**
+ * The proxy's budget, admission and quotas over a real port, in front of the
+ * fake agent (testbed/fake-agent.ts), whose "never" and "delay-<ms>" keys make
+ * "the budget cannot be met" certain instead of hoping the machine is slow.
+ * Asserted by outcomes and by the agent's call counts; nothing about speed.
+ */
+import assert from "node:assert/strict";
+import { after, before, describe, it } from "node:test";
+import { API, CREDS, OTHER_PREFIX, PREFIX } from "../../testbed/configs.ts";
+import { type FakeAgent, startFakeAgent } from "../../testbed/fake-agent.ts";
+import { type ProxyFixture, startProxy } from "../../testbed/in-process.ts";
+import { until } from "../../testbed/wait.ts";
+import { encryptBody, healthBody, keyPath } from "../../testbed/xks/bodies.ts";
+import { type Resp, signedPost } from "../../testbed/xks/client.ts";
+import { assertSpecError } from "../../testbed/xks/oracle.ts";
+
+const THIRD_PREFIX = "/third-store/xks";
+const encrypt = (fx: ProxyFixture, key: string, prefix = PREFIX, creds = CREDS.a) =>
+  signedPost(fx.url, `${prefix}/kms/xks/v1/${keyPath(key, "encrypt")}`, encryptBody("hello"), creds);
+const health = (fx: ProxyFixture) => signedPost(fx.url, `${API}/health`, healthBody(), CREDS.a);
+const keyCalls = (agent: FakeAgent, key: string) => agent.requests.filter((r) => (r.req as { keyId?: string }).keyId === key).length;
+
+describe("requests that cannot be answered inside their budget", () => {
+  let agent: FakeAgent;
+  let fx: ProxyFixture;
+
+  before(async () => {
+    agent = await startFakeAgent();
+    fx = await startProxy({
+      agents: [{ id: "fake", target: agent.target, token: agent.token }],
+      keys: ["foo", "never", "delay-150"],
+      // One call at a time and no waiting allowed: a second request while one is out cannot be served.
+      extra: { admission: { maxInFlightPerAgent: 1, queueTargetMs: 0 } },
+    });
+    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
+  });
+  after(async () => {
+    await fx?.close();
+    await agent?.stop();
+  });
+
+  it("get 429 ThrottlingException at once, while the call ahead is still out, and cost the agent nothing", async () => {
+    let firstDone = false;
+    const first = encrypt(fx, "never").then((r) => {
+      firstDone = true;
+      return r;
+    });
+    await until(() => keyCalls(agent, "never") === 1, "the first call at the agent");
+    const fooBefore = keyCalls(agent, "foo");
+    const second = await encrypt(fx, "foo");
+    assertSpecError(second, "ThrottlingException");
+    assert.equal(firstDone, false, "refused while the call ahead of it was still waiting for the agent");
+    assert.equal(keyCalls(agent, "foo"), fooBefore, "the refused request never reached the agent");
+    const h = await health(fx);
+    assert.equal(h.status, 200, "health is answered from the cache meanwhile");
+    assertSpecError(await first, "DependencyTimeoutException");
+    // Served again once the slot is free (a request that waited unseen past the tiny target may still be refused: retried).
+    await until(async () => (await encrypt(fx, "foo")).status === 200, "a success once the slot is free");
+  });
+});
+
+describe("a request queued behind a slow call", () => {
+  let agent: FakeAgent;
+  let fx: ProxyFixture;
+
+  before(async () => {
+    agent = await startFakeAgent();
+    fx = await startProxy({
+      agents: [{ id: "fake", target: agent.target, token: agent.token }],
+      keys: ["foo", "delay-150"],
+      // It may wait, but its turn comes after the 150 ms call ahead: too late for a 200 ms budget
+      // once the gate has seen that this agent takes 150 ms.
+      extra: { requestBudgetMs: 200, admission: { maxInFlightPerAgent: 1, queueTargetMs: 200 } },
+    });
+    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
+  });
+  after(async () => {
+    await fx?.close();
+    await agent?.stop();
+  });
+
+  it("is refused with 429 when its turn comes and its budget cannot cover the agent's latency; the agent never sees it", async () => {
+    // Teach the gate the agent's latency (a call alone takes 150 ms).
+    assert.equal((await encrypt(fx, "delay-150")).status, 200);
+    const slow = encrypt(fx, "delay-150");
+    await until(() => keyCalls(agent, "delay-150") === 2, "the slow call at the agent");
+    const queued = await encrypt(fx, "foo");
+    assertSpecError(queued, "ThrottlingException");
+    assert.equal(keyCalls(agent, "foo"), 0);
+    assert.equal((await slow).status, 200);
+  });
+});
+
+describe("never a success after the budget", () => {
+  let agent: FakeAgent;
+  let fx: ProxyFixture;
+
+  before(async () => {
+    agent = await startFakeAgent();
+    fx = await startProxy({
+      agents: [{ id: "fake", target: agent.target, token: agent.token }],
+      keys: ["foo", "delay-150"],
+      // The agent's own deadline would allow 200 ms; the request's budget is 50.
+      extra: { requestBudgetMs: 50, agentDeadlineMs: 200, admission: { maxInFlightPerAgent: 8, queueTargetMs: 50 } },
+    });
+    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
+  });
+  after(async () => {
+    await fx?.close();
+    await agent?.stop();
+  });
+
+  it("an agent answering after the budget gives the spec's busy answer, never a 200", async () => {
+    const answers: Resp[] = await Promise.all([encrypt(fx, "delay-150"), encrypt(fx, "delay-150"), encrypt(fx, "delay-150")]);
+    for (const r of answers) assert.ok(r.status === 503 || r.status === 429, `${r.status} ${r.text}`);
+    assert.equal((await encrypt(fx, "foo")).status, 200, "an answer inside the budget is still a success");
+  });
+});
+
+describe("per key store quotas", () => {
+  let agent: FakeAgent;
+  let fx: ProxyFixture;
+
+  before(async () => {
+    agent = await startFakeAgent();
+    fx = await startProxy({
+      agents: [{ id: "fake", target: agent.target, token: agent.token }],
+      keyStores: [
+        { prefix: PREFIX, credentials: [CREDS.a], keys: ["foo"], quota: { rate: 1, burst: 2 } },
+        { prefix: OTHER_PREFIX, credentials: [CREDS.other], keys: ["foo"], quota: { rate: 1, burst: 2 } },
+        { prefix: THIRD_PREFIX, credentials: [CREDS.b], keys: ["foo"], quota: { rate: 1, burst: 1 } },
+      ],
+    });
+    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
+  });
+  after(async () => {
+    await fx?.close();
+    await agent?.stop();
+  });
+
+  it("a store over its quota gets 429 (before the agent), another store and health are not affected", async () => {
+    const t0 = performance.now();
+    const calls0 = agent.calls.Encrypt ?? 0;
+    const answers = await Promise.all(Array.from({ length: 8 }, () => encrypt(fx, "foo")));
+    const elapsedS = (performance.now() - t0) / 1000;
+    const ok = answers.filter((r) => r.status === 200).length;
+    for (const r of answers) if (r.status !== 200) assertSpecError(r, "ThrottlingException");
+    // The token bucket's contract: at most burst + rate × elapsed.
+    assert.ok(ok >= 2 && ok <= 2 + Math.floor(elapsedS * 1), `${ok} served in ${elapsedS.toFixed(2)} s`);
+    assert.equal((agent.calls.Encrypt ?? 0) - calls0, ok, "refused requests never reached the agent");
+    assert.equal((await encrypt(fx, "foo", OTHER_PREFIX, CREDS.other)).status, 200, "the other store has its own quota");
+    assert.equal((await health(fx)).status, 200, "health is not counted against the quota");
+  });
+
+  it("the quota is checked after SigV4: a caller without the store's credential cannot spend it", async () => {
+    const wrong = { ...CREDS.b, secretAccessKey: CREDS.a.secretAccessKey };
+    for (let i = 0; i < 5; i++) assertSpecError(await encrypt(fx, "foo", THIRD_PREFIX, wrong), "AuthenticationFailedException");
+    assert.equal((await encrypt(fx, "foo", THIRD_PREFIX, CREDS.b)).status, 200, "the store's one token is still there");
+  });
+});
