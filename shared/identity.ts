@@ -120,8 +120,9 @@ export function generateIdentity(cn: string): OwnIdentity & { fingerprint: strin
   const { privateKey, publicKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
   const spki = publicKey.export({ type: "spki", format: "der" });
   const name = seq(set(seq(oid("2.5.4.3"), der(0x0c, Buffer.from(cn, "utf8")))));
+  // A positive serial in minimal DER: first byte 0x01..0x7f (a leading 0x00 would be a non-minimal INTEGER).
   const serial = randomBytes(16);
-  serial[0] &= 0x7f;
+  serial[0] = 1 + (serial[0] % 0x7f);
   const notBefore = new Date(Math.floor(Date.now() / 1000) * 1000 - 60_000);
   const tbs = seq(positiveInteger(serial), ECDSA_WITH_SHA256, name, seq(time(notBefore), time(NEVER_EXPIRES)), name, spki);
   const signature = sign("sha256", tbs, { key: privateKey, dsaEncoding: "der" });

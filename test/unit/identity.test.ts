@@ -73,3 +73,10 @@ test("a PEM key kept in the macOS Keychain is read back although `security -w` p
   assert.equal(fromSecurityOutput("0123456789abcdef"), "0123456789abcdef", "a hex-looking PIN stays as it is");
   assert.equal(fromSecurityOutput("s3cret"), "s3cret");
 });
+
+test("every generated certificate is valid DER (serial numbers are minimal positive INTEGERs)", () => {
+  for (let i = 0; i < 2000; i++) {
+    const id = generateIdentity("many");
+    assert.equal(certificateFingerprint(id.certificate), id.fingerprint, `certificate ${i} does not parse`);
+  }
+});
