@@ -25,7 +25,7 @@ import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import { refusalMemoFile } from "./main.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
-import { allowListMap, refuseUnlessServed } from "./serving.ts";
+import { allowListMap, refuseUnlessServed } from "./policy.ts";
 import { fingerprintOf, isAuthFailure, sameFingerprint, type TunnelTarget } from "./tunnel.ts";
 
 /** A failed item: what is wrong, and how to fix it. */

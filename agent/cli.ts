@@ -22,7 +22,7 @@ import { Hsm } from "./hsm/hsm.ts";
 import { createKey, describeKey, parseUsage } from "./keys.ts";
 import { runChecks } from "./check.ts";
 import { runAgent, StartError } from "./main.ts";
-import { allowListMap, type ServingPolicy } from "./serving.ts";
+import { allowListMap, type ServingPolicy } from "./policy.ts";
 
 const USAGE = `usage:
   xks-agent run --config FILE

@@ -37,7 +37,7 @@ import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, MAX_CIPHERTEXT_METADATA_BYTES, prefixProblem } from "../shared/xks-spec.ts";
-import type { KeyStoreAllowList } from "./serving.ts";
+import type { KeyStoreAllowList } from "./policy.ts";
 import type { TunnelTarget } from "./tunnel.ts";
 
 export interface AgentConfig {
@@ -52,7 +52,7 @@ export interface AgentConfig {
   /** The proxies' certificates this agent accepts (mutual TLS: a proxy without one of them gets nothing). */
   proxyIdentities: PinnedIdentity[];
   healthKey: string;
-  /** What KMS may use, per key store (agent/serving.ts); nothing else is served. */
+  /** What KMS may use, per key store (agent/policy.ts); nothing else is served. */
   keyStores: KeyStoreAllowList[];
   ciphertextMetadata: Buffer;
   stateFile: string;

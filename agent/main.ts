@@ -12,7 +12,7 @@ import type { AgentConfig } from "./config.ts";
 import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import type { AgentOpContext } from "./ops/context.ts";
-import { allowListMap } from "./serving.ts";
+import { allowListMap } from "./policy.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";

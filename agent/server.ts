@@ -177,7 +177,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       { pausable: false },
     ),
     // Every key operation: its request checked (ops/validate.ts), then the key store it arrived on decides
-    // which keys it may use (serving.ts), before any HSM work.
+    // which keys it may use (policy.ts), before any HSM work.
     GetKeyMetadata: unary("GetKeyMetadata", (req) => getKeyMetadata(ctx, req, checkKeyRequest(req)), { pausable: true }),
     Encrypt: unary("Encrypt", (req) => encrypt(ctx, req, checkKeyRequest(req)), { pausable: true }),
     Decrypt: unary("Decrypt", (req) => decrypt(ctx, req, checkKeyRequest(req)), { pausable: true }),

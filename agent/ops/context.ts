@@ -1,7 +1,7 @@
 import type { Hsm, KeyInfo } from "../hsm/hsm.ts";
 import { AgentError } from "../../shared/errors.ts";
 import type { TunnelStatus } from "../../shared/proto.ts";
-import { type KeyUse, refuseUnlessServed, type ServingPolicy } from "../serving.ts";
+import { type KeyUse, refuseUnlessServed, type ServingPolicy } from "../policy.ts";
 
 /** What every operation gets: the HSM, the agent's own settings and the owner's allow-lists. */
 export interface AgentOpContext extends ServingPolicy {
@@ -18,7 +18,7 @@ export interface AgentOpContext extends ServingPolicy {
 
 /**
  * The check for a crypto operation's key, once its attributes are read: it must
- * be served for `use` (agent/serving.ts), enabled by the owner, and allow every
+ * be served for `use` (agent/policy.ts), enabled by the owner, and allow every
  * usage in `needs` (from its own attributes).
  */
 export function keyCheck(ctx: AgentOpContext, use: KeyUse, needs: Array<"encrypt" | "decrypt">): (key: KeyInfo) => void {

@@ -15,7 +15,7 @@ import {
   MAX_LAYOUT_AAD_BYTES,
   MAX_METADATA_CHARS,
 } from "../../shared/xks-spec.ts";
-import type { KeyUse } from "../serving.ts";
+import type { KeyUse } from "../policy.ts";
 
 const invalid = (detail: string): never => {
   throw new AgentError("VALIDATION", detail);
