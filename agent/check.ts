@@ -25,7 +25,7 @@ import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import { refusalMemoFile } from "./main.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
-import { allowListMap, refuseUnlessServed } from "./policy.ts";
+import { allowListMap, loadPolicyFile, refuseUnlessServed } from "./policy.ts";
 import { fingerprintOf, isAuthFailure, sameFingerprint, type TunnelTarget } from "./tunnel.ts";
 
 /** A failed item: what is wrong, and how to fix it. */
@@ -135,6 +135,21 @@ function configItems(s: CheckSession): CheckItem[] {
       return undefined;
     },
   });
+  items.push({
+    name: "the policy file is valid",
+    needs: "config",
+    run: (s) => {
+      const file = s.config!.policy;
+      if (!file) return "none configured: no rules on request metadata";
+      try {
+        const p = loadPolicyFile(file, allowListMap(s.config!.keyStores));
+        return `${file}: ${p.rules.length} rules, default ${p.default}, mode ${p.mode}`;
+      } catch (err) {
+        if (!(err instanceof ConfigError)) throw err;
+        throw new CheckFailure(err.message, `correct the fields listed in ${file}; the README's "The owner's policy" describes each one`);
+      }
+    },
+  });
   return items;
 }
 
@@ -190,6 +205,7 @@ const HSM_ITEMS: CheckItem[] = [
         agentId: cfg.agentId,
         keyStores: allowListMap(cfg.keyStores),
         isKeyDisabled: () => false,
+        rules: () => undefined,
         tunnels: () => [],
       });
       if (h.state !== "ACTIVE")

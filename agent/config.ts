@@ -19,6 +19,8 @@
  *     { "keyStore": "/example/prefix",             //   the proxy's uriPathPrefix of the key store ("" = no prefix), unique
  *       "keys": ["my-kms-key"] }                   //   labels (externalKeyIds), unique, never the health key
  *   ],
+ *   "policy": "policy.json",                       // optional: the owner's rules on request metadata (agent/policy.ts),
+ *                                                  //   reloaded when the file changes and on SIGHUP
  *   "ciphertextMetadata": "xks-agent/1",           // returned by Encrypt, <= 20 bytes (UTF-8)
  *   "stateFile": "state/controls.json",            // the owner's pause switch and disabled keys
  *   "auditLog": "state/audit.log",                 // hash-chained record of every operation
@@ -54,6 +56,8 @@ export interface AgentConfig {
   healthKey: string;
   /** What KMS may use, per key store (agent/policy.ts); nothing else is served. */
   keyStores: KeyStoreAllowList[];
+  /** The policy file (agent/policy.ts), when the config names one. */
+  policy?: string;
   ciphertextMetadata: Buffer;
   stateFile: string;
   auditLog: string;
@@ -80,6 +84,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "proxyIdentities",
     "healthKey",
     "keyStores",
+    "policy",
     "ciphertextMetadata",
     "stateFile",
     "auditLog",
@@ -179,6 +184,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     proxyIdentities: c.pins(root, "proxyIdentities", ""),
     healthKey,
     keyStores,
+    ...(root.policy !== undefined ? { policy: c.path(root, "policy", "") } : {}),
     ciphertextMetadata,
     stateFile: c.path(root, "stateFile", "", "state/controls.json"),
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),

@@ -2,8 +2,8 @@ import { AgentError } from "../../shared/errors.ts";
 import type { DecryptRequest, DecryptResponse } from "../../shared/proto.ts";
 import { isIvLength, TAG_BYTES } from "../../shared/xks-spec.ts";
 import { gcmMechanism, hsmAad } from "../xks-crypto.ts";
-import { type KeyUse, refuseUnlessServed } from "../policy.ts";
-import { keyCheck, type AgentOpContext } from "./context.ts";
+import { type KeyUse, keyCheck, refuseUnlessServed } from "../policy.ts";
+import type { AgentOpContext } from "./context.ts";
 
 /**
  * XKS Decrypt (spec §1.6). Any mismatch of tag, AAD, IV, ciphertext metadata

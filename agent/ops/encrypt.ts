@@ -3,8 +3,8 @@ import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
 import { TAG_BYTES } from "../../shared/xks-spec.ts";
 import { freshIv, gcmMechanism, hsmAad, integrityValue } from "../xks-crypto.ts";
-import { type KeyUse, refuseUnlessServed } from "../policy.ts";
-import { keyCheck, type AgentOpContext } from "./context.ts";
+import { type KeyUse, keyCheck, refuseUnlessServed } from "../policy.ts";
+import type { AgentOpContext } from "./context.ts";
 import { decryptWith } from "./decrypt.ts";
 
 /**
