@@ -135,21 +135,23 @@ function configItems(s: CheckSession): CheckItem[] {
       return undefined;
     },
   });
-  items.push({
-    name: "the policy file is valid",
-    needs: "config",
-    run: (s) => {
-      const file = s.config!.policy;
-      if (!file) return "none configured: no rules on request metadata";
-      try {
-        const p = loadPolicyFile(file, allowListMap(s.config!.keyStores));
-        return `${file}: ${p.rules.length} rules, default ${p.default}, mode ${p.mode}`;
-      } catch (err) {
-        if (!(err instanceof ConfigError)) throw err;
-        throw new CheckFailure(err.message, `correct the fields listed in ${file}; the README's "The owner's policy" describes each one`);
-      }
-    },
-  });
+  // Listed when the config names a policy file (agent/policy.ts).
+  const raw = s.raw as Record<string, unknown> | undefined;
+  if (raw !== null && typeof raw === "object" && raw.policy !== undefined)
+    items.push({
+      name: "the policy file is valid",
+      needs: "config",
+      run: (s) => {
+        const file = s.config!.policy!;
+        try {
+          const p = loadPolicyFile(file, allowListMap(s.config!.keyStores));
+          return `${file}: ${p.rules.length} rules, default ${p.default}, mode ${p.mode}`;
+        } catch (err) {
+          if (!(err instanceof ConfigError)) throw err;
+          throw new CheckFailure(err.message, `correct the fields listed in ${file}; the README's "The owner's policy" describes each one`);
+        }
+      },
+    });
   return items;
 }
 

@@ -195,7 +195,7 @@ export async function runAgent(
       "identities reloaded (the policy file is re-read; other settings need a restart)",
     );
     log.flush();
-    policy.reload(next.policy);
+    policy.setFile(next.policy);
   };
   return { config, hsm, controls, policy, server, tunnels, events, dashboard, log, reload, stop };
 }

@@ -392,11 +392,11 @@ export class LivePolicy extends EventEmitter {
   }
 
   /**
-   * Re-reads the policy file (or `file`, when the config now names another one;
-   * undefined: the config names none any more, so no rules apply). Returns
-   * whether the new content is in force.
+   * Re-reads the file the (re-read) config names: `file`, which may be another
+   * one than before, or undefined when the config names none any more (then no
+   * rules apply). Returns whether the new content is in force.
    */
-  reload(file: string | undefined = this.file): boolean {
+  setFile(file: string | undefined): boolean {
     if (file !== this.file) {
       const watching = this.unwatch !== undefined;
       this.stopWatching();
@@ -409,6 +409,11 @@ export class LivePolicy extends EventEmitter {
         return true;
       }
     }
+    return this.reload();
+  }
+
+  /** Re-reads the policy file. Returns whether its content is in force. */
+  reload(): boolean {
     if (!this.file) return true;
     let next: PolicyRules;
     try {

@@ -193,6 +193,7 @@ export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> & { serve?:
     keyStores: allowListMap([{ keyStore: DIRECT_USE.keyStore, keys: serve }]),
     agentId: "direct",
     isKeyDisabled: () => false,
+    rules: () => undefined,
     tunnels: () => [],
     ...over,
   };
