@@ -373,6 +373,8 @@ export function loadPolicyFile(file: string, allowList?: ReadonlyMap<string, Rea
 export class LivePolicy extends EventEmitter {
   private current: PolicyRules | undefined;
   private unwatch: (() => void) | undefined;
+  /** Set by watch(): the poll interval, also for a file the config names later. */
+  private watchMs: number | undefined;
 
   constructor(
     private file: string | undefined,
@@ -398,10 +400,10 @@ export class LivePolicy extends EventEmitter {
    */
   setFile(file: string | undefined): boolean {
     if (file !== this.file) {
-      const watching = this.unwatch !== undefined;
-      this.stopWatching();
+      this.unwatch?.();
+      this.unwatch = undefined;
       this.file = file;
-      if (watching) this.watch();
+      if (this.watchMs !== undefined) this.watch(this.watchMs);
       if (file === undefined) {
         this.current = undefined;
         this.log.warn("the config names no policy file any more: no rules apply");
@@ -437,6 +439,7 @@ export class LivePolicy extends EventEmitter {
 
   /** Follows changes to the file (polls its stat every `intervalMs`). */
   watch(intervalMs = 200): void {
+    this.watchMs = intervalMs;
     if (!this.file || this.unwatch) return;
     const file = this.file;
     const onChange = () => this.reload();
@@ -447,6 +450,7 @@ export class LivePolicy extends EventEmitter {
   stopWatching(): void {
     this.unwatch?.();
     this.unwatch = undefined;
+    this.watchMs = undefined;
   }
 
   private logLoaded(msg: string): void {
