@@ -99,7 +99,7 @@ export async function runAgent(
     const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
     log.fatal({ policyFile: config.policy, problems }, "cannot start: the policy file is invalid");
     log.flush();
-    throw new StartError(err instanceof ConfigError ? err.message : `cannot load the policy file: ${problems[0]}`, { cause: err });
+    throw new StartError(`the policy file ${config.policy} is invalid: ${problems.join("; ")}`, { cause: err });
   }
   policy.watch();
   const controls = new Controls(config.stateFile);
