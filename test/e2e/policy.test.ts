@@ -246,11 +246,18 @@ describe("xks-agent policy test (the real CLI)", () => {
   };
 
   test("prints the decision and the rule, exit 0; a bad request file is named with its field, exit 2", async () => {
-    // A config of its own (same folder, so its secret references resolve), naming a policy file of its own.
+    // A config of its own (same folder, so its secret references resolve), naming a policy file and a controls file of its own.
     const policyFile = join(chain.dir, "agent", "policy-cli.json");
     writeFileSync(policyFile, JSON.stringify({ default: "allow", rules: rulesFor(chain) }));
     const config = join(chain.dir, "agent", "agent-cli.json");
-    writeFileSync(config, JSON.stringify({ ...JSON.parse(readFileSync(chain.agentConfigFile, "utf8")), policy: "policy-cli.json" }));
+    writeFileSync(
+      config,
+      JSON.stringify({
+        ...JSON.parse(readFileSync(chain.agentConfigFile, "utf8")),
+        policy: "policy-cli.json",
+        stateFile: "state-cli/controls.json",
+      }),
+    );
     const meta = { awsPrincipalArn: "arn:aws:iam::123456789012:user/Alice", kmsOperation: "Encrypt", kmsRequestId: "r-1" };
     const table: Array<[string, unknown, Record<string, unknown>]> = [
       ["allowed", { keyId: chain.keys.default, keyStore: CHAIN_PREFIX, requestMetadata: meta }, { decision: "allow", rule: "default" }],
@@ -277,6 +284,19 @@ describe("xks-agent policy test (the real CLI)", () => {
       for (const [k, v] of Object.entries(want)) assert.deepEqual(out[k], v, `${what}: ${k} in ${r.stdout}`);
       assert.equal(out.policyFile, policyFile);
     }
+    // The pause switch (the config's controls file) is the first decision.
+    const pause = await cli("pause", "--config", config);
+    assert.equal(pause.code, 0, pause.stderr);
+    const paused = await cli("policy", "test", "--config", config, "--request", request("req-paused", table[0][1]));
+    assert.equal(paused.code, 0, paused.stderr);
+    assert.equal(JSON.parse(paused.stdout).reason, "INVALID_STATE");
+    // An invalid policy file: exit 2, every problem named with the file and the field.
+    writeFileSync(policyFile, JSON.stringify({ default: "maybe", rules: [{ effect: "deny", keyStores: ["/no-such-store"] }] }));
+    const badPolicy = await cli("policy", "test", "--config", config, "--request", request("req-any", table[0][1]));
+    assert.equal(badPolicy.code, 2);
+    assert.match(badPolicy.stderr, /policy-cli\.json/);
+    assert.match(badPolicy.stderr, /- default: must match/);
+    assert.match(badPolicy.stderr, /- rules\[0\]\.keyStores\[0\]: key store "\/no-such-store" is not in the agent config's keyStores/);
     const bad = await cli(
       "policy",
       "test",
