@@ -76,6 +76,17 @@ export async function runAgent(
     },
     "starting",
   );
+  // The policy comes first: an invalid one stops the start before any HSM work.
+  const keyStores = allowListMap(config.keyStores);
+  let policy: LivePolicy;
+  try {
+    policy = new LivePolicy(config.policy, keyStores, log);
+  } catch (err) {
+    const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
+    log.fatal({ policyFile: config.policy, problems }, "cannot start: the policy file is invalid");
+    log.flush();
+    throw new StartError(`the policy file ${config.policy} is invalid: ${problems.join("; ")}`, { cause: err });
+  }
   // A refused PIN file is remembered next to the owner's switches: a restart by launchd does not spend another try.
   const hsm = new Hsm(config.pkcs11, log, { refusalMemoFile: refusalMemoFile(config) });
   try {
@@ -89,17 +100,6 @@ export async function runAgent(
     }
     // Start anyway: health reports UNAVAILABLE and every call retries the open.
     log.error({ err: (err as Error).message }, "HSM not available at start; will retry on each call");
-  }
-  const keyStores = allowListMap(config.keyStores);
-  let policy: LivePolicy;
-  try {
-    policy = new LivePolicy(config.policy, keyStores, log);
-  } catch (err) {
-    hsm.close();
-    const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
-    log.fatal({ policyFile: config.policy, problems }, "cannot start: the policy file is invalid");
-    log.flush();
-    throw new StartError(`the policy file ${config.policy} is invalid: ${problems.join("; ")}`, { cause: err });
   }
   policy.watch();
   const controls = new Controls(config.stateFile);

@@ -384,7 +384,7 @@ export class LivePolicy extends EventEmitter {
     super();
     if (file) {
       this.current = loadPolicyFile(file, allowList);
-      this.logLoaded("policy loaded");
+      this.logLoaded("info", "policy loaded");
     }
   }
 
@@ -432,7 +432,7 @@ export class LivePolicy extends EventEmitter {
     }
     if (next.digest === this.current?.digest && next.file === this.current.file) return true;
     this.current = next;
-    this.logLoaded("policy reloaded");
+    this.logLoaded("warn", "policy reloaded");
     this.emit("loaded", next);
     return true;
   }
@@ -453,9 +453,9 @@ export class LivePolicy extends EventEmitter {
     this.watchMs = undefined;
   }
 
-  private logLoaded(msg: string): void {
+  private logLoaded(level: "info" | "warn", msg: string): void {
     const p = this.current!;
-    this.log.warn({ policyFile: p.file, digest: p.digest, mode: p.mode, default: p.default, rules: p.rules.map((r) => r.name) }, msg);
+    this.log[level]({ policyFile: p.file, digest: p.digest, mode: p.mode, default: p.default, rules: p.rules.map((r) => r.name) }, msg);
     this.log.flush();
   }
 }
