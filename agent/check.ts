@@ -25,7 +25,7 @@ import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import { refusalMemoFile } from "./main.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
-import { allowListMap, refuseUnlessServed } from "./serving.ts";
+import { allowListMap, loadPolicyFile, refuseUnlessServed } from "./policy.ts";
 import { fingerprintOf, isAuthFailure, sameFingerprint, type TunnelTarget } from "./tunnel.ts";
 
 /** A failed item: what is wrong, and how to fix it. */
@@ -135,6 +135,23 @@ function configItems(s: CheckSession): CheckItem[] {
       return undefined;
     },
   });
+  // Listed when the config names a policy file (agent/policy.ts).
+  const raw = s.raw as Record<string, unknown> | undefined;
+  if (raw !== null && typeof raw === "object" && raw.policy !== undefined)
+    items.push({
+      name: "the policy file is valid",
+      needs: "config",
+      run: (s) => {
+        const file = s.config!.policy!;
+        try {
+          const p = loadPolicyFile(file, allowListMap(s.config!.keyStores));
+          return `${file}: ${p.rules.length} rules, default ${p.default}, mode ${p.mode}`;
+        } catch (err) {
+          if (!(err instanceof ConfigError)) throw err;
+          throw new CheckFailure(err.message, `correct the fields listed in ${file}; the README's "The owner's policy" describes each one`);
+        }
+      },
+    });
   return items;
 }
 
@@ -190,6 +207,7 @@ const HSM_ITEMS: CheckItem[] = [
         agentId: cfg.agentId,
         keyStores: allowListMap(cfg.keyStores),
         isKeyDisabled: () => false,
+        rules: () => undefined,
         tunnels: () => [],
       });
       if (h.state !== "ACTIVE")

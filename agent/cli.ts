@@ -8,10 +8,11 @@
  *   xks-agent keys disable|enable --config FILE --label L   per-key switch (metadata DISABLED, crypto refused)
  *   xks-agent pause|resume --config FILE                 cut KMS off / let it back in, at once
  *   xks-agent audit verify --config FILE                 check the audit log's hash chain
+ *   xks-agent policy test  --config FILE --request R     the owner's decision on a sample request (R: JSON file), and the rule
  *   xks-agent identity new --out PATH                    write this agent's channel identity: PATH.key (0600) and PATH.crt
  */
 import { parseArgs } from "node:util";
-import { ConfigError } from "../shared/config.ts";
+import { Checker, ConfigError, readJsonFile } from "../shared/config.ts";
 import { createLogger } from "../shared/logging.ts";
 import { errorMessage } from "../shared/errors.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
@@ -22,7 +23,7 @@ import { Hsm } from "./hsm/hsm.ts";
 import { createKey, describeKey, parseUsage } from "./keys.ts";
 import { runChecks } from "./check.ts";
 import { runAgent, StartError } from "./main.ts";
-import { allowListMap, type ServingPolicy } from "./serving.ts";
+import { allowListMap, decideRequest, loadPolicyFile, MATCH_FIELDS, type PolicyRequest, type ServingPolicy } from "./policy.ts";
 
 const USAGE = `usage:
   xks-agent run --config FILE
@@ -32,6 +33,7 @@ const USAGE = `usage:
   xks-agent keys disable|enable --config FILE --label LABEL
   xks-agent pause|resume --config FILE
   xks-agent audit verify --config FILE
+  xks-agent policy test --config FILE --request REQUEST.json
   xks-agent identity new --out PATH`;
 
 function servingPolicy(config: AgentConfig): ServingPolicy {
@@ -57,6 +59,7 @@ export async function main(argv: string[]): Promise<number> {
       label: { type: "string" },
       usage: { type: "string", default: "encrypt,decrypt" },
       out: { type: "string" },
+      request: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -157,8 +160,66 @@ export async function main(argv: string[]): Promise<number> {
       console.log(r.ok ? `audit log intact: ${r.records} records` : `audit log BROKEN at line ${r.line}: ${r.why}`);
       return r.ok ? 0 : 1;
     }
+    case "policy test": {
+      if (!values.request) {
+        console.error(`--request FILE is required\n${USAGE}`);
+        return 2;
+      }
+      let req: PolicyRequest;
+      try {
+        req = readPolicyRequest(values.request);
+      } catch (err) {
+        console.error(err instanceof ConfigError ? err.message : errorMessage(err));
+        return 2;
+      }
+      const keyStores = allowListMap(config.keyStores);
+      let rules: ReturnType<typeof loadPolicyFile> | undefined;
+      try {
+        rules = config.policy ? loadPolicyFile(config.policy, keyStores) : undefined;
+      } catch (err) {
+        console.error(err instanceof ConfigError ? err.message : errorMessage(err));
+        return 2;
+      }
+      const paused = new Controls(config.stateFile).paused;
+      const owner = { healthKey: config.healthKey, keyStores, isKeyDisabled: () => false, rules: () => rules };
+      const d = decideRequest(owner, paused, req);
+      // One JSON line: the decision, the refusal's reason (the proxy's error follows from it), the rule and the file.
+      console.log(
+        JSON.stringify({
+          decision: d.allowed ? "allow" : "deny",
+          ...(d.reason ? { reason: d.reason, why: d.why } : {}),
+          rule: d.policyRule ?? null,
+          ...(d.wouldDeny ? { wouldDeny: d.wouldDeny } : {}),
+          mode: rules?.mode ?? null,
+          policyFile: rules?.file ?? null,
+        }),
+      );
+      return 0;
+    }
     default:
       console.error(`unknown command: ${positionals.join(" ")}\n${USAGE}`);
       return 2;
   }
+}
+
+/**
+ * A sample request for `policy test`: {"keyId": label, "keyStore": uriPathPrefix,
+ * "requestMetadata": {awsPrincipalArn, kmsOperation, kmsViaService, awsSourceVpc,
+ * awsSourceVpce, kmsKeyArn, …}} — the metadata as KMS sends it (other fields, such
+ * as kmsRequestId, are accepted and not used).
+ */
+function readPolicyRequest(file: string): PolicyRequest {
+  const c = new Checker(file);
+  const root = c.object(readJsonFile(file), "(root)");
+  c.noUnknown(root, "", ["keyId", "keyStore", "requestMetadata"]);
+  const keyId = c.string(root, "keyId", "", { min: 1 });
+  const keyStore = c.string(root, "keyStore", "", { default: "" });
+  const m = c.object(root.requestMetadata ?? {}, "requestMetadata");
+  const metadata: PolicyRequest["metadata"] = {};
+  for (const f of MATCH_FIELDS) {
+    const v = c.optionalString(m, f, "requestMetadata");
+    if (v !== undefined) metadata[f] = v;
+  }
+  c.done();
+  return { keyId, keyStore, metadata };
 }

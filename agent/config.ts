@@ -19,6 +19,8 @@
  *     { "keyStore": "/example/prefix",             //   the proxy's uriPathPrefix of the key store ("" = no prefix), unique
  *       "keys": ["my-kms-key"] }                   //   labels (externalKeyIds), unique, never the health key
  *   ],
+ *   "policy": "policy.json",                       // optional: the owner's rules on request metadata (agent/policy.ts),
+ *                                                  //   reloaded when the file changes and on SIGHUP
  *   "ciphertextMetadata": "xks-agent/1",           // returned by Encrypt, <= 20 bytes (UTF-8)
  *   "stateFile": "state/controls.json",            // the owner's pause switch and disabled keys
  *   "auditLog": "state/audit.log",                 // hash-chained record of every operation
@@ -38,7 +40,7 @@ import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, MAX_CIPHERTEXT_METADATA_BYTES, prefixProblem } from "../shared/xks-spec.ts";
-import type { KeyStoreAllowList } from "./serving.ts";
+import type { KeyStoreAllowList } from "./policy.ts";
 import type { TunnelTarget } from "./tunnel.ts";
 
 export interface AgentConfig {
@@ -53,8 +55,10 @@ export interface AgentConfig {
   /** The proxies' certificates this agent accepts (mutual TLS: a proxy without one of them gets nothing). */
   proxyIdentities: PinnedIdentity[];
   healthKey: string;
-  /** What KMS may use, per key store (agent/serving.ts); nothing else is served. */
+  /** What KMS may use, per key store (agent/policy.ts); nothing else is served. */
   keyStores: KeyStoreAllowList[];
+  /** The policy file (agent/policy.ts), when the config names one. */
+  policy?: string;
   ciphertextMetadata: Buffer;
   stateFile: string;
   auditLog: string;
@@ -83,6 +87,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "proxyIdentities",
     "healthKey",
     "keyStores",
+    "policy",
     "ciphertextMetadata",
     "stateFile",
     "auditLog",
@@ -183,6 +188,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     proxyIdentities: c.pins(root, "proxyIdentities", ""),
     healthKey,
     keyStores,
+    ...(root.policy !== undefined ? { policy: c.path(root, "policy", "") } : {}),
     ciphertextMetadata,
     stateFile: c.path(root, "stateFile", "", "state/controls.json"),
     auditLog: c.path(root, "auditLog", "", "state/audit.log"),

@@ -7,7 +7,7 @@ import pkcs11js from "pkcs11js";
 import { AgentError } from "../shared/errors.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, KEY_BYTES } from "../shared/xks-spec.ts";
 import type { Hsm, KeyInfo } from "./hsm/hsm.ts";
-import { servingRefusals, type ServingPolicy } from "./serving.ts";
+import { servingRefusals, type ServingPolicy } from "./policy.ts";
 
 export type KeyUsage = "encrypt" | "decrypt";
 export const ALL_USAGES: readonly KeyUsage[] = ["encrypt", "decrypt"];
@@ -59,7 +59,7 @@ export interface KeyDescription {
   usage: string[];
   sensitive: boolean;
   extractable: boolean;
-  /** Whether KMS may use the key (agent/serving.ts), through the key stores listed in `keyStores`. */
+  /** Whether KMS may use the key (agent/policy.ts), through the key stores listed in `keyStores`. */
   served: boolean;
   keyStores: string[];
   /** Every reason why it is not served; empty when served. */

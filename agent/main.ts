@@ -12,9 +12,10 @@ import type { AgentConfig } from "./config.ts";
 import { Controls, controlsFix } from "./controls.ts";
 import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import type { AgentOpContext } from "./ops/context.ts";
-import { allowListMap } from "./serving.ts";
+import { allowListMap, LivePolicy } from "./policy.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
+import { ConfigError } from "../shared/config.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
@@ -38,6 +39,8 @@ export interface RunningAgent {
   config: AgentConfig;
   hsm: Hsm;
   controls: Controls;
+  /** The policy file's rules in force (agent/policy.ts). */
+  policy: LivePolicy;
   server: AgentServer;
   tunnels: TunnelSet;
   /** Emits "operation" (OperationRecord) for every finished call. */
@@ -46,7 +49,8 @@ export interface RunningAgent {
   log: Logger;
   /**
    * Applies what can change without a restart from a re-read config: this
-   * agent's identity and the pinned proxy identities (for new connections).
+   * agent's identity and the pinned proxy identities (for new connections),
+   * and the policy file (re-read; a bad one is refused and the last good one stays).
    */
   reload(next: AgentConfig): void;
   stop(): Promise<void>;
@@ -72,6 +76,17 @@ export async function runAgent(
     },
     "starting",
   );
+  // The policy comes first: an invalid one stops the start before any HSM work.
+  const keyStores = allowListMap(config.keyStores);
+  let policy: LivePolicy;
+  try {
+    policy = new LivePolicy(config.policy, keyStores, log);
+  } catch (err) {
+    const problems = err instanceof ConfigError ? err.problems : [(err as Error).message];
+    log.fatal({ policyFile: config.policy, problems }, "cannot start: the policy file is invalid");
+    log.flush();
+    throw new StartError(`the policy file ${config.policy} is invalid: ${problems.join("; ")}`, { cause: err });
+  }
   // A refused PIN file is remembered next to the owner's switches: a restart by launchd does not spend another try.
   const hsm = new Hsm(config.pkcs11, log, { refusalMemoFile: refusalMemoFile(config) });
   try {
@@ -86,6 +101,7 @@ export async function runAgent(
     // Start anyway: health reports UNAVAILABLE and every call retries the open.
     log.error({ err: (err as Error).message }, "HSM not available at start; will retry on each call");
   }
+  policy.watch();
   const controls = new Controls(config.stateFile);
   const reportDamage = (problem: string | undefined) => {
     if (problem === undefined) return;
@@ -106,9 +122,10 @@ export async function runAgent(
     hsm,
     ciphertextMetadata: config.ciphertextMetadata,
     healthKey: config.healthKey,
-    keyStores: allowListMap(config.keyStores),
+    keyStores,
     agentId: config.agentId,
     isKeyDisabled: (label) => controls.isKeyDisabled(label),
+    rules: () => policy.rules(),
     tunnels: () =>
       tunnels.states().map((t) => ({
         name: t.name,
@@ -140,6 +157,7 @@ export async function runAgent(
       dashboard = await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, hsm, events, log });
     } catch (err) {
       unwatchControls();
+      policy.stopWatching();
       await server.close(0);
       audit.close();
       hsm.close();
@@ -162,6 +180,7 @@ export async function runAgent(
     (stopped ??= (async () => {
       log.info("stopping");
       unwatchControls();
+      policy.stopWatching();
       await dashboard?.close();
       await tunnels.stop();
       await server.close();
@@ -173,9 +192,10 @@ export async function runAgent(
     server.setIdentity({ identity: next.identity, pins: next.proxyIdentities });
     log.info(
       { identity: next.identity.fingerprint, proxyIdentities: next.proxyIdentities.map((p) => p.fingerprint) },
-      "identities reloaded (other settings need a restart)",
+      "identities reloaded (the policy file is re-read; other settings need a restart)",
     );
     log.flush();
+    policy.setFile(next.policy);
   };
-  return { config, hsm, controls, server, tunnels, events, dashboard, log, reload, stop };
+  return { config, hsm, controls, policy, server, tunnels, events, dashboard, log, reload, stop };
 }

@@ -23,6 +23,7 @@ import { getHealthStatus } from "./ops/get-health-status.ts";
 import { getKeyMetadata } from "./ops/get-key-metadata.ts";
 import { checkKeyRequest, checkLength } from "./ops/validate.ts";
 import type { Controls } from "./controls.ts";
+import { admitKeyRequest, pauseRefusal, type PolicyNote } from "./policy.ts";
 import {
   IV_LENGTHS,
   MAX_CIPHERTEXT_METADATA_BYTES,
@@ -52,6 +53,10 @@ export interface OperationRecord {
   keyStore: string;
   result: string; // "OK" or a reason name or "UNAUTHENTICATED"; "CANCELLED"/"DEADLINE_EXCEEDED": dropped before HSM work
   latencyMs: number;
+  /** The policy file's rule that decided (agent/policy.ts; "default" when none matched); absent when no rules were evaluated. */
+  policyRule?: string;
+  /** log-only mode: the rule that would have denied this request (it was not denied). */
+  wouldDeny?: string;
 }
 
 export interface AgentServiceDeps {
@@ -113,7 +118,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
 
   function unary<Req extends Described, Res>(
     operation: OperationName,
-    run: (req: Req) => Res,
+    run: (req: Req, note: PolicyNote) => Res,
     opts: { pausable: boolean; queued: boolean },
   ): grpc.handleUnaryCall<Req, Res> {
     return (call, callback) => {
@@ -134,10 +139,12 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         sourceVpce: md(m?.awsSourceVpce),
         keyStore: md(m?.keyStore),
       };
+      const note: PolicyNote = {};
       const finish = (result: string, detail?: string) => {
         const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
-        const full: OperationRecord = { ...rec, result, latencyMs: Math.round(latencyMs * 1000) / 1000 };
-        const level = result === "OK" ? "info" : result === "INTERNAL" || result === "HSM_UNAVAILABLE" ? "error" : "warn";
+        const full: OperationRecord = { ...rec, result, latencyMs: Math.round(latencyMs * 1000) / 1000, ...note };
+        const level =
+          result === "OK" && !note.wouldDeny ? "info" : result === "INTERNAL" || result === "HSM_UNAVAILABLE" ? "error" : "warn";
         log[level](
           {
             op: operation,
@@ -148,6 +155,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
             keyStore: full.keyStore,
             latencyMs: full.latencyMs,
             result,
+            ...note,
             ...(detail ? { detail: capField(detail, MAX_METADATA_CHARS) } : {}),
           },
           "operation",
@@ -171,8 +179,9 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       const work = () => {
         let res: Res;
         try {
-          if (opts.pausable && controls.paused) throw new AgentError("INVALID_STATE", "the owner has paused the agent");
-          res = run(req);
+          const paused = opts.pausable ? pauseRefusal(controls.paused) : undefined;
+          if (paused) throw new AgentError(paused.reason, paused.why);
+          res = run(req, note);
         } catch (err) {
           fail(err);
           return;
@@ -214,11 +223,22 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       // Never behind the queue: health must be answered during a backlog (and tells the truth about the HSM).
       { pausable: false, queued: false },
     ),
-    // Every key operation: its request checked (ops/validate.ts), then the key store it arrived on decides
-    // which keys it may use (serving.ts), before any HSM work; key operations wait in the bounded work queue.
-    GetKeyMetadata: unary("GetKeyMetadata", (req) => getKeyMetadata(ctx, req, checkKeyRequest(req)), { pausable: true, queued: true }),
-    Encrypt: unary("Encrypt", (req) => encrypt(ctx, req, checkKeyRequest(req)), { pausable: true, queued: true }),
-    Decrypt: unary("Decrypt", (req) => decrypt(ctx, req, checkKeyRequest(req)), { pausable: true, queued: true }),
+    // Every key operation: its request checked (ops/validate.ts), then the owner's policy (policy.ts: the
+    // allow-list for the key store it arrived on, then the policy file's rules), before any HSM work; key
+    // operations wait in the bounded work queue.
+    GetKeyMetadata: unary(
+      "GetKeyMetadata",
+      (req, note) => getKeyMetadata(ctx, req, admitKeyRequest(ctx, req, checkKeyRequest(req), note)),
+      { pausable: true, queued: true },
+    ),
+    Encrypt: unary("Encrypt", (req, note) => encrypt(ctx, req, admitKeyRequest(ctx, req, checkKeyRequest(req), note)), {
+      pausable: true,
+      queued: true,
+    }),
+    Decrypt: unary("Decrypt", (req, note) => decrypt(ctx, req, admitKeyRequest(ctx, req, checkKeyRequest(req), note)), {
+      pausable: true,
+      queued: true,
+    }),
   };
 }
 

@@ -6,7 +6,7 @@
  *
  * then a SigV4-signed health, metadata, encrypt and decrypt round trip (signed
  * by AWS's own signer and by curl), usage enforcement on the restricted keys,
- * and it keeps running until Ctrl-C. Everything a client needs is written to
+ * one request denied by the agent's policy (403 AccessDeniedException), and it keeps running until Ctrl-C. Everything a client needs is written to
  * .demo/demo.json. Run it with ./scripts/demo.sh (which also does the set-up).
  */
 import { TEST_IDENTITIES } from "../testbed/identities.ts";
@@ -14,7 +14,7 @@ import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
-import { type Chain, chainPidFiles, startChain } from "../testbed/chain.ts";
+import { type Chain, chainPidFiles, DENIED_PRINCIPAL, startChain } from "../testbed/chain.ts";
 import { stopLeftovers } from "../testbed/procs.ts";
 import { type EncryptAnswer, decryptBody, encryptBody, healthBody, keyPath, metadataBody } from "../testbed/xks/bodies.ts";
 import { decryptProblem, specErrorOf } from "../testbed/xks/oracle.ts";
@@ -78,6 +78,15 @@ async function roundTrip(chain: Chain): Promise<void> {
   show(`encrypt with ${k.noUsage}`, await encWith(k.noUsage), 400, "InvalidKeyUsageException");
   const tampered = decryptBody(e, { aad, metadata: DEMO_METADATA, over: { authenticationTag: Buffer.alloc(16).toString("base64") } });
   show("tampered tag", await post(keyPath(k.default, "decrypt"), tampered), 400, "InvalidCiphertextException");
+
+  step(`The owner's policy on the agent: principals ending in :user/blocked are denied (${chain.agentPolicyFile})`);
+  const blocked = { ...DEMO_METADATA, awsPrincipalArn: DENIED_PRINCIPAL };
+  show(
+    `encrypt as ${DENIED_PRINCIPAL}`,
+    await post(keyPath(k.default, "encrypt"), encryptBody(plaintext, { metadata: blocked })),
+    403,
+    "AccessDeniedException",
+  );
 }
 
 async function main(): Promise<number> {
@@ -124,6 +133,7 @@ async function main(): Promise<number> {
       decryptOnly: chain.keys.decryptOnly,
       noUsage: chain.keys.noUsage,
     },
+    deniedPrincipal: DENIED_PRINCIPAL,
   };
   writeFileSync(join(dir, "demo.json"), `${JSON.stringify(demoJson, null, 2)}\n`, { mode: 0o600 });
 

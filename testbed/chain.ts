@@ -2,7 +2,8 @@
  * The whole chain on one machine, from nothing, each part a real process: a
  * fresh SoftHSM token with a key set, a real OpenSSH sshd on a free port
  * (standing in for EC2), the proxy (bin/xks-proxy.js) and the agent
- * (bin/xks-agent.js) whose ssh2 tunnel reaches the proxy through that sshd.
+ * (bin/xks-agent.js) whose ssh2 tunnel reaches the proxy through that sshd;
+ * the agent's policy file is the demo's (DEMO_POLICY) unless told otherwise.
  * The demo, the end-to-end tests and the bench all start it here; the bench's
  * WAN variant only sets options (where sshd also listens, where the agent's
  * tunnel dials, how the agent is started).
@@ -27,6 +28,16 @@ import { XksClient, type XksEndpoint } from "./xks/client.ts";
 export const CHAIN_PREFIX = "/xks-demo";
 export const CHAIN_REGION = "us-east-1";
 
+/** The principal the demo's agent policy denies. */
+export const DENIED_PRINCIPAL = "arn:aws:iam::123456789012:user/blocked";
+
+/** The agent policy the chain ships unless told otherwise (the demo's): principals ending in `:user/blocked` are denied, the rest allowed. */
+export const DEMO_POLICY = {
+  mode: "enforce",
+  default: "allow",
+  rules: [{ name: "deny-blocked-users", effect: "deny", match: { awsPrincipalArn: ["*:user/blocked"] } }],
+};
+
 export interface ChainOptions {
   /** Folder for everything (wiped first); default: a new temp folder, removed again by stop(). */
   dir?: string;
@@ -40,6 +51,8 @@ export interface ChainOptions {
   logLevel?: string;
   /** Extra proxy config fields (merged at the top level). */
   proxyExtra?: Record<string, unknown>;
+  /** The agent's policy file (agent/policy.ts), written to `<dir>/agent/policy.json`; default DEMO_POLICY, null for none. */
+  policy?: Record<string, unknown> | null;
   /** Extra fields of the agent's tunnel entry (e.g. `reassertAfterMs`). */
   agentTunnel?: Record<string, unknown>;
   /**
@@ -59,6 +72,8 @@ export interface Chain extends XksEndpoint {
   proxy: Daemon;
   agentToken: string;
   agentConfigFile: string;
+  /** The agent's policy file (written even when the config names none, so a test can point the config at it). */
+  agentPolicyFile: string;
   proxyConfigFile: string;
   /** The agent's own gRPC socket on the owner's machine. */
   agentSocket: string;
@@ -106,6 +121,9 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
 
   // The owner's machine.
   const a = join(dir, "agent");
+  const agentPolicyFile = join(a, "policy.json");
+  const policy = o.policy === undefined ? DEMO_POLICY : o.policy;
+  writeFileSync(agentPolicyFile, `${JSON.stringify(policy ?? { default: "allow" }, null, 2)}\n`);
   const agentConfigFile = writeAgentConfig(a, {
     token: softhsm,
     proxyToken: agentToken,
@@ -113,6 +131,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     healthKey: keys.health,
     keyStores: [{ keyStore: CHAIN_PREFIX, keys: kmsKeys(keys) }],
     extra: {
+      ...(policy !== null ? { policy: "policy.json" } : {}),
       dashboard: { port: 0 },
       tunnels: [
         {
@@ -170,6 +189,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     proxy,
     agentToken,
     agentConfigFile,
+    agentPolicyFile,
     proxyConfigFile,
     agentSocket: join(a, "run", "agent.sock"),
     remoteSocket,

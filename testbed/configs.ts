@@ -4,7 +4,7 @@
  */
 import { chmodSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import type { KeyStoreAllowList } from "../agent/serving.ts";
+import type { KeyStoreAllowList } from "../agent/policy.ts";
 import { kmsKeys, type SoftHsmToken, TEST_KEYS } from "./hsm.ts";
 import { type Identity, TEST_IDENTITIES, writeIdentity, writePins } from "./identities.ts";
 import type { Creds } from "./xks/sign.ts";

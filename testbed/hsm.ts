@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { Hsm } from "../agent/hsm/hsm.ts";
 import { createKey, type KeyUsage } from "../agent/keys.ts";
 import type { AgentOpContext } from "../agent/ops/context.ts";
-import { allowListMap } from "../agent/serving.ts";
+import { allowListMap } from "../agent/policy.ts";
 import { createLogger } from "../shared/logging.ts";
 
 export const SOFTHSM_MODULE_CANDIDATES = [
@@ -193,6 +193,7 @@ export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> & { serve?:
     keyStores: allowListMap([{ keyStore: DIRECT_USE.keyStore, keys: serve }]),
     agentId: "direct",
     isKeyDisabled: () => false,
+    rules: () => undefined,
     tunnels: () => [],
     ...over,
   };

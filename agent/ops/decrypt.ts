@@ -2,14 +2,14 @@ import { AgentError } from "../../shared/errors.ts";
 import type { DecryptRequest, DecryptResponse } from "../../shared/proto.ts";
 import { isIvLength, TAG_BYTES } from "../../shared/xks-spec.ts";
 import { gcmMechanism, hsmAad } from "../xks-crypto.ts";
-import { type KeyUse, refuseUnlessServed } from "../serving.ts";
-import { keyCheck, type AgentOpContext } from "./context.ts";
+import { type KeyUse, keyCheck, refuseUnlessServed } from "../policy.ts";
+import type { AgentOpContext } from "./context.ts";
 
 /**
  * XKS Decrypt (spec §1.6). Any mismatch of tag, AAD, IV, ciphertext metadata
  * or ciphertext is InvalidCiphertext (SoftHSM 2.6 says CKR_GENERAL_ERROR,
  * 2.7 CKR_ENCRYPTED_DATA_INVALID; agent/hsm/ckr.ts maps both). A key that is
- * not served for `use` (agent/serving.ts) is refused before any HSM work.
+ * not served for `use` (agent/policy.ts) is refused before any HSM work.
  */
 export function decrypt(ctx: AgentOpContext, req: DecryptRequest, use: KeyUse): DecryptResponse {
   refuseUnlessServed(ctx, req.keyId, use);

@@ -3,8 +3,8 @@ import { AgentError } from "../../shared/errors.ts";
 import type { EncryptRequest, EncryptResponse } from "../../shared/proto.ts";
 import { TAG_BYTES } from "../../shared/xks-spec.ts";
 import { freshIv, gcmMechanism, hsmAad, integrityValue } from "../xks-crypto.ts";
-import { type KeyUse, refuseUnlessServed } from "../serving.ts";
-import { keyCheck, type AgentOpContext } from "./context.ts";
+import { type KeyUse, keyCheck, refuseUnlessServed } from "../policy.ts";
+import type { AgentOpContext } from "./context.ts";
 import { decryptWith } from "./decrypt.ts";
 
 /**
@@ -13,7 +13,7 @@ import { decryptWith } from "./decrypt.ts";
  * computed from the in-memory result FIRST, then a check-decrypt must give
  * the plaintext back (spec Appendix C) — so an encrypt-only key cannot
  * produce one (InvalidKeyUsage). A key that is not served for `use`
- * (agent/serving.ts) is refused before any HSM work.
+ * (agent/policy.ts) is refused before any HSM work.
  */
 export function encrypt(ctx: AgentOpContext, req: EncryptRequest, use: KeyUse): EncryptResponse {
   refuseUnlessServed(ctx, req.keyId, use);

@@ -1,5 +1,5 @@
 import type { GetKeyMetadataRequest, GetKeyMetadataResponse } from "../../shared/proto.ts";
-import { type KeyUse, refuseUnlessServed } from "../serving.ts";
+import { type KeyUse, refuseUnlessServed } from "../policy.ts";
 import type { AgentOpContext } from "./context.ts";
 
 /**
@@ -7,7 +7,7 @@ import type { AgentOpContext } from "./context.ts";
  * and CKA_VALUE_LEN give the spec (only AES_256 is accepted; anything else is
  * refused, never misreported), CKA_ENCRYPT/DECRYPT/SIGN/VERIFY/WRAP/UNWRAP/DERIVE
  * give the usage, and the owner's per-key switch gives the status. A key that
- * is not served for `use` (agent/serving.ts) is refused, before the HSM is
+ * is not served for `use` (agent/policy.ts) is refused, before the HSM is
  * asked when its label alone decides.
  */
 export function getKeyMetadata(ctx: AgentOpContext, req: GetKeyMetadataRequest, use: KeyUse): GetKeyMetadataResponse {

@@ -15,7 +15,6 @@ import {
   MAX_LAYOUT_AAD_BYTES,
   MAX_METADATA_CHARS,
 } from "../../shared/xks-spec.ts";
-import type { KeyUse } from "../serving.ts";
 
 const invalid = (detail: string): never => {
   throw new AgentError("VALIDATION", detail);
@@ -56,7 +55,7 @@ export interface KeyOpBytes {
  * may be configured for, AAD within what the AAD layout carries. Returns the
  * key store the request arrived on, for the allow-list.
  */
-export function checkKeyRequest(req: { metadata?: RequestMetadata | null; keyId: string } & KeyOpBytes): KeyUse {
+export function checkKeyRequest(req: { metadata?: RequestMetadata | null; keyId: string } & KeyOpBytes): { keyStore: string } {
   const m = req.metadata;
   if (!m) return invalid("request metadata is missing");
   for (const f of METADATA_FIELDS) checkLength(`metadata.${f}`, m[f], MAX_METADATA_CHARS);

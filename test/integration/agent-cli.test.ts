@@ -287,6 +287,17 @@ describe("errors that cannot heal", () => {
     await runFails(f, new RegExp(`^xks-agent: cannot start: the dashboard's port 127\\.0\\.0\\.1:${port} is already in use`));
   });
 
+  test("run: an invalid policy file → exit 1, every problem named with the file and the field", async () => {
+    const f = variant("bad-policy", (raw, d) => {
+      writeFileSync(join(d, "policy.json"), JSON.stringify({ default: "perhaps", rules: [{ effect: "deny", keys: ["no-such-key"] }] }));
+      raw.policy = "policy.json";
+    });
+    await runFails(
+      f,
+      /^xks-agent: cannot start: the policy file \S+\/bad-policy\/policy\.json is invalid: default: must match "allow" or "deny"; rules\[0\]\.keys\[0\]: key "no-such-key" is not allow-listed/,
+    );
+  });
+
   test("a group-readable secret file is refused at config load, naming the file and the fix", async () => {
     const f = variant("open-pin", (raw, d) => {
       raw.pkcs11.pin = secretFile(d, "pin-open", hsm.pin);
@@ -463,6 +474,26 @@ describe("xks-agent check", () => {
     assert.equal(r.code, 1);
     assert.match(item(r.stdout, "the owner controls file is valid"), /^✗ .*controls\.json is damaged: not valid JSON/);
     assert.match(r.stdout, /fix: Check the file, then run `xks-agent resume --config .*agent\.json`/);
+  });
+
+  test("the policy file: ✓ with its rules when valid, ✗ with every problem when not", async () => {
+    const withPolicy = (name: string, policy: unknown) =>
+      config(name, (raw, d) => {
+        writeFileSync(join(d, "policy.json"), JSON.stringify(policy));
+        raw.policy = "policy.json";
+      });
+    const good = await check(
+      withPolicy("good-policy", {
+        default: "allow",
+        rules: [{ name: "r1", effect: "deny", match: { awsPrincipalArn: ["*:user/blocked"] } }],
+      }),
+    );
+    assert.match(item(good.stdout, "the policy file is valid"), /^✓ .*policy\.json: 1 rules, default allow, mode enforce$/);
+    const bad = await check(withPolicy("bad-policy", { mode: "audit", rules: [{ effect: "deny", match: { kmsOperaton: ["x"] } }] }));
+    assert.equal(bad.code, 1);
+    assert.match(item(bad.stdout, "the policy file is valid"), /^✗ /);
+    for (const p of ["- mode: must match", "- default: is required", "- rules[0].match.kmsOperaton: unknown field"])
+      assert.ok(bad.stdout.includes(p), `${p} in ${bad.stdout}`);
   });
 
   test("an invalid config: every problem listed under ✗ config, a world-readable secret named, the rest skipped", async () => {

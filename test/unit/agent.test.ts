@@ -9,7 +9,7 @@ import { CKR, classifyCkr, type FailureScope, refusesPin } from "../../agent/hsm
 import { hsmAad, integrityValue } from "../../agent/xks-crypto.ts";
 import { parseAgentConfig } from "../../agent/config.ts";
 import type { KeyInfo } from "../../agent/hsm/hsm.ts";
-import { allowListMap, servingRefusals } from "../../agent/serving.ts";
+import { allowListMap, servingRefusals } from "../../agent/policy.ts";
 import { ConfigError, secretFileProblem } from "../../shared/config.ts";
 import { minimalAgentConfig } from "../../testbed/configs.ts";
 import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
