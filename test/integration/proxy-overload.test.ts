@@ -12,7 +12,7 @@ import { type ProxyFixture, startProxy } from "../../testbed/in-process.ts";
 import { until } from "../../testbed/wait.ts";
 import { encryptBody, healthBody, keyPath } from "../../testbed/xks/bodies.ts";
 import { type Resp, signedPost } from "../../testbed/xks/client.ts";
-import { assertSpecError } from "../../testbed/xks/oracle.ts";
+import { assertSpecError, specErrorOf } from "../../testbed/xks/oracle.ts";
 
 const THIRD_PREFIX = "/third-store/xks";
 const encrypt = (fx: ProxyFixture, key: string, prefix = PREFIX, creds = CREDS.a) =>
@@ -80,14 +80,17 @@ describe("a request queued behind a slow call", () => {
   });
 
   it("is refused with 429 when its turn comes and its budget cannot cover the agent's latency; the agent never sees it", async () => {
-    // Teach the gate the agent's latency (a call alone takes 150 ms).
-    assert.equal((await encrypt(fx, "delay-150")).status, 200);
+    // Teach the gate the agent's latency (a call alone takes 150 ms; on a busy machine it may take longer
+    // than the budget, which is the spec's busy answer: then again).
+    await until(async () => (await encrypt(fx, "delay-150")).status === 200, "one slow call inside the budget");
     const slow = encrypt(fx, "delay-150");
-    await until(() => keyCalls(agent, "delay-150") === 2, "the slow call at the agent");
+    const before = keyCalls(agent, "delay-150");
+    await until(() => keyCalls(agent, "delay-150") === before + 1, "the slow call at the agent");
     const queued = await encrypt(fx, "foo");
     assertSpecError(queued, "ThrottlingException");
     assert.equal(keyCalls(agent, "foo"), 0);
-    assert.equal((await slow).status, 200);
+    const s = await slow;
+    assert.ok(s.status === 200 || specErrorOf(s) === "DependencyTimeoutException", `${s.status} ${s.text}`);
   });
 });
 
