@@ -359,8 +359,8 @@ header{display:flex;gap:1.5em;align-items:baseline;flex-wrap:wrap}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(22em,1fr));gap:.8em}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em .8em}
 table{border-collapse:collapse;width:100%;background:#fff} td,th{border-bottom:1px solid #e4e4e4;padding:3px 6px;text-align:left;font-size:12px;vertical-align:top}
-td{overflow-wrap:anywhere} th{background:#f0f0f0}
-tr.denied td{background:#fff4e0} tr.error td{background:#ffe8e8}
+td{white-space:nowrap} td.wrap{white-space:normal;overflow-wrap:anywhere;min-width:8em} th{background:#f0f0f0}
+tr.op-denied td{background:#fff4e0} tr.op-error td{background:#ffe8e8}
 button{font-size:1em;padding:.3em .9em;cursor:pointer} #pause{font-weight:bold}
 canvas{background:#fff;border:1px solid #ddd;border-radius:6px;width:100%;height:120px}
 `;
@@ -410,7 +410,7 @@ function tunnels(list) {
   for (const t of list) {
     const tr = el("tr");
     cell(tr, t.name); cell(tr, t.state, t.state === "up" ? "ok" : "bad"); cell(tr, localTime(t.since));
-    cell(tr, t.lastError || "", t.state === "up" ? "muted" : "bad");
+    cell(tr, t.lastError || "", "wrap " + (t.state === "up" ? "muted" : "bad"));
     cell(tr, t.state === "down" && t.nextAttemptAt ? localTime(t.nextAttemptAt) : "");
     cell(tr, t.connects);
     body.appendChild(tr);
@@ -439,11 +439,11 @@ function renderKeys() {
 }
 function addRow(r) {
   const tr = el("tr");
-  tr.className = kind(r.result);
+  tr.className = "op-" + kind(r.result);
   tr.dataset.requestId = r.kmsRequestId;
-  cell(tr, localTime(r.time)); cell(tr, r.operation); cell(tr, r.kmsOperation); cell(tr, r.keyId); cell(tr, r.principal);
-  cell(tr, r.kmsKeyArn); cell(tr, r.viaService);
-  cell(tr, r.result + (r.why ? " (" + r.why + ")" : ""), kind(r.result) === "ok" ? "ok" : "bad");
+  cell(tr, localTime(r.time)); cell(tr, r.operation); cell(tr, r.kmsOperation); cell(tr, r.keyId, "wrap"); cell(tr, r.principal, "wrap");
+  cell(tr, r.kmsKeyArn, "wrap"); cell(tr, r.viaService);
+  cell(tr, r.result + (r.why ? " (" + r.why + ")" : ""), kind(r.result) === "ok" ? "ok" : "wrap bad");
   cell(tr, r.latencyMs); cell(tr, r.kmsRequestId);
   $("ops").prepend(tr);
   latencies.push({ ms: Number(r.latencyMs) || 0, kind: kind(r.result) });
