@@ -240,8 +240,9 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
   };
 
   wss.on("connection", (ws: WebSocket) => {
-    // A frame over maxPayload or a broken frame closes this connection; the error must not become an uncaught one.
-    ws.on("error", () => ws.terminate());
+    // ws closes the connection itself on a bad frame (1009 for one over maxPayload, 1002 for a protocol error) and
+    // then emits "error": a listener keeps that from becoming an uncaught exception.
+    ws.on("error", () => {});
     sendText(
       ws,
       JSON.stringify({
@@ -371,7 +372,7 @@ const $ = (id) => document.getElementById(id);
 const token = new URLSearchParams(location.search).get("token") || "";
 const ws = new WebSocket("ws://" + location.host + "/feed?token=" + encodeURIComponent(token));
 const MAX_ROWS = 200, CHART = 120;
-let paused = false, disabled = new Set(), keys = new Map(), latencies = [], pending = [], flushTimer = 0;
+let paused = false, disabled = new Set(), keys = new Map(), keysChanged = false, latencies = [], pending = [], flushTimer = 0;
 const pad = (n, w) => String(n).padStart(w || 2, "0");
 function localTime(iso) {
   const t = new Date(iso);
@@ -451,11 +452,13 @@ function addRow(r) {
 }
 function flush() {
   flushTimer = 0;
+  if (keysChanged) { keysChanged = false; renderKeys(); }
   for (const r of pending.splice(0)) addRow(r);
   const ops = $("ops");
   while (ops.children.length > MAX_ROWS) ops.lastChild.remove();
   chart();
 }
+/** Rows and counters are drawn in batches, so a burst of operations costs one redraw. */
 function queueRow(r) {
   pending.push(r);
   if (pending.length > MAX_ROWS) pending.shift();
@@ -482,7 +485,7 @@ ws.onmessage = (ev) => {
     keys = new Map(m.keys.map((k) => [k.key, k]));
     controls(m.controls); tunnels(m.tunnels); hsm(m.hsm); health(m.health);
     m.recent.forEach(queueRow);
-  } else if (m.type === "operation") { keys.set(m.key.key, m.key); renderKeys(); queueRow(m.rec); }
+  } else if (m.type === "operation") { keys.set(m.key.key, m.key); keysChanged = true; queueRow(m.rec); }
   else if (m.type === "health") health(m.health);
   else if (m.type === "hsm") hsm(m.hsm);
   else if (m.type === "controls") controls(m.controls);
