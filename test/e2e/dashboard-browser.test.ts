@@ -276,4 +276,18 @@ describe("the dashboard in a real browser", { skip }, () => {
     await row("req-browser-after-junk");
     assert.deepEqual(pageErrors, []);
   });
+
+  // Last: it takes "EC2" away.
+  test("a tunnel that goes down shows its state, last error and next attempt", async () => {
+    await chain.sshd.stop();
+    // The state alternates between down and connecting while the agent retries: the row is read in one go once down.
+    const down = await page.waitForFunction(() => {
+      const cells = [...document.querySelectorAll("#tunnels tr:first-child td")].map((td) => td.textContent ?? "");
+      return cells[0] === "local-sshd" && cells[1] === "down" && cells[4] !== "" ? cells : false;
+    });
+    const cells = (await down.jsonValue()) as string[];
+    assert.notEqual(cells[3], "", "the last error");
+    assert.match(cells[4], /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}$/, "the next attempt, in local time");
+    assert.ok(chain.agent.running);
+  });
 });
