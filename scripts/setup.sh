@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: the system packages the agent, the tests
-# and the demo need (SoftHSM v2, OpenSSH server/client, curl; Chromium for the
-# dashboard's browser test on Debian/Ubuntu), then the npm
+# and the demo need (SoftHSM v2, OpenSSH server/client, curl; on Debian, Chromium for the
+# dashboard's browser test), then the npm
 # dependencies. Says what it installs before it does, and uses sudo only when
 # not already root.
 set -euo pipefail
