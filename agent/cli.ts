@@ -9,6 +9,7 @@
  *   xks-agent pause|resume --config FILE                 cut KMS off / let it back in, at once
  *   xks-agent audit verify --config FILE                 check the audit log's hash chain
  *   xks-agent policy test  --config FILE --request R     the owner's decision on a sample request (R: JSON file), and the rule
+ *   xks-agent dashboard    --config FILE                 print the dashboard's URL with its token (for the owner only)
  *   xks-agent identity new --out PATH                    write this agent's channel identity: PATH.key (0600) and PATH.crt
  */
 import { parseArgs } from "node:util";
@@ -19,6 +20,7 @@ import { writeNewIdentity } from "../shared/identity.ts";
 import { verifyAuditLog } from "./audit.ts";
 import { loadAgentConfig, type AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
+import { dashboardUrl } from "./dashboard.ts";
 import { Hsm } from "./hsm/hsm.ts";
 import { createKey, describeKey, parseUsage } from "./keys.ts";
 import { runChecks } from "./check.ts";
@@ -34,6 +36,7 @@ const USAGE = `usage:
   xks-agent pause|resume --config FILE
   xks-agent audit verify --config FILE
   xks-agent policy test --config FILE --request REQUEST.json
+  xks-agent dashboard --config FILE
   xks-agent identity new --out PATH`;
 
 function servingPolicy(config: AgentConfig): ServingPolicy {
@@ -195,6 +198,20 @@ export async function main(argv: string[]): Promise<number> {
         }),
       );
       return 0;
+    }
+    case "dashboard": {
+      // The URL holds the dashboard token: it goes to stdout for the owner who asked, and nowhere else.
+      if (!config.dashboard) {
+        console.error(`no dashboard in ${config.file}: add "dashboard": {"port": 7420} and restart the agent`);
+        return 1;
+      }
+      try {
+        console.log(dashboardUrl(config.dashboard, config.stateFile));
+        return 0;
+      } catch (err) {
+        console.error(errorMessage(err));
+        return 1;
+      }
     }
     default:
       console.error(`unknown command: ${positionals.join(" ")}\n${USAGE}`);

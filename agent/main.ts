@@ -154,7 +154,8 @@ export async function runAgent(
   if (config.dashboard) {
     const where = `${config.dashboard.host}:${config.dashboard.port}`;
     try {
-      dashboard = await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, hsm, events, log });
+      const keys = [...new Set(config.keyStores.flatMap((s) => s.keys))].sort();
+      dashboard = await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, hsm, events, keys, log });
     } catch (err) {
       unwatchControls();
       policy.stopWatching();

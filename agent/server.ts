@@ -57,6 +57,8 @@ export interface OperationRecord {
   policyRule?: string;
   /** log-only mode: the rule that would have denied this request (it was not denied). */
   wouldDeny?: string;
+  /** GetHealthStatus only: the state it answered (a call that succeeds may answer UNAVAILABLE, e.g. while paused) and why. */
+  health?: { state: string; detail: string };
 }
 
 export interface AgentServiceDeps {
@@ -119,7 +121,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
   function unary<Req extends Described, Res>(
     operation: OperationName,
     run: (req: Req, note: PolicyNote) => Res,
-    opts: { pausable: boolean; queued: boolean },
+    opts: { pausable: boolean; queued: boolean; answered?: (res: Res) => Pick<OperationRecord, "health"> },
   ): grpc.handleUnaryCall<Req, Res> {
     return (call, callback) => {
       const started = process.hrtime.bigint();
@@ -140,9 +142,9 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         keyStore: md(m?.keyStore),
       };
       const note: PolicyNote = {};
-      const finish = (result: string, detail?: string) => {
+      const finish = (result: string, detail?: string, answered?: Pick<OperationRecord, "health">) => {
         const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
-        const full: OperationRecord = { ...rec, result, latencyMs: Math.round(latencyMs * 1000) / 1000, ...note };
+        const full: OperationRecord = { ...rec, ...answered, result, latencyMs: Math.round(latencyMs * 1000) / 1000, ...note };
         const level =
           result === "OK" && !note.wouldDeny ? "info" : result === "INTERNAL" || result === "HSM_UNAVAILABLE" ? "error" : "warn";
         log[level](
@@ -186,7 +188,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
           fail(err);
           return;
         }
-        finish("OK");
+        finish("OK", undefined, opts.answered?.(res));
         callback(null, res);
       };
       if (!opts.queued) {
@@ -221,7 +223,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         return getHealthStatus(ctx);
       },
       // Never behind the queue: health must be answered during a backlog (and tells the truth about the HSM).
-      { pausable: false, queued: false },
+      { pausable: false, queued: false, answered: (h) => ({ health: { state: h.state, detail: h.detail } }) },
     ),
     // Every key operation: its request checked (ops/validate.ts), then the owner's policy (policy.ts: the
     // allow-list for the key store it arrived on, then the policy file's rules), before any HSM work; key

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: the system packages the agent, the tests
-# and the demo need (SoftHSM v2, OpenSSH server/client, curl), then the npm
+# and the demo need (SoftHSM v2, OpenSSH server/client, curl; on Debian, Chromium for the
+# dashboard's browser test), then the npm
 # dependencies. Says what it installs before it does, and uses sudo only when
 # not already root.
 set -euo pipefail
@@ -23,6 +24,15 @@ else
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v ip >/dev/null 2>&1 || need+=(iproute2)
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
+  # The dashboard's browser test drives Chromium through playwright-core (which downloads no browser).
+  # Debian packages it as `chromium`; elsewhere (Ubuntu ships it as a snap) XKS_CHROMIUM names a browser.
+  if [ ! -x /usr/bin/chromium ] && [ -z "${XKS_CHROMIUM:-}" ]; then
+    if grep -qx 'ID=debian' /etc/os-release 2>/dev/null; then
+      need+=(chromium)
+    else
+      say "the dashboard's browser test needs Chromium or Chrome: install it and set XKS_CHROMIUM=/path/to/it"
+    fi
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then
