@@ -48,8 +48,9 @@ export const P404 = E("InvalidUriPathException");
 export const K404 = E("KeyNotFoundException");
 export const U501 = E("UnsupportedOperationException");
 export const D503 = E("DependencyTimeoutException");
+export const T429 = E("ThrottlingException");
 /** The spec's answers when the chain is busy: both are retried by KMS. */
-export const BUSY_OUTCOMES = [D503, E("ThrottlingException")];
+export const BUSY_OUTCOMES = [D503, T429];
 export const M405 = "405";
 export const METHOD_NOT_ALLOWED_TEXT = JSON.stringify({ errorMessage: "Only POST is allowed on this URI." });
 export const SPEC_STATUSES = new Set([400, 401, 403, 404, 405, 429, 500, 501, 503]);
@@ -114,6 +115,9 @@ export function expectedOutcomes(f: RequestFacts): Set<Outcome> {
     expect.some((o) => o === "200" || o === E("InvalidCiphertextException") || o === E("InvalidKeyUsageException")) ||
     (f.agentCase === true && expect.includes(K404));
   if (reachesAgent) expect = [...expect, ...BUSY_OUTCOMES];
+  // Admission control sits right after routing and the method check, before the body or the signature:
+  // any POST of a key operation may be refused there with 429 while the machine is busy.
+  if (!f.override && route && route.op !== "GetHealthStatus" && f.method === "POST") expect = [...expect, T429];
   return new Set(expect);
 }
 
