@@ -15,6 +15,7 @@ import type { AgentOpContext } from "./ops/context.ts";
 import { allowListMap } from "./serving.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
+import { errorMessage } from "../shared/errors.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
@@ -42,6 +43,8 @@ export interface RunningAgent {
   tunnels: TunnelSet;
   /** Emits "operation" (OperationRecord) for every finished call. */
   events: EventEmitter;
+  /** The record of every key operation (agent/audit.ts). */
+  audit: AuditLog;
   dashboard: Dashboard | undefined;
   log: Logger;
   /**
@@ -99,7 +102,18 @@ export async function runAgent(
     log.flush();
   });
   controls.on("damaged", reportDamage);
-  const audit = new AuditLog(config.auditLog);
+  let audit: AuditLog;
+  try {
+    // Checkpoints are sealed with the audit key inside the HSM; while it cannot, health says so.
+    audit = new AuditLog(config.audit, { seal: (data) => hsm.hmacSha256(config.audit.key, data), log });
+  } catch (err) {
+    unwatchControls();
+    hsm.close();
+    const msg = `cannot open the audit log in ${config.audit.dir}: ${errorMessage(err)}`;
+    log.fatal({ err: msg }, "cannot start");
+    log.flush();
+    throw new StartError(msg, { cause: err });
+  }
   const events = new EventEmitter();
   const tunnels = new TunnelSet(config.tunnels, config.socket, log);
   const ctx: AgentOpContext = {
@@ -108,6 +122,7 @@ export async function runAgent(
     healthKey: config.healthKey,
     keyStores: allowListMap(config.keyStores),
     agentId: config.agentId,
+    audit: () => ({ head: audit.head(), problem: audit.problem(), refusing: audit.refusing() }),
     isKeyDisabled: (label) => controls.isKeyDisabled(label),
     tunnels: () =>
       tunnels.states().map((t) => ({
@@ -121,16 +136,18 @@ export async function runAgent(
         nodelayExec: t.nodelayExec,
       })),
   };
-  const onOperation = (rec: OperationRecord) => {
-    // The audit log records key operations. Health checks (the proxies' background
-    // refreshes, every few seconds; KMS's own health calls are answered from the
-    // proxy's cache) stay in the operational log and the dashboard feed.
+  // The audit log records key operations. Health checks (the proxies' background
+  // refreshes, every few seconds; KMS's own health calls are answered from the
+  // proxy's cache) stay in the operational log and the dashboard feed.
+  const auditRecord = (rec: OperationRecord) => {
     if (rec.operation !== "GetHealthStatus") audit.append(rec);
+  };
+  const onOperation = (rec: OperationRecord) => {
     events.emit("operation", rec);
   };
   const server = await startAgentServer(
     config.socket,
-    { ctx, token: config.proxyToken, controls, log, onOperation },
+    { ctx, token: config.proxyToken, controls, log, audit: auditRecord, onOperation },
     { identity: config.identity, pins: config.proxyIdentities },
   );
   let dashboard: Dashboard | undefined;
@@ -177,5 +194,5 @@ export async function runAgent(
     );
     log.flush();
   };
-  return { config, hsm, controls, server, tunnels, events, dashboard, log, reload, stop };
+  return { config, hsm, controls, server, tunnels, events, audit, dashboard, log, reload, stop };
 }

@@ -57,6 +57,12 @@ export interface AgentServiceDeps {
   token: string;
   controls: Controls;
   log: Logger;
+  /**
+   * Records a finished operation before its answer leaves and before its log
+   * line; throws when the record could not be written whole, and the call is
+   * then refused (INVALID_STATE) whatever its outcome was.
+   */
+  audit?: (rec: OperationRecord) => void;
   /** Called once per finished operation (audit log, dashboard feed). */
   onOperation?: (rec: OperationRecord) => void;
 }
@@ -117,10 +123,19 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         sourceVpce: md(m?.awsSourceVpce),
         keyStore: md(m?.keyStore),
       };
-      const finish = (result: string, detail?: string) => {
+      /** Records the call (audit, then log line, then feed); returns the refusal to answer with if the audit record failed. */
+      const finish = (result: string, detail?: string): AgentError | undefined => {
         const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
         const full: OperationRecord = { ...rec, result, latencyMs: Math.round(latencyMs * 1000) / 1000 };
-        const level = result === "OK" ? "info" : result === "INTERNAL" || result === "HSM_UNAVAILABLE" ? "error" : "warn";
+        let refused: AgentError | undefined;
+        try {
+          deps.audit?.(full);
+        } catch (err) {
+          refused = new AgentError("INVALID_STATE", `refused: ${errorMessage(err)}`);
+        }
+        const outcome = refused ? "INVALID_STATE" : result;
+        const why = refused ? `${refused.message} (the operation's own result was ${result})` : detail;
+        const level = outcome === "OK" ? "info" : outcome === "INTERNAL" || outcome === "HSM_UNAVAILABLE" || refused ? "error" : "warn";
         log[level](
           {
             op: operation,
@@ -130,12 +145,19 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
             principal: full.principal,
             keyStore: full.keyStore,
             latencyMs: full.latencyMs,
-            result,
-            ...(detail ? { detail: capField(detail, MAX_METADATA_CHARS) } : {}),
+            result: outcome,
+            ...(why ? { detail: capField(why, MAX_METADATA_CHARS) } : {}),
           },
           "operation",
         );
-        deps.onOperation?.(full);
+        deps.onOperation?.(refused ? { ...full, result: outcome } : full);
+        return refused;
+      };
+      const refuse = (ae: AgentError) => {
+        const md = new grpc.Metadata();
+        md.set(REASON_METADATA_KEY, ae.reason);
+        // The status details carry the reason only; the detail stays in the owner's log.
+        callback({ code: REASONS[ae.reason].grpc, details: ae.reason, metadata: md });
       };
 
       if (!authorized(call.metadata.get(AGENT_TOKEN_METADATA_KEY)[0])) {
@@ -149,15 +171,12 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         res = run(req);
       } catch (err) {
         const ae = err instanceof AgentError ? err : new AgentError("INTERNAL", errorMessage(err), { cause: err });
-        const md = new grpc.Metadata();
-        md.set(REASON_METADATA_KEY, ae.reason);
-        finish(ae.reason, ae.message);
-        // The status details carry the reason only; the detail stays in the owner's log.
-        callback({ code: REASONS[ae.reason].grpc, details: ae.reason, metadata: md });
+        refuse(finish(ae.reason, ae.message) ?? ae);
         return;
       }
-      finish("OK");
-      callback(null, res);
+      const refused = finish("OK");
+      if (refused) refuse(refused);
+      else callback(null, res);
     };
   }
 
