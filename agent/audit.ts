@@ -385,7 +385,10 @@ export class AuditLog extends EventEmitter {
       }
       const code = (err as NodeJS.ErrnoException).code;
       const why = `audit record not written (${code ?? (err as Error).message}${done > 0 ? `, ${done} of ${bytes.length} bytes` : ""})${cut}`;
-      if (this.writeProblem !== why) this.deps.log.error({ segment: segmentName(this.segment) }, why);
+      if (this.writeProblem !== why) {
+        this.deps.log.error({ segment: segmentName(this.segment) }, why);
+        this.deps.log.flush();
+      }
       this.writeProblem = why;
       throw new AuditWriteError(why, { cause: err });
     }
