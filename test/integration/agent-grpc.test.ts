@@ -483,17 +483,28 @@ async function hsmCallsDuring(fn: () => Promise<unknown>): Promise<number> {
   const hsm = t.agent.hsm as unknown as Record<string, (...args: unknown[]) => unknown>;
   const methods = ["key", "run", "runWithKey", "listKeys"];
   let calls = 0;
+  // The audit log's checkpoint timer seals with the HSM in the background: not the request's doing.
+  let sealing = 0;
+  const seal = hsm.hmacSha256;
+  hsm.hmacSha256 = function (this: unknown, ...args: unknown[]) {
+    sealing++;
+    try {
+      return seal.apply(this, args);
+    } finally {
+      sealing--;
+    }
+  };
   for (const m of methods) {
     const original = hsm[m];
     hsm[m] = function (this: unknown, ...args: unknown[]) {
-      calls++;
+      if (sealing === 0) calls++;
       return original.apply(this, args);
     };
   }
   try {
     await fn();
   } finally {
-    for (const m of methods) delete hsm[m];
+    for (const m of [...methods, "hmacSha256"]) delete hsm[m];
   }
   return calls;
 }
