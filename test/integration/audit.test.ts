@@ -31,7 +31,10 @@ import { type Fields, GENESIS, type LineType, makeLine, parseLine, segmentName }
 import { searchAudit, tailAudit } from "../../agent/audit/read.ts";
 import { verifyAudit, witnessesFromProxyLog } from "../../agent/audit/verify.ts";
 import type { OperationRecord } from "../../agent/server.ts";
+import { parseAgentConfig } from "../../agent/config.ts";
+import type { ConfigError } from "../../shared/config.ts";
 import { createLogger } from "../../shared/logging.ts";
+import { minimalAgentConfig } from "../../testbed/configs.ts";
 import { auditLines, auditOps, auditText } from "../../testbed/audit.ts";
 import { AUDIT_KEY, TEST_KEYS } from "../../testbed/hsm.ts";
 import { agentClient } from "../../testbed/grpc-client.ts";
@@ -521,6 +524,68 @@ describe("the running agent", () => {
       c.close();
       await proxy.close();
     }
+  });
+});
+
+describe("segments and retention", () => {
+  test("a segment is closed at the end of each UTC day; the chain continues into the next", async () => {
+    const dir = join(root, `days-${++seq}`);
+    let now = new Date("2026-03-01T23:59:59.000Z");
+    const log = new AuditLog(settings(dir), { seal, log: SILENT, now: () => now });
+    log.append(record(1));
+    now = new Date("2026-03-02T00:00:01.000Z");
+    log.append(record(2));
+    log.close();
+    const segs = listSegments(dir);
+    assert.equal(segs.length, 2);
+    assert.ok(readFileSync(segs[1].path, "utf8").includes('"kmsRequestId":"req-2"'));
+    assert.deepEqual(await problemsOf(dir), []);
+  });
+
+  test("retention removes the oldest segments after recording it; what remains verifies; a further deletion does not", async () => {
+    const dir = makeLog(400, { keepBytes: 40 * 1024 });
+    const segs = listSegments(dir);
+    assert.ok(segs[0].segment > 1, "old segments were removed");
+    const ev = auditLines(dir).filter((l) => l.t === "ev" && l.event === "retention");
+    assert.ok(ev.length > 0, "the removal is recorded");
+    const r = await verifyAudit(dir, { mac: seal });
+    assert.deepEqual(r.problems, []);
+    const total = segs.reduce((a, x) => a + statSync(x.path).size, 0);
+    assert.ok(total <= 40 * 1024 + 16 * 1024 + 4096, `${total} bytes kept`);
+    // Someone deletes the oldest remaining segment too: no retention record covers it.
+    unlinkSync(segs[0].path);
+    const problems = await problemsOf(dir);
+    assert.ok(
+      problems.some((p) => /no retention record/.test(p)),
+      problems.join(" | "),
+    );
+  });
+
+  test("config: every audit field is checked and named with the file", () => {
+    const dir = join(root, `cfg-${++seq}`);
+    mkdirSync(dir);
+    const file = join(dir, "agent.json");
+    const bad = minimalAgentConfig(dir, {
+      healthKey: "xks-health",
+      audit: { key: "xks-health", fsync: "always", segmentKiB: 1, checkpointMs: 5000, keepGiB: -1, color: "red" },
+      keyStores: [{ keyStore: "/example/prefix", keys: ["k1", "xks-audit"] }],
+    });
+    assert.throws(
+      () => parseAgentConfig(bad, file, {}),
+      (err: ConfigError) => {
+        const text = err.message;
+        for (const field of ["audit.key", "audit.fsync", "audit.segmentKiB", "audit.checkpointMs", "audit.keepGiB", "audit.color"])
+          assert.ok(text.includes(field), `${field} named in: ${text}`);
+        assert.ok(text.includes(file));
+        return true;
+      },
+    );
+    const legacy = parseAgentConfig(minimalAgentConfig(dir, { auditLog: "old/audit" }), file, {});
+    assert.equal(legacy.audit.dir, join(dir, "old/audit"));
+    assert.equal(legacy.audit.key, "xks-audit");
+    assert.equal(legacy.audit.fsync, "checkpoint");
+    const listed = parseAgentConfig.bind(null, minimalAgentConfig(dir, { keyStores: [{ keyStore: "/p", keys: ["xks-audit"] }] }), file, {});
+    assert.throws(listed, /keyStores\[0\]\.keys\[0\]: is the audit key/);
   });
 });
 
