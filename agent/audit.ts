@@ -11,10 +11,12 @@
  * - A record is written whole or not at all: a write that fails or comes up
  *   short is cut back to the previous end and append() throws, so the caller
  *   refuses the operation. The next append tries again.
- * - Durability (`fsync`): "checkpoint" (default) fdatasyncs at every
- *   checkpoint, "record" after every record. Every write is a synchronous
- *   write(2), so a crash of the agent loses nothing that was acknowledged;
- *   with "checkpoint", power loss may lose up to `checkpointMs` of records.
+ * - Durability (`fsync`): "checkpoint" (default) starts an fdatasync at
+ *   every checkpoint (on the thread pool; it does not hold the answers),
+ *   "record" fdatasyncs after every record before its answer leaves. Every
+ *   write is a synchronous write(2) before the answer, so a crash of the agent
+ *   loses nothing that was acknowledged; with "checkpoint", a power loss may
+ *   lose the records of the last `checkpointMs` plus one flush.
  * - Every `checkpointMs` (when records were added) and at close, a `cp` record
  *   is sealed with HMAC-SHA256 on the HSM; `head` is the newest sealed one.
  * - On the same timer the open segment is compared with what is at its path:
@@ -27,6 +29,7 @@
 import { EventEmitter } from "node:events";
 import {
   closeSync,
+  fdatasync,
   fdatasyncSync,
   fstatSync,
   ftruncateSync,
@@ -221,10 +224,15 @@ export class AuditLog extends EventEmitter {
     }
     this.sealedN = this.n;
     this.sealProblem = undefined;
-    try {
-      if (this.settings.fsync === "checkpoint") fdatasyncSync(this.fd);
-    } catch (err) {
-      this.writeProblem = `audit fsync failed: ${(err as Error).message}`;
+    if (this.settings.fsync === "checkpoint") {
+      // On libuv's thread pool, so that the disk's flush time never stalls the operations being answered.
+      const fd = this.fd;
+      fdatasync(fd, (err) => {
+        if (err && fd === this.fd && !this.closed) {
+          this.writeProblem = `audit fdatasync failed: ${err.message}`;
+          this.deps.log.error({ segment: segmentName(this.segment) }, this.writeProblem);
+        }
+      });
     }
     this.lastHead = { records: this.n, hash: this.prev, mac: macHex };
     this.emit("head", this.lastHead);
