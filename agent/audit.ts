@@ -162,6 +162,8 @@ export class AuditLog extends EventEmitter {
   private sealProblem: string | undefined;
   private writeProblem: string | undefined;
   private lastHead: AuditHead | undefined;
+  private doorCount = 0;
+  private doorSample: Fields | undefined;
   readonly startStats: StartStats = { filesOpened: 0, bytesRead: 0 };
   private readonly now: () => Date;
 
@@ -199,14 +201,43 @@ export class AuditLog extends EventEmitter {
     this.write("op", fields);
   }
 
+  /**
+   * A call refused at the door (no or a wrong agent token): not recorded
+   * verbatim. Calls are counted, and the next checkpoint records the count
+   * with the first call as a sample, every field cut to 128 characters.
+   */
+  noteUnauthenticated(rec: OperationRecord): void {
+    this.doorCount++;
+    if (this.doorSample === undefined) {
+      const cut = (v: string) => (v.length <= 128 ? v : `${v.slice(0, 128)}…[${v.length} chars]`);
+      this.doorSample = {
+        time: rec.time,
+        operation: rec.operation,
+        kmsRequestId: cut(rec.kmsRequestId),
+        keyId: cut(rec.keyId),
+        principal: cut(rec.principal),
+      };
+    }
+  }
+
   /** Records an event of the log itself (start, stop, quarantine, lost segment, retention). */
   event(event: string, detail: string): void {
     this.write("ev", { time: this.now().toISOString(), event, detail });
   }
 
-  /** Seals a checkpoint now if records were added since the last one. */
+  /** Records the calls refused at the door since the last checkpoint, then seals a checkpoint if records were added. */
   checkpoint(): void {
-    if (this.closed || this.n === this.sealedN) return;
+    if (this.closed) return;
+    if (this.doorCount > 0) {
+      try {
+        this.event("unauthenticated", JSON.stringify({ count: this.doorCount, sample: this.doorSample }));
+        this.doorCount = 0;
+        this.doorSample = undefined;
+      } catch {
+        /* writeProblem says why; counted on */
+      }
+    }
+    if (this.n === this.sealedN) return;
     let mac: Buffer;
     try {
       mac = this.deps.seal(checkpointMessage(this.n + 1, this.prev));

@@ -139,8 +139,10 @@ export async function runAgent(
   // The audit log records key operations. Health checks (the proxies' background
   // refreshes, every few seconds; KMS's own health calls are answered from the
   // proxy's cache) stay in the operational log and the dashboard feed.
+  // Calls refused at the door (no or a wrong token) are counted and sampled, not written one by one.
   const auditRecord = (rec: OperationRecord) => {
-    if (rec.operation !== "GetHealthStatus") audit.append(rec);
+    if (rec.result === "UNAUTHENTICATED") audit.noteUnauthenticated(rec);
+    else if (rec.operation !== "GetHealthStatus") audit.append(rec);
   };
   const onOperation = (rec: OperationRecord) => {
     events.emit("operation", rec);

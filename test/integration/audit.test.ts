@@ -479,6 +479,37 @@ describe("the running agent", () => {
     }
   });
 
+  test("calls refused at the door are counted and sampled at the next checkpoint, not written one by one", async () => {
+    const c = agentClient(t.target, t.token);
+    try {
+      const before = auditLines(t.config.audit.dir).length;
+      for (let i = 0; i < 5; i++)
+        await c
+          .call(
+            "Encrypt",
+            {
+              metadata: agentMetadata("Encrypt", { kmsRequestId: `door-${i}`, kmsKeyArn: "A".repeat(2000) }),
+              keyId: "foo",
+              plaintext: Buffer.from("x"),
+            },
+            { token: "not-the-token" },
+          )
+          .catch(() => {});
+      t.agent.audit.checkpoint();
+      const added = auditLines(t.config.audit.dir).slice(before);
+      assert.ok(!added.some((l) => l.t === "op" && l.result === "UNAUTHENTICATED"), "no record per refused call");
+      const counted = added.filter((l) => l.t === "ev" && l.event === "unauthenticated").map((l) => JSON.parse(String(l.detail)));
+      assert.equal(
+        counted.reduce((a, x) => a + x.count, 0),
+        5,
+      );
+      assert.match(counted[0].sample.kmsRequestId, /^door-/);
+      for (const l of added) assert.ok(JSON.stringify(l).length < 2000, "no attacker-sized field");
+    } finally {
+      c.close();
+    }
+  });
+
   test("the proxy logs the audit head; verify --against finds a rollback of the owner's files", async () => {
     const proxy = await startProxy({ agents: [{ id: "owner-mac", target: t.target, token: t.token }] });
     const c = agentClient(t.target, t.token);
