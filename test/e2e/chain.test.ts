@@ -204,7 +204,7 @@ describe("the tunnel", () => {
     const dir = join(chain.dir, "wrong-hostkey");
     raw.tunnels[0].hostKeyFingerprint = wrongFp;
     raw.tunnels[0].remoteSocket = join(dir, "remote.sock");
-    Object.assign(raw, { socket: join(dir, "agent.sock"), stateFile: join(dir, "controls.json"), auditLog: join(dir, "audit.log") });
+    Object.assign(raw, { socket: join(dir, "agent.sock"), stateFile: join(dir, "controls.json"), audit: { dir: join(dir, "audit") } });
     const logs = new LogCapture();
     const agent = await runAgent(parseAgentConfig(raw, chain.agentConfigFile), { destination: logs });
     try {
