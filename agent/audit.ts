@@ -366,6 +366,8 @@ export class AuditLog extends EventEmitter {
       closeSync(this.fd);
     }
     const path = this.segmentPath(segment);
+    // The directory too may have been removed while the agent ran.
+    mkdirSync(this.settings.dir, { recursive: true, mode: 0o700 });
     this.fd = openSync(path, "wx", 0o600);
     const st = fstatSync(this.fd);
     this.size = 0;

@@ -12,12 +12,18 @@ export function auditText(dir: string): string {
     .join("");
 }
 
-/** Every line, parsed; `t` is the line's type ("seg", "op", "ev", "cp"). */
+/** Every line that is JSON, parsed; `t` is the line's type ("seg", "op", "ev", "cp"). Damage is verify's to report. */
 export function auditLines(dir: string): Array<Record<string, unknown> & { n: number; t: string }> {
   return auditText(dir)
     .split("\n")
     .filter(Boolean)
-    .map((l) => JSON.parse(l));
+    .flatMap((l) => {
+      try {
+        return [JSON.parse(l)];
+      } catch {
+        return [];
+      }
+    });
 }
 
 /** The operation records (type "op"). */

@@ -16,6 +16,7 @@ import {
   openSync,
   readdirSync,
   readFileSync,
+  renameSync,
   rmSync,
   statSync,
   truncateSync,
@@ -24,7 +25,7 @@ import {
   writeSync,
 } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { AuditLog, type AuditSettings, listSegments, TAIL_WINDOW_BYTES } from "../../agent/audit.ts";
 import { type Fields, GENESIS, type LineType, makeLine, parseLine, segmentName } from "../../agent/audit/format.ts";
@@ -474,6 +475,30 @@ describe("the running agent", () => {
         problems.some((p) => /missing and no retention record/.test(p.why)),
         JSON.stringify(problems),
       );
+    } finally {
+      c.close();
+    }
+  });
+
+  test("the open segment replaced by another file, then the whole directory removed: both noticed, serving continues", async () => {
+    const c = agentClient(t.target, t.token);
+    try {
+      const enc = (id: string) =>
+        c.call("Encrypt", { metadata: agentMetadata("Encrypt", { kmsRequestId: id }), keyId: t.keys.default, plaintext: Buffer.from("x") });
+      await enc("before-replace");
+      const open = t.agent.audit.state().path;
+      const replaced = nextEvent<string>(t.agent.audit, "lost", () => true, "the agent to notice the replaced segment");
+      writeFileSync(`${open}.new`, "forged\n");
+      renameSync(`${open}.new`, open);
+      assert.equal(await replaced, basename(open));
+      await enc("after-replace");
+      const lines = auditLines(t.config.audit.dir);
+      assert.ok(lines.some((l) => l.t === "ev" && l.event === "segment-lost" && /was replaced while open/.test(String(l.detail))));
+      const gone = nextEvent<string>(t.agent.audit, "lost", () => true, "the agent to notice the removed directory");
+      rmSync(t.config.audit.dir, { recursive: true, force: true });
+      await gone;
+      await enc("after-rmdir");
+      assert.ok(auditOps(t.config.audit.dir).some((o) => o.kmsRequestId === "after-rmdir"));
     } finally {
       c.close();
     }
