@@ -218,6 +218,22 @@ const HSM_ITEMS: CheckItem[] = [
       return `${cfg.healthKey}: an encrypt and decrypt round trip works`;
     },
   },
+  {
+    name: "the audit key seals checkpoints (HMAC-SHA256 in the HSM)",
+    needs: "hsm",
+    run: (s) => {
+      const key = s.config!.audit.key;
+      try {
+        s.hsm().hmacSha256(key, Buffer.from("xks-agent check"));
+      } catch (err) {
+        throw new CheckFailure(
+          `${key}: ${errorMessage(err)}`,
+          `create it: xks-agent keys create --config ${s.file} --type audit --label ${key}`,
+        );
+      }
+      return `${key}: sensitive, never extractable, signs with CKM_SHA256_HMAC`;
+    },
+  },
 ];
 
 function keyItems(s: CheckSession): CheckItem[] {

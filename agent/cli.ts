@@ -7,7 +7,11 @@
  *   xks-agent keys list    --config FILE                 every key: attributes, served or not and why
  *   xks-agent keys disable|enable --config FILE --label L   per-key switch (metadata DISABLED, crypto refused)
  *   xks-agent pause|resume --config FILE                 cut KMS off / let it back in, at once
- *   xks-agent audit verify --config FILE                 check the audit log's hash chain
+ *   xks-agent keys create  --config FILE --type audit --label L   the audit log's HMAC key (sensitive, never extractable)
+ *   xks-agent audit verify --config FILE [--against PROXY_LOG]   check every segment, chain, checkpoint MAC (HSM) and witness
+ *   xks-agent audit tail   --config FILE [-n N]           the last N records
+ *   xks-agent audit search --config FILE [--request-id ID] [--principal ARN] [--key L] [--result R] [--since T] [--until T]
+ *   xks-agent audit export --config FILE --out FILE [--since T] [--until T]   the records' exact lines, across segments
  *   xks-agent policy test  --config FILE --request R     the owner's decision on a sample request (R: JSON file), and the rule
  *   xks-agent dashboard    --config FILE                 print the dashboard's URL with its token (for the owner only)
  *   xks-agent identity new --out PATH                    write this agent's channel identity: PATH.key (0600) and PATH.crt
@@ -17,12 +21,15 @@ import { Checker, ConfigError, readJsonFile } from "../shared/config.ts";
 import { createLogger } from "../shared/logging.ts";
 import { errorMessage } from "../shared/errors.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
-import { verifyAuditLog } from "./audit.ts";
+import { createWriteStream, readFileSync } from "node:fs";
+import { once } from "node:events";
+import { verifyAudit, witnessesFromProxyLog } from "./audit/verify.ts";
+import { type AuditFilter, searchAudit, tailAudit } from "./audit/read.ts";
 import { loadAgentConfig, type AgentConfig } from "./config.ts";
 import { Controls } from "./controls.ts";
 import { dashboardUrl } from "./dashboard.ts";
 import { Hsm } from "./hsm/hsm.ts";
-import { createKey, describeKey, parseUsage } from "./keys.ts";
+import { createAuditKey, createKey, describeKey, parseUsage } from "./keys.ts";
 import { runChecks } from "./check.ts";
 import { runAgent, StartError } from "./main.ts";
 import { allowListMap, decideRequest, loadPolicyFile, MATCH_FIELDS, type PolicyRequest, type ServingPolicy } from "./policy.ts";
@@ -30,11 +37,14 @@ import { allowListMap, decideRequest, loadPolicyFile, MATCH_FIELDS, type PolicyR
 const USAGE = `usage:
   xks-agent run --config FILE
   xks-agent check --config FILE
-  xks-agent keys create --config FILE --label LABEL [--usage encrypt,decrypt]
+  xks-agent keys create --config FILE --label LABEL [--usage encrypt,decrypt] [--type aes|audit]
   xks-agent keys list --config FILE
   xks-agent keys disable|enable --config FILE --label LABEL
   xks-agent pause|resume --config FILE
-  xks-agent audit verify --config FILE
+  xks-agent audit verify --config FILE [--against PROXY_LOG_FILE] [--agent-id ID]
+  xks-agent audit tail --config FILE [-n N]
+  xks-agent audit search --config FILE [--request-id ID] [--principal ARN] [--key LABEL] [--result R] [--since ISO] [--until ISO]
+  xks-agent audit export --config FILE --out FILE [--since ISO] [--until ISO]
   xks-agent policy test --config FILE --request REQUEST.json
   xks-agent dashboard --config FILE
   xks-agent identity new --out PATH`;
@@ -63,6 +73,16 @@ export async function main(argv: string[]): Promise<number> {
       usage: { type: "string", default: "encrypt,decrypt" },
       out: { type: "string" },
       request: { type: "string" },
+      type: { type: "string", default: "aes" },
+      against: { type: "string" },
+      "agent-id": { type: "string" },
+      lines: { type: "string", short: "n", default: "20" },
+      "request-id": { type: "string" },
+      principal: { type: "string" },
+      key: { type: "string" },
+      result: { type: "string" },
+      since: { type: "string" },
+      until: { type: "string" },
       help: { type: "boolean", short: "h" },
     },
   });
@@ -137,7 +157,10 @@ export async function main(argv: string[]): Promise<number> {
     }
     case "keys create": {
       const label = needLabel();
-      const info = withHsm(config, (hsm) => createKey(hsm, label, parseUsage(values.usage!)));
+      if (values.type !== "aes" && values.type !== "audit") throw new Error("--type must be aes or audit");
+      const info = withHsm(config, (hsm) =>
+        values.type === "audit" ? createAuditKey(hsm, label) : createKey(hsm, label, parseUsage(values.usage!)),
+      );
       console.log(JSON.stringify(describeKey(info, servingPolicy(config))));
       return 0;
     }
@@ -159,9 +182,65 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     case "audit verify": {
-      const r = verifyAuditLog(config.auditLog);
-      console.log(r.ok ? `audit log intact: ${r.records} records` : `audit log BROKEN at line ${r.line}: ${r.why}`);
-      return r.ok ? 0 : 1;
+      const against = values.against ? witnessesFromProxyLog(readFileSync(values.against, "utf8"), values["agent-id"]) : undefined;
+      if (values.against) console.log(`witnesses: ${against!.length} audit heads in ${values.against}`);
+      const hsm = new Hsm(config.pkcs11, createLogger({ level: "warn", name: "xks-agent" }, process.stderr));
+      let mac: ((data: Buffer) => Buffer) | undefined;
+      try {
+        hsm.open();
+        hsm.hmacSha256(config.audit.key, Buffer.from("probe"));
+        mac = (data) => hsm.hmacSha256(config.audit.key, data);
+      } catch (err) {
+        console.log(`checkpoint MACs NOT checked: the audit key ${config.audit.key} cannot be used (${errorMessage(err)})`);
+      }
+      try {
+        const r = await verifyAudit(config.audit.dir, {
+          mac,
+          against,
+          onProgress: (done, total) => {
+            if (total > 256 << 20) process.stderr.write(`verified ${(done / 2 ** 20).toFixed(0)} of ${(total / 2 ** 20).toFixed(0)} MiB\n`);
+          },
+        });
+        for (const p of r.problems) console.log(`BROKEN ${p.segment}${p.line ? ` line ${p.line}` : ""}: ${p.why}`);
+        console.log(
+          `${r.ok ? "audit log intact" : "audit log BROKEN"}: ${r.records} records in ${r.segments} segments, ${r.checkpoints} checkpoints` +
+            `${r.macChecked ? " (MACs checked with the HSM)" : " (MACs not checked)"}, ${r.unsealed} records after the last checkpoint` +
+            `${against ? `, ${r.witnessesChecked} witnessed heads matched against the log` : ""}; head ${r.head.records} ${r.head.hash}`,
+        );
+        return r.ok && mac !== undefined ? 0 : 1;
+      } finally {
+        hsm.close();
+      }
+    }
+    case "audit tail": {
+      const n = Number(values.lines);
+      if (!Number.isInteger(n) || n < 1) throw new Error("-n must be a positive integer");
+      for (const line of await tailAudit(config.audit.dir, n)) process.stdout.write(`${line.toString("utf8")}\n`);
+      return 0;
+    }
+    case "audit search":
+    case "audit export": {
+      const filter: AuditFilter = {
+        requestId: values["request-id"],
+        principal: values.principal,
+        key: values.key,
+        result: values.result,
+        since: values.since,
+        until: values.until,
+      };
+      if (sub === "export" && !values.out) throw new Error("--out FILE is required");
+      const out = sub === "export" ? createWriteStream(values.out!, { flags: "wx", mode: 0o600 }) : process.stdout;
+      let count = 0;
+      for await (const line of searchAudit(config.audit.dir, filter)) {
+        count++;
+        if (!out.write(Buffer.concat([line, Buffer.from("\n")]))) await once(out, "drain");
+      }
+      if (sub === "export") {
+        (out as ReturnType<typeof createWriteStream>).end();
+        await once(out, "finish");
+        console.log(`exported ${count} lines to ${values.out}`);
+      }
+      return 0;
     }
     case "policy test": {
       if (!values.request) {

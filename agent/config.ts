@@ -23,7 +23,13 @@
  *                                                  //   reloaded when the file changes and on SIGHUP
  *   "ciphertextMetadata": "xks-agent/1",           // returned by Encrypt, <= 20 bytes (UTF-8)
  *   "stateFile": "state/controls.json",            // the owner's pause switch and disabled keys
- *   "auditLog": "state/audit.log",                 // hash-chained record of every operation
+ *   "audit": {                                     // the record of every key operation (agent/audit.ts)
+ *     "dir": "state/audit",                        //   its segments (audit-NNNNNN.log); "auditLog" is an older name of this field
+ *     "key": "xks-audit",                          //   label of the HMAC key on the token (`keys create --type audit`)
+ *     "segmentKiB": 65536,                         //   a segment is closed past this size, and at the end of each UTC day
+ *     "checkpointMs": 250,                         //   a sealed checkpoint at most this long after a record
+ *     "fsync": "checkpoint",                       //   or "record": fdatasync at each checkpoint or after every record
+ *     "keepDays": 400, "keepGiB": 50 },            //   optional retention: older / beyond this, closed segments are removed
  *   "dashboard": { "port": 7420 },                 // optional local dashboard on 127.0.0.1
  *   "tunnels": [ { "name": "ec2-a", "host": "ec2.example.com", "port": 22, "username": "xks-tunnel",
  *                  "privateKey": {"file": "id_ed25519"}, "hostKeyFingerprint": "SHA256:…",
@@ -40,6 +46,7 @@ import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, MAX_CIPHERTEXT_METADATA_BYTES, prefixProblem } from "../shared/xks-spec.ts";
+import type { AuditSettings } from "./audit.ts";
 import type { KeyStoreAllowList } from "./policy.ts";
 import type { TunnelTarget } from "./tunnel.ts";
 
@@ -61,7 +68,7 @@ export interface AgentConfig {
   policy?: string;
   ciphertextMetadata: Buffer;
   stateFile: string;
-  auditLog: string;
+  audit: AuditSettings;
   dashboard?: { host: string; port: number };
   tunnels: TunnelTarget[];
   /** Key operations waiting at most (agent/admission.ts). */
@@ -91,6 +98,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     "ciphertextMetadata",
     "stateFile",
     "auditLog",
+    "audit",
     "dashboard",
     "tunnels",
     "maxQueued",
@@ -177,6 +185,12 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     hint: "a key label of [a-zA-Z0-9._-]",
   });
   const keyStores = parseKeyStores(c, root, healthKey);
+  const audit = parseAudit(c, root);
+  if (audit.key === healthKey) c.problem("audit.key", "is the health key (healthKey); the audit key is a key of its own");
+  keyStores.forEach((s, i) => {
+    const j = s.keys.indexOf(audit.key);
+    if (j >= 0) c.problem(`keyStores[${i}].keys[${j}]`, "is the audit key (audit.key); the audit key is never served to KMS");
+  });
   const log = c.object(root.log ?? {}, "log");
   const cfg: AgentConfig = {
     file,
@@ -191,7 +205,7 @@ export function parseAgentConfig(raw: unknown, file: string, env: NodeJS.Process
     ...(root.policy !== undefined ? { policy: c.path(root, "policy", "") } : {}),
     ciphertextMetadata,
     stateFile: c.path(root, "stateFile", "", "state/controls.json"),
-    auditLog: c.path(root, "auditLog", "", "state/audit.log"),
+    audit,
     dashboard,
     tunnels,
     maxQueued: c.int(root, "maxQueued", "", { default: 256, min: 1, max: 100_000 }),
@@ -233,6 +247,30 @@ function parseKeyStores(c: Checker, root: Record<string, unknown>, healthKey: st
     });
     return { keyStore, keys: [...keys] };
   });
+}
+
+/** `audit` (and its older `auditLog`, the directory alone). */
+function parseAudit(c: Checker, root: Record<string, unknown>): AuditSettings {
+  const a = c.object(root.audit ?? {}, "audit");
+  c.noUnknown(a, "audit", ["dir", "key", "segmentKiB", "checkpointMs", "fsync", "keepDays", "keepGiB"]);
+  if (root.auditLog !== undefined && a.dir !== undefined) c.problem("auditLog", 'give "audit.dir" only ("auditLog" is its older name)');
+  const dir = a.dir !== undefined ? c.path(a, "dir", "audit") : c.path(root, "auditLog", "", "state/audit");
+  const fsync = c.string(a, "fsync", "audit", {
+    default: "checkpoint",
+    pattern: /^(checkpoint|record)$/,
+    hint: '"checkpoint" or "record"',
+  });
+  const keepGiB = a.keepGiB;
+  if (keepGiB !== undefined && (typeof keepGiB !== "number" || !(keepGiB > 0))) c.problem("audit.keepGiB", "must be a number > 0");
+  return {
+    dir,
+    key: c.string(a, "key", "audit", { default: "xks-audit", pattern: EXTERNAL_KEY_ID_RE, hint: "a key label of [a-zA-Z0-9._-]" }),
+    segmentBytes: c.int(a, "segmentKiB", "audit", { default: 65536, min: 16, max: 4 << 20 }) * 1024,
+    checkpointMs: c.int(a, "checkpointMs", "audit", { default: 250, min: 10, max: 1000 }),
+    fsync: fsync as AuditSettings["fsync"],
+    ...(a.keepDays !== undefined ? { keepDays: c.int(a, "keepDays", "audit", { min: 1 }) } : {}),
+    ...(typeof keepGiB === "number" && keepGiB > 0 ? { keepBytes: Math.floor(keepGiB * 2 ** 30) } : {}),
+  };
 }
 
 /**

@@ -52,6 +52,43 @@ export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): 
   return hsm.key(label);
 }
 
+/**
+ * The audit log's checkpoint key: a 256-bit generic secret for CKM_SHA256_HMAC
+ * (sign and verify only), sensitive and never extractable, so only the token
+ * can seal or check a checkpoint.
+ */
+export function createAuditKey(hsm: Hsm, label: string): KeyInfo {
+  if (!EXTERNAL_KEY_ID_RE.test(label)) throw new Error(`a key label must be ${EXTERNAL_KEY_ID_RULE}`);
+  try {
+    hsm.key(label);
+    throw new AgentError("INVALID_STATE", `a key labelled ${label} already exists`);
+  } catch (err) {
+    if (!(err instanceof AgentError) || err.reason !== "KEY_NOT_FOUND") throw err;
+  }
+  hsm.run("generate audit key", (p11, s) =>
+    p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_GENERIC_SECRET_KEY_GEN }, [
+      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
+      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_GENERIC_SECRET },
+      { type: pkcs11js.CKA_VALUE_LEN, value: 32 },
+      { type: pkcs11js.CKA_LABEL, value: label },
+      { type: pkcs11js.CKA_TOKEN, value: true },
+      { type: pkcs11js.CKA_PRIVATE, value: true },
+      { type: pkcs11js.CKA_SENSITIVE, value: true },
+      { type: pkcs11js.CKA_EXTRACTABLE, value: false },
+      { type: pkcs11js.CKA_MODIFIABLE, value: false },
+      { type: pkcs11js.CKA_SIGN, value: true },
+      { type: pkcs11js.CKA_VERIFY, value: true },
+      { type: pkcs11js.CKA_ENCRYPT, value: false },
+      { type: pkcs11js.CKA_DECRYPT, value: false },
+      { type: pkcs11js.CKA_WRAP, value: false },
+      { type: pkcs11js.CKA_UNWRAP, value: false },
+      { type: pkcs11js.CKA_DERIVE, value: false },
+    ]),
+  );
+  hsm.forgetKeys();
+  return hsm.key(label);
+}
+
 export interface KeyDescription {
   label: string;
   type: string;
@@ -68,7 +105,8 @@ export interface KeyDescription {
 
 /** One line of `keys list`: the key's attributes and whether, where and (if not) why not it is served. */
 export function describeKey(k: KeyInfo, policy: ServingPolicy): KeyDescription {
-  const type = k.keyType === pkcs11js.CKK_AES ? "AES" : `0x${k.keyType.toString(16)}`;
+  const type =
+    k.keyType === pkcs11js.CKK_AES ? "AES" : k.keyType === pkcs11js.CKK_GENERIC_SECRET ? "GENERIC_SECRET" : `0x${k.keyType.toString(16)}`;
   const usage = Object.entries(k.usage)
     .filter(([, on]) => on)
     .map(([n]) => n);

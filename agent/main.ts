@@ -16,6 +16,7 @@ import { allowListMap, LivePolicy } from "./policy.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
 import { ConfigError } from "../shared/config.ts";
+import { errorMessage } from "../shared/errors.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
@@ -45,6 +46,8 @@ export interface RunningAgent {
   tunnels: TunnelSet;
   /** Emits "operation" (OperationRecord) for every finished call. */
   events: EventEmitter;
+  /** The record of every key operation (agent/audit.ts). */
+  audit: AuditLog;
   dashboard: Dashboard | undefined;
   log: Logger;
   /**
@@ -115,7 +118,18 @@ export async function runAgent(
     log.flush();
   });
   controls.on("damaged", reportDamage);
-  const audit = new AuditLog(config.auditLog);
+  let audit: AuditLog;
+  try {
+    // Checkpoints are sealed with the audit key inside the HSM; while it cannot, health says so.
+    audit = new AuditLog(config.audit, { seal: (data) => hsm.hmacSha256(config.audit.key, data), log });
+  } catch (err) {
+    unwatchControls();
+    hsm.close();
+    const msg = `cannot open the audit log in ${config.audit.dir}: ${errorMessage(err)}`;
+    log.fatal({ err: msg }, "cannot start");
+    log.flush();
+    throw new StartError(msg, { cause: err });
+  }
   const events = new EventEmitter();
   const tunnels = new TunnelSet(config.tunnels, config.socket, log);
   const ctx: AgentOpContext = {
@@ -124,6 +138,7 @@ export async function runAgent(
     healthKey: config.healthKey,
     keyStores,
     agentId: config.agentId,
+    audit: () => ({ head: audit.head(), problem: audit.problem(), refusing: audit.refusing() }),
     isKeyDisabled: (label) => controls.isKeyDisabled(label),
     rules: () => policy.rules(),
     tunnels: () =>
@@ -138,16 +153,20 @@ export async function runAgent(
         nodelayExec: t.nodelayExec,
       })),
   };
+  // The audit log records key operations. Health checks (the proxies' background
+  // refreshes, every few seconds; KMS's own health calls are answered from the
+  // proxy's cache) stay in the operational log and the dashboard feed.
+  // Calls refused at the door (no or a wrong token) are counted and sampled, not written one by one.
+  const auditRecord = (rec: OperationRecord) => {
+    if (rec.result === "UNAUTHENTICATED") audit.noteUnauthenticated(rec);
+    else if (rec.operation !== "GetHealthStatus") audit.append(rec);
+  };
   const onOperation = (rec: OperationRecord) => {
-    // The audit log records key operations. Health checks (the proxies' background
-    // refreshes, every few seconds; KMS's own health calls are answered from the
-    // proxy's cache) stay in the operational log and the dashboard feed.
-    if (rec.operation !== "GetHealthStatus") audit.append(rec);
     events.emit("operation", rec);
   };
   const server = await startAgentServer(
     config.socket,
-    { ctx, token: config.proxyToken, controls, log, onOperation, maxQueued: config.maxQueued },
+    { ctx, token: config.proxyToken, controls, log, audit: auditRecord, onOperation, maxQueued: config.maxQueued },
     { identity: config.identity, pins: config.proxyIdentities },
   );
   let dashboard: Dashboard | undefined;
@@ -198,5 +217,5 @@ export async function runAgent(
     log.flush();
     policy.setFile(next.policy);
   };
-  return { config, hsm, controls, policy, server, tunnels, events, dashboard, log, reload, stop };
+  return { config, hsm, controls, policy, server, tunnels, events, audit, dashboard, log, reload, stop };
 }

@@ -67,6 +67,12 @@ export interface AgentServiceDeps {
   token: string;
   controls: Controls;
   log: Logger;
+  /**
+   * Records a finished operation before its answer leaves and before its log
+   * line; throws when the record could not be written whole, and the call is
+   * then refused (INVALID_STATE) whatever its outcome was.
+   */
+  audit?: (rec: OperationRecord) => void;
   /** Called once per finished operation (audit log, dashboard feed). */
   onOperation?: (rec: OperationRecord) => void;
   /** Key operations waiting at most (agent/admission.ts); default 256. */
@@ -142,11 +148,24 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         keyStore: md(m?.keyStore),
       };
       const note: PolicyNote = {};
-      const finish = (result: string, detail?: string, answered?: Pick<OperationRecord, "health">) => {
+      /** Records the call (audit, then log line, then feed); returns the refusal to answer with if the audit record failed. */
+      const finish = (result: string, detail?: string, answered?: Pick<OperationRecord, "health">): AgentError | undefined => {
         const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
         const full: OperationRecord = { ...rec, ...answered, result, latencyMs: Math.round(latencyMs * 1000) / 1000, ...note };
+        let refused: AgentError | undefined;
+        try {
+          deps.audit?.(full);
+        } catch (err) {
+          refused = new AgentError("INVALID_STATE", `refused: ${errorMessage(err)}`);
+        }
+        const outcome = refused ? "INVALID_STATE" : result;
+        const why = refused ? `${refused.message} (the operation's own result was ${result})` : detail;
         const level =
-          result === "OK" && !note.wouldDeny ? "info" : result === "INTERNAL" || result === "HSM_UNAVAILABLE" ? "error" : "warn";
+          outcome === "OK" && !note.wouldDeny
+            ? "info"
+            : outcome === "INTERNAL" || outcome === "HSM_UNAVAILABLE" || refused
+              ? "error"
+              : "warn";
         log[level](
           {
             op: operation,
@@ -156,13 +175,20 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
             principal: full.principal,
             keyStore: full.keyStore,
             latencyMs: full.latencyMs,
-            result,
+            result: outcome,
             ...note,
-            ...(detail ? { detail: capField(detail, MAX_METADATA_CHARS) } : {}),
+            ...(why ? { detail: capField(why, MAX_METADATA_CHARS) } : {}),
           },
           "operation",
         );
-        deps.onOperation?.(full);
+        deps.onOperation?.(refused ? { ...full, result: outcome } : full);
+        return refused;
+      };
+      const refuse = (ae: AgentError) => {
+        const md = new grpc.Metadata();
+        md.set(REASON_METADATA_KEY, ae.reason);
+        // The status details carry the reason only; the detail stays in the owner's log.
+        callback({ code: REASONS[ae.reason].grpc, details: ae.reason, metadata: md });
       };
 
       if (!authorized(call.metadata.get(AGENT_TOKEN_METADATA_KEY)[0])) {
@@ -172,11 +198,7 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       }
       const fail = (err: unknown) => {
         const ae = err instanceof AgentError ? err : new AgentError("INTERNAL", errorMessage(err), { cause: err });
-        const md = new grpc.Metadata();
-        md.set(REASON_METADATA_KEY, ae.reason);
-        finish(ae.reason, ae.message);
-        // The status details carry the reason only; the detail stays in the owner's log.
-        callback({ code: REASONS[ae.reason].grpc, details: ae.reason, metadata: md });
+        refuse(finish(ae.reason, ae.message) ?? ae);
       };
       const work = () => {
         let res: Res;
@@ -188,8 +210,9 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
           fail(err);
           return;
         }
-        finish("OK", undefined, opts.answered?.(res));
-        callback(null, res);
+        const refused = finish("OK", undefined, opts.answered?.(res));
+        if (refused) refuse(refused);
+        else callback(null, res);
       };
       if (!opts.queued) {
         work();

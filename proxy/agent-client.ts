@@ -285,6 +285,8 @@ interface Conn {
   /** The identity problem last logged for this agent (logged again only when it changes). */
   identityProblem?: string;
   gate: AgentGate;
+  /** The audit head last logged for this agent (logged again when it changes). */
+  auditLogged?: string;
 }
 
 export interface AgentPoolOptions {
@@ -541,6 +543,7 @@ export class AgentPool implements AgentApi {
       );
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
       c.identityProblem = undefined;
+      this.witnessAuditHead(c, res);
       this.setHealth(
         c,
         { state, checkedAt: this.now(), report: res, reason: state === "UNAVAILABLE" ? res.detail.slice(0, 200) : undefined },
@@ -555,6 +558,31 @@ export class AgentPool implements AgentApi {
       this.setHealth(c, { state: "UNAVAILABLE", checkedAt: this.now(), report: c.health.report, reason }, reason, reasonChanged);
     }
     c.suspect = false;
+  }
+
+  /**
+   * Logs the agent's audit head (its newest sealed checkpoint) whenever it
+   * changes: this log, kept on EC2, is the witness `xks-agent audit verify
+   * --against` compares the owner's audit files with, so a rollback of those
+   * files to an earlier state shows.
+   */
+  private witnessAuditHead(c: Conn, res: GetHealthStatusResponse): void {
+    const h = res.auditHead;
+    if (!h) return;
+    const key = `${h.records}:${h.hash}:${h.problem}`;
+    if (key === c.auditLogged) return;
+    c.auditLogged = key;
+    this.opts.log.info(
+      {
+        agent: c.cfg.id,
+        agentId: res.agentId.slice(0, 64),
+        auditRecords: Number(h.records),
+        auditHash: h.hash.slice(0, 64),
+        auditMac: h.mac.slice(0, 64),
+        ...(h.problem ? { auditProblem: h.problem.slice(0, 200) } : {}),
+      },
+      "agent audit head",
+    );
   }
 
   /**

@@ -24,6 +24,7 @@ import { CHAIN_PREFIX, type Chain } from "../testbed/chain.ts";
 import { freePort } from "../testbed/ports.ts";
 import { cleanupOnSignals, onCleanup, runAll } from "./bench/cleanup.ts";
 import { measureEcho } from "./bench/echo.ts";
+import { measureAuditCost } from "./bench/audit-cost.ts";
 import { measureFloor } from "./bench/floor.ts";
 import type { LoadGenerator } from "./bench/loadgen/generator.ts";
 import type { Case, JobSpec } from "./bench/loadgen/protocol.ts";
@@ -119,6 +120,8 @@ const sleep = (msec: number) => new Promise((r) => setTimeout(r, msec));
 async function floorPart(r: BenchResults): Promise<void> {
   progress("1/4 floor: agent/ops encrypt()/decrypt() in-process on SoftHSM");
   r.floor = measureFloor(join(DIR, "floor"), [32, 4300], 2);
+  progress("1/4 floor: the audit log's cost per record (agent/audit.ts), both durability policies");
+  r.audit = measureAuditCost(join(DIR, "audit"), 2);
 }
 
 async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> {

@@ -45,7 +45,7 @@ export function writeAgentConfig(dir: string, o: AgentConfigOptions): string {
     healthKey: o.healthKey ?? "xks-health",
     keyStores: o.keyStores ?? testAgentKeyStores(),
     stateFile: "state/controls.json",
-    auditLog: "state/audit.log",
+    audit: { dir: "state/audit" },
     ...o.extra,
   };
   writeFileSync(file, JSON.stringify(config, null, 2));

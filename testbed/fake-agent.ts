@@ -114,6 +114,7 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
         agentVersion: "0.0.0",
         paused: false,
         tunnels: [],
+        auditHead: null,
       }),
     ),
     GetKeyMetadata: wrap("GetKeyMetadata", (req: GetKeyMetadataRequest) =>

@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Hsm } from "../agent/hsm/hsm.ts";
-import { createKey, type KeyUsage } from "../agent/keys.ts";
+import { createAuditKey, createKey, type KeyUsage } from "../agent/keys.ts";
 import type { AgentOpContext } from "../agent/ops/context.ts";
 import { allowListMap } from "../agent/policy.ts";
 import { createLogger } from "../shared/logging.ts";
@@ -85,6 +85,9 @@ export const KEY_USAGE: Record<keyof KeySet, KeyUsage[]> = {
   health: ["encrypt", "decrypt"],
 };
 
+/** The label of the audit log's HMAC key on every token the test-bed makes (the agent config's default audit.key). */
+export const AUDIT_KEY = "xks-audit";
+
 /** Labels for the tests. */
 export const TEST_KEYS: KeySet = {
   default: "foo",
@@ -111,13 +114,14 @@ export function kmsKeys(keys: KeySet): string[] {
 /**
  * Creates every key of `keys` on the token with the agent's own key creation
  * (AES-256, sensitive, never extractable, usage per role), through an Hsm
- * that is closed again afterwards.
+ * that is closed again afterwards, and the audit log's HMAC key (AUDIT_KEY).
  */
 export function createKeySet(token: SoftHsmToken, keys: KeySet): void {
   const hsm = new Hsm({ module: token.module, tokenLabel: token.tokenLabel, pin: token.pin }, createLogger({ level: "silent" }));
   try {
     hsm.open();
     for (const role of Object.keys(KEY_USAGE) as Array<keyof KeySet>) createKey(hsm, keys[role], KEY_USAGE[role]);
+    createAuditKey(hsm, AUDIT_KEY);
   } finally {
     hsm.close();
   }

@@ -306,6 +306,29 @@ export class Hsm extends EventEmitter {
     });
   }
 
+  /**
+   * HMAC-SHA256 of `data` with the secret key `label` (CKM_SHA256_HMAC), which
+   * must be a generic secret key that may sign, is sensitive and is never
+   * extractable: the audit log's checkpoint key. The key never leaves the token.
+   */
+  hmacSha256(label: string, data: Buffer): Buffer {
+    return this.runWithKey(
+      "audit seal",
+      label,
+      (key) => {
+        if (key.keyType !== pkcs11js.CKK_GENERIC_SECRET || !key.usage.sign || !key.sensitive || key.extractable)
+          throw new AgentError(
+            "INVALID_STATE",
+            `key ${label} is not an audit key (a sensitive, non-extractable generic secret that may sign; xks-agent keys create --type audit)`,
+          );
+      },
+      (p11, s, key) => {
+        p11.C_SignInit(s, { mechanism: pkcs11js.CKM_SHA256_HMAC }, key.handle);
+        return Buffer.from(p11.C_Sign(s, data, Buffer.alloc(32)));
+      },
+    );
+  }
+
   /** Forgets cached key handles (after a key was created or deleted). */
   forgetKeys(): void {
     this.keys.clear();

@@ -41,6 +41,9 @@ export interface Pkcs11Port {
   /** Returns the part of `outData` that was written. */
   C_Decrypt(session: Handle, inData: Buffer, outData: Buffer): Buffer;
   C_GenerateKey(session: Handle, mechanism: pkcs11js.Mechanism, template: pkcs11js.Template): Handle;
+  C_SignInit(session: Handle, mechanism: pkcs11js.Mechanism, key: Handle): void;
+  /** Returns the part of `outData` that was written. */
+  C_Sign(session: Handle, inData: Buffer, outData: Buffer): Buffer;
 }
 
 /** The real port: a fresh pkcs11js.PKCS11 (not loaded yet). Its failures are pkcs11js.Pkcs11Error. */

@@ -11,4 +11,6 @@ export interface AgentOpContext extends OwnerPolicy {
   agentId: string;
   /** The reverse tunnels' states, for health. */
   tunnels(): TunnelStatus[];
+  /** The audit log's newest sealed checkpoint and why records cannot be written or sealed, for health. */
+  audit?(): { head?: { records: number; hash: string; mac: string }; problem?: string; refusing: boolean };
 }

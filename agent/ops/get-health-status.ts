@@ -16,7 +16,11 @@ const NO_METADATA = null;
  * that cannot be reached is UNAVAILABLE.
  */
 export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
-  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels() };
+  const audit = ctx.audit?.();
+  const auditHead = audit
+    ? { records: audit.head?.records ?? 0, hash: audit.head?.hash ?? "", mac: audit.head?.mac ?? "", problem: audit.problem ?? "" }
+    : null;
+  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels(), auditHead };
   let token: TokenInfo;
   try {
     token = ctx.hsm.tokenInfo();
@@ -51,6 +55,8 @@ export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
       "health-check",
     );
     if (!dec.plaintext.equals(probe)) return { ...base, ...tokenFields, state: "DEGRADED", detail: "health round trip mismatch" };
+    // Key operations are refused while their audit records cannot be written.
+    if (audit?.refusing) return { ...base, ...tokenFields, state: "UNAVAILABLE", detail: (audit.problem ?? "").slice(0, 200) };
     return { ...base, ...tokenFields, state: "ACTIVE", detail: "" };
   } catch (err) {
     const unavailable = err instanceof AgentError && err.reason === "HSM_UNAVAILABLE";

@@ -3,6 +3,7 @@
  * the printed tables. Every figure comes from the run, except the seed's,
  * which are static and labelled as measured earlier.
  */
+import type { AuditCost } from "./audit-cost.ts";
 import type { FloorResult } from "./floor.ts";
 import type { Case, JobResult } from "./loadgen/protocol.ts";
 import type { InsideLatency } from "./logs.ts";
@@ -76,6 +77,8 @@ export interface BenchResults {
     loadAverage: number;
   };
   floor?: FloorResult[];
+  /** The audit log's cost per record under each durability policy. */
+  audit?: AuditCost[];
   grpc?: Measured[];
   lowLoad?: Measured[];
   /** A bare loopback TCP echo between two processes, paced like the low-load rows: what waking idle processes costs here. */
@@ -213,6 +216,24 @@ export function renderReport(r: BenchResults): string {
       table(
         ["op", "ops/s", "p50 ms", "p99 ms", "p99.9 ms"],
         r.floor.map((f) => [`${f.op} ${f.size} B`, int(f.opsPerSec), ms(f.latency.p50), ms(f.latency.p99), ms(f.latency.p999)]),
+      ),
+    );
+  }
+
+  if (r.audit?.length) {
+    out.push("", "1b) AUDIT: AuditLog.append() of one operation record, back to back, with a sealed checkpoint every 250 ms");
+    out.push(
+      table(
+        ["durability", "records", "append p50 ms", "append mean ms", "append p99 ms", "checkpoint p50 ms", "per record µs (all in)"],
+        r.audit.map((a) => [
+          a.fsync === "checkpoint" ? "fdatasync per checkpoint (default)" : "fdatasync per record",
+          int(a.records),
+          ms(a.append.p50),
+          ms(a.append.mean),
+          ms(a.append.p99),
+          a.checkpoint.n ? ms(a.checkpoint.p50) : "-",
+          a.perRecordUs.toFixed(1),
+        ]),
       ),
     );
   }

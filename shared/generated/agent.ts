@@ -2,6 +2,7 @@
 import type * as grpc from '@grpc/grpc-js';
 import type { EnumTypeDefinition, MessageTypeDefinition } from '@grpc/proto-loader';
 
+import type { AuditHead as _xks_agent_v1_AuditHead, AuditHead__Output as _xks_agent_v1_AuditHead__Output } from './xks/agent/v1/AuditHead.ts';
 import type { DecryptRequest as _xks_agent_v1_DecryptRequest, DecryptRequest__Output as _xks_agent_v1_DecryptRequest__Output } from './xks/agent/v1/DecryptRequest.ts';
 import type { DecryptResponse as _xks_agent_v1_DecryptResponse, DecryptResponse__Output as _xks_agent_v1_DecryptResponse__Output } from './xks/agent/v1/DecryptResponse.ts';
 import type { EncryptRequest as _xks_agent_v1_EncryptRequest, EncryptRequest__Output as _xks_agent_v1_EncryptRequest__Output } from './xks/agent/v1/EncryptRequest.ts';
@@ -22,6 +23,7 @@ export interface ProtoGrpcType {
   xks: {
     agent: {
       v1: {
+        AuditHead: MessageTypeDefinition<_xks_agent_v1_AuditHead, _xks_agent_v1_AuditHead__Output>
         DecryptRequest: MessageTypeDefinition<_xks_agent_v1_DecryptRequest, _xks_agent_v1_DecryptRequest__Output>
         DecryptResponse: MessageTypeDefinition<_xks_agent_v1_DecryptResponse, _xks_agent_v1_DecryptResponse__Output>
         EncryptRequest: MessageTypeDefinition<_xks_agent_v1_EncryptRequest, _xks_agent_v1_EncryptRequest__Output>

@@ -12,6 +12,7 @@ import * as grpc from "@grpc/grpc-js";
 import { parseAgentConfig } from "../../agent/config.ts";
 import { runAgent } from "../../agent/main.ts";
 import type { TunnelState } from "../../agent/tunnel.ts";
+import { auditOps } from "../../testbed/audit.ts";
 import { type Chain, startChain } from "../../testbed/chain.ts";
 import { agentClient, type CallError } from "../../testbed/grpc-client.ts";
 import { TEST_IDENTITIES } from "../../testbed/identities.ts";
@@ -203,7 +204,7 @@ describe("the tunnel", () => {
     const dir = join(chain.dir, "wrong-hostkey");
     raw.tunnels[0].hostKeyFingerprint = wrongFp;
     raw.tunnels[0].remoteSocket = join(dir, "remote.sock");
-    Object.assign(raw, { socket: join(dir, "agent.sock"), stateFile: join(dir, "controls.json"), auditLog: join(dir, "audit.log") });
+    Object.assign(raw, { socket: join(dir, "agent.sock"), stateFile: join(dir, "controls.json"), audit: { dir: join(dir, "audit") } });
     const logs = new LogCapture();
     const agent = await runAgent(parseAgentConfig(raw, chain.agentConfigFile), { destination: logs });
     try {
@@ -244,17 +245,12 @@ describe("records on the owner's machine", () => {
       encryptBody("hello", { metadata: { kmsOperation: "GenerateDataKey", kmsRequestId: "e2e-audit-0001", kmsViaService: "ebs" } }),
     );
     assert.equal(e.status, 200);
-    const audit = readFileSync(join(chain.dir, "agent", "state", "audit.log"), "utf8");
-    const line = audit
-      .split("\n")
-      .filter(Boolean)
-      .map((l) => JSON.parse(l))
-      .find((l) => l.rec.kmsRequestId === "e2e-audit-0001");
+    const line = auditOps(join(chain.dir, "agent", "state", "audit")).find((l) => l.kmsRequestId === "e2e-audit-0001");
     assert.ok(line);
-    assert.equal(line.rec.kmsOperation, "GenerateDataKey");
-    assert.equal(line.rec.viaService, "ebs");
-    assert.equal(line.rec.keyStore, "/xks-demo");
-    assert.equal(line.rec.result, "OK");
+    assert.equal(line.kmsOperation, "GenerateDataKey");
+    assert.equal(line.viaService, "ebs");
+    assert.equal(line.keyStore, "/xks-demo");
+    assert.equal(line.result, "OK");
   });
 
   test("no plaintext, AAD, secret or Authorization value in any process's log", async () => {

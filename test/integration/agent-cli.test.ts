@@ -3,12 +3,13 @@ import { test, before, after, describe } from "node:test";
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import pkcs11js from "pkcs11js";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
+import { AuditLog } from "../../agent/audit.ts";
 import { Hsm } from "../../agent/hsm/hsm.ts";
 import { createLogger } from "../../shared/logging.ts";
 import { OTHER_PREFIX, PREFIX, secretFile, writeAgentConfig } from "../../testbed/configs.ts";
@@ -385,6 +386,7 @@ describe("xks-agent check", () => {
       "the token is found",
       "login with the PIN works",
       "the health key is found and usable",
+      "the audit key seals checkpoints (HMAC-SHA256 in the HSM)",
       ...[TEST_KEYS.health, ...kmsKeys(TEST_KEYS)].map(
         (k) => `key ${k} is on the token and can be served (AES-256, sensitive, not extractable)`,
       ),
@@ -509,5 +511,99 @@ describe("xks-agent check", () => {
     assert.match(item(r.stdout, "config is valid"), /^✗ config is valid: invalid config/);
     assert.match(r.stdout, /- socket: must be a string/);
     assert.match(item(r.stdout, "the PKCS#11 module loads"), /^- .*\(skipped\)$/);
+  });
+});
+
+describe("xks-agent audit", () => {
+  test("keys create --type audit, then audit verify (MACs on the HSM), tail, search, export, --against a proxy log; no PIN printed", async () => {
+    const made = await cli("keys", "create", "--config", config, "--type", "audit", "--label", "xks-audit");
+    assert.equal(made.code, 0, made.stderr);
+    const key = JSON.parse(made.stdout);
+    assert.equal(key.type, "GENERIC_SECRET");
+    assert.equal(key.sensitive, true);
+    assert.equal(key.extractable, false);
+    assert.equal(key.served, false, "never served to KMS");
+    // A log written by the agent's own writer, sealed on this token.
+    const auditDir = join(dir, "state", "audit");
+    process.env.SOFTHSM2_CONF = hsm.conf; // later tests in this file made tokens of their own
+    const h = new Hsm({ module: hsm.module, tokenLabel: hsm.tokenLabel, pin: hsm.pin }, createLogger({ level: "silent" }));
+    h.open();
+    let head: { records: number; hash: string } | undefined;
+    try {
+      const log = new AuditLog(
+        { dir: auditDir, key: "xks-audit", segmentBytes: 16 * 1024, checkpointMs: 1000, fsync: "checkpoint" },
+        { seal: (d) => h.hmacSha256("xks-audit", d), log: createLogger({ level: "silent" }) },
+      );
+      for (let i = 1; i <= 60; i++)
+        log.append({
+          time: new Date(Date.UTC(2026, 0, 1, 0, 0, i)).toISOString(),
+          operation: "Encrypt",
+          kmsRequestId: `cli-${i}`,
+          kmsOperation: "Encrypt",
+          keyId: "both",
+          principal: "arn:aws:iam::123456789012:user/Alice",
+          kmsKeyArn: "",
+          viaService: "",
+          sourceVpc: "",
+          sourceVpce: "",
+          keyStore: PREFIX,
+          result: "OK",
+          latencyMs: 0.1,
+        });
+      log.close();
+      head = log.state();
+    } finally {
+      h.close();
+    }
+    const verify = await cli("audit", "verify", "--config", config);
+    assert.equal(verify.code, 0, verify.stdout + verify.stderr);
+    assert.match(
+      verify.stdout,
+      /audit log intact: \d+ records in [2-9] segments, \d+ checkpoints \(MACs checked with the HSM\), 0 records after/,
+    );
+    const tail = await cli("audit", "tail", "--config", config, "-n", "3");
+    const tailLines = tail.stdout.trim().split("\n");
+    assert.equal(tailLines.length, 3);
+    assert.equal(JSON.parse(tailLines[2]).t, "cp");
+    const found = await cli("audit", "search", "--config", config, "--request-id", "cli-7");
+    assert.equal(found.stdout.trim().split("\n").length, 1);
+    assert.equal(JSON.parse(found.stdout).kmsRequestId, "cli-7");
+    const out = join(dir, "export.jsonl");
+    const exp = await cli("audit", "export", "--config", config, "--out", out);
+    assert.equal(exp.code, 0, exp.stderr);
+    const segments = readdirSync(auditDir)
+      .filter((f) => /^audit-\d+\.log$/.test(f))
+      .sort()
+      .map((f) => readFileSync(join(auditDir, f), "utf8"))
+      .join("");
+    assert.equal(readFileSync(out, "utf8"), segments, "the exact lines, across segments");
+    // The proxy saw this log at its head, and later one 40 records longer: the owner's files were rolled back.
+    const proxyLog = join(dir, "proxy.log");
+    const line = (records: number, hash: string) =>
+      JSON.stringify({
+        level: 30,
+        time: Date.now(),
+        msg: "agent audit head",
+        agent: "a",
+        agentId: "test-agent",
+        auditRecords: records,
+        auditHash: hash,
+      });
+    writeFileSync(proxyLog, `${line(head!.records, head!.hash)}\n`);
+    const witnessed = await cli("audit", "verify", "--config", config, "--against", proxyLog);
+    assert.equal(witnessed.code, 0, witnessed.stdout);
+    assert.match(witnessed.stdout, /1 witnessed heads matched/);
+    writeFileSync(proxyLog, `${line(head!.records, head!.hash)}\n${line(head!.records + 40, "a".repeat(64))}\n`);
+    const rolled = await cli("audit", "verify", "--config", config, "--against", proxyLog);
+    assert.equal(rolled.code, 1);
+    assert.match(rolled.stdout, /rolled back: the proxy saw record \d+ \(proxy log line 2/);
+    // A record edited in place.
+    const first = join(auditDir, "audit-000001.log");
+    writeFileSync(first, readFileSync(first, "utf8").replace('"kmsRequestId":"cli-3"', '"kmsRequestId":"cli-X"'));
+    const broken = await cli("audit", "verify", "--config", config);
+    assert.equal(broken.code, 1);
+    assert.match(broken.stdout, /BROKEN audit-000001\.log line \d+: hash does not match the line's bytes \(record altered\)/);
+    const all = [made, verify, tail, found, exp, witnessed, rolled, broken].map((r) => r.stdout + r.stderr).join("");
+    assert.deepEqual(findLeaks(all, { PIN: hsm.pin }), []);
   });
 });

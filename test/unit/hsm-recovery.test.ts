@@ -21,6 +21,7 @@ import { DIRECT_USE, directOpContext } from "../../testbed/hsm.ts";
 const CKR_GENERAL_ERROR = 0x05;
 const CKR_FUNCTION_FAILED = 0x06;
 const CKR_ARGUMENTS_BAD = 0x07;
+const CKR_FUNCTION_NOT_SUPPORTED = 0x54;
 const CKR_ATTRIBUTE_TYPE_INVALID = 0x12;
 const CKR_DEVICE_REMOVED = 0x32;
 const CKR_ENCRYPTED_DATA_INVALID = 0x40;
@@ -259,6 +260,14 @@ class StubPkcs11 implements Pkcs11Port {
       decrypt: attr(pkcs11js.CKA_DECRYPT) === true,
     });
     return handle(this.nextObject - 1);
+  }
+  C_SignInit(session: Handle, _mechanism: pkcs11js.Mechanism, _key: Handle): void {
+    this.enter("C_SignInit", session);
+    throw new Pkcs11Failure(CKR_FUNCTION_NOT_SUPPORTED, "C_SignInit");
+  }
+  C_Sign(session: Handle, _inData: Buffer, _outData: Buffer): Buffer {
+    this.enter("C_Sign", session);
+    throw new Pkcs11Failure(CKR_FUNCTION_NOT_SUPPORTED, "C_Sign");
   }
 }
 

@@ -433,6 +433,7 @@ describe("health response builder", () => {
       agentVersion: "0.1.0",
       paused: false,
       tunnels: [],
+      auditHead: null,
     });
     const hs: AgentHealth[] = [
       { id: "mac-1", state: "ACTIVE", checkedAt: 1, report: report("hsm-a") },

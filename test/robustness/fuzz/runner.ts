@@ -5,12 +5,12 @@
  * line and the audit file for secrets, samples memory, and returns what it
  * saw. The test file asserts one property of the run per test.
  */
-import { existsSync, readFileSync } from "node:fs";
 import { Agent as HttpAgent, request as httpRequest } from "node:http";
 import { connect } from "node:net";
 import { join } from "node:path";
 import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
+import { auditText } from "../../../testbed/audit.ts";
 import { CREDS } from "../../../testbed/configs.ts";
 import type { ProxyFixture, TestAgent } from "../../../testbed/in-process.ts";
 import { AUTHORIZATION_MARKERS, findLeaks } from "../../../testbed/logs.ts";
@@ -241,8 +241,7 @@ export async function runFuzz(fx: ProxyFixture, agent: TestAgent): Promise<FuzzR
 
   // The rest of the captured lines, and the agent's audit file (on disk).
   drainLogs();
-  const auditFile = join(agent.dir, "state", "audit.log");
-  const audit = existsSync(auditFile) ? readFileSync(auditFile, "utf8") : "";
+  const audit = auditText(join(agent.dir, "state", "audit"));
   scanLog("agent audit log", audit);
   signatures.clear();
   const afterReleased = mem();

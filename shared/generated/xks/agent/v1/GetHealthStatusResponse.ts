@@ -3,6 +3,7 @@
 
 import type { HealthState as _xks_agent_v1_HealthState, HealthState__Output as _xks_agent_v1_HealthState__Output } from '../../../xks/agent/v1/HealthState.ts';
 import type { TunnelStatus as _xks_agent_v1_TunnelStatus, TunnelStatus__Output as _xks_agent_v1_TunnelStatus__Output } from '../../../xks/agent/v1/TunnelStatus.ts';
+import type { AuditHead as _xks_agent_v1_AuditHead, AuditHead__Output as _xks_agent_v1_AuditHead__Output } from '../../../xks/agent/v1/AuditHead.ts';
 
 export interface GetHealthStatusResponse {
   /**
@@ -24,6 +25,10 @@ export interface GetHealthStatusResponse {
    */
   'paused'?: (boolean);
   'tunnels'?: (_xks_agent_v1_TunnelStatus)[];
+  /**
+   * the agent's audit log, for the proxy to log as a witness
+   */
+  'auditHead'?: (_xks_agent_v1_AuditHead | null);
 }
 
 export interface GetHealthStatusResponse__Output {
@@ -46,4 +51,8 @@ export interface GetHealthStatusResponse__Output {
    */
   'paused': (boolean);
   'tunnels': (_xks_agent_v1_TunnelStatus__Output)[];
+  /**
+   * the agent's audit log, for the proxy to log as a witness
+   */
+  'auditHead': (_xks_agent_v1_AuditHead__Output | null);
 }
