@@ -57,6 +57,8 @@ export interface DashboardDeps {
   events: EventEmitter;
   /** The key labels KMS may use (the agent's allow-list): each gets counters and a switch. Others share one counter. */
   keys?: readonly string[];
+  /** The audit log's head and problem, read when the page is opened and with each health refresh. */
+  audit?: () => { head?: { records: number; hash: string }; problem?: string };
   log: Logger;
 }
 
@@ -86,6 +88,8 @@ export interface KeyCounters {
 export interface HealthIndicator {
   checks: number;
   last?: { time: string; result: string; state: string; detail: string; latencyMs: number };
+  /** The audit log's newest sealed checkpoint (record count and hash), and why it cannot write or seal, if so. */
+  audit?: { records?: number; hash?: string; problem?: string };
 }
 
 /**
@@ -155,6 +159,10 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
   const tokenMatches = tokenChecker(token);
   const recent: DashboardRow[] = [];
   const health: HealthIndicator = { checks: 0 };
+  const auditNow = (): HealthIndicator["audit"] => {
+    const a = d.audit?.();
+    return a ? { records: a.head?.records, hash: a.head?.hash, problem: a.problem } : undefined;
+  };
   const counters = new Map<string, KeyCounters>((d.keys ?? []).map((key) => [key, { key, calls: {}, ok: 0, denied: 0, errors: 0 }]));
   const other: KeyCounters = { key: "", calls: {}, ok: 0, denied: 0, errors: 0 };
   const tokenOf = (req: IncomingMessage) => new URL(req.url ?? "/", "http://x").searchParams.get("token") ?? "";
@@ -250,7 +258,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
         controls: d.controls.snapshot(),
         tunnels: d.tunnels.states(),
         hsm: { loginStopped: d.hsm.loginStopped() ?? null },
-        health,
+        health: { ...health, audit: auditNow() },
         keys: keyList(),
         recent,
       }),
@@ -297,6 +305,7 @@ export async function startDashboard(d: DashboardDeps): Promise<Dashboard> {
         detail: rec.health?.detail ?? "",
         latencyMs: rec.latencyMs,
       };
+      health.audit = auditNow();
       broadcast({ type: "health", health });
       return;
     }
@@ -404,6 +413,11 @@ function health(h) {
   const good = l.result === "OK" && l.state === "ACTIVE";
   $("health").textContent = (l.state || l.result) + (l.detail ? " (" + l.detail + ")" : "") + " at " + localTime(l.time) + ", " + l.latencyMs + " ms; " + h.checks + " checks since start";
   $("health").className = good ? "ok" : "bad";
+  const a = h.audit;
+  if (a) {
+    $("audit").textContent = a.problem ? "PROBLEM: " + a.problem : a.records === undefined ? "no checkpoint sealed yet" : a.records + " records, head " + String(a.hash).slice(0, 16) + "… (sealed in the HSM)";
+    $("audit").className = a.problem ? "bad" : "ok";
+  }
 }
 function tunnels(list) {
   const body = $("tunnels"); body.replaceChildren();
@@ -498,7 +512,7 @@ const BODY = `
 <header><h1>xks-agent: what KMS is doing with your keys</h1><span id="clock"></span><span id="conn" class="muted">connecting…</span></header>
 <div class="card"><b>KMS access:</b> <span id="state">…</span> <button id="pause">…</button> <span id="damaged" class="bad"></span></div>
 <div class="grid">
-<div class="card"><h2>HSM</h2><div>PIN: <span id="hsm">…</span></div><div>Deep health: <span id="health">…</span></div></div>
+<div class="card"><h2>HSM</h2><div>PIN: <span id="hsm">…</span></div><div>Deep health: <span id="health">…</span></div><div>Audit log: <span id="audit">…</span></div></div>
 <div class="card"><h2>Tunnels</h2><table><thead><tr><th>proxy</th><th>state</th><th>since</th><th>last error</th><th>next attempt</th><th>connects</th></tr></thead><tbody id="tunnels"></tbody></table></div>
 </div>
 <h2>Keys</h2>

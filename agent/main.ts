@@ -174,7 +174,17 @@ export async function runAgent(
     const where = `${config.dashboard.host}:${config.dashboard.port}`;
     try {
       const keys = [...new Set(config.keyStores.flatMap((s) => s.keys))].sort();
-      dashboard = await startDashboard({ ...config.dashboard, stateFile: config.stateFile, controls, tunnels, hsm, events, keys, log });
+      dashboard = await startDashboard({
+        ...config.dashboard,
+        stateFile: config.stateFile,
+        controls,
+        tunnels,
+        hsm,
+        events,
+        keys,
+        audit: () => ({ head: audit.head(), problem: audit.problem() }),
+        log,
+      });
     } catch (err) {
       unwatchControls();
       policy.stopWatching();

@@ -598,10 +598,14 @@ export class AgentPool implements AgentApi {
     else if (!expected.includes(presented)) {
       problem = `agent identity mismatch at ${c.cfg.target}: expected ${expected.join(" or ")}, presented ${presented}`;
     } else {
-      problem = `agent ${presented} refused this proxy's identity ${certificateFingerprint(this.identity.certificate)}: pin it in the agent's proxyIdentities`;
+      // The pinned agent listens; the call failed anyway: a connection still in backoff from before the
+      // agent was there, or the agent refusing this proxy's certificate (the agent's log then says so).
+      problem = `the agent at ${c.cfg.target} presents its pinned identity ${presented} but the call failed; if this persists, check that the agent pins this proxy's identity ${certificateFingerprint(this.identity.certificate)} (proxyIdentities)`;
     }
     if (problem !== undefined && problem !== c.identityProblem) {
-      this.opts.log.error({ agent: c.cfg.id, target: c.cfg.target, expected, presented }, problem);
+      const fields = { agent: c.cfg.id, target: c.cfg.target, expected, presented };
+      if (presented !== undefined && expected.includes(presented)) this.opts.log.warn(fields, problem);
+      else this.opts.log.error(fields, problem);
     }
     c.identityProblem = problem;
     return problem;

@@ -153,6 +153,8 @@ describe("the dashboard in a real browser", { skip }, () => {
     assert.equal(className, "op-ok");
     await textMatches(`#keys tr[data-key="${chain.keys.default}"] td:nth-child(9)`, /OK$/);
     assert.equal(await page.locator("#ops td", { hasText: "GetHealthStatus" }).count(), 0);
+    // The audit head: the records sealed so far (this Encrypt among them), shown with the next health refresh.
+    await textMatches("#audit", /^[1-9]\d* records, head [0-9a-f]{16}… \(sealed in the HSM\)$/);
   });
 
   test("pause from the page: the next request fails with InvalidStateException and its row shows the refusal; resume restores", async () => {

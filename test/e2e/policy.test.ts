@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
+import { auditOps } from "../../testbed/audit.ts";
 import { CHAIN_PREFIX, type Chain, DEMO_POLICY, DENIED_PRINCIPAL, startChain } from "../../testbed/chain.ts";
 import { agentClient } from "../../testbed/grpc-client.ts";
 import { GENEROUS_MS, until } from "../../testbed/wait.ts";
@@ -78,10 +79,7 @@ const inForce = (digest: string) =>
 
 /** The audit record of the request with this kmsRequestId (written before the answer is sent). */
 function auditRecord(kmsRequestId: string): Record<string, any> {
-  const lines = readFileSync(join(chain.dir, "agent", "state", "audit.log"), "utf8")
-    .split("\n")
-    .filter(Boolean);
-  const rec = lines.map((l) => JSON.parse(l).rec).find((r) => r.kmsRequestId === kmsRequestId);
+  const rec = auditOps(join(chain.dir, "agent", "state", "audit")).find((r) => r.kmsRequestId === kmsRequestId);
   assert.ok(rec, `audit record of ${kmsRequestId}`);
   return rec;
 }

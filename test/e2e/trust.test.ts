@@ -212,7 +212,7 @@ test("both identities are rotated under live traffic (two pins at once, SIGHUP) 
     console.log(`# rotation: ${trips} round trips, ${problems.length} problems`);
     assert.deepEqual(problems, [], "every request answered correctly (busy answers retried like KMS)");
     // No connection was ever refused for its identity on either side.
-    assert.doesNotMatch(chain.proxy.logs(), /identity mismatch|refused this proxy's identity/);
+    assert.doesNotMatch(chain.proxy.logs(), /identity mismatch/);
     assert.doesNotMatch(chain.agent.logs(), /refused a gRPC client/);
 
     // What is pinned now is what is used: a fresh proxy connection (after a restart) works with the new pair only.
