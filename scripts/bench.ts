@@ -137,6 +137,7 @@ async function grpcPart(r: BenchResults, chain: Chain, rig: Rig): Promise<void> 
           kind: "grpc",
           socket,
           token: chain.agentToken,
+          identities: chain.identities,
           keyStore: CHAIN_PREFIX,
           keyId: chain.keys.default,
           case: c,

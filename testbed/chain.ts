@@ -18,6 +18,7 @@ import { newCredential } from "../proxy/credentials.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { secretFile, writeAgentConfig, writeProxyConfig } from "./configs.ts";
 import { createKeySet, createSoftHsmToken, DEMO_KEYS, type KeySet, kmsKeys, type SoftHsmToken } from "./hsm.ts";
+import { type Identity, TEST_IDENTITIES } from "./identities.ts";
 import { freePort } from "./ports.ts";
 import { Daemon } from "./procs.ts";
 import { startSshd, type Sshd } from "./sshd.ts";
@@ -83,6 +84,8 @@ export interface Chain extends XksEndpoint {
   remoteTcpPort: number;
   /** Signs like KMS and sends, with keep-alive connections. */
   client: XksClient;
+  /** The channel identities the configs were written with (a process of its own, e.g. a load generator, needs them). */
+  identities: { agent: Identity; proxy: Identity };
   /** Resolves once health reports the agent ACTIVE. */
   waitActive(capMs?: number): Promise<void>;
   stop(): Promise<void>;
@@ -195,6 +198,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     remoteSocket,
     remoteTcpPort: tcpPort,
     client,
+    identities: TEST_IDENTITIES,
     waitActive: async (capMs = GENEROUS_MS) => {
       let last = "";
       try {

@@ -12,7 +12,10 @@ import type { GrpcSpec, JobResult } from "./protocol.ts";
 
 export async function grpcDirect(spec: GrpcSpec, onStarted: () => void): Promise<JobResult> {
   if (spec.case.op !== "Encrypt") throw new Error("grpc-direct measures Encrypt");
-  const { call, close } = agentClient(`unix://${spec.socket}`, spec.token);
+  const { call, close } = agentClient(`unix://${spec.socket}`, spec.token, {
+    identity: spec.identities.proxy,
+    agentIdentities: [spec.identities.agent],
+  });
   const plaintext = randomBytes(spec.case.size);
   const aad = randomBytes(32);
   const errorKinds: JobResult["errorKinds"] = {};

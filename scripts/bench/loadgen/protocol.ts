@@ -1,4 +1,5 @@
 /** Messages between the bench (parent) and the load-generator child process (loadgen/child.ts). */
+import type { Identity } from "../../../testbed/identities.ts";
 import type { LatencySummary } from "../stats.ts";
 
 export type XksOp = "Encrypt" | "Decrypt";
@@ -50,6 +51,8 @@ export interface GrpcSpec {
   kind: "grpc";
   socket: string;
   token: string;
+  /** The channel identities of the chain's configs: this process presents the proxy's and pins the agent's. */
+  identities: { agent: Identity; proxy: Identity };
   /** The key store the calls name (the agent serves keyId only for the key stores it allow-lists). */
   keyStore: string;
   keyId: string;
