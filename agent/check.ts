@@ -26,7 +26,7 @@ import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import { refusalMemoFile } from "./main.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
 import { allowListMap, loadPolicyFile, refuseUnlessServed } from "./policy.ts";
-import { fingerprintOf, isAuthFailure, sameFingerprint, type TunnelTarget } from "./tunnel.ts";
+import { fingerprintOf, isAuthFailure, sameFingerprint, sshLogin, type TunnelTarget } from "./tunnel.ts";
 
 /** A failed item: what is wrong, and how to fix it. */
 export class CheckFailure extends Error {
@@ -290,11 +290,7 @@ function probeTunnel(t: TunnelTarget): Promise<string> {
     conn.on("close", () => settle(() => reject(new CheckFailure("connection closed before login", "check the sshd logs on the host"))));
     try {
       conn.connect({
-        host: t.host,
-        port: t.port,
-        username: t.username,
-        privateKey: t.privateKey,
-        ...(t.passphrase !== undefined ? { passphrase: t.passphrase } : {}),
+        ...sshLogin(t),
         hostVerifier: (key: Buffer): boolean => {
           seen = fingerprintOf(key);
           return sameFingerprint(seen, t.hostKeyFingerprint);

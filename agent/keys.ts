@@ -20,7 +20,12 @@ export function parseUsage(text: string): KeyUsage[] {
   return [...new Set(parts)] as KeyUsage[];
 }
 
-export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): KeyInfo {
+/**
+ * Generates a secret key on the token under a new label, with the attributes
+ * every key the agent makes shares (a token object, private, sensitive, never
+ * extractable, not modifiable) plus `own` (its type, length and usage).
+ */
+function generateSecretKey(hsm: Hsm, label: string, what: string, mechanism: number, own: pkcs11js.Template): KeyInfo {
   if (!EXTERNAL_KEY_ID_RE.test(label)) throw new Error(`a key label must be ${EXTERNAL_KEY_ID_RULE} (the XKS key id rules)`);
   try {
     hsm.key(label);
@@ -28,28 +33,35 @@ export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): 
   } catch (err) {
     if (!(err instanceof AgentError) || err.reason !== "KEY_NOT_FOUND") throw err;
   }
-  hsm.run("generate key", (p11, s) =>
-    p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_AES_KEY_GEN }, [
+  hsm.run(what, (p11, s) =>
+    p11.C_GenerateKey(s, { mechanism }, [
       { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
-      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
-      { type: pkcs11js.CKA_VALUE_LEN, value: KEY_BYTES },
       { type: pkcs11js.CKA_LABEL, value: label },
       { type: pkcs11js.CKA_TOKEN, value: true },
       { type: pkcs11js.CKA_PRIVATE, value: true },
       { type: pkcs11js.CKA_SENSITIVE, value: true },
       { type: pkcs11js.CKA_EXTRACTABLE, value: false },
       { type: pkcs11js.CKA_MODIFIABLE, value: false },
-      { type: pkcs11js.CKA_ENCRYPT, value: usage.includes("encrypt") },
-      { type: pkcs11js.CKA_DECRYPT, value: usage.includes("decrypt") },
-      { type: pkcs11js.CKA_SIGN, value: false },
-      { type: pkcs11js.CKA_VERIFY, value: false },
       { type: pkcs11js.CKA_WRAP, value: false },
       { type: pkcs11js.CKA_UNWRAP, value: false },
       { type: pkcs11js.CKA_DERIVE, value: false },
+      ...own,
     ]),
   );
   hsm.forgetKeys();
   return hsm.key(label);
+}
+
+/** An AES-256 key for XKS operations, allowing the usages asked for and nothing else. */
+export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): KeyInfo {
+  return generateSecretKey(hsm, label, "generate key", pkcs11js.CKM_AES_KEY_GEN, [
+    { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_AES },
+    { type: pkcs11js.CKA_VALUE_LEN, value: KEY_BYTES },
+    { type: pkcs11js.CKA_ENCRYPT, value: usage.includes("encrypt") },
+    { type: pkcs11js.CKA_DECRYPT, value: usage.includes("decrypt") },
+    { type: pkcs11js.CKA_SIGN, value: false },
+    { type: pkcs11js.CKA_VERIFY, value: false },
+  ]);
 }
 
 /**
@@ -58,35 +70,14 @@ export function createKey(hsm: Hsm, label: string, usage: readonly KeyUsage[]): 
  * can seal or check a checkpoint.
  */
 export function createAuditKey(hsm: Hsm, label: string): KeyInfo {
-  if (!EXTERNAL_KEY_ID_RE.test(label)) throw new Error(`a key label must be ${EXTERNAL_KEY_ID_RULE}`);
-  try {
-    hsm.key(label);
-    throw new AgentError("INVALID_STATE", `a key labelled ${label} already exists`);
-  } catch (err) {
-    if (!(err instanceof AgentError) || err.reason !== "KEY_NOT_FOUND") throw err;
-  }
-  hsm.run("generate audit key", (p11, s) =>
-    p11.C_GenerateKey(s, { mechanism: pkcs11js.CKM_GENERIC_SECRET_KEY_GEN }, [
-      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_SECRET_KEY },
-      { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_GENERIC_SECRET },
-      { type: pkcs11js.CKA_VALUE_LEN, value: 32 },
-      { type: pkcs11js.CKA_LABEL, value: label },
-      { type: pkcs11js.CKA_TOKEN, value: true },
-      { type: pkcs11js.CKA_PRIVATE, value: true },
-      { type: pkcs11js.CKA_SENSITIVE, value: true },
-      { type: pkcs11js.CKA_EXTRACTABLE, value: false },
-      { type: pkcs11js.CKA_MODIFIABLE, value: false },
-      { type: pkcs11js.CKA_SIGN, value: true },
-      { type: pkcs11js.CKA_VERIFY, value: true },
-      { type: pkcs11js.CKA_ENCRYPT, value: false },
-      { type: pkcs11js.CKA_DECRYPT, value: false },
-      { type: pkcs11js.CKA_WRAP, value: false },
-      { type: pkcs11js.CKA_UNWRAP, value: false },
-      { type: pkcs11js.CKA_DERIVE, value: false },
-    ]),
-  );
-  hsm.forgetKeys();
-  return hsm.key(label);
+  return generateSecretKey(hsm, label, "generate audit key", pkcs11js.CKM_GENERIC_SECRET_KEY_GEN, [
+    { type: pkcs11js.CKA_KEY_TYPE, value: pkcs11js.CKK_GENERIC_SECRET },
+    { type: pkcs11js.CKA_VALUE_LEN, value: 32 },
+    { type: pkcs11js.CKA_SIGN, value: true },
+    { type: pkcs11js.CKA_VERIFY, value: true },
+    { type: pkcs11js.CKA_ENCRYPT, value: false },
+    { type: pkcs11js.CKA_DECRYPT, value: false },
+  ]);
 }
 
 export interface KeyDescription {

@@ -115,6 +115,17 @@ function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
 
+/** Where and as whom a tunnel logs in (the tunnel and `xks-agent check` dial alike). */
+export function sshLogin(t: TunnelTarget): Pick<ssh2.ConnectConfig, "host" | "port" | "username" | "privateKey" | "passphrase"> {
+  return {
+    host: t.host,
+    port: t.port,
+    username: t.username,
+    privateKey: t.privateKey,
+    ...(t.passphrase !== undefined ? { passphrase: t.passphrase } : {}),
+  };
+}
+
 /** ssh2 marks the failure of every authentication method with level "client-authentication". */
 export function isAuthFailure(err: unknown): boolean {
   return (err as { level?: unknown } | undefined)?.level === "client-authentication";
@@ -271,11 +282,7 @@ export class Tunnel extends EventEmitter {
 
     try {
       conn.connect({
-        host: t.host,
-        port: t.port,
-        username: t.username,
-        privateKey: t.privateKey,
-        ...(t.passphrase !== undefined ? { passphrase: t.passphrase } : {}),
+        ...sshLogin(t),
         hostVerifier: (key: Buffer): boolean => {
           const seen = fingerprintOf(key);
           if (sameFingerprint(seen, t.hostKeyFingerprint)) return true;
