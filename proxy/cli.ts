@@ -1,58 +1,42 @@
 /**
- * xks-proxy command line.
+ * `xks-proxy` command line: a table of commands (shared/cli.ts has the
+ * convention: per-command options and help, exit codes 0 / 1 / 2).
  *
- *   xks-proxy serve --config FILE        validate the config, log it (no secrets), listen;
- *                                        SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
- *                                        (credentials, allow-lists) from the same file
- *   xks-proxy check --config FILE        validate the config and exit (0 = valid)
- *   xks-proxy credentials new [--prefix /p]
- *                                        print a fresh SigV4 credential and the KMS
- *                                        "proxy configuration file" JSON for it
- *   xks-proxy identity new --out PATH    write this proxy's channel identity: PATH.key (0600) and PATH.crt
- *   xks-proxy version
+ *   xks-proxy serve --config FILE          validate the config, log it (no secrets), listen;
+ *                                          SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
+ *                                          (credentials, allow-lists) and identities from the same file
+ *   xks-proxy check --config FILE          validate the config and exit (0 = valid, 1 = not)
+ *   xks-proxy credentials new [--prefix /p]   a fresh SigV4 credential and the KMS "proxy configuration file"
+ *   xks-proxy identity new --out PATH      this proxy's channel identity: PATH.key (0600) and PATH.crt
+ *   xks-proxy install --agents ID[,ID…] [--dry-run]   the systemd unit and tmpfiles.d entry for this machine
+ *   xks-proxy --version | --help
  */
+import { isAbsolute, join, resolve } from "node:path";
+import { type Command, command, CommandFailure, EXIT, type Program, runProgram, UsageError } from "../shared/cli.ts";
 import { ConfigError } from "../shared/config.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
+import { dryRunText, writeServiceFiles } from "../shared/install.ts";
 import { createLogger } from "../shared/logging.ts";
+import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
 import { newCredential } from "./credentials.ts";
 import { type RunningProxy, serve } from "./main.ts";
+import { AGENT_ID_RE, proxyServiceFiles, TMPFILES_PATH } from "./service.ts";
 
-const USAGE = `usage:
-  xks-proxy serve --config FILE
-  xks-proxy check --config FILE
-  xks-proxy credentials new [--prefix /uri/path/prefix]
-  xks-proxy identity new --out PATH
-  xks-proxy version`;
+const out = (s: string) => process.stdout.write(`${s}\n`);
+const err = (s: string) => process.stderr.write(`${s}\n`);
 
-function flag(argv: string[], name: string): string | undefined {
-  const i = argv.indexOf(name);
-  if (i < 0) return undefined;
-  const v = argv[i + 1];
-  return v === undefined || v.startsWith("--") ? "" : v;
-}
+const CONFIG = { type: "string", arg: "FILE", description: "the proxy's config file", required: true } as const;
 
-function out(s: string): void {
-  process.stdout.write(`${s}\n`);
-}
-function err(s: string): void {
-  process.stderr.write(`${s}\n`);
-}
-
-async function cmdServe(argv: string[]): Promise<number> {
-  const file = flag(argv, "--config");
-  if (!file) {
-    err(USAGE);
-    return 2;
-  }
+async function serveCommand(file: string): Promise<number> {
   let config: Readonly<ProxyConfig>;
   try {
     config = loadProxyConfig(file, process.env);
   } catch (e) {
     if (e instanceof ConfigError) {
       err(e.message);
-      return 1;
+      return EXIT.usage;
     }
     throw e;
   }
@@ -63,10 +47,10 @@ async function cmdServe(argv: string[]): Promise<number> {
   } catch (e) {
     log.fatal({ err: { code: (e as NodeJS.ErrnoException).code, message: (e as Error).message } }, "cannot start");
     log.flush();
-    return 1;
+    return EXIT.failure;
   }
   const running = proxy;
-  return await new Promise<number>((resolve) => {
+  return await new Promise<number>((resolvePromise) => {
     const stop = (signal: string) => {
       log.info({ signal }, "shutting down");
       process.off("SIGTERM", onTerm);
@@ -75,7 +59,7 @@ async function cmdServe(argv: string[]): Promise<number> {
       void running.close(5000).then(() => {
         log.info("stopped");
         log.flush();
-        resolve(0);
+        resolvePromise(EXIT.ok);
       });
     };
     const onTerm = () => stop("SIGTERM");
@@ -109,87 +93,131 @@ async function cmdServe(argv: string[]): Promise<number> {
   });
 }
 
-function cmdCheck(argv: string[]): number {
-  const file = flag(argv, "--config");
-  if (!file) {
-    err(USAGE);
-    return 2;
-  }
-  try {
-    loadProxyConfig(file, process.env);
-    out(`${file}: OK`);
-    return 0;
-  } catch (e) {
-    if (e instanceof ConfigError) {
-      err(e.message);
-      return 1;
-    }
-    throw e;
-  }
-}
+/** Every command of xks-proxy: adding a subcommand is adding an entry here. */
+export const COMMANDS: Command[] = [
+  command({
+    name: "serve",
+    summary: "run the proxy (SIGHUP reloads credentials, allow-lists and identities; SIGTERM stops gracefully)",
+    options: { config: CONFIG },
+    examples: ["xks-proxy serve --config /etc/xks-proxy/proxy.json"],
+    run: (v) => serveCommand(v.config),
+  }),
+  command({
+    name: "check",
+    summary: "validate the config file and every file it names, then exit (1 when anything is wrong)",
+    options: { config: CONFIG, json: { type: "boolean", description: "one JSON object: {ok, file, problems}" } },
+    examples: ["xks-proxy check --config /etc/xks-proxy/proxy.json", "xks-proxy check --config proxy.json --json"],
+    run: (v) => {
+      let problems: string[] = [];
+      try {
+        loadProxyConfig(v.config, process.env);
+      } catch (e) {
+        if (!(e instanceof ConfigError)) throw e;
+        problems = e.problems;
+        if (!v.json) err(e.message);
+      }
+      if (v.json) out(JSON.stringify({ ok: problems.length === 0, file: v.config, problems }));
+      else if (problems.length === 0) out(`${v.config}: OK`);
+      return problems.length === 0 ? EXIT.ok : EXIT.failure;
+    },
+  }),
+  command({
+    name: "credentials new",
+    summary: "print a fresh SigV4 credential for a key store and the KMS proxy configuration file",
+    options: {
+      prefix: { type: "string", arg: "PREFIX", description: "the key store's uriPathPrefix in the config", default: "" },
+    },
+    details: "The secret is printed once, to stdout; store it in a 0600 file of the proxy's user and reference it.",
+    examples: ["xks-proxy credentials new --prefix /example/prefix"],
+    run: (v) => {
+      const problem = prefixProblem(v.prefix);
+      if (problem) throw new UsageError(`--prefix ${problem}`);
+      const c = newCredential(v.prefix);
+      out(`AccessKeyId:     ${c.accessKeyId}`);
+      out(`SecretAccessKey: ${c.secretAccessKey}`);
+      out("");
+      out("Store the secret in a file readable only by the proxy and reference it from the config:");
+      out(`  {"accessKeyId":"${c.accessKeyId}","secretAccessKey":{"file":"<path>"}}`);
+      out("");
+      out("KMS proxy configuration file (CreateCustomKeyStore / UpdateCustomKeyStore):");
+      out(JSON.stringify(c.proxyConfigurationFile));
+      return EXIT.ok;
+    },
+  }),
+  command({
+    name: "identity new",
+    summary: "write this proxy's channel identity: PATH.key (0600) and PATH.crt; never overwrites",
+    options: { out: { type: "string", arg: "PATH", description: "the files' path without .key/.crt", required: true } },
+    examples: ["sudo -u xks-proxy xks-proxy identity new --out /etc/xks-proxy/proxy-identity"],
+    run: (v) => {
+      try {
+        for (const line of writeNewIdentity(v.out, "proxy", "xks-proxy")) out(line);
+        return EXIT.ok;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === "EEXIST") throw new CommandFailure(`${v.out}.key or .crt exists already`);
+        throw e;
+      }
+    },
+  }),
+  command({
+    name: "install",
+    summary: "write the systemd unit and the tmpfiles.d entry for this machine (--dry-run: print them only)",
+    options: {
+      agents: {
+        type: "string",
+        arg: "ID[,ID…]",
+        description: "the agents' ids: tunnel user and group xks-t-ID, socket folder /run/xks/ID",
+        required: true,
+      },
+      config: { type: "string", arg: "FILE", description: "the config the unit serves", default: "/etc/xks-proxy/proxy.json" },
+      user: { type: "string", arg: "USER", description: "the proxy's own user and group", default: "xks-proxy" },
+      "dry-run": { type: "boolean", description: "print exactly what would be written; write nothing" },
+      force: { type: "boolean", description: "replace files that exist with other content" },
+      root: { type: "string", arg: "DIR", description: "write under DIR instead of / (an image being built)", default: "/" },
+    },
+    details:
+      "The unit runs this machine's node (process.execPath) on this package's bin/xks-proxy.js. The users and\n" +
+      "groups are made by hand first (deploy/EC2.md step 1). A file that exists with other content is refused\n" +
+      "unless --force; nothing is written then.",
+    examples: ["xks-proxy install --agents ownermac --dry-run", "sudo xks-proxy install --agents ownermac"],
+    run: (v) => {
+      const agents = v.agents.split(",").map((a) => a.trim());
+      const bad = agents.filter((a) => !AGENT_ID_RE.test(a));
+      if (bad.length > 0)
+        throw new UsageError(`--agents: ${bad.map((a) => JSON.stringify(a)).join(", ")} must match ${AGENT_ID_RE.source}`);
+      if (!/^[a-z_][a-z0-9_-]{0,31}$/.test(v.user)) throw new UsageError("--user must be a user name ([a-z_][a-z0-9_-]*)");
+      const config = isAbsolute(v.config) ? v.config : resolve(v.config);
+      const bin = join(PACKAGE_ROOT, "bin", "xks-proxy.js");
+      // ProtectHome=yes hides these folders from the service: the package and the config must live elsewhere.
+      const hidden = [bin, config].filter((p) => /^\/(home|root|run\/user)(\/|$)/.test(p));
+      if (hidden.length > 0)
+        throw new CommandFailure(
+          `${hidden.join(" and ")} would be hidden from the service (ProtectHome=yes): install the package under /opt/xks and the config under /etc/xks-proxy (README, Install)`,
+        );
+      const files = proxyServiceFiles({ node: process.execPath, bin, config, agents, user: v.user });
+      if (v["dry-run"]) {
+        out(dryRunText(files));
+        return EXIT.ok;
+      }
+      for (const line of writeServiceFiles(files, { root: v.root, force: v.force })) out(line);
+      out("");
+      out("next, as root:");
+      out(`  systemd-tmpfiles --create ${TMPFILES_PATH}`);
+      out("  systemctl daemon-reload && systemctl enable --now xks-proxy");
+      out("  systemctl reload xks-proxy    # after changing credentials, allow-lists or identities");
+      return EXIT.ok;
+    },
+  }),
+];
 
-function cmdCredentials(argv: string[]): number {
-  if (argv[0] !== "new") {
-    err(USAGE);
-    return 2;
-  }
-  const prefix = flag(argv, "--prefix") ?? "";
-  const problem = prefixProblem(prefix);
-  if (problem) {
-    err(`--prefix ${problem}`);
-    return 2;
-  }
-  const c = newCredential(prefix);
-  out(`AccessKeyId:     ${c.accessKeyId}`);
-  out(`SecretAccessKey: ${c.secretAccessKey}`);
-  out("");
-  out("Store the secret in a file readable only by the proxy and reference it from the config:");
-  out(`  {"accessKeyId":"${c.accessKeyId}","secretAccessKey":{"file":"<path>"}}`);
-  out("");
-  out("KMS proxy configuration file (CreateCustomKeyStore / UpdateCustomKeyStore):");
-  out(JSON.stringify(c.proxyConfigurationFile));
-  return 0;
-}
-
-function cmdIdentity(argv: string[]): number {
-  const outPath = flag(argv, "--out");
-  if (argv[0] !== "new" || !outPath) {
-    err(USAGE);
-    return 2;
-  }
-  try {
-    for (const line of writeNewIdentity(outPath, "proxy", "xks-proxy")) out(line);
-    return 0;
-  } catch (e) {
-    err(
-      `cannot write the identity: ${(e as NodeJS.ErrnoException).code === "EEXIST" ? `${outPath}.key or .crt exists already` : (e as Error).message}`,
-    );
-    return 1;
-  }
-}
+export const PROGRAM: Program = {
+  name: "xks-proxy",
+  version: VERSION,
+  summary: "the XKS proxy for AWS KMS, forwarding to the owner's HSM agent",
+  commands: COMMANDS,
+};
 
 /** Runs the CLI; resolves with the process exit code (serve resolves after a graceful stop). */
-export async function main(argv: string[]): Promise<number> {
-  switch (argv[0]) {
-    case "serve":
-      return cmdServe(argv.slice(1));
-    case "check":
-      return cmdCheck(argv.slice(1));
-    case "credentials":
-      return cmdCredentials(argv.slice(1));
-    case "identity":
-      return cmdIdentity(argv.slice(1));
-    case "version":
-    case "--version":
-      out(`xks-proxy ${VERSION}`);
-      return 0;
-    case "help":
-    case "--help":
-    case "-h":
-      out(USAGE);
-      return 0;
-    default:
-      err(USAGE);
-      return 2;
-  }
+export function main(argv: string[]): Promise<number> {
+  return runProgram(PROGRAM, argv);
 }

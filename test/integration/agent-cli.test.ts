@@ -56,7 +56,7 @@ after(() => rmSync(dir, { recursive: true, force: true }));
 
 test("keys create makes AES-256 keys with the usage asked for; keys list shows them", async () => {
   assert.equal((await cli("keys", "create", "--config", config, "--label", "both")).code, 0);
-  const r = await cli("keys", "create", "--config", config, "--label", "enc", "--usage", "encrypt");
+  const r = await cli("keys", "create", "--config", config, "--label", "enc", "--usage", "encrypt", "--json");
   assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(JSON.parse(r.stdout), {
     label: "enc",
@@ -71,7 +71,7 @@ test("keys create makes AES-256 keys with the usage asked for; keys list shows t
   });
   assert.equal((await cli("keys", "create", "--config", config, "--label", "dec", "--usage", "decrypt")).code, 0);
   assert.equal((await cli("keys", "create", "--config", config, "--label", "none", "--usage", "none")).code, 0);
-  const list = await cli("keys", "list", "--config", config);
+  const list = await cli("keys", "list", "--config", config, "--json");
   assert.equal(list.code, 0, list.stderr);
   const keys = list.stdout
     .trim()
@@ -107,7 +107,7 @@ test("keys list shows for every key whether it is served, through which key stor
   } finally {
     h.close();
   }
-  const list = await cli("keys", "list", "--config", config);
+  const list = await cli("keys", "list", "--config", config, "--json");
   assert.equal(list.code, 0, list.stderr);
   const byLabel = Object.fromEntries(
     list.stdout

@@ -4,7 +4,8 @@
  *
  *   agent/, proxy/, shared/   the product: import the product only (agent and proxy never each
  *                             other), and of npm packages only runtime `dependencies`, since
- *                             production installs with `npm ci --omit=dev`
+ *                             production installs with `npm ci --omit=dev`; pkcs11js, an
+ *                             optional dependency, only from agent/
  *   testbed/                  stands the system up and talks to it like KMS: imports the product
  *                             and itself, never test/ or scripts/
  *   test/                     the product, the test-bed and itself, never scripts/
@@ -33,8 +34,14 @@ const PRODUCT = new Set<Area>(["agent", "proxy", "shared"]);
 
 const pkg = JSON.parse(readFileSync(join(PACKAGE_ROOT, "package.json"), "utf8")) as {
   dependencies: Record<string, string>;
+  optionalDependencies: Record<string, string>;
   devDependencies: Record<string, string>;
 };
+/**
+ * Optional runtime dependencies (native addons whose build may fail where no C++ toolchain is
+ * installed) and the one area that may import each: the proxy host needs none of them.
+ */
+const OPTIONAL_FOR: Record<string, Area[]> = { pkcs11js: ["agent"] };
 
 function tsFiles(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => {
@@ -93,8 +100,12 @@ test("every import follows the dependency rule", () => {
         }
         const p = packageOf(spec);
         if (p === undefined) continue;
-        if (PRODUCT.has(area) && !(p in pkg.dependencies)) broken.push(`${where} imports ${p}, which is not a runtime dependency`);
-        else if (!(p in pkg.dependencies) && !(p in pkg.devDependencies))
+        const optional = p in pkg.optionalDependencies;
+        if (PRODUCT.has(area) && optional && !OPTIONAL_FOR[p]?.includes(area))
+          broken.push(`${where} imports ${p}, an optional dependency that ${area}/ may not need`);
+        else if (PRODUCT.has(area) && !optional && !(p in pkg.dependencies))
+          broken.push(`${where} imports ${p}, which is not a runtime dependency`);
+        else if (!(p in pkg.dependencies) && !optional && !(p in pkg.devDependencies))
           broken.push(`${where} imports ${p}, which package.json does not list`);
       }
     }
