@@ -8,7 +8,7 @@ import { execFileSync } from "node:child_process";
 
 type PlistValue = string | number | boolean | PlistValue[] | { [k: string]: PlistValue };
 
-const unescape = (s: string) =>
+const unescapeXml = (s: string) =>
   s.replace(/&(lt|gt|amp|quot|apos);/g, (_, e: string) => ({ lt: "<", gt: ">", amp: "&", quot: '"', apos: "'" })[e]!);
 
 export function parsePlist(xml: string): PlistValue {
@@ -42,7 +42,7 @@ export function parsePlist(xml: string): PlistValue {
     const t = xml.slice(i, end);
     if (t.includes("<")) fail(`markup inside <${name}>`);
     i = end + name.length + 3;
-    return unescape(t);
+    return unescapeXml(t);
   };
   const value = (t: { name: string; close: boolean; empty: boolean }): PlistValue => {
     if (t.close) fail(`unexpected </${t.name}>`);
