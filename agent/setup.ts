@@ -112,11 +112,10 @@ function initToken(module: string, label: string, soPin: string, pin: string): v
   try {
     const free = p.C_GetSlotList(true).find((s) => (p.C_GetTokenInfo(s).flags & pkcs11js.CKF_TOKEN_INITIALIZED) === 0);
     if (free === undefined) throw new CommandFailure(`${module} has no free token slot to initialise`);
-    p.C_InitToken(free, soPin, label);
-    // SoftHSM gives the new token a slot of its own: find it again by its label.
-    const slot = p.C_GetSlotList(true).find((s) => p.C_GetTokenInfo(s).label.trim() === label);
-    if (slot === undefined) throw new CommandFailure(`the token ${label} was not found after C_InitToken`);
-    const session = p.C_OpenSession(slot, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
+    // CK_UTF8CHAR label[32], blank-padded (pkcs11js would pad a shorter string with NULs).
+    p.C_InitToken(free, soPin, label.padEnd(32, " "));
+    // The slot keeps the token until C_Finalize (SoftHSM numbers it anew in the next session).
+    const session = p.C_OpenSession(free, pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
     try {
       p.C_Login(session, pkcs11js.CKU_SO, soPin);
       p.C_InitPIN(session, pin);
@@ -157,6 +156,7 @@ export function validateInit(o: InitOptions): void {
   if (o.softhsmInit && o.pinFile) throw new UsageError("--pin-file is for an existing token; --softhsm-init makes the PINs itself");
   if (!o.softhsmInit && !o.pinFile)
     throw new UsageError("give --softhsm-init (a new SoftHSM token) or --pin-file FILE (an existing token's PIN)");
+  if (o.tokenLabel.length < 1 || Buffer.byteLength(o.tokenLabel) > 32) throw new UsageError("--token-label must be 1-32 bytes");
   if (o.pinStore === "keychain" && process.platform !== "darwin") throw new UsageError("--pin-store keychain is only available on macOS");
   if (o.agentId !== undefined && !/^[a-z][a-z0-9-]{0,22}$/.test(o.agentId))
     throw new UsageError("--agent-id must match [a-z][a-z0-9-]{0,22}");
@@ -233,7 +233,9 @@ export async function init(o: InitOptions, print: (line: string) => void): Promi
   // 3. The agent token, the channel identity, the SSH key.
   writeSecret(at("agent-token"), newSecret());
   print(`wrote ${at("agent-token")} (0600): the proxy needs a copy, 0600, named by its agents[].token`);
-  for (const line of writeNewIdentity(at("agent-identity"), "agent", `xks-agent ${agentId}`)) print(line);
+  // The identity's lines but the one about this config's "identity" field, which init writes itself.
+  for (const line of writeNewIdentity(at("agent-identity"), "agent", `xks-agent ${agentId}`))
+    if (!line.startsWith("this agent's config")) print(line);
   const ssh = ssh2.utils.generateKeyPairSync("ed25519", { comment: `xks-agent@${agentId}` });
   writeFileSync(at("id_ed25519"), ssh.private, { mode: 0o600, flag: "wx" });
   writeFileSync(at("id_ed25519.pub"), ssh.public, { mode: 0o644, flag: "wx" });
