@@ -189,10 +189,10 @@ export const COMMANDS: Command[] = [
       const config = isAbsolute(v.config) ? v.config : resolve(v.config);
       const bin = join(PACKAGE_ROOT, "bin", "xks-proxy.js");
       // ProtectHome=yes hides these folders from the service: the package and the config must live elsewhere.
-      const hidden = [bin, config].filter((p) => /^\/(home|root|run\/user)(\/|$)/.test(p));
+      const hidden = [process.execPath, bin, config].filter((p) => /^\/(home|root|run\/user)(\/|$)/.test(p));
       if (hidden.length > 0)
         throw new CommandFailure(
-          `${hidden.join(" and ")} would be hidden from the service (ProtectHome=yes): install the package under /opt/xks and the config under /etc/xks-proxy (README, Install)`,
+          `${hidden.join(" and ")} would be hidden from the service (ProtectHome=yes): node, the package (/opt/xks) and the config (/etc/xks-proxy) must live elsewhere (README, Install for production)`,
         );
       const files = proxyServiceFiles({ node: process.execPath, bin, config, agents, user: v.user });
       if (v["dry-run"]) {
