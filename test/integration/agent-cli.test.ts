@@ -516,7 +516,7 @@ describe("xks-agent check", () => {
 
 describe("xks-agent audit", () => {
   test("keys create --type audit, then audit verify (MACs on the HSM), tail, search, export, --against a proxy log; no PIN printed", async () => {
-    const made = await cli("keys", "create", "--config", config, "--type", "audit", "--label", "xks-audit");
+    const made = await cli("keys", "create", "--config", config, "--type", "audit", "--label", "xks-audit", "--json");
     assert.equal(made.code, 0, made.stderr);
     const key = JSON.parse(made.stdout);
     assert.equal(key.type, "GENERIC_SECRET");
