@@ -4,7 +4,8 @@
  *   xks-proxy serve --config FILE        validate the config, log it (no secrets), listen;
  *                                        SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
  *                                        (credentials, allow-lists) from the same file
- *   xks-proxy check --config FILE        validate the config and exit (0 = valid)
+ *   xks-proxy check --config FILE        validate the config, ask every agent for its health and compare
+ *                                        the agents' key check values (0 = valid and no key differs)
  *   xks-proxy credentials new [--prefix /p]
  *                                        print a fresh SigV4 credential and the KMS
  *                                        "proxy configuration file" JSON for it
@@ -17,6 +18,7 @@ import { createLogger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
 import { newCredential } from "./credentials.ts";
+import { checkFleet } from "./fleet-check.ts";
 import { type RunningProxy, serve } from "./main.ts";
 
 const USAGE = `usage:
@@ -109,16 +111,18 @@ async function cmdServe(argv: string[]): Promise<number> {
   });
 }
 
-function cmdCheck(argv: string[]): number {
+async function cmdCheck(argv: string[]): Promise<number> {
   const file = flag(argv, "--config");
   if (!file) {
     err(USAGE);
     return 2;
   }
   try {
-    loadProxyConfig(file, process.env);
+    const config = loadProxyConfig(file, process.env);
     out(`${file}: OK`);
-    return 0;
+    const fleet = await checkFleet(config);
+    for (const line of fleet.lines) out(line);
+    return fleet.ok ? 0 : 1;
   } catch (e) {
     if (e instanceof ConfigError) {
       err(e.message);
