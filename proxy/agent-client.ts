@@ -499,7 +499,10 @@ export class AgentPool implements AgentApi {
     const c = this.pickFor(budget);
     // An agent never heard from may hold another key under the same label: not before its check values are known.
     if (c.health.report === undefined && this.conns.length > 1)
-      throw new XksError("DependencyTimeoutException", `agent ${c.cfg.id} has not answered a health check yet (its key check values are unknown)`);
+      throw new XksError(
+        "DependencyTimeoutException",
+        `agent ${c.cfg.id} has not answered a health check yet (its key check values are unknown)`,
+      );
     // No budget (direct callers): the configured deadline alone, still within the agent's concurrency limit.
     const slot = await c.gate.acquire(budget ?? this.unbudgeted(), signal);
     let ok = false;

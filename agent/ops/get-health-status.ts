@@ -21,7 +21,14 @@ export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
   const auditHead = audit
     ? { records: audit.head?.records ?? 0, hash: audit.head?.hash ?? "", mac: audit.head?.mac ?? "", problem: audit.problem ?? "" }
     : null;
-  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels(), auditHead, keyChecks: [] as KeyCheck[] };
+  const base = {
+    agentId: ctx.agentId,
+    agentVersion: VERSION,
+    paused: false,
+    tunnels: ctx.tunnels(),
+    auditHead,
+    keyChecks: [] as KeyCheck[],
+  };
   let token: TokenInfo;
   try {
     token = ctx.hsm.tokenInfo();
