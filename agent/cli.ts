@@ -15,6 +15,7 @@
  *   xks-agent policy test  --config FILE --request R     the owner's decision on a sample request (R: JSON file), and the rule
  *   xks-agent dashboard    --config FILE                 print the dashboard's URL with its token (for the owner only)
  *   xks-agent identity new --out PATH                    write this agent's channel identity: PATH.key (0600) and PATH.crt
+ *   xks-agent token backup|restore|verify …              the SoftHSM token in an encrypted archive (agent/token-backup.ts)
  */
 import { parseArgs } from "node:util";
 import { Checker, ConfigError, readJsonFile } from "../shared/config.ts";
@@ -31,6 +32,7 @@ import { dashboardUrl } from "./dashboard.ts";
 import { Hsm } from "./hsm/hsm.ts";
 import { createAuditKey, createKey, describeKey, parseUsage } from "./keys.ts";
 import { runChecks } from "./check.ts";
+import { tokenCommand } from "./token-backup.ts";
 import { runAgent, StartError } from "./main.ts";
 import { allowListMap, decideRequest, loadPolicyFile, MATCH_FIELDS, type PolicyRequest, type ServingPolicy } from "./policy.ts";
 
@@ -47,7 +49,10 @@ const USAGE = `usage:
   xks-agent audit export --config FILE --out FILE [--since ISO] [--until ISO]
   xks-agent policy test --config FILE --request REQUEST.json
   xks-agent dashboard --config FILE
-  xks-agent identity new --out PATH`;
+  xks-agent identity new --out PATH
+  xks-agent token backup --config FILE --out ARCHIVE [--passphrase-file FILE]
+  xks-agent token restore --config FILE --in ARCHIVE --to TOKEN_DIR [--passphrase-file FILE]
+  xks-agent token verify --config FILE --in ARCHIVE [--token-dir TOKEN_DIR] [--passphrase-file FILE]`;
 
 function servingPolicy(config: AgentConfig): ServingPolicy {
   return { healthKey: config.healthKey, keyStores: allowListMap(config.keyStores) };
@@ -64,6 +69,8 @@ function withHsm<T>(config: AgentConfig, fn: (hsm: Hsm) => T): T {
 }
 
 export async function main(argv: string[]): Promise<number> {
+  // The token commands parse their own options (agent/token-backup.ts).
+  if (argv[0] === "token") return tokenCommand(argv.slice(1));
   const { values, positionals } = parseArgs({
     args: argv,
     allowPositionals: true,
