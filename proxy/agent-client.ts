@@ -29,8 +29,9 @@
  *   agent's check values of its keys; a key whose agents report different
  *   values is refused (InvalidStateException) before any agent is called, and
  *   those agents are reported DEGRADED. With several agents, a key operation
- *   is sent only to an agent that has answered a health check since the proxy
- *   started (so its check values are known); otherwise 503.
+ *   is sent only to an agent that has answered a health check (not
+ *   UNAVAILABLE) since the proxy started, so its check values are known;
+ *   otherwise 503.
  */
 import { connect as tlsConnect } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
@@ -294,6 +295,8 @@ interface Conn {
   gate: AgentGate;
   /** The audit head last logged for this agent (logged again when it changes). */
   auditLogged?: string;
+  /** It has answered a health check (not UNAVAILABLE) since the proxy started, so its key check values are known. */
+  keyChecksKnown: boolean;
 }
 
 export interface AgentPoolOptions {
@@ -339,6 +342,7 @@ export class AgentPool implements AgentApi {
       client: this.newClient(cfg, opts.identity),
       health: { id: cfg.id, state: "UNAVAILABLE" },
       suspect: false,
+      keyChecksKnown: false,
       gate: new AgentGate({
         maxInFlight: opts.admission?.maxInFlightPerAgent ?? 128,
         queueTargetMs: opts.admission?.queueTargetMs ?? Number.POSITIVE_INFINITY,
@@ -498,7 +502,7 @@ export class AgentPool implements AgentApi {
     if (mismatch !== undefined) throw new XksError("InvalidStateException", mismatch);
     const c = this.pickFor(budget);
     // An agent never heard from may hold another key under the same label: not before its check values are known.
-    if (c.health.report === undefined && this.conns.length > 1)
+    if (!c.keyChecksKnown && this.conns.length > 1)
       throw new XksError(
         "DependencyTimeoutException",
         `agent ${c.cfg.id} has not answered a health check yet (its key check values are unknown)`,
@@ -563,7 +567,11 @@ export class AgentPool implements AgentApi {
       c.identityProblem = undefined;
       this.witnessAuditHead(c, res);
       // Before the state: an agent that comes up holding another key under a known label is never routed that key.
-      this.keyChecks.report(c.cfg.id, res.keyChecks ?? []);
+      // An UNAVAILABLE answer (HSM failing, paused) keeps the values last reported: its checks may be missing.
+      if (state !== "UNAVAILABLE") {
+        this.keyChecks.report(c.cfg.id, res.keyChecks ?? []);
+        c.keyChecksKnown = true;
+      }
       this.setHealth(
         c,
         { state, checkedAt: this.now(), report: res, reason: state === "UNAVAILABLE" ? res.detail.slice(0, 200) : undefined },
