@@ -252,7 +252,8 @@ describe("two agents with cloned tokens", () => {
     running = false;
     await Promise.all(loops);
     assert.deepEqual(outcomes.failures, [], "no request failed (busy answers retried like KMS)");
-    const later = () => proxyLines(chain, (l) => l.msg === "request" && l.status === 200 && Date.parse(l.time) >= unavailableAt);
+    const later = () =>
+      proxyLines(chain, (l) => l.msg === "request" && l.key === key && l.status === 200 && Date.parse(l.time) >= unavailableAt);
     await until(() => later().length >= 40, "the proxy's log of the requests after the stop (written at least once a second)");
     assert.deepEqual([...new Set(later().map((l) => l.agent))], ["owner-machine"], "only the awake agent served");
 
