@@ -56,6 +56,11 @@ async function needPkcs11js<T>(load: () => Promise<T>): Promise<T> {
 const hsmModule = () => needPkcs11js(() => import("./hsm/hsm.ts"));
 const keysModule = () => needPkcs11js(() => import("./keys.ts"));
 const policyModule = () => needPkcs11js(() => import("./policy.ts"));
+const tokenModule = () => needPkcs11js(() => import("./token-backup.ts"));
+
+const PASSPHRASE_FILE = { type: "string", arg: "FILE", description: "the archive's passphrase, from a 0600 file" } as const;
+const PASSPHRASE_HELP =
+  "The passphrase is read from --passphrase-file (mode 0600), else from standard input, else asked for without echo; never from the command line.";
 
 async function servingPolicy(config: AgentConfig): Promise<ServingPolicy> {
   const { allowListMap } = await policyModule();
@@ -534,6 +539,58 @@ export const COMMANDS: Command[] = [
           throw new CommandFailure(`cannot write the identity: ${v.out}.key or .crt exists already`);
         throw e;
       }
+    },
+  }),
+  command({
+    name: "token backup",
+    summary: "the SoftHSM token in an encrypted archive (0600, never overwrites) with a manifest of key check values",
+    options: {
+      config: CONFIG,
+      out: { type: "string", arg: "ARCHIVE", description: "the archive to write", required: true },
+      "passphrase-file": PASSPHRASE_FILE,
+    },
+    details: `${PASSPHRASE_HELP}\nThe token is the only copy of the keys (they are never extractable): keep the archive, its passphrase and the PIN apart.`,
+    examples: ["xks-agent token backup --config agent.json --out xks-token.backup --passphrase-file ~/backup-passphrase"],
+    run: async (v) => {
+      const t = await tokenModule();
+      return t.backup(load(v.config), v.out, v["passphrase-file"], t.defaultIo());
+    },
+  }),
+  command({
+    name: "token restore",
+    summary: "restore a token archive into a token folder (never overwrites), then verify it against the archive's manifest",
+    options: {
+      config: CONFIG,
+      in: { type: "string", arg: "ARCHIVE", description: "the archive", required: true },
+      to: {
+        type: "string",
+        arg: "TOKEN_DIR",
+        description: "SoftHSM's token folder (directories.tokendir) to restore into",
+        required: true,
+      },
+      "passphrase-file": PASSPHRASE_FILE,
+    },
+    details: PASSPHRASE_HELP,
+    examples: ["xks-agent token restore --config agent.json --in xks-token.backup --to ~/.config/softhsm2/tokens"],
+    run: async (v) => {
+      const t = await tokenModule();
+      return t.restore(load(v.config), v.in, v.to, v["passphrase-file"], t.defaultIo());
+    },
+  }),
+  command({
+    name: "token verify",
+    summary: "check an archive (and optionally a restored token) against its manifest: key check values and decrypt probes",
+    options: {
+      config: CONFIG,
+      in: { type: "string", arg: "ARCHIVE", description: "the archive", required: true },
+      "token-dir": { type: "string", arg: "TOKEN_DIR", description: "a token folder to verify instead of the configured one" },
+      "passphrase-file": PASSPHRASE_FILE,
+    },
+    details: PASSPHRASE_HELP,
+    examples: ["xks-agent token verify --config agent.json --in xks-token.backup"],
+    run: async (v) => {
+      const t = await tokenModule();
+      return t.verify(load(v.config), v.in, v["token-dir"], v["passphrase-file"], t.defaultIo());
     },
   }),
 ];

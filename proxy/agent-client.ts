@@ -25,6 +25,13 @@
  *   is what is left of that budget, and a call that cannot finish inside it is
  *   refused with 429 ThrottlingException before any agent work. Health calls
  *   do not pass through the gates: they never wait behind a backlog.
+ * - Key check values (proxy/key-checks.ts): each health answer carries the
+ *   agent's check values of its keys; a key whose agents report different
+ *   values is refused (InvalidStateException) before any agent is called, and
+ *   those agents are reported DEGRADED. With several agents, a key operation
+ *   is sent only to an agent that has answered a health check (not
+ *   UNAVAILABLE) since the proxy started, so its check values are known;
+ *   otherwise 503.
  */
 import { connect as tlsConnect } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
@@ -53,6 +60,7 @@ import {
 } from "../shared/proto.ts";
 import { AgentGate, Budget, throttled } from "./admission.ts";
 import type { AgentEndpoint } from "./config.ts";
+import { KeyCheckBook } from "./key-checks.ts";
 
 /** Request/response types per RPC (complete messages, shared/proto.ts). */
 export interface AgentMethods {
@@ -287,6 +295,8 @@ interface Conn {
   gate: AgentGate;
   /** The audit head last logged for this agent (logged again when it changes). */
   auditLogged?: string;
+  /** It has answered a health check (not UNAVAILABLE) since the proxy started, so its key check values are known. */
+  keyChecksKnown: boolean;
 }
 
 export interface AgentPoolOptions {
@@ -319,9 +329,12 @@ export class AgentPool implements AgentApi {
   private lastRefreshAt = Number.NEGATIVE_INFINITY;
   private kickTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** The agents' key check values, compared per key id. */
+  readonly keyChecks: KeyCheckBook;
 
   constructor(opts: AgentPoolOptions) {
     this.opts = opts;
+    this.keyChecks = new KeyCheckBook(opts.log);
     this.now = opts.now ?? Date.now;
     this.identity = opts.identity;
     this.conns = opts.agents.map((cfg) => ({
@@ -329,6 +342,7 @@ export class AgentPool implements AgentApi {
       client: this.newClient(cfg, opts.identity),
       health: { id: cfg.id, state: "UNAVAILABLE" },
       suspect: false,
+      keyChecksKnown: false,
       gate: new AgentGate({
         maxInFlight: opts.admission?.maxInFlightPerAgent ?? 128,
         queueTargetMs: opts.admission?.queueTargetMs ?? Number.POSITIVE_INFINITY,
@@ -484,7 +498,15 @@ export class AgentPool implements AgentApi {
     opts: CallOptions = {},
   ): Promise<AgentCallResult<AgentMethods[M]["res"]>> {
     const { budget, signal } = opts;
+    const mismatch = this.keyChecks.refusal(request.keyId);
+    if (mismatch !== undefined) throw new XksError("InvalidStateException", mismatch);
     const c = this.pickFor(budget);
+    // An agent never heard from may hold another key under the same label: not before its check values are known.
+    if (!c.keyChecksKnown && this.conns.length > 1)
+      throw new XksError(
+        "DependencyTimeoutException",
+        `agent ${c.cfg.id} has not answered a health check yet (its key check values are unknown)`,
+      );
     // No budget (direct callers): the configured deadline alone, still within the agent's concurrency limit.
     const slot = await c.gate.acquire(budget ?? this.unbudgeted(), signal);
     let ok = false;
@@ -544,6 +566,12 @@ export class AgentPool implements AgentApi {
       const state: HealthState = res.state === "ACTIVE" || res.state === "DEGRADED" ? res.state : "UNAVAILABLE";
       c.identityProblem = undefined;
       this.witnessAuditHead(c, res);
+      // Before the state: an agent that comes up holding another key under a known label is never routed that key.
+      // An UNAVAILABLE answer (HSM failing, paused) keeps the values last reported: its checks may be missing.
+      if (state !== "UNAVAILABLE") {
+        this.keyChecks.report(c.cfg.id, res.keyChecks ?? []);
+        c.keyChecksKnown = true;
+      }
       this.setHealth(
         c,
         { state, checkedAt: this.now(), report: res, reason: state === "UNAVAILABLE" ? res.detail.slice(0, 200) : undefined },
@@ -650,6 +678,8 @@ export class AgentPool implements AgentApi {
       const h = c.health;
       if (h.checkedAt === undefined || now - h.checkedAt > this.opts.healthRefreshMs * 2) stale = true;
       if (h.checkedAt !== undefined && now - h.checkedAt > HEALTH_MAX_AGE_MS) return { ...h, state: "UNAVAILABLE" as const };
+      const keyProblem = h.state === "ACTIVE" ? this.keyChecks.problemOf(c.cfg.id) : undefined;
+      if (keyProblem !== undefined) return { ...h, state: "DEGRADED" as const, reason: keyProblem };
       return { ...h };
     });
     if (stale) this.kick();

@@ -21,6 +21,7 @@ import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
 import { newCredential } from "./credentials.ts";
+import { checkFleet } from "./fleet-check.ts";
 import { type RunningProxy, serve } from "./main.ts";
 import { AGENT_ID_RE, proxyServiceFiles, TMPFILES_PATH } from "./service.ts";
 
@@ -104,21 +105,30 @@ export const COMMANDS: Command[] = [
   }),
   command({
     name: "check",
-    summary: "validate the config file and every file it names, then exit (1 when anything is wrong)",
-    options: { config: CONFIG, json: { type: "boolean", description: "one JSON object: {ok, file, problems}" } },
+    summary:
+      "validate the config file and every file it names, ask every agent for its health and compare their key check values (1 when anything is wrong)",
+    options: { config: CONFIG, json: { type: "boolean", description: "one JSON object: {ok, file, problems, agents}" } },
+    details:
+      "An agent that cannot be reached is reported and does not fail the check (its tunnel is dialled from the owner's machine); a key whose agents hold different key material does.",
     examples: ["xks-proxy check --config /etc/xks-proxy/proxy.json", "xks-proxy check --config proxy.json --json"],
-    run: (v) => {
+    run: async (v) => {
       let problems: string[] = [];
+      let config: ProxyConfig | undefined;
       try {
-        loadProxyConfig(v.config, process.env);
+        config = loadProxyConfig(v.config, process.env);
       } catch (e) {
         if (!(e instanceof ConfigError)) throw e;
         problems = e.problems;
         if (!v.json) err(e.message);
       }
-      if (v.json) out(JSON.stringify({ ok: problems.length === 0, file: v.config, problems }));
-      else if (problems.length === 0) out(`${v.config}: OK`);
-      return problems.length === 0 ? EXIT.ok : EXIT.failure;
+      const fleet = config ? await checkFleet(config) : undefined;
+      const ok = problems.length === 0 && (fleet?.ok ?? false);
+      if (v.json) out(JSON.stringify({ ok, file: v.config, problems, agents: fleet?.lines ?? [] }));
+      else if (config) {
+        out(`${v.config}: OK`);
+        for (const line of fleet?.lines ?? []) out(line);
+      }
+      return ok ? EXIT.ok : EXIT.failure;
     },
   }),
   command({

@@ -18,6 +18,7 @@ import type { GetHealthStatusResponse__Output } from "./generated/xks/agent/v1/G
 import type { GetKeyMetadataRequest__Output } from "./generated/xks/agent/v1/GetKeyMetadataRequest.ts";
 import type { GetKeyMetadataResponse__Output } from "./generated/xks/agent/v1/GetKeyMetadataResponse.ts";
 import type { HealthState__Output } from "./generated/xks/agent/v1/HealthState.ts";
+import type { KeyCheck__Output } from "./generated/xks/agent/v1/KeyCheck.ts";
 import type { RequestMetadata__Output } from "./generated/xks/agent/v1/RequestMetadata.ts";
 import type { TunnelStatus__Output } from "./generated/xks/agent/v1/TunnelStatus.ts";
 import type { XksAgentClient as GeneratedXksAgentClient } from "./generated/xks/agent/v1/XksAgent.ts";
@@ -64,6 +65,7 @@ export type DecryptResponse = DecryptResponse__Output;
 export type GetHealthStatusRequest = GetHealthStatusRequest__Output;
 export type GetHealthStatusResponse = GetHealthStatusResponse__Output;
 export type TunnelStatus = TunnelStatus__Output;
+export type KeyCheck = KeyCheck__Output;
 /** The states an agent reports (HealthState without its proto3 zero value). */
 export type HealthState = Exclude<HealthState__Output, "HEALTH_STATE_UNSPECIFIED">;
 /** The failure reasons an agent sends in `xks-reason` (ErrorReason without its proto3 zero value). */

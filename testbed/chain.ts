@@ -17,7 +17,7 @@ import { join } from "node:path";
 import { newCredential } from "../proxy/credentials.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { secretFile, writeAgentConfig, writeProxyConfig } from "./configs.ts";
-import { createKeySet, createSoftHsmToken, DEMO_KEYS, type KeySet, kmsKeys, type SoftHsmToken } from "./hsm.ts";
+import { cloneSoftHsmToken, createKeySet, createSoftHsmToken, DEMO_KEYS, type KeySet, kmsKeys, type SoftHsmToken } from "./hsm.ts";
 import { type Identity, TEST_IDENTITIES } from "./identities.ts";
 import { freePort } from "./ports.ts";
 import { Daemon } from "./procs.ts";
@@ -62,6 +62,23 @@ export interface ChainOptions {
    * agent's command is wrapped by `agentWrap` (e.g. `ip netns exec <ns>`).
    */
   remoteAgent?: { sshdHost: string; agentWrap: (argv: string[]) => string[] };
+  /**
+   * More agents behind the same proxy (listed after the first, "owner-machine"),
+   * each a process of its own with its own SoftHSM token, config and tunnel
+   * through the same sshd: `token: "clone"` copies the first agent's token
+   * directory (the same keys, as a second machine restored from a backup
+   * holds), `"new"` makes a fresh token with the same labels (other keys).
+   */
+  moreAgents?: Array<{ id: string; token: "clone" | "new" }>;
+}
+
+/** One of ChainOptions.moreAgents, started. */
+export interface ChainAgent {
+  id: string;
+  agent: Daemon;
+  softhsm: SoftHsmToken;
+  configFile: string;
+  remoteSocket: string;
 }
 
 export interface Chain extends XksEndpoint {
@@ -84,6 +101,8 @@ export interface Chain extends XksEndpoint {
   remoteTcpPort: number;
   /** Signs like KMS and sends, with keep-alive connections. */
   client: XksClient;
+  /** ChainOptions.moreAgents, started, in order. */
+  moreAgents: ChainAgent[];
   /** The channel identities the configs were written with (a process of its own, e.g. a load generator, needs them). */
   identities: { agent: Identity; proxy: Identity };
   /** Resolves once health reports the agent ACTIVE. */
@@ -127,36 +146,62 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
   const agentPolicyFile = join(a, "policy.json");
   const policy = o.policy === undefined ? DEMO_POLICY : o.policy;
   writeFileSync(agentPolicyFile, `${JSON.stringify(policy ?? { default: "allow" }, null, 2)}\n`);
-  const agentConfigFile = writeAgentConfig(a, {
-    token: softhsm,
-    proxyToken: agentToken,
-    agentId: "owner-machine",
-    healthKey: keys.health,
-    keyStores: [{ keyStore: CHAIN_PREFIX, keys: kmsKeys(keys) }],
-    extra: {
-      ...(policy !== null ? { policy: "policy.json" } : {}),
-      dashboard: { port: 0 },
-      tunnels: [
-        {
-          name: "local-sshd",
-          host: o.remoteAgent?.sshdHost ?? "127.0.0.1",
-          port: sshd.port,
-          username: sshd.user,
-          privateKey: secretFile(a, "id_ed25519", sshd.clientPrivateKey),
-          hostKeyFingerprint: sshd.hostKeyFingerprint,
-          ...(o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket }),
-          ...o.agentTunnel,
-        },
-      ],
-      log: { level: logLevel },
-    },
+  const writeAgent = (agentDir: string, token: SoftHsmToken, agentId: string, forward: Record<string, unknown>) => {
+    if (policy !== null) writeFileSync(join(agentDir, "policy.json"), `${JSON.stringify(policy, null, 2)}\n`);
+    return writeAgentConfig(agentDir, {
+      token,
+      proxyToken: agentToken,
+      agentId,
+      healthKey: keys.health,
+      keyStores: [{ keyStore: CHAIN_PREFIX, keys: kmsKeys(keys) }],
+      extra: {
+        ...(policy !== null ? { policy: "policy.json" } : {}),
+        dashboard: { port: 0 },
+        tunnels: [
+          {
+            name: "local-sshd",
+            host: o.remoteAgent?.sshdHost ?? "127.0.0.1",
+            port: sshd.port,
+            username: sshd.user,
+            privateKey: secretFile(agentDir, "id_ed25519", sshd.clientPrivateKey),
+            hostKeyFingerprint: sshd.hostKeyFingerprint,
+            ...forward,
+            ...o.agentTunnel,
+          },
+        ],
+        log: { level: logLevel },
+      },
+    });
+  };
+  const agentConfigFile = writeAgent(
+    a,
+    softhsm,
+    "owner-machine",
+    o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket },
+  );
+  // More agents: their own folder, token and forwarded socket (socket mode only).
+  const more = (o.moreAgents ?? []).map((m) => {
+    if (o.tunnel === "tcp") throw new Error("moreAgents needs the socket tunnel");
+    const d = join(dir, `agent-${m.id}`);
+    mkdirSync(d, { recursive: true, mode: 0o700 });
+    let token: SoftHsmToken;
+    if (m.token === "clone") token = cloneSoftHsmToken(softhsm, join(d, "hsm"));
+    else {
+      token = createSoftHsmToken({ dir: join(d, "hsm"), tokenLabel: softhsm.tokenLabel, pin: softhsm.pin });
+      createKeySet(token, keys);
+    }
+    const sock = join(dir, "ec2", `${m.id}.sock`);
+    return { id: m.id, dir: d, softhsm: token, remoteSocket: sock, configFile: writeAgent(d, token, m.id, { remoteSocket: sock }) };
   });
 
   // "EC2": the proxy.
   const proxyConfigFile = writeProxyConfig(join(dir, "proxy"), {
     port: proxyPort,
     region: CHAIN_REGION,
-    agents: [{ id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken }],
+    agents: [
+      { id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken },
+      ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),
+    ],
     keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys) }],
     extra: { healthRefreshMs: 1000, log: { level: logLevel }, ...o.proxyExtra },
   });
@@ -170,9 +215,23 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     join(dir, "logs", "agent.log"),
     o.remoteAgent?.agentWrap,
   );
+  const moreAgents: ChainAgent[] = more.map((m) => ({
+    id: m.id,
+    softhsm: m.softhsm,
+    configFile: m.configFile,
+    remoteSocket: m.remoteSocket,
+    agent: new Daemon(
+      `agent-${m.id}`,
+      [BIN_AGENT, "run", "--config", m.configFile],
+      { ...process.env, ...m.softhsm.env },
+      join(dir, "logs", `agent-${m.id}.log`),
+      o.remoteAgent?.agentWrap,
+    ),
+  }));
   proxy.start();
   agent.start();
-  writeFileSync(join(dir, "pids"), `${proxy.pid}\n${agent.pid}\n`);
+  for (const m of moreAgents) m.agent.start();
+  writeFileSync(join(dir, "pids"), `${[proxy.pid, agent.pid, ...moreAgents.map((m) => m.agent.pid)].join("\n")}\n`);
 
   const endpoint: XksEndpoint = {
     url: `http://127.0.0.1:${proxyPort}`,
@@ -198,6 +257,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     remoteSocket,
     remoteTcpPort: tcpPort,
     client,
+    moreAgents,
     identities: TEST_IDENTITIES,
     waitActive: async (capMs = GENEROUS_MS) => {
       let last = "";
@@ -220,7 +280,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     },
     stop: async () => {
       client.close();
-      await Promise.all([agent.stop(), proxy.stop()]);
+      await Promise.all([agent.stop(), proxy.stop(), ...moreAgents.map((m) => m.agent.stop())]);
       await sshd.stop();
       if (temporary) rmSync(dir, { recursive: true, force: true });
     },

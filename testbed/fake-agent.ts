@@ -25,6 +25,7 @@ import {
   type GetHealthStatusResponse,
   type GetKeyMetadataRequest,
   type HealthState,
+  type KeyCheck,
   XksAgentService,
 } from "../shared/proto.ts";
 import { type Identity, TEST_IDENTITIES } from "./identities.ts";
@@ -37,7 +38,8 @@ export interface FakeAgent {
   calls: Record<string, number>;
   /** Requests received (the proto messages), newest last. */
   requests: Array<{ method: string; req: unknown }>;
-  health: { state: HealthState; agentId: string; never: boolean };
+  /** What GetHealthStatus answers; `keyChecks` are the key check values it reports (none by default). */
+  health: { state: HealthState; agentId: string; never: boolean; keyChecks: KeyCheck[] };
   stop(): Promise<void>;
 }
 
@@ -55,7 +57,7 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
   const cm = Buffer.from("v1");
   const calls: Record<string, number> = {};
   const requests: FakeAgent["requests"] = [];
-  const health = { state: "ACTIVE" as HealthState, agentId: `fake-${opts.name ?? "agent"}`, never: false };
+  const health: FakeAgent["health"] = { state: "ACTIVE", agentId: `fake-${opts.name ?? "agent"}`, never: false, keyChecks: [] };
 
   function wrap<Req extends { keyId?: string }>(method: string, run: (req: Req) => unknown): grpc.handleUnaryCall<Req, unknown> {
     return (call, cb) => {
@@ -115,6 +117,7 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
         paused: false,
         tunnels: [],
         auditHead: null,
+        keyChecks: health.keyChecks,
       }),
     ),
     GetKeyMetadata: wrap("GetKeyMetadata", (req: GetKeyMetadataRequest) =>

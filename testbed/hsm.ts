@@ -6,7 +6,7 @@
  */
 import { execFileSync } from "node:child_process";
 import pkcs11js from "pkcs11js";
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
+import { cpSync, existsSync, mkdirSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Hsm } from "../agent/hsm/hsm.ts";
@@ -41,6 +41,21 @@ export interface SoftHsmToken {
 
 export function createSoftHsmToken(opts: { dir?: string; tokenLabel?: string; pin?: string } = {}): SoftHsmToken {
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "xks-softhsm-"));
+  const { conf } = writeSoftHsmConf(dir);
+  const tokenLabel = opts.tokenLabel ?? "xks-test";
+  const pin = opts.pin ?? "1234-test-pin";
+  const soPin = "5678-so-pin";
+  const env = { SOFTHSM2_CONF: conf };
+  execFileSync("softhsm2-util", ["--init-token", "--free", "--label", tokenLabel, "--so-pin", soPin, "--pin", pin], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  process.env.SOFTHSM2_CONF = conf;
+  return { dir, conf, module: findSoftHsmModule(), tokenLabel, pin, soPin, env };
+}
+
+/** Writes the softhsm2.conf a token folder uses: its tokens in `<dir>/tokens`. */
+function writeSoftHsmConf(dir: string): { conf: string; tokens: string } {
   const tokens = join(dir, "tokens");
   mkdirSync(tokens, { recursive: true, mode: 0o700 });
   const conf = join(dir, "softhsm2.conf");
@@ -56,16 +71,18 @@ export function createSoftHsmToken(opts: { dir?: string; tokenLabel?: string; pi
       "",
     ].join("\n"),
   );
-  const tokenLabel = opts.tokenLabel ?? "xks-test";
-  const pin = opts.pin ?? "1234-test-pin";
-  const soPin = "5678-so-pin";
-  const env = { SOFTHSM2_CONF: conf };
-  execFileSync("softhsm2-util", ["--init-token", "--free", "--label", tokenLabel, "--so-pin", soPin, "--pin", pin], {
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  process.env.SOFTHSM2_CONF = conf;
-  return { dir, conf, module: findSoftHsmModule(), tokenLabel, pin, soPin, env };
+  return { conf, tokens };
+}
+
+/**
+ * A clone of `src` in `dir`: its token files copied as they are (the same
+ * token, serial, PIN and keys), under a softhsm2.conf of its own. Unlike
+ * createSoftHsmToken, this process's SOFTHSM2_CONF is left alone.
+ */
+export function cloneSoftHsmToken(src: SoftHsmToken, dir: string): SoftHsmToken {
+  const { conf, tokens } = writeSoftHsmConf(dir);
+  cpSync(join(src.dir, "tokens"), tokens, { recursive: true });
+  return { ...src, dir, conf, env: { SOFTHSM2_CONF: conf } };
 }
 
 /** The roles a key set fills: one key per usage case, and the agent's health key. */

@@ -1,10 +1,11 @@
 import { randomBytes } from "node:crypto";
 import { AgentError, errorMessage } from "../../shared/errors.ts";
-import type { GetHealthStatusResponse } from "../../shared/proto.ts";
+import type { GetHealthStatusResponse, KeyCheck } from "../../shared/proto.ts";
 import { VERSION } from "../../shared/version.ts";
 import { decrypt } from "./decrypt.ts";
 import { encrypt } from "./encrypt.ts";
 import type { TokenInfo } from "../hsm/hsm.ts";
+import { keyChecks } from "../hsm/key-check.ts";
 import type { AgentOpContext } from "./context.ts";
 
 const NO_METADATA = null;
@@ -20,13 +21,23 @@ export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
   const auditHead = audit
     ? { records: audit.head?.records ?? 0, hash: audit.head?.hash ?? "", mac: audit.head?.mac ?? "", problem: audit.problem ?? "" }
     : null;
-  const base = { agentId: ctx.agentId, agentVersion: VERSION, paused: false, tunnels: ctx.tunnels(), auditHead };
+  const base = {
+    agentId: ctx.agentId,
+    agentVersion: VERSION,
+    paused: false,
+    tunnels: ctx.tunnels(),
+    auditHead,
+    keyChecks: [] as KeyCheck[],
+  };
   let token: TokenInfo;
   try {
     token = ctx.hsm.tokenInfo();
   } catch (err) {
     return { ...base, state: "UNAVAILABLE", tokenManufacturer: "", tokenModel: "", tokenSerial: "", tokenLabel: "", detail: short(err) };
   }
+  // The check value of every key KMS may use (made once per key as read from the token, then cached),
+  // for the proxy to compare between agents.
+  base.keyChecks = keyChecks(ctx.hsm, servedLabels(ctx));
   const tokenFields = {
     tokenManufacturer: token.manufacturer,
     tokenModel: token.model,
@@ -62,6 +73,13 @@ export function getHealthStatus(ctx: AgentOpContext): GetHealthStatusResponse {
     const unavailable = err instanceof AgentError && err.reason === "HSM_UNAVAILABLE";
     return { ...base, ...tokenFields, state: unavailable ? "UNAVAILABLE" : "DEGRADED", detail: short(err) };
   }
+}
+
+/** Every label allow-listed for some key store, once each, in config order. */
+function servedLabels(ctx: AgentOpContext): Set<string> {
+  const out = new Set<string>();
+  for (const keys of ctx.keyStores.values()) for (const k of keys) out.add(k);
+  return out;
 }
 
 function short(err: unknown): string {

@@ -11,6 +11,7 @@ import type { GetHealthStatusRequest as _xks_agent_v1_GetHealthStatusRequest, Ge
 import type { GetHealthStatusResponse as _xks_agent_v1_GetHealthStatusResponse, GetHealthStatusResponse__Output as _xks_agent_v1_GetHealthStatusResponse__Output } from './xks/agent/v1/GetHealthStatusResponse.ts';
 import type { GetKeyMetadataRequest as _xks_agent_v1_GetKeyMetadataRequest, GetKeyMetadataRequest__Output as _xks_agent_v1_GetKeyMetadataRequest__Output } from './xks/agent/v1/GetKeyMetadataRequest.ts';
 import type { GetKeyMetadataResponse as _xks_agent_v1_GetKeyMetadataResponse, GetKeyMetadataResponse__Output as _xks_agent_v1_GetKeyMetadataResponse__Output } from './xks/agent/v1/GetKeyMetadataResponse.ts';
+import type { KeyCheck as _xks_agent_v1_KeyCheck, KeyCheck__Output as _xks_agent_v1_KeyCheck__Output } from './xks/agent/v1/KeyCheck.ts';
 import type { RequestMetadata as _xks_agent_v1_RequestMetadata, RequestMetadata__Output as _xks_agent_v1_RequestMetadata__Output } from './xks/agent/v1/RequestMetadata.ts';
 import type { TunnelStatus as _xks_agent_v1_TunnelStatus, TunnelStatus__Output as _xks_agent_v1_TunnelStatus__Output } from './xks/agent/v1/TunnelStatus.ts';
 import type { XksAgentClient as _xks_agent_v1_XksAgentClient, XksAgentDefinition as _xks_agent_v1_XksAgentDefinition } from './xks/agent/v1/XksAgent.ts';
@@ -34,6 +35,7 @@ export interface ProtoGrpcType {
         GetKeyMetadataRequest: MessageTypeDefinition<_xks_agent_v1_GetKeyMetadataRequest, _xks_agent_v1_GetKeyMetadataRequest__Output>
         GetKeyMetadataResponse: MessageTypeDefinition<_xks_agent_v1_GetKeyMetadataResponse, _xks_agent_v1_GetKeyMetadataResponse__Output>
         HealthState: EnumTypeDefinition
+        KeyCheck: MessageTypeDefinition<_xks_agent_v1_KeyCheck, _xks_agent_v1_KeyCheck__Output>
         RequestMetadata: MessageTypeDefinition<_xks_agent_v1_RequestMetadata, _xks_agent_v1_RequestMetadata__Output>
         TunnelStatus: MessageTypeDefinition<_xks_agent_v1_TunnelStatus, _xks_agent_v1_TunnelStatus__Output>
         XksAgent: SubtypeConstructor<typeof grpc.Client, _xks_agent_v1_XksAgentClient> & { service: _xks_agent_v1_XksAgentDefinition }

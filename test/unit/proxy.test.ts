@@ -434,6 +434,7 @@ describe("health response builder", () => {
       paused: false,
       tunnels: [],
       auditHead: null,
+      keyChecks: [],
     });
     const hs: AgentHealth[] = [
       { id: "mac-1", state: "ACTIVE", checkedAt: 1, report: report("hsm-a") },

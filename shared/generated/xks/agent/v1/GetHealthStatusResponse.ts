@@ -4,6 +4,7 @@
 import type { HealthState as _xks_agent_v1_HealthState, HealthState__Output as _xks_agent_v1_HealthState__Output } from '../../../xks/agent/v1/HealthState.ts';
 import type { TunnelStatus as _xks_agent_v1_TunnelStatus, TunnelStatus__Output as _xks_agent_v1_TunnelStatus__Output } from '../../../xks/agent/v1/TunnelStatus.ts';
 import type { AuditHead as _xks_agent_v1_AuditHead, AuditHead__Output as _xks_agent_v1_AuditHead__Output } from '../../../xks/agent/v1/AuditHead.ts';
+import type { KeyCheck as _xks_agent_v1_KeyCheck, KeyCheck__Output as _xks_agent_v1_KeyCheck__Output } from '../../../xks/agent/v1/KeyCheck.ts';
 
 export interface GetHealthStatusResponse {
   /**
@@ -29,6 +30,10 @@ export interface GetHealthStatusResponse {
    * the agent's audit log, for the proxy to log as a witness
    */
   'auditHead'?: (_xks_agent_v1_AuditHead | null);
+  /**
+   * one per key the agent serves to KMS (never the key itself)
+   */
+  'keyChecks'?: (_xks_agent_v1_KeyCheck)[];
 }
 
 export interface GetHealthStatusResponse__Output {
@@ -55,4 +60,8 @@ export interface GetHealthStatusResponse__Output {
    * the agent's audit log, for the proxy to log as a witness
    */
   'auditHead': (_xks_agent_v1_AuditHead__Output | null);
+  /**
+   * one per key the agent serves to KMS (never the key itself)
+   */
+  'keyChecks': (_xks_agent_v1_KeyCheck__Output)[];
 }
