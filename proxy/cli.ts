@@ -5,9 +5,10 @@
  *                                        SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
  *                                        (credentials, allow-lists) from the same file
  *   xks-proxy check --config FILE        validate the config and exit (0 = valid)
- *   xks-proxy credentials new [--prefix /p]
- *                                        print a fresh SigV4 credential and the KMS
- *                                        "proxy configuration file" JSON for it
+ *   xks-proxy credentials new --secret-out FILE --endpoint https://HOST --region R [--prefix /p] …
+ *                                        a fresh SigV4 credential: the secret into FILE (0600, new),
+ *                                        the config entry and the aws kms commands printed
+ *                                        (proxy/credentials.ts; --help there)
  *   xks-proxy identity new --out PATH    write this proxy's channel identity: PATH.key (0600) and PATH.crt
  *   xks-proxy version
  */
@@ -15,14 +16,14 @@ import { ConfigError } from "../shared/config.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
 import { createLogger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
-import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
-import { newCredential } from "./credentials.ts";
+import { loadProxyConfig, type ProxyConfig } from "./config.ts";
+import { credentialsCommand } from "./credentials.ts";
 import { type RunningProxy, serve } from "./main.ts";
 
 const USAGE = `usage:
   xks-proxy serve --config FILE
   xks-proxy check --config FILE
-  xks-proxy credentials new [--prefix /uri/path/prefix]
+  xks-proxy credentials new --secret-out FILE --endpoint https://HOST --region REGION [--prefix /uri/path/prefix] (--help for more)
   xks-proxy identity new --out PATH
   xks-proxy version`;
 
@@ -129,26 +130,7 @@ function cmdCheck(argv: string[]): number {
 }
 
 function cmdCredentials(argv: string[]): number {
-  if (argv[0] !== "new") {
-    err(USAGE);
-    return 2;
-  }
-  const prefix = flag(argv, "--prefix") ?? "";
-  const problem = prefixProblem(prefix);
-  if (problem) {
-    err(`--prefix ${problem}`);
-    return 2;
-  }
-  const c = newCredential(prefix);
-  out(`AccessKeyId:     ${c.accessKeyId}`);
-  out(`SecretAccessKey: ${c.secretAccessKey}`);
-  out("");
-  out("Store the secret in a file readable only by the proxy and reference it from the config:");
-  out(`  {"accessKeyId":"${c.accessKeyId}","secretAccessKey":{"file":"<path>"}}`);
-  out("");
-  out("KMS proxy configuration file (CreateCustomKeyStore / UpdateCustomKeyStore):");
-  out(JSON.stringify(c.proxyConfigurationFile));
-  return 0;
+  return credentialsCommand(argv, { out, err });
 }
 
 function cmdIdentity(argv: string[]): number {
