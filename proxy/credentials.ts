@@ -274,7 +274,8 @@ export function credentialsCommand(argv: string[], io: CredentialsIo): number {
   );
   io.out(`  {"accessKeyId":"${c.accessKeyId}","secretAccessKey":{"file":"${secretFile}"}}`);
   io.out("");
-  io.out(`KMS, a new custom key store (run where ${secretFile} is readable; the secret is read from the file):`);
+  io.out(`KMS, a new custom key store (run where ${secretFile} is readable; the secret is read from the file).`);
+  io.out("AWS CLI v2; v1 would fetch the https:// value as a URL unless `aws configure set cli_follow_urlparam false`:");
   io.out(cmd.create);
   io.out("");
   io.out("KMS, an existing custom key store switched to this credential (rotation: only once the proxy accepts it):");
