@@ -83,6 +83,11 @@ describe("deploy/*.example.json", () => {
     );
     assert.deepEqual(agentExample.proxyIdentities, ["proxy-identity.crt"]);
     assert.deepEqual(agentEntry.identities, ["agent-ownermac.crt"]);
+    // The guide's KMS command names the examples' key store and the template's health check.
+    const guide = readFileSync(`${ROOT}deploy/README.md`, "utf8");
+    assert.ok(guide.includes(`--xks-proxy-uri-path ${proxyExample.keyStores[0].uriPathPrefix}/kms/xks/v1`));
+    assert.ok(guide.includes(`--xks-key-id ${proxyExample.keyStores[0].keys[0]}`));
+    assert.ok(guide.includes(`health check is \`GET ${template.Resources.TargetGroup.Properties.HealthCheckPath}\``));
   });
 
   it("every placeholder is marked", () => {
