@@ -19,8 +19,8 @@ import { dryRunText, writeServiceFiles } from "../shared/install.ts";
 import { createLogger } from "../shared/logging.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { VERSION } from "../shared/version.ts";
-import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
-import { newCredential } from "./credentials.ts";
+import { loadProxyConfig, type ProxyConfig } from "./config.ts";
+import { CREDENTIALS_DETAILS, credentialsNew } from "./credentials.ts";
 import { checkFleet } from "./fleet-check.ts";
 import { type RunningProxy, serve } from "./main.ts";
 import { AGENT_ID_RE, proxyServiceFiles, TMPFILES_PATH } from "./service.ts";
@@ -133,26 +133,44 @@ export const COMMANDS: Command[] = [
   }),
   command({
     name: "credentials new",
-    summary: "print a fresh SigV4 credential for a key store and the KMS proxy configuration file",
+    summary: "mint a SigV4 credential for a key store: the secret into a new 0600 file, the config entry and the aws kms commands printed",
     options: {
+      "secret-out": {
+        type: "string",
+        arg: "FILE",
+        description: "where the secret is written (created 0600, never overwritten)",
+        required: true,
+      },
+      endpoint: {
+        type: "string",
+        arg: "URL",
+        description: "the XksProxyUriEndpoint: https:// and the DNS name KMS calls (no port, no path)",
+        required: true,
+      },
+      region: { type: "string", arg: "REGION", description: "the proxy's region (KMS signs with the key store's region)", required: true },
       prefix: { type: "string", arg: "PREFIX", description: "the key store's uriPathPrefix in the config", default: "" },
+      name: { type: "string", arg: "NAME", description: "the custom key store's name", default: "xks-pair" },
+      connectivity: { type: "string", arg: "TYPE", description: "PUBLIC_ENDPOINT or VPC_ENDPOINT_SERVICE", default: "PUBLIC_ENDPOINT" },
+      "vpc-endpoint-service-name": {
+        type: "string",
+        arg: "NAME",
+        description: "com.amazonaws.vpce.REGION.vpce-svc-… (VPC_ENDPOINT_SERVICE only)",
+      },
+      "console-file": {
+        type: "string",
+        arg: "FILE",
+        description: "also write the KMS console's proxy configuration file (it holds the secret; 0600)",
+      },
+      "show-secret": {
+        type: "boolean",
+        description: "also print the secret and the console's file (they stay in the terminal's scrollback)",
+      },
     },
-    details: "The secret is printed once, to stdout; store it in a 0600 file of the proxy's user and reference it.",
-    examples: ["xks-proxy credentials new --prefix /example/prefix"],
-    run: (v) => {
-      const problem = prefixProblem(v.prefix);
-      if (problem) throw new UsageError(`--prefix ${problem}`);
-      const c = newCredential(v.prefix);
-      out(`AccessKeyId:     ${c.accessKeyId}`);
-      out(`SecretAccessKey: ${c.secretAccessKey}`);
-      out("");
-      out("Store the secret in a file readable only by the proxy and reference it from the config:");
-      out(`  {"accessKeyId":"${c.accessKeyId}","secretAccessKey":{"file":"<path>"}}`);
-      out("");
-      out("KMS proxy configuration file (CreateCustomKeyStore / UpdateCustomKeyStore):");
-      out(JSON.stringify(c.proxyConfigurationFile));
-      return EXIT.ok;
-    },
+    details: CREDENTIALS_DETAILS,
+    examples: [
+      "xks-proxy credentials new --secret-out /etc/xks-proxy/store1.secret --endpoint https://xks.example.com --region us-east-1 --prefix /example/prefix",
+    ],
+    run: (v) => credentialsNew(v, { out, err }),
   }),
   command({
     name: "identity new",

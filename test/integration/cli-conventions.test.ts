@@ -126,7 +126,12 @@ describe("exit codes", () => {
     const missing = await run("xks-proxy", ["serve"]);
     assert.equal(missing.code, 2);
     assert.match(missing.stderr, /--config FILE is required/);
-    const badPrefix = await run("xks-proxy", ["credentials", "new", "--prefix", "/p/kms/xks/v1/"]);
+    const badPrefix = await run("xks-proxy", [
+      "credentials",
+      "new",
+      ...["--secret-out", "s.secret", "--endpoint", "https://xks.example.com", "--region", "us-east-1"],
+      ...["--prefix", "/p/kms/xks/v1/"],
+    ]);
     assert.equal(badPrefix.code, 2);
     assert.match(badPrefix.stderr, /--prefix must not end with/);
     const badUsage = await run("xks-agent", ["audit", "tail", "--config", "x.json", "-n", "zero"]);

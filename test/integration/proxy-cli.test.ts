@@ -48,17 +48,30 @@ describe("xks-proxy CLI", () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  it("credentials new prints a spec-valid credential and the KMS proxy configuration file", async () => {
-    const r = await run(["credentials", "new", "--prefix", PREFIX]);
+  it("credentials new writes a spec-valid credential (more in credentials-cli.test.ts)", async () => {
+    const secret = join(dir, "minted.secret");
+    const r = await run([
+      "credentials",
+      "new",
+      "--prefix",
+      PREFIX,
+      "--secret-out",
+      secret,
+      "--endpoint",
+      "https://xks.example.com",
+      "--region",
+      "us-east-1",
+    ]);
     assert.equal(r.code, 0, r.stderr);
-    const lines = r.stdout.trim().split("\n");
-    const cfg = JSON.parse(lines.at(-1)!);
-    const { AccessKeyId, RawSecretAccessKey } = cfg.XksProxyAuthenticationCredential;
-    assert.equal(cfg.XksProxyUriPath, `${PREFIX}/kms/xks/v1`);
-    assert.match(AccessKeyId, ACCESS_KEY_ID_RE);
-    assert.match(RawSecretAccessKey, SECRET_ACCESS_KEY_RE);
-    assert.ok(r.stdout.includes(`AccessKeyId:     ${AccessKeyId}`));
-    const bad = await run(["credentials", "new", "--prefix", "no-slash"]);
+    assert.match(/^AccessKeyId: (\S+)$/m.exec(r.stdout)![1], ACCESS_KEY_ID_RE);
+    assert.match(readFileSync(secret, "utf8").trim(), SECRET_ACCESS_KEY_RE);
+    assert.ok(r.stdout.includes(`--xks-proxy-uri-path ${PREFIX}/kms/xks/v1`));
+    const bad = await run([
+      "credentials",
+      "new",
+      ...["--secret-out", join(dir, "bad.secret"), "--endpoint", "https://xks.example.com", "--region", "us-east-1"],
+      ...["--prefix", "no-slash"],
+    ]);
     assert.equal(bad.code, 2);
     assert.match(bad.stderr, /--prefix must be/);
   });
