@@ -171,6 +171,15 @@ export async function main(argv: string[]): Promise<number> {
     }
     case "keys disable":
     case "keys enable": {
+      // Only an allow-listed label can reach KMS, so disabling any other is a typo that would
+      // leave the meant key served. Enabling is never refused (it may clear a stale entry).
+      const allowListed = [...new Set(config.keyStores.flatMap((s) => s.keys))];
+      if (sub === "disable" && !allowListed.includes(needLabel())) {
+        console.error(
+          `xks-agent: no key store in ${config.file} lists the label ${JSON.stringify(values.label)}, so KMS cannot use it: nothing disabled (listed: ${allowListed.join(", ")})`,
+        );
+        return 2;
+      }
       new Controls(config.stateFile).setKeyDisabled(needLabel(), sub === "disable");
       console.log(`key ${values.label} ${sub}d`);
       return 0;
