@@ -47,7 +47,8 @@ const wording: z.core.$ZodErrorMap = (iss) => {
       const what: Record<string, string> = {
         string: "must be a string",
         int: "must be an integer",
-        number: "must be a number",
+        // z.int() reports a value of another type as expected "number".
+        number: (iss.inst?._zod.def as { format?: string } | undefined)?.format === "safeint" ? "must be an integer" : "must be a number",
         object: "must be an object",
         array: "must be an array",
         boolean: "must be true or false",
@@ -76,11 +77,18 @@ const wording: z.core.$ZodErrorMap = (iss) => {
  * fields (see the header).
  */
 export function problemsOf(issues: readonly z.core.$ZodIssue[]): string[] {
-  const unknown: { path: Path; msg: string }[] = [];
-  const rest: { path: Path; msg: string }[] = [];
+  // zod reports an object's fields in declaration order, depth first, and its unknown fields
+  // after them: each unknown field moves to the front of its object's problems.
+  const ordered: { path: Path; msg: string }[] = [];
+  const within = (path: Path, obj: Path) => obj.every((p, i) => path[i] === p);
   for (const iss of issues) {
-    if (iss.code === "unrecognized_keys") for (const k of iss.keys) unknown.push({ path: [...iss.path, k], msg: "unknown field" });
-    else rest.push({ path: iss.path, msg: iss.message });
+    if (iss.code !== "unrecognized_keys") {
+      ordered.push({ path: iss.path, msg: iss.message });
+      continue;
+    }
+    const first = ordered.findIndex((o) => within(o.path, iss.path));
+    const unknown = iss.keys.map((k) => ({ path: [...iss.path, k], msg: "unknown field" }));
+    ordered.splice(first < 0 ? ordered.length : first, 0, ...unknown);
   }
   // A tree of the paths in order of first mention, array indices sorted.
   interface Node {
@@ -88,7 +96,7 @@ export function problemsOf(issues: readonly z.core.$ZodIssue[]): string[] {
     kids: Map<PropertyKey, Node>;
   }
   const root: Node = { here: [], kids: new Map() };
-  for (const { path, msg } of [...unknown, ...rest]) {
+  for (const { path, msg } of ordered) {
     let n = root;
     for (const p of path) {
       let k = n.kids.get(p);
