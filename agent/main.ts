@@ -63,7 +63,7 @@ export async function runAgent(
   config: AgentConfig,
   opts: { log?: Logger; destination?: pino.DestinationStream } = {},
 ): Promise<RunningAgent> {
-  const log = opts.log ?? createLogger({ level: config.log.level, name: "xks-agent" }, opts.destination);
+  const log = opts.log ?? createLogger({ level: config.log.level, format: config.log.format, name: "xks-agent" }, opts.destination);
   log.info(
     {
       version: VERSION,

@@ -585,7 +585,7 @@ describe("xks-agent audit", () => {
     const proxyLog = join(dir, "proxy.log");
     const line = (records: number, hash: string) =>
       JSON.stringify({
-        level: 30,
+        level: "info",
         time: Date.now(),
         msg: "agent audit head",
         agent: "a",
