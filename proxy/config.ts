@@ -281,6 +281,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
       keys: s.keys,
       quota: s.quota,
     })),
+    metrics: cfg.metrics,
     logLevel: cfg.log.level,
   };
 }

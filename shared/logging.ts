@@ -65,7 +65,9 @@ export function prettyLine(json: string): string {
   const fields = Object.entries(o)
     .filter(([k]) => !PRETTY_SKIP.has(k))
     .map(([k, v]) => `${k}=${typeof v === "string" && /^[\w./:@+-]+$/.test(v) ? v : JSON.stringify(v)}`);
-  const level = String(o.level ?? "").toUpperCase().padEnd(5);
+  const level = String(o.level ?? "")
+    .toUpperCase()
+    .padEnd(5);
   return `${o.time ?? ""} ${level} ${o.name ?? ""}: ${o.msg ?? ""}${fields.length ? ` ${fields.join(" ")}` : ""}\n`;
 }
 
