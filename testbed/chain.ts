@@ -56,6 +56,8 @@ export interface ChainOptions {
   policy?: Record<string, unknown> | null;
   /** Extra fields of the agent's tunnel entry (e.g. `reassertAfterMs`). */
   agentTunnel?: Record<string, unknown>;
+  /** The chain's key store's request quota (token bucket), if any. */
+  quota?: { rate: number; burst: number };
   /**
    * The agent on the far side of a network link: sshd also listens on
    * `sshdHost` (same port), the agent's tunnel dials that address, and the
@@ -84,6 +86,9 @@ export interface Chain extends XksEndpoint {
   remoteTcpPort: number;
   /** Signs like KMS and sends, with keep-alive connections. */
   client: XksClient;
+  /** The proxy's and the agent's Prometheus endpoints (GET → the text format). */
+  metricsUrl: string;
+  agentMetricsUrl: string;
   /** The channel identities the configs were written with (a process of its own, e.g. a load generator, needs them). */
   identities: { agent: Identity; proxy: Identity };
   /** Resolves once health reports the agent ACTIVE. */
@@ -121,6 +126,8 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
   const agentToken = randomBytes(32).toString("base64url");
   const cred = newCredential(CHAIN_PREFIX);
   const proxyPort = o.proxyPort ?? (await freePort());
+  const proxyMetricsPort = await freePort();
+  const agentMetricsPort = await freePort();
 
   // The owner's machine.
   const a = join(dir, "agent");
@@ -136,6 +143,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     extra: {
       ...(policy !== null ? { policy: "policy.json" } : {}),
       dashboard: { port: 0 },
+      metrics: { port: agentMetricsPort },
       tunnels: [
         {
           name: "local-sshd",
@@ -157,8 +165,8 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     port: proxyPort,
     region: CHAIN_REGION,
     agents: [{ id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken }],
-    keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys) }],
-    extra: { healthRefreshMs: 1000, log: { level: logLevel }, ...o.proxyExtra },
+    keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys), ...(o.quota ? { quota: o.quota } : {}) }],
+    extra: { healthRefreshMs: 1000, metrics: { port: proxyMetricsPort }, log: { level: logLevel }, ...o.proxyExtra },
   });
 
   const env = { ...process.env, ...softhsm.env };
@@ -198,6 +206,8 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     remoteSocket,
     remoteTcpPort: tcpPort,
     client,
+    metricsUrl: `http://127.0.0.1:${proxyMetricsPort}/metrics`,
+    agentMetricsUrl: `http://127.0.0.1:${agentMetricsPort}/metrics`,
     identities: TEST_IDENTITIES,
     waitActive: async (capMs = GENEROUS_MS) => {
       let last = "";
