@@ -155,7 +155,7 @@ export function agentConfigSchema(ctx: LoadContext) {
           .enum(["checkpoint", "record"])
           .default("checkpoint")
           .describe('fdatasync at each checkpoint ("checkpoint") or after every record ("record")'),
-        keepDays: z.int().min(1).optional().describe("retention: closed segments older than this are removed"),
+        keepDays: int(1, 1_000_000).optional().describe("retention: closed segments older than this are removed"),
         keepGiB: z
           .number({ error: "must be a number > 0" })
           .gt(0, { error: "must be a number > 0" })

@@ -47,8 +47,8 @@ const wording: z.core.$ZodErrorMap = (iss) => {
       const what: Record<string, string> = {
         string: "must be a string",
         int: "must be an integer",
-        // z.int() reports a value of another type as expected "number".
-        number: (iss.inst?._zod.def as { format?: string } | undefined)?.format === "safeint" ? "must be an integer" : "must be a number",
+        // int() marks its schema an integer in its metadata.
+        number: iss.inst && z.globalRegistry.get(iss.inst as z.ZodType)?.type === "integer" ? "must be an integer" : "must be a number",
         object: "must be an object",
         array: "must be an array",
         boolean: "must be true or false",
@@ -133,9 +133,21 @@ export function loadConfig<S extends z.ZodType>(schema: S, file: string): z.outp
 
 // ---- field builders ------------------------------------------------------
 
-/** An integer in [min, max]. */
+// A check's `when` (zod's $ZodCheckDef) runs it only on integers; the classic API's types omit it.
+const whenInteger = { when: (p: { value: unknown }) => Number.isInteger(p.value) } as never;
+
+/**
+ * An integer in [min, max]. Not z.int(): its check stops every later check of
+ * the whole file (a rule between fields would go unreported), and a fraction
+ * gets one problem ("must be an integer"), not a range problem besides.
+ */
 export function int(min: number, max: number) {
-  return z.int().min(min).max(max);
+  return z
+    .number()
+    .check(z.refine((v: number) => Number.isInteger(v), { error: "must be an integer" }))
+    .min(min, whenInteger)
+    .max(max, whenInteger)
+    .meta({ type: "integer" });
 }
 
 /** A string matching `re`; a mismatch says `must match <hint>`. */
@@ -246,7 +258,7 @@ export function metricsSection(defaultPort: number) {
     .describe("Prometheus metrics on a listener of their own; absent: no metrics listener");
 }
 
-/** Numbers that may be invalid (a cross-field check runs even when a field failed): the value if numeric, else the default. */
+/** An integer field that may be invalid (a rule between fields runs even when a field failed): its value if an integer, else the default. */
 export function numOr(v: unknown, def: number): number {
-  return typeof v === "number" && Number.isFinite(v) ? v : def;
+  return Number.isInteger(v) ? (v as number) : def;
 }
