@@ -382,7 +382,16 @@ export const COMMANDS: Command[] = [
       options: { config: CONFIG, label: LABEL },
       examples: [`xks-agent keys ${what} --config agent.json --label my-kms-key`],
       run: (v) => {
-        new Controls(load(v.config).stateFile).setKeyDisabled(v.label, what === "disable");
+        const config = load(v.config);
+        // Only an allow-listed label can reach KMS, so disabling any other is a typo that would
+        // leave the meant key served. Enabling is never refused (it may clear a stale entry).
+        const allowListed = [...new Set(config.keyStores.flatMap((s) => s.keys))];
+        if (what === "disable" && !allowListed.includes(v.label)) {
+          throw new UsageError(
+            `no key store in ${config.file} lists the label ${JSON.stringify(v.label)}, so KMS cannot use it: nothing disabled (listed: ${allowListed.join(", ")})`,
+          );
+        }
+        new Controls(config.stateFile).setKeyDisabled(v.label, what === "disable");
         out(`key ${v.label} ${what}d`);
         return EXIT.ok;
       },

@@ -6,6 +6,8 @@
  * label, the PIN refused, the dashboard's port taken) rejects with a StartError, after undoing
  * what was started. Anything else (the HSM busy or briefly gone) starts anyway and recovers.
  */
+import { type MetricsListener, startMetricsListener } from "../shared/metrics.ts";
+import { AgentMetrics } from "./metrics.ts";
 import { AuditLog } from "./audit.ts";
 import { startDashboard, type Dashboard } from "./dashboard.ts";
 import type { AgentConfig } from "./config.ts";
@@ -49,6 +51,9 @@ export interface RunningAgent {
   /** The record of every key operation (agent/audit.ts). */
   audit: AuditLog;
   dashboard: Dashboard | undefined;
+  metrics: AgentMetrics;
+  /** http://host:port/metrics when the config has a `metrics` section. */
+  metricsUrl: string | undefined;
   log: Logger;
   /**
    * Applies what can change without a restart from a re-read config: this
@@ -63,7 +68,7 @@ export async function runAgent(
   config: AgentConfig,
   opts: { log?: Logger; destination?: pino.DestinationStream } = {},
 ): Promise<RunningAgent> {
-  const log = opts.log ?? createLogger({ level: config.log.level, name: "xks-agent" }, opts.destination);
+  const log = opts.log ?? createLogger({ level: config.log.level, format: config.log.format, name: "xks-agent" }, opts.destination);
   log.info(
     {
       version: VERSION,
@@ -132,6 +137,11 @@ export async function runAgent(
   }
   const events = new EventEmitter();
   const tunnels = new TunnelSet(config.tunnels, config.socket, log);
+  const metrics = new AgentMetrics({
+    keyStores: config.keyStores.map((s) => s.keyStore),
+    tunnels: () => tunnels.states(),
+    hsm: () => hsm.stats,
+  });
   const ctx: AgentOpContext = {
     hsm,
     ciphertextMetadata: config.ciphertextMetadata,
@@ -159,9 +169,14 @@ export async function runAgent(
   // Calls refused at the door (no or a wrong token) are counted and sampled, not written one by one.
   const auditRecord = (rec: OperationRecord) => {
     if (rec.result === "UNAUTHENTICATED") audit.noteUnauthenticated(rec);
-    else if (rec.operation !== "GetHealthStatus") audit.append(rec);
+    else if (rec.operation !== "GetHealthStatus") {
+      const start = process.hrtime.bigint();
+      audit.append(rec);
+      metrics.auditWritten(start);
+    }
   };
   const onOperation = (rec: OperationRecord) => {
+    metrics.operation(rec);
     events.emit("operation", rec);
   };
   const server = await startAgentServer(
@@ -201,6 +216,28 @@ export async function runAgent(
       throw new StartError(msg, { cause: err });
     }
   }
+  let metricsListener: MetricsListener | undefined;
+  if (config.metrics) {
+    const where = `${config.metrics.host}:${config.metrics.port}`;
+    try {
+      metricsListener = await startMetricsListener(metrics.registry, config.metrics, log);
+    } catch (err) {
+      unwatchControls();
+      policy.stopWatching();
+      await dashboard?.close();
+      await server.close(0);
+      audit.close();
+      hsm.close();
+      const code = (err as NodeJS.ErrnoException).code;
+      const msg =
+        code === "EADDRINUSE"
+          ? `the metrics port ${where} is already in use: stop what holds it or set metrics.port`
+          : `cannot start the metrics listener on ${where}: ${(err as Error).message}`;
+      log.fatal({ err: msg }, "cannot start");
+      log.flush();
+      throw new StartError(msg, { cause: err });
+    }
+  }
   tunnels.start();
   log.info({ socket: config.socket, paused: controls.paused }, "listening");
   log.flush();
@@ -212,6 +249,7 @@ export async function runAgent(
       unwatchControls();
       policy.stopWatching();
       await dashboard?.close();
+      await metricsListener?.close();
       await tunnels.stop();
       await server.close();
       audit.close();
@@ -227,5 +265,20 @@ export async function runAgent(
     log.flush();
     policy.setFile(next.policy);
   };
-  return { config, hsm, controls, policy, server, tunnels, events, audit, dashboard, log, reload, stop };
+  return {
+    config,
+    hsm,
+    controls,
+    policy,
+    server,
+    tunnels,
+    events,
+    audit,
+    dashboard,
+    metrics,
+    metricsUrl: metricsListener?.url,
+    log,
+    reload,
+    stop,
+  };
 }

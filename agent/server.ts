@@ -160,9 +160,13 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         }
         const outcome = refused ? "INVALID_STATE" : result;
         const why = refused ? `${refused.message} (the operation's own result was ${result})` : detail;
+        // The proxies' background health refreshes (one every few seconds each) are debug when
+        // answered: at info they would bury the key operations.
         const level =
           outcome === "OK" && !note.wouldDeny
-            ? "info"
+            ? operation === "GetHealthStatus"
+              ? "debug"
+              : "info"
             : outcome === "INTERNAL" || outcome === "HSM_UNAVAILABLE" || refused
               ? "error"
               : "warn";

@@ -64,6 +64,7 @@
  * after SigV4 so that only a store's own authenticated callers can spend its
  * quota.
  */
+import type { AdmissionRefusal } from "./metrics.ts";
 import { performance } from "node:perf_hooks";
 import { XksError } from "../shared/errors.ts";
 
@@ -150,8 +151,17 @@ export class Budget {
   }
 }
 
-export function throttled(detail: string): XksError {
-  return new XksError("ThrottlingException", detail);
+/** A 429 from admission, with why as a bounded reason (for metrics). */
+export class ThrottledError extends XksError {
+  readonly reason: AdmissionRefusal;
+  constructor(detail: string, reason: AdmissionRefusal) {
+    super("ThrottlingException", detail);
+    this.reason = reason;
+  }
+}
+
+export function throttled(detail: string, reason: AdmissionRefusal): ThrottledError {
+  return new ThrottledError(detail, reason);
 }
 
 export interface GateOptions {
@@ -261,7 +271,7 @@ export class AgentGate {
     const why = this.refusal(budget);
     if (why) {
       this.stats.refusedAtArrival++;
-      return Promise.reject(throttled(why));
+      return Promise.reject(throttled(why, "agent_queue"));
     }
     this.stats.admitted++;
     if (this.inFlight < this.o.maxInFlight && this.waiting === 0) return Promise.resolve(this.take());
@@ -274,7 +284,7 @@ export class AgentGate {
           if (!w.queued) return;
           w.queued = false;
           this.stats.abandoned++;
-          reject(throttled("client went away while queued"));
+          reject(throttled("client went away while queued", "client_gone"));
           this.compact();
         },
         { once: true },
@@ -341,7 +351,12 @@ export class AgentGate {
       const need = this.baseMs() + Math.min(this.inFlight + 1, this.o.maxInFlight) * this.costMs;
       if (w.budget.remaining() < need) {
         this.stats.refusedAtDispatch++;
-        w.reject(throttled(`budget left ${Math.max(0, w.budget.remaining()).toFixed(1)} ms < expected ${need.toFixed(1)} ms at dispatch`));
+        w.reject(
+          throttled(
+            `budget left ${Math.max(0, w.budget.remaining()).toFixed(1)} ms < expected ${need.toFixed(1)} ms at dispatch`,
+            "budget_at_dispatch",
+          ),
+        );
         continue;
       }
       w.resolve(this.take());

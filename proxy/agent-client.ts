@@ -33,6 +33,7 @@
  *   UNAVAILABLE) since the proxy started, so its check values are known;
  *   otherwise 503.
  */
+import type { ProxyMetrics } from "./metrics.ts";
 import { connect as tlsConnect } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import {
@@ -313,6 +314,8 @@ export interface AgentPoolOptions {
   admission?: { maxInFlightPerAgent: number; queueTargetMs: number };
   log: Logger;
   now?: () => number;
+  /** Agent call latencies and each agent's health (proxy/metrics.ts). */
+  metrics?: ProxyMetrics;
 }
 
 /** Cached health older than this is reported UNAVAILABLE (spec: cached result ≤ 1 minute old). */
@@ -514,14 +517,24 @@ export class AgentPool implements AgentApi {
       // What is left of the budget, capped by the configured deadline; grpc-js's own deadline gets
       // no grace past the budget, so the agent sees the same end as we do.
       const left = budget ? Math.floor(budget.remaining()) : this.opts.deadlineMs;
-      if (left <= 0) throw throttled("no budget left at dispatch");
+      if (left <= 0) throw throttled("no budget left at dispatch", "budget_at_dispatch");
       const deadlineMs = Math.min(this.opts.deadlineMs, left);
+      const sent = process.hrtime.bigint();
       const response = await this.unary(
         c,
         method,
         request,
         deadlineMs,
         budget ? Math.min(DEADLINE_GRACE_MS, left - deadlineMs) : undefined,
+      ).then(
+        (r) => {
+          this.opts.metrics?.agentCalled(c.cfg.id, method, true, sent);
+          return r;
+        },
+        (err: unknown) => {
+          this.opts.metrics?.agentCalled(c.cfg.id, method, false, sent);
+          throw err;
+        },
       );
       ok = true;
       return { response, agentId: c.cfg.id };
@@ -548,6 +561,7 @@ export class AgentPool implements AgentApi {
   private setHealth(c: Conn, h: Omit<AgentHealth, "id">, why: string, reasonChanged = false): void {
     const before = c.health.state;
     c.health = { id: c.cfg.id, ...h };
+    this.opts.metrics?.setAgentHealth(c.cfg.id, h.state);
     if (before !== h.state || reasonChanged) {
       const fields = { agent: c.cfg.id, from: before, to: h.state, why };
       if (h.state === "UNAVAILABLE") this.opts.log.warn(fields, "agent health changed");

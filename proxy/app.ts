@@ -25,7 +25,7 @@ import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorNa
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
-import { Budget, LoopClock, monotonic, QuotaSet, throttled } from "./admission.ts";
+import { Budget, LoopClock, monotonic, QuotaSet, ThrottledError, throttled } from "./admission.ts";
 import type { AgentApi } from "./agent-client.ts";
 import type { Limits, ProxyConfig } from "./config.ts";
 import type { HandlerContext } from "./handlers/context.ts";
@@ -34,7 +34,8 @@ import { encrypt, parseEncryptRequest } from "./handlers/encrypt.ts";
 import { getHealthStatus, parseGetHealthStatusRequest } from "./handlers/get-health-status.ts";
 import { getKeyMetadata, parseGetKeyMetadataRequest } from "./handlers/get-key-metadata.ts";
 import { KeyStoreRegistry, parseXksPath, splitTarget, type Operation } from "./routes.ts";
-import { verifySigV4 } from "./sigv4.ts";
+import type { AdmissionRefusal, ProxyMetrics, SigV4FailureReason } from "./metrics.ts";
+import { SigV4Error, verifySigV4 } from "./sigv4.ts";
 import { parseJsonBody, peekRequestId, type Json, type WireRequestMetadata } from "./validate.ts";
 
 export interface AppDeps {
@@ -51,6 +52,8 @@ export interface AppDeps {
    * whose work is not the proxy's queue: they pass performance.now.
    */
   arrival?: () => number;
+  /** Where the pipeline counts requests, refusals and latencies (proxy/metrics.ts); none in some tests. */
+  metrics?: ProxyMetrics;
 }
 
 /** Per-request state behind the completion log line. Only allow-listed, non-secret fields. */
@@ -70,6 +73,11 @@ interface RequestState {
   agent?: string;
   errorName?: string;
   detail?: string;
+  /** The path named a configured key store (step 3 passed). */
+  routed?: boolean;
+  /** Why admission refused it, or which SigV4 rule failed (for metrics). */
+  refusal?: AdmissionRefusal;
+  sigv4?: SigV4FailureReason;
 }
 
 function state(res: Response): RequestState {
@@ -187,7 +195,7 @@ function toXksError(err: unknown): XksError {
 }
 
 export function buildApp(deps: AppDeps): express.Express {
-  const { config, log, agents } = deps;
+  const { config, log, agents, metrics } = deps;
   const registry = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
   const now = deps.now ?? Date.now;
   const quotas = new QuotaSet();
@@ -203,6 +211,8 @@ export function buildApp(deps: AppDeps): express.Express {
   app.use((req: Request, res: Response, next: NextFunction) => {
     const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(), seenAt: performance.now() };
     res.locals.xks = st;
+    const counted = metrics !== undefined && req.path !== "/ping";
+    if (counted) metrics.requestStarted();
     res.once("close", () => {
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
       // 499 (nginx's "client closed request") when the client left before any answer.
@@ -224,6 +234,19 @@ export function buildApp(deps: AppDeps): express.Express {
         latencyMs,
         aborted: res.writableFinished ? undefined : true,
       };
+      if (counted) {
+        const error = status === 499 ? "ClientClosedRequest" : st.errorName;
+        metrics.requestDone({
+          operation: st.operation,
+          keyStore: st.keyStore,
+          authenticated: st.accessKeyId !== undefined,
+          routed: st.routed === true,
+          error,
+          start: st.start,
+        });
+        if (st.refusal) metrics.admissionRefused(st.refusal);
+        if (st.sigv4) metrics.sigv4Failed(st.sigv4);
+      }
       if (req.path === "/ping" && status < 400) log.debug(line, "request");
       else if (status >= 500) log.error(line, "request");
       else if (status >= 400) log.warn(line, "request");
@@ -248,6 +271,7 @@ export function buildApp(deps: AppDeps): express.Express {
     if (!parsed || !store) throw new XksError("InvalidUriPathException", "no such key store or API path");
     st.operation = parsed.operation;
     st.keyStore = parsed.prefix;
+    st.routed = true;
     // The log line's copy is cut (and marked); the key id itself is never cut, see step 6.
     st.key =
       parsed.keyId !== undefined && parsed.keyId.length > MAX_EXTERNAL_KEY_ID_CHARS
@@ -260,7 +284,7 @@ export function buildApp(deps: AppDeps): express.Express {
     const keyOperation = parsed.operation !== "GetHealthStatus";
     if (keyOperation) {
       const why = agents.refusal?.(budget);
-      if (why) throw throttled(why);
+      if (why) throw throttled(why, "agent_queue");
     }
 
     // 4. The raw body, any content type, capped, never inflated (the bytes SigV4 covers).
@@ -274,7 +298,7 @@ export function buildApp(deps: AppDeps): express.Express {
     st.accessKeyId = accessKeyId;
     // The key store's quota, spent only by its own authenticated callers' key operations (health is
     // answered from a cache and is how KMS decides whether the store is connected at all).
-    if (keyOperation && !quotas.take(store.uriPathPrefix, store.quota)) throw throttled("key store quota exceeded");
+    if (keyOperation && !quotas.take(store.uriPathPrefix, store.quota)) throw throttled("key store quota exceeded", "quota");
 
     // 6. Content type, JSON, the operation's fields.
     const operation = parsed.operation;
@@ -341,6 +365,8 @@ export function buildApp(deps: AppDeps): express.Express {
       return;
     }
     const xe = toXksError(err);
+    if (xe instanceof ThrottledError) st.refusal = xe.reason;
+    if (xe instanceof SigV4Error) st.sigv4 = xe.reason;
     const name: XksErrorName = xe.errorName;
     st.errorName = name;
     st.detail = xe.message === name ? undefined : xe.message.slice(0, 300);

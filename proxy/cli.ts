@@ -41,7 +41,7 @@ async function serveCommand(file: string): Promise<number> {
     }
     throw e;
   }
-  const log = createLogger({ level: config.log.level, name: "xks-proxy" });
+  const log = createLogger({ level: config.log.level, format: config.log.format, name: "xks-proxy" });
   let proxy: RunningProxy;
   try {
     proxy = await serve(config, log);

@@ -1,70 +1,29 @@
 /**
- * The proxy's configuration: one JSON file, read and validated once at start-up
- * (every problem reported at once, each with the file and the field), then
- * frozen and passed down. Secrets are references ({"file"}, {"env"} or
- * {"keychain"}), resolved here and never echoed back.
+ * The proxy's configuration: one JSON file (comments allowed), read and
+ * validated once at start-up (every problem reported at once, each with the
+ * file and the field), then frozen and passed down. Secrets are references
+ * ({"file"}, {"env"} or {"keychain"}), resolved here and never echoed back.
  *
- * Shape (defaults in brackets):
- *
- * ```jsonc
- * {
- *   "listen": { "host": "127.0.0.1", "port": 8443 },   // [127.0.0.1, 8443]; plain HTTP, TLS ends at the ALB
- *   "region": "us-east-1",                              // SigV4 region of the key store(s)
- *   "fleetSize": 1,                                     // [1]  xksProxyFleetSize
- *   "vendor": "xks-pair",                               // ["xks-pair"]  xksProxyVendor
- *   "ekmVendor": "unknown",                             // ["unknown"] ekmVendor until an agent reports its token manufacturer
- *   "agents": [                                         // 1..10; one ekmFleetDetails entry each
- *     { "id": "mac-1",                                  // unique, [A-Za-z0-9._:-]{1,64}
- *       "target": "unix:///run/xks/agent.sock",         // or "127.0.0.1:7000"
- *       "token": { "file": "agent-token" },             // secret: sent as metadata x-xks-agent-token
- *       "identities": ["agent-identity.crt"] }          // the agent's certificates accepted (1, or 2 while rotating)
- *   ],
- *   "identity": { "key": { "file": "proxy-identity.key" },   // this proxy's TLS identity towards its agents
- *                 "certificate": "proxy-identity.crt" },    //   (`xks-proxy identity new`)
- *   "agentDeadlineMs": 200,                             // [200] deadline of each crypto/metadata call, 10..240
- *   "requestBudgetMs": 200,                             // [200] each request is answered within this from its arrival, 20..240
- *                                                       //   (KMS gives up after 250 ms): a success never after it; a request
- *                                                       //   that cannot make it gets 429 ThrottlingException at once
- *   "admission": {                                      // per-agent admission (proxy/admission.ts)
- *     "maxInFlightPerAgent": 128,                       // [128] calls outstanding at one agent at most, 1..4096; others wait
- *                                                       //   in the proxy (needs >= rate x round trip: 1,800/s x 35 ms = 63)
- *     "queueTargetMs": 100                              // [100] predicted wait in the proxy allowed, 0..requestBudgetMs
- *   },
- *   "healthRefreshMs": 10000,                           // [10000] background health refresh period, 100..30000
- *   "healthDeadlineMs": 2000,                           // [2000] deadline of one background health call, 10..10000
- *   "limits": {
- *     "maxPlaintextBytes": 8192,                        // [8192]  4300..1048576 (spec minimum..agent maximum); larger -> 501
- *     "maxCiphertextBytes": 8192,                       // [8192]  4300..1048576
- *     "maxAadBytes": 16384,                             // [16384] 8192..65535 (the AAD layout's uint16 length)
- *     "maxBodyBytes": 65536                             // [65536] hard cap, checked before reading the body -> 501
- *   },
- *   "http": {                                           // HTTP server hardening (slow or idle clients)
- *     "headersTimeoutMs": 10000,                        // [10000] request line + headers must arrive within this, 100..60000;
- *                                                       //   a new connection that sends nothing is closed after it too
- *     "requestTimeoutMs": 15000,                        // [15000] whole request (headers + body), 100..300000, >= headersTimeoutMs
- *     "keepAliveTimeoutMs": 65000,                      // [65000] idle keep-alive connection closed after this, 100..600000;
- *                                                       //   keep it ABOVE the load balancer's idle timeout (ALB: 60 s)
- *     "maxConnections": 4096                            // [4096] open connections at most; more are closed at accept, 16..1000000
- *   },
- *   "keyStores": [                                      // 1+
- *     { "uriPathPrefix": "/example/prefix",             // "" or 9..117 chars of [a-zA-Z0-9/_-], starts with "/",
- *                                                       //   no trailing "/" and no "//"; unique
- *       "credentials": [                                // 1..10 live SigV4 credentials (rotation)
- *         { "accessKeyId": "ABCDEFGHIJKLMNOPQRSTUVWXYZ",   // 20..30 of [A-Z2-7], unique per store
- *           "secretAccessKey": { "file": "store1.secret" } } // secret: 43..64 of [a-zA-Z0-9/+=]
- *       ],
- *       "keys": ["foo", "bar"],                         // allow-list of externalKeyIds, each ^[a-zA-Z0-9-_.]{1,128}$
- *       "quota": { "rate": 1800, "burst": 400 } }      // optional: this store's requests per second (1..1000000) and
- *                                                       //   burst (1..1000000), a token bucket; over it -> 429
- *   ],
- *   "log": { "level": "info" }                          // [info]
- * }
- * ```
+ * The schema below is the single source of the file's shape, its defaults and
+ * its reference page, deploy/CONFIG.md (`npm run gen:config-docs`): every
+ * field's text is its `.describe()`. A new field is one line in the schema.
  */
-import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
-import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
-import type { QuotaConfig } from "./admission.ts";
-import type { LogLevel } from "../shared/logging.ts";
+import { deepFreeze } from "../shared/config.ts";
+import {
+  identity,
+  int,
+  type LoadContext,
+  loadConfig,
+  logSection,
+  matching,
+  metricsSection,
+  numOr,
+  parseConfig,
+  pins,
+  secret,
+  section,
+  z,
+} from "../shared/schema.ts";
 import {
   EXTERNAL_KEY_ID_RE,
   EXTERNAL_KEY_ID_RULE,
@@ -78,297 +37,225 @@ import {
 
 export { PREFIX_RE, prefixProblem };
 
-export interface ListenConfig {
-  host: string;
-  port: number;
-}
-
-/** One SigV4 credential pair as configured in KMS (XksProxyAuthenticationCredential). */
-export interface Credential {
-  accessKeyId: string;
-  secretAccessKey: string;
-}
-
-/** One external key store served by this proxy (one KMS custom key store). */
-export interface KeyStoreConfig {
-  /** "" (no prefix) or "/…"; the store's URIs are `<prefix>/kms/xks/v1/…`. */
-  uriPathPrefix: string;
-  credentials: Credential[];
-  /** Allow-list of externalKeyIds this store may use. */
-  keys: string[];
-  /** Optional request quota (token bucket); over it → 429 ThrottlingException. */
-  quota?: QuotaConfig;
-}
-
-/** Per-agent admission (proxy/admission.ts). */
-export interface AdmissionConfig {
-  maxInFlightPerAgent: number;
-  queueTargetMs: number;
-}
-
-/** One agent the proxy calls (an entry of `agents`); not to be confused with the agent's own config. */
-export interface AgentEndpoint {
-  id: string;
-  /** grpc-js target: `unix:///abs/path.sock` or `host:port`. */
-  target: string;
-  token: string;
-  /** The agent's certificates accepted on its channel (mutual TLS, pinned). */
-  identities: PinnedIdentity[];
-}
-
-export interface Limits {
-  maxPlaintextBytes: number;
-  maxCiphertextBytes: number;
-  maxAadBytes: number;
-  maxBodyBytes: number;
-}
-
-/** HTTP server hardening against slow, idle and too many clients (proxy/main.ts applies it). */
-export interface HttpServerConfig {
-  headersTimeoutMs: number;
-  requestTimeoutMs: number;
-  keepAliveTimeoutMs: number;
-  maxConnections: number;
-}
-
-export interface ProxyConfig {
-  file: string;
-  listen: ListenConfig;
-  region: string;
-  fleetSize: number;
-  vendor: string;
-  ekmVendor: string;
-  agents: AgentEndpoint[];
-  /** This proxy's key and certificate towards its agents, and its fingerprint. */
-  identity: OwnIdentity & { fingerprint: string };
-  agentDeadlineMs: number;
-  requestBudgetMs: number;
-  admission: AdmissionConfig;
-  healthRefreshMs: number;
-  healthDeadlineMs: number;
-  limits: Limits;
-  http: HttpServerConfig;
-  keyStores: KeyStoreConfig[];
-  log: { level: LogLevel };
-}
-
 export const ACCESS_KEY_ID_RE = /^[A-Z2-7]{20,30}$/;
 export const SECRET_ACCESS_KEY_RE = /^[a-zA-Z0-9/+=]{43,64}$/;
 const AGENT_ID_RE = /^[A-Za-z0-9._:-]{1,64}$/;
 const TARGET_RE = /^(?:unix:\/\/\/[^\s]+|unix:\/[^\s]+|[A-Za-z0-9.-]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5})$/;
 const REGION_RE = /^[a-z]{2,}(?:-[a-z0-9]+)+$/;
 const TOKEN_RE = /^[\x21-\x7e]{16,1024}$/;
-const LOG_LEVELS: LogLevel[] = ["fatal", "error", "warn", "info", "debug", "trace", "silent"];
+
+/** The default port of the proxy's metrics listener. */
+export const PROXY_METRICS_PORT = 9464;
 
 function b64len(bytes: number): number {
   return 4 * Math.ceil(bytes / 3);
 }
 
 /** Smallest hard body cap that still admits the largest request the limits allow (+ room for metadata). */
-export function minBodyBytes(l: Omit<Limits, "maxBodyBytes">): number {
+export function minBodyBytes(l: { maxPlaintextBytes: number; maxCiphertextBytes: number; maxAadBytes: number }): number {
   return b64len(Math.max(l.maxPlaintextBytes, l.maxCiphertextBytes)) + b64len(l.maxAadBytes) + 8192;
 }
+
+/** A uriPathPrefix: "" or the spec's rule (shared/xks-spec.ts prefixProblem). */
+const uriPathPrefix = z.string().superRefine((v, zc) => {
+  const p = prefixProblem(v);
+  if (p) zc.addIssue({ code: "custom", message: p });
+});
+
+const externalKeyId = z
+  .string({ error: `must be an externalKeyId: ${EXTERNAL_KEY_ID_RULE}` })
+  .regex(EXTERNAL_KEY_ID_RE, { error: `must be an externalKeyId: ${EXTERNAL_KEY_ID_RULE}` });
+
+/** The proxy config's schema; secrets and certificates are read relative to `ctx.file`. */
+export function proxyConfigSchema(ctx: LoadContext) {
+  const agent = z.strictObject({
+    id: matching(AGENT_ID_RE, "1-64 characters of [A-Za-z0-9._:-]").describe("the agent's name in logs, health and metrics; unique"),
+    target: matching(TARGET_RE, '"unix:///absolute/path.sock" or "host:port"').describe(
+      'where the agent\'s tunnel ends on this host: "unix:///run/xks/agent.sock" or "127.0.0.1:7000"',
+    ),
+    token: secret(ctx)
+      .pipe(z.string().regex(TOKEN_RE, { error: "must be 16-1024 printable ASCII characters without spaces" }))
+      .describe("secret reference: the agent token, sent on every call (16-1024 printable ASCII characters)"),
+    identities: pins(ctx).describe("paths of the agent's certificates accepted on its channel: 1, or 2 while rotating"),
+  });
+  const credential = z.strictObject({
+    accessKeyId: matching(ACCESS_KEY_ID_RE, "20-30 characters of [A-Z2-7]").describe(
+      "the credential's access key id (20-30 of [A-Z2-7]); unique in its key store",
+    ),
+    secretAccessKey: secret(ctx)
+      .pipe(z.string().regex(SECRET_ACCESS_KEY_RE, { error: "must be 43-64 characters of [a-zA-Z0-9/+=]" }))
+      .describe("secret reference: its secret access key (43-64 of [a-zA-Z0-9/+=])"),
+  });
+  const keyStore = z.strictObject({
+    uriPathPrefix: uriPathPrefix.describe(
+      '"" or 9-117 characters of [a-zA-Z0-9/_-], starting with "/", without a trailing "/", "//" or the "/kms/xks/v1" KMS appends; unique',
+    ),
+    credentials: z
+      .array(credential)
+      .min(1)
+      .max(10)
+      .describe("1-10 live SigV4 credentials (two while rotating: add, reload, update KMS, remove, reload)"),
+    keys: z.array(externalKeyId).describe(`allow-list of the externalKeyIds this key store may use (each ${EXTERNAL_KEY_ID_RULE}); unique`),
+    quota: z
+      .strictObject({
+        rate: int(1, 1_000_000).describe("requests per second"),
+        burst: int(1, 1_000_000).describe("requests allowed at once above the rate"),
+      })
+      .optional()
+      .describe("this key store's request quota, a token bucket; over it: 429 ThrottlingException"),
+  });
+
+  return z
+    .strictObject({
+      listen: section({
+        host: z
+          .string()
+          .min(1)
+          .default("127.0.0.1")
+          .describe("address the XKS listener binds; give the host's address (or 0.0.0.0) for a load balancer"),
+        port: int(0, 65535).default(8443).describe("its port (plain HTTP: TLS ends at the load balancer)"),
+      }).describe("the XKS API's listener"),
+      region: matching(REGION_RE, "an AWS region name such as us-east-1").describe("the SigV4 region of the key store(s), e.g. us-east-1"),
+      fleetSize: int(1, 1000).default(1).describe("xksProxyFleetSize in the health answer"),
+      vendor: z.string().min(1).max(128).default("xks-pair").describe("xksProxyVendor in the health answer"),
+      ekmVendor: z
+        .string()
+        .min(1)
+        .max(128)
+        .default("unknown")
+        .describe("ekmVendor in the health answer until an agent reports its token's manufacturer"),
+      agents: z
+        .array(agent)
+        .min(1)
+        .max(10, { error: "must have at most 10 entries (ekmFleetDetails holds 1..10)" })
+        .describe("the agents, 1-10 (one ekmFleetDetails entry each)"),
+      identity: identity(ctx).describe(
+        'this proxy\'s identity towards its agents: {"key": <secret reference to the PEM key>, "certificate": <path>} (`xks-proxy identity new`)',
+      ),
+      agentDeadlineMs: int(10, 240).default(200).describe("deadline of each crypto or metadata call to an agent"),
+      requestBudgetMs: int(20, 240)
+        .default(200)
+        .describe(
+          "each request is answered within this from its arrival (KMS gives up after 250 ms); one that cannot make it gets 429 at once",
+        ),
+      admission: section({
+        maxInFlightPerAgent: int(1, 4096)
+          .default(128)
+          .describe("calls outstanding at one agent at most; others wait in the proxy (needs >= rate x round trip: 1,800/s x 35 ms = 63)"),
+        queueTargetMs: int(0, 240).default(100).describe("predicted wait in the proxy allowed; at most requestBudgetMs"),
+      }).describe("per-agent admission"),
+      healthRefreshMs: int(100, 30_000).default(10_000).describe("background health refresh period"),
+      healthDeadlineMs: int(10, 10_000).default(2_000).describe("deadline of one background health call"),
+      limits: section({
+        maxPlaintextBytes: int(SPEC_MIN_PLAINTEXT_BYTES, MAX_DATA_BYTES_LIMIT)
+          .default(8192)
+          .describe("larger plaintext: 501 (spec minimum..agent maximum)"),
+        maxCiphertextBytes: int(SPEC_MIN_PLAINTEXT_BYTES, MAX_DATA_BYTES_LIMIT).default(8192).describe("larger ciphertext: 501"),
+        // The agent's AAD layout carries at most MAX_LAYOUT_AAD_BYTES: a larger AAD could never be used.
+        maxAadBytes: int(SPEC_MIN_AAD_BYTES, MAX_LAYOUT_AAD_BYTES)
+          .default(16384)
+          .describe("larger AAD: 501 (the AAD layout's length is 16 bits)"),
+        maxBodyBytes: int(1024, 8 << 20)
+          .default(65536)
+          .describe("hard cap, checked before the body is read: 501; at least what the other limits need"),
+      }).describe("request size limits"),
+      http: section({
+        headersTimeoutMs: int(100, 60_000)
+          .default(10_000)
+          .describe("request line and headers must arrive within this; a new connection that sends nothing is closed after it too"),
+        requestTimeoutMs: int(100, 300_000).default(15_000).describe("the whole request (headers and body); at least headersTimeoutMs"),
+        keepAliveTimeoutMs: int(100, 600_000)
+          .default(65_000)
+          .describe("an idle keep-alive connection is closed after this; keep it above the load balancer's idle timeout (ALB: 60 s)"),
+        maxConnections: int(16, 1_000_000).default(4096).describe("open connections at most; more are closed at accept"),
+      }).describe("HTTP server hardening against slow, idle and too many clients"),
+      keyStores: z.array(keyStore).min(1).describe("the external key stores served (one KMS custom key store each), 1+"),
+      metrics: metricsSection(PROXY_METRICS_PORT),
+      log: logSection(),
+    })
+    .superRefine(
+      (v, zc) => {
+        // Rules between fields. They run even when a field failed (every problem
+        // at once), so each reads its values defensively.
+        const problem = (path: PropertyKey[], message: string) => zc.addIssue({ code: "custom", message, path });
+        const o = v as Partial<Record<string, unknown>> & typeof v;
+        if (numOr(o.admission?.queueTargetMs, 100) > numOr(o.requestBudgetMs, 200))
+          problem(["admission", "queueTargetMs"], "must be <= requestBudgetMs");
+        const l = o.limits ?? {};
+        const need = minBodyBytes({
+          maxPlaintextBytes: numOr(l.maxPlaintextBytes, 8192),
+          maxCiphertextBytes: numOr(l.maxCiphertextBytes, 8192),
+          maxAadBytes: numOr(l.maxAadBytes, 16384),
+        });
+        if (numOr(l.maxBodyBytes, 65536) < need)
+          problem(["limits", "maxBodyBytes"], `must be >= ${need} to admit the largest request the other limits allow`);
+        if (numOr(o.http?.requestTimeoutMs, 15_000) < numOr(o.http?.headersTimeoutMs, 10_000))
+          problem(["http", "requestTimeoutMs"], "must be >= http.headersTimeoutMs");
+        const ids = new Set<string>();
+        (Array.isArray(o.agents) ? o.agents : []).forEach((a, i) => {
+          if (typeof a?.id !== "string" || a.id === "") return;
+          if (ids.has(a.id)) problem(["agents", i, "id"], `duplicate agent id "${a.id}"`);
+          ids.add(a.id);
+        });
+        const prefixes = new Set<string>();
+        const secretByAccessKey = new Map<string, unknown>();
+        (Array.isArray(o.keyStores) ? o.keyStores : []).forEach((s, i) => {
+          if (typeof s !== "object" || s === null) return;
+          if (typeof s.uriPathPrefix === "string") {
+            if (prefixes.has(s.uriPathPrefix)) problem(["keyStores", i, "uriPathPrefix"], `duplicate prefix "${s.uriPathPrefix}"`);
+            prefixes.add(s.uriPathPrefix);
+          }
+          const accessKeyIds = new Set<string>();
+          (Array.isArray(s.credentials) ? s.credentials : []).forEach((c, j) => {
+            const id = c?.accessKeyId;
+            if (typeof id !== "string" || id === "") return;
+            if (accessKeyIds.has(id))
+              problem(["keyStores", i, "credentials", j, "accessKeyId"], "duplicate access key id in this key store");
+            accessKeyIds.add(id);
+            const secretValue = c.secretAccessKey;
+            if (typeof secretValue !== "string" || secretValue === "") return;
+            const seen = secretByAccessKey.get(id);
+            if (seen !== undefined && seen !== secretValue)
+              problem(["keyStores", i, "credentials", j, "accessKeyId"], "is used by another key store with a different secret");
+            secretByAccessKey.set(id, secretValue);
+          });
+          const keys = new Set<string>();
+          (Array.isArray(s.keys) ? s.keys : []).forEach((k, j) => {
+            if (typeof k !== "string") return;
+            if (keys.has(k)) problem(["keyStores", i, "keys", j], `duplicate key "${k}"`);
+            keys.add(k);
+          });
+        });
+      },
+      { when: () => true },
+    );
+}
+
+/** The proxy's config: the schema's output, and the file it came from. */
+export type ProxyConfig = z.output<ReturnType<typeof proxyConfigSchema>> & { file: string };
+export type ListenConfig = ProxyConfig["listen"];
+/** One external key store served by this proxy (one KMS custom key store). */
+export type KeyStoreConfig = ProxyConfig["keyStores"][number];
+/** One SigV4 credential pair as configured in KMS (XksProxyAuthenticationCredential). */
+export type Credential = KeyStoreConfig["credentials"][number];
+/** One agent the proxy calls (an entry of `agents`); not to be confused with the agent's own config. */
+export type AgentEndpoint = ProxyConfig["agents"][number];
+export type AdmissionConfig = ProxyConfig["admission"];
+export type Limits = ProxyConfig["limits"];
+/** HTTP server hardening against slow, idle and too many clients (proxy/main.ts applies it). */
+export type HttpServerConfig = ProxyConfig["http"];
 
 /**
  * Reads, validates and freezes the proxy config. Throws one ConfigError listing
  * every problem ("<field>: <problem>", under the file name).
  */
 export function loadProxyConfig(file: string, env: NodeJS.ProcessEnv = process.env): Readonly<ProxyConfig> {
-  const raw = readJsonFile(file);
-  return parseProxyConfig(raw, file, env);
+  return deepFreeze({ file, ...loadConfig(proxyConfigSchema({ file, env }), file) });
 }
 
 /** As loadProxyConfig, from an already parsed JSON value (relative secret paths resolve from `file`'s folder). */
 export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.ProcessEnv = process.env): Readonly<ProxyConfig> {
-  const c = new Checker(file);
-  const root = c.object(raw, "(root)");
-  c.noUnknown(root, "", [
-    "listen",
-    "region",
-    "fleetSize",
-    "vendor",
-    "ekmVendor",
-    "agents",
-    "identity",
-    "agentDeadlineMs",
-    "requestBudgetMs",
-    "admission",
-    "healthRefreshMs",
-    "healthDeadlineMs",
-    "limits",
-    "http",
-    "keyStores",
-    "log",
-  ]);
-
-  const listenObj = root.listen === undefined ? {} : c.object(root.listen, "listen");
-  c.noUnknown(listenObj, "listen", ["host", "port"]);
-  const listen: ListenConfig = {
-    host: c.string(listenObj, "host", "listen", { default: "127.0.0.1", min: 1 }),
-    port: c.int(listenObj, "port", "listen", { default: 8443, min: 0, max: 65535 }),
-  };
-
-  const region = c.string(root, "region", "", { pattern: REGION_RE, hint: "an AWS region name such as us-east-1" });
-  const fleetSize = c.int(root, "fleetSize", "", { default: 1, min: 1, max: 1000 });
-  const vendor = c.string(root, "vendor", "", { default: "xks-pair", min: 1, max: 128 });
-  const ekmVendor = c.string(root, "ekmVendor", "", { default: "unknown", min: 1, max: 128 });
-  const agentDeadlineMs = c.int(root, "agentDeadlineMs", "", { default: 200, min: 10, max: 240 });
-  const healthRefreshMs = c.int(root, "healthRefreshMs", "", { default: 10_000, min: 100, max: 30_000 });
-  const healthDeadlineMs = c.int(root, "healthDeadlineMs", "", { default: 2_000, min: 10, max: 10_000 });
-  const requestBudgetMs = c.int(root, "requestBudgetMs", "", { default: 200, min: 20, max: 240 });
-  const admissionObj = root.admission === undefined ? {} : c.object(root.admission, "admission");
-  c.noUnknown(admissionObj, "admission", ["maxInFlightPerAgent", "queueTargetMs"]);
-  const admission: AdmissionConfig = {
-    maxInFlightPerAgent: c.int(admissionObj, "maxInFlightPerAgent", "admission", { default: 128, min: 1, max: 4096 }),
-    queueTargetMs: c.int(admissionObj, "queueTargetMs", "admission", { default: 100, min: 0, max: 240 }),
-  };
-  if (admission.queueTargetMs > requestBudgetMs) c.problem("admission.queueTargetMs", "must be <= requestBudgetMs");
-
-  // agents
-  const agents: AgentEndpoint[] = [];
-  const agentList = c.array(root, "agents", "", { min: 1 });
-  if (agentList.length > 10) c.problem("agents", "must have at most 10 entries (ekmFleetDetails holds 1..10)");
-  const agentIds = new Set<string>();
-  agentList.forEach((a, i) => {
-    const f = `agents[${i}]`;
-    const o = c.object(a, f);
-    c.noUnknown(o, f, ["id", "target", "token", "identities"]);
-    const id = c.string(o, "id", f, { pattern: AGENT_ID_RE, hint: "1-64 characters of [A-Za-z0-9._:-]" });
-    if (id !== "" && agentIds.has(id)) c.problem(`${f}.id`, `duplicate agent id "${id}"`);
-    agentIds.add(id);
-    const target = c.string(o, "target", f, {
-      pattern: TARGET_RE,
-      hint: '"unix:///absolute/path.sock" or "host:port"',
-    });
-    const token = c.secret(o, "token", f, env);
-    if (token !== "" && !TOKEN_RE.test(token)) c.problem(`${f}.token`, "must be 16-1024 printable ASCII characters without spaces");
-    const identities = c.pins(o, "identities", f);
-    agents.push({ id, target, token, identities });
-  });
-
-  const identity = c.identity(root, "identity", "", env) ?? { key: "", certificate: "", fingerprint: "" };
-
-  // limits
-  const limitsObj = root.limits === undefined ? {} : c.object(root.limits, "limits");
-  c.noUnknown(limitsObj, "limits", ["maxPlaintextBytes", "maxCiphertextBytes", "maxAadBytes", "maxBodyBytes"]);
-  const maxPlaintextBytes = c.int(limitsObj, "maxPlaintextBytes", "limits", {
-    default: 8192,
-    min: SPEC_MIN_PLAINTEXT_BYTES,
-    max: MAX_DATA_BYTES_LIMIT,
-  });
-  const maxCiphertextBytes = c.int(limitsObj, "maxCiphertextBytes", "limits", {
-    default: 8192,
-    min: SPEC_MIN_PLAINTEXT_BYTES,
-    max: MAX_DATA_BYTES_LIMIT,
-  });
-  // The agent's AAD layout carries at most MAX_LAYOUT_AAD_BYTES: a larger AAD could never be used.
-  const maxAadBytes = c.int(limitsObj, "maxAadBytes", "limits", { default: 16384, min: SPEC_MIN_AAD_BYTES, max: MAX_LAYOUT_AAD_BYTES });
-  const maxBodyBytes = c.int(limitsObj, "maxBodyBytes", "limits", { default: 65536, min: 1024, max: 8 << 20 });
-  const needBody = minBodyBytes({ maxPlaintextBytes, maxCiphertextBytes, maxAadBytes });
-  if (maxBodyBytes < needBody) {
-    c.problem("limits.maxBodyBytes", `must be >= ${needBody} to admit the largest request the other limits allow`);
-  }
-  const limits: Limits = { maxPlaintextBytes, maxCiphertextBytes, maxAadBytes, maxBodyBytes };
-
-  // HTTP server hardening
-  const httpObj = root.http === undefined ? {} : c.object(root.http, "http");
-  c.noUnknown(httpObj, "http", ["headersTimeoutMs", "requestTimeoutMs", "keepAliveTimeoutMs", "maxConnections"]);
-  const http: HttpServerConfig = {
-    headersTimeoutMs: c.int(httpObj, "headersTimeoutMs", "http", { default: 10_000, min: 100, max: 60_000 }),
-    requestTimeoutMs: c.int(httpObj, "requestTimeoutMs", "http", { default: 15_000, min: 100, max: 300_000 }),
-    keepAliveTimeoutMs: c.int(httpObj, "keepAliveTimeoutMs", "http", { default: 65_000, min: 100, max: 600_000 }),
-    maxConnections: c.int(httpObj, "maxConnections", "http", { default: 4096, min: 16, max: 1_000_000 }),
-  };
-  if (http.requestTimeoutMs < http.headersTimeoutMs) c.problem("http.requestTimeoutMs", "must be >= http.headersTimeoutMs");
-
-  // key stores
-  const keyStores: KeyStoreConfig[] = [];
-  const storeList = c.array(root, "keyStores", "", { min: 1 });
-  const prefixes = new Set<string>();
-  const secretByAccessKey = new Map<string, string>();
-  storeList.forEach((s, i) => {
-    const f = `keyStores[${i}]`;
-    const o = c.object(s, f);
-    c.noUnknown(o, f, ["uriPathPrefix", "credentials", "keys", "quota"]);
-    const uriPathPrefix = c.string(o, "uriPathPrefix", f);
-    const pp = typeof o.uriPathPrefix === "string" ? prefixProblem(uriPathPrefix) : undefined;
-    if (pp) c.problem(`${f}.uriPathPrefix`, pp);
-    if (prefixes.has(uriPathPrefix)) c.problem(`${f}.uriPathPrefix`, `duplicate prefix "${uriPathPrefix}"`);
-    prefixes.add(uriPathPrefix);
-
-    const credentials: Credential[] = [];
-    const credList = c.array(o, "credentials", f, { min: 1 });
-    if (credList.length > 10) c.problem(`${f}.credentials`, "must have at most 10 entries");
-    const ids = new Set<string>();
-    credList.forEach((cr, j) => {
-      const cf = `${f}.credentials[${j}]`;
-      const co = c.object(cr, cf);
-      c.noUnknown(co, cf, ["accessKeyId", "secretAccessKey"]);
-      const accessKeyId = c.string(co, "accessKeyId", cf, { pattern: ACCESS_KEY_ID_RE, hint: "20-30 characters of [A-Z2-7]" });
-      if (accessKeyId !== "" && ids.has(accessKeyId)) c.problem(`${cf}.accessKeyId`, "duplicate access key id in this key store");
-      ids.add(accessKeyId);
-      const secretAccessKey = c.secret(co, "secretAccessKey", cf, env);
-      if (secretAccessKey !== "" && !SECRET_ACCESS_KEY_RE.test(secretAccessKey)) {
-        c.problem(`${cf}.secretAccessKey`, "must be 43-64 characters of [a-zA-Z0-9/+=]");
-      }
-      const seen = secretByAccessKey.get(accessKeyId);
-      if (accessKeyId !== "" && secretAccessKey !== "" && seen !== undefined && seen !== secretAccessKey) {
-        c.problem(`${cf}.accessKeyId`, "is used by another key store with a different secret");
-      }
-      if (accessKeyId !== "" && secretAccessKey !== "") secretByAccessKey.set(accessKeyId, secretAccessKey);
-      credentials.push({ accessKeyId, secretAccessKey });
-    });
-
-    const keys: string[] = [];
-    const keySet = new Set<string>();
-    c.array(o, "keys", f).forEach((k, j) => {
-      const kf = `${f}.keys[${j}]`;
-      if (typeof k !== "string" || !EXTERNAL_KEY_ID_RE.test(k)) {
-        c.problem(kf, `must be an externalKeyId: ${EXTERNAL_KEY_ID_RULE}`);
-        return;
-      }
-      if (keySet.has(k)) c.problem(kf, `duplicate key "${k}"`);
-      keySet.add(k);
-      keys.push(k);
-    });
-    let quota: QuotaConfig | undefined;
-    if (o.quota !== undefined) {
-      const qf = `${f}.quota`;
-      const qo = c.object(o.quota, qf);
-      c.noUnknown(qo, qf, ["rate", "burst"]);
-      quota = {
-        rate: c.int(qo, "rate", qf, { min: 1, max: 1_000_000 }),
-        burst: c.int(qo, "burst", qf, { min: 1, max: 1_000_000 }),
-      };
-    }
-    keyStores.push({ uriPathPrefix, credentials, keys, ...(quota ? { quota } : {}) });
-  });
-
-  const logObj = root.log === undefined ? {} : c.object(root.log, "log");
-  c.noUnknown(logObj, "log", ["level"]);
-  const level = c.string(logObj, "level", "log", { default: "info" }) as LogLevel;
-  if (!LOG_LEVELS.includes(level)) c.problem("log.level", `must be one of ${LOG_LEVELS.join(", ")}`);
-
-  c.done();
-  return deepFreeze({
-    file,
-    listen,
-    region,
-    fleetSize,
-    vendor,
-    ekmVendor,
-    agents,
-    identity,
-    agentDeadlineMs,
-    requestBudgetMs,
-    admission,
-    healthRefreshMs,
-    healthDeadlineMs,
-    limits,
-    http,
-    keyStores,
-    log: { level },
-  });
+  return deepFreeze({ file, ...parseConfig(proxyConfigSchema({ file, env }), raw, file) });
 }
 
 /** The effective config without any secret, for the start-up log line. */
@@ -394,6 +281,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
       keys: s.keys,
       quota: s.quota,
     })),
+    metrics: cfg.metrics,
     logLevel: cfg.log.level,
   };
 }

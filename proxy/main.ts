@@ -2,6 +2,8 @@
  * Process wiring only: config → agent pool → app → listen, and a graceful close.
  * (The CLI in proxy/cli.ts adds signal handling.)
  */
+import { type MetricsListener, startMetricsListener } from "../shared/metrics.ts";
+import { ProxyMetrics } from "./metrics.ts";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
 import type { Duplex } from "node:stream";
@@ -21,6 +23,9 @@ export interface RunningProxy {
   /** e.g. http://127.0.0.1:8443 */
   url: string;
   port: number;
+  metrics: ProxyMetrics;
+  /** http://host:port/metrics when the config has a `metrics` section. */
+  metricsUrl?: string;
   /** Stops accepting, lets in-flight requests finish (up to graceMs), closes the agent channels. */
   close(graceMs?: number): Promise<void>;
 }
@@ -83,7 +88,9 @@ export async function serve(
   opts: { now?: () => number; arrival?: () => number } = {},
 ): Promise<RunningProxy> {
   routeGrpcLogs(log);
+  const metrics = new ProxyMetrics(config.agents.map((a) => a.id));
   const agents = new AgentPool({
+    metrics,
     agents: config.agents,
     identity: config.identity,
     deadlineMs: config.agentDeadlineMs,
@@ -93,7 +100,7 @@ export async function serve(
     log: log.child({ component: "agents" }),
   }).start();
   const keyStores = new KeyStoreRegistry(config.keyStores);
-  const app = buildApp({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival });
+  const app = buildApp({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival, metrics });
   const h = config.http;
   const server = createServer(
     {
@@ -130,6 +137,19 @@ export async function serve(
       resolve();
     });
   });
+  let metricsListener: MetricsListener | undefined;
+  if (config.metrics) {
+    try {
+      metricsListener = await startMetricsListener(metrics.registry, config.metrics, log);
+    } catch (err) {
+      server.close();
+      agents.close();
+      const code = (err as NodeJS.ErrnoException).code;
+      throw new Error(
+        `cannot start the metrics listener on ${config.metrics.host}:${config.metrics.port}: ${code === "EADDRINUSE" ? "the port is already in use (set metrics.port)" : (err as Error).message}`,
+      );
+    }
+  }
   const addr = server.address() as AddressInfo;
   const host = addr.family === "IPv6" ? `[${addr.address}]` : addr.address;
   log.info({ version: VERSION, config: describeConfig(config), address: `${host}:${addr.port}` }, "xks-proxy listening");
@@ -143,11 +163,21 @@ export async function serve(
       server.close(() => {
         clearTimeout(force);
         agents.close();
-        resolve();
+        if (metricsListener) metricsListener.close().then(resolve);
+        else resolve();
       });
       server.closeIdleConnections();
     });
     return closing;
   };
-  return { server, agents, keyStores, url: `http://${host}:${addr.port}`, port: addr.port, close };
+  return {
+    server,
+    agents,
+    keyStores,
+    url: `http://${host}:${addr.port}`,
+    port: addr.port,
+    metrics,
+    metricsUrl: metricsListener?.url,
+    close,
+  };
 }

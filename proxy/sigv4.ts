@@ -24,6 +24,7 @@
  *
  * The `detail` of the thrown XksError says which rule failed, for the log only.
  */
+import type { SigV4FailureReason } from "./metrics.ts";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { XksError } from "../shared/errors.ts";
 import type { Credential } from "./config.ts";
@@ -58,8 +59,17 @@ export interface VerifiedSignature {
   accessKeyId: string;
 }
 
-function fail(detail: string): never {
-  throw new XksError("AuthenticationFailedException", `sigv4: ${detail}`);
+/** A SigV4 refusal, with the rule that failed as a bounded reason (for metrics). */
+export class SigV4Error extends XksError {
+  readonly reason: SigV4FailureReason;
+  constructor(detail: string, reason: SigV4FailureReason) {
+    super("AuthenticationFailedException", `sigv4: ${detail}`);
+    this.reason = reason;
+  }
+}
+
+function fail(detail: string, reason: SigV4FailureReason = "malformed"): never {
+  throw new SigV4Error(detail, reason);
 }
 
 export function sha256Hex(data: Buffer | string): string {
@@ -204,7 +214,7 @@ export function verifySigV4(req: SignedRequest, opts: VerifyOptions): VerifiedSi
   const headers = headerMap(req.rawHeaders);
 
   const authValues = headers.get("authorization");
-  if (!authValues) fail("missing Authorization header");
+  if (!authValues) fail("missing Authorization header", "missing_authorization");
   if (authValues.length !== 1) fail("more than one Authorization header");
   const auth = parseAuthorization(authValues[0]);
 
@@ -214,11 +224,11 @@ export function verifySigV4(req: SignedRequest, opts: VerifyOptions): VerifiedSi
   if (dateValues?.length !== 1) fail("X-Amz-Date header missing or repeated");
   const amzDate = dateValues[0].trim();
   const signedAt = parseAmzDate(amzDate);
-  if (auth.date !== amzDate.slice(0, 8)) fail("credential scope date differs from X-Amz-Date");
-  if (auth.region !== opts.region) fail(`wrong region in credential scope (${auth.region.slice(0, 32)})`);
-  if (auth.service !== service) fail(`wrong service in credential scope (${auth.service.slice(0, 32)})`);
-  if (auth.terminator !== "aws4_request") fail("wrong credential scope terminator");
-  if (Math.abs(opts.now - signedAt) > maxSkew) fail("X-Amz-Date is more than 5 minutes from now");
+  if (auth.date !== amzDate.slice(0, 8)) fail("credential scope date differs from X-Amz-Date", "wrong_scope");
+  if (auth.region !== opts.region) fail(`wrong region in credential scope (${auth.region.slice(0, 32)})`, "wrong_scope");
+  if (auth.service !== service) fail(`wrong service in credential scope (${auth.service.slice(0, 32)})`, "wrong_scope");
+  if (auth.terminator !== "aws4_request") fail("wrong credential scope terminator", "wrong_scope");
+  if (Math.abs(opts.now - signedAt) > maxSkew) fail("X-Amz-Date is more than 5 minutes from now", "clock_skew");
   if (!auth.signedHeaders.includes("host") || !auth.signedHeaders.includes("x-amz-date")) {
     fail("SignedHeaders must include host and x-amz-date");
   }
@@ -230,7 +240,8 @@ export function verifySigV4(req: SignedRequest, opts: VerifyOptions): VerifiedSi
     const values = headers.get(name);
     if (!values) fail(`signed header ${name} is missing`);
     const v = values.map((x) => x.trim().replace(/\s+/g, " ")).join(",");
-    if (name === "x-amz-content-sha256" && v.toLowerCase() !== payloadHash) fail("x-amz-content-sha256 differs from the body");
+    if (name === "x-amz-content-sha256" && v.toLowerCase() !== payloadHash)
+      fail("x-amz-content-sha256 differs from the body", "body_hash_mismatch");
     canonicalHeaders += `${name}:${v}\n`;
   }
   const canonicalRequest = [
@@ -247,7 +258,7 @@ export function verifySigV4(req: SignedRequest, opts: VerifyOptions): VerifiedSi
   const expected = hmac(key, stringToSign);
   const given = Buffer.from(auth.signature, "hex");
   const match = timingSafeEqual(expected, given);
-  if (!credential) fail(`unknown access key id ${auth.accessKeyId.slice(0, 32)}`);
-  if (!match) fail("signature mismatch");
+  if (!credential) fail(`unknown access key id ${auth.accessKeyId.slice(0, 32)}`, "unknown_access_key");
+  if (!match) fail("signature mismatch", "signature_mismatch");
   return { accessKeyId: credential.accessKeyId };
 }

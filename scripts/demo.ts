@@ -112,6 +112,7 @@ async function main(): Promise<number> {
   }
   console.log(`    sshd on 127.0.0.1:${chain.sshd.port} (host key ${chain.sshd.hostKeyFingerprint})`);
   console.log(`    proxy on ${chain.url}, agent tunnel → ${chain.remoteSocket}`);
+  console.log(`    metrics: proxy ${chain.metricsUrl}, agent ${chain.agentMetricsUrl}`);
   console.log(
     `    channel: mutual TLS, agent identity ${TEST_IDENTITIES.agent.fingerprint}, proxy identity ${TEST_IDENTITIES.proxy.fingerprint} (each pinned by the other)`,
   );
@@ -123,6 +124,8 @@ async function main(): Promise<number> {
 
   const demoJson = {
     url: chain.url,
+    metricsUrl: chain.metricsUrl,
+    agentMetricsUrl: chain.agentMetricsUrl,
     region: chain.region,
     uriPath: chain.uriPath,
     accessKeyId: chain.accessKeyId,

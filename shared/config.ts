@@ -7,6 +7,7 @@
 import { readFileSync, statSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 import { dirname, isAbsolute, resolve } from "node:path";
+import { stripJsonComments } from "./jsonc.ts";
 import { checkOwnIdentity, type OwnIdentity, type PinnedIdentity, parsePinned } from "./identity.ts";
 
 export class ConfigError extends Error {
@@ -290,7 +291,7 @@ export function fromSecurityOutput(printed: string): string {
   return printed;
 }
 
-/** Reads and parses a JSON config file; a read or parse failure is a ConfigError. */
+/** Reads and parses a JSON config file (comments allowed: shared/jsonc.ts); a read or parse failure is a ConfigError. */
 export function readJsonFile(file: string): unknown {
   let text: string;
   try {
@@ -299,7 +300,7 @@ export function readJsonFile(file: string): unknown {
     throw new ConfigError(file, [`cannot read file (${(err as NodeJS.ErrnoException).code ?? "error"})`]);
   }
   try {
-    return JSON.parse(text);
+    return JSON.parse(stripJsonComments(text));
   } catch (err) {
     throw new ConfigError(file, [`not valid JSON (${(err as Error).message})`]);
   }

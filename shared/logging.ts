@@ -34,9 +34,46 @@ export const REDACT_PATHS = [
   "body.additionalAuthenticatedData",
 ];
 
+export type LogFormat = "json" | "pretty";
+
 export interface LoggerOptions {
   level?: LogLevel;
   name?: string;
+  /** "json" (default) or "pretty"; LOG_FORMAT=pretty|json in the environment overrides it. */
+  format?: LogFormat;
+}
+
+/** The format in force: LOG_FORMAT from the environment when it names one, else the config's. */
+export function logFormat(configured: LogFormat | undefined, env: NodeJS.ProcessEnv = process.env): LogFormat {
+  return env.LOG_FORMAT === "pretty" || env.LOG_FORMAT === "json" ? env.LOG_FORMAT : (configured ?? "json");
+}
+
+const PRETTY_SKIP = new Set(["level", "time", "msg", "name", "pid"]);
+
+/**
+ * One JSON log line as one readable line: `<time> <LEVEL> <name>: <msg> key=value …`,
+ * values as JSON unless they are plain words. The same fields as the JSON line,
+ * so redaction holds; a line that is not JSON is passed through.
+ */
+export function prettyLine(json: string): string {
+  let o: Record<string, unknown>;
+  try {
+    o = JSON.parse(json);
+  } catch {
+    return json.endsWith("\n") ? json : `${json}\n`;
+  }
+  const fields = Object.entries(o)
+    .filter(([k]) => !PRETTY_SKIP.has(k))
+    .map(([k, v]) => `${k}=${typeof v === "string" && /^[\w./:@+-]+$/.test(v) ? v : JSON.stringify(v)}`);
+  const level = String(o.level ?? "")
+    .toUpperCase()
+    .padEnd(5);
+  return `${o.time ?? ""} ${level} ${o.name ?? ""}: ${o.msg ?? ""}${fields.length ? ` ${fields.join(" ")}` : ""}\n`;
+}
+
+/** A destination that writes each line through prettyLine into `out`. */
+export function prettyDestination(out: pino.DestinationStream): pino.DestinationStream {
+  return { write: (line: string) => out.write(prettyLine(line.replace(/\n$/, ""))) };
 }
 
 /**
@@ -59,7 +96,12 @@ function stdoutDestination(): pino.DestinationStream {
   return dest;
 }
 
+/**
+ * The process's logger. Levels are written as words (`"level":"info"`), which
+ * log shippers and people read without pino's number table.
+ */
 export function createLogger(opts: LoggerOptions = {}, destination?: pino.DestinationStream): Logger {
+  const dest = destination ?? stdoutDestination();
   return pino(
     {
       level: opts.level ?? "info",
@@ -67,7 +109,8 @@ export function createLogger(opts: LoggerOptions = {}, destination?: pino.Destin
       base: { pid: process.pid },
       redact: { paths: REDACT_PATHS, censor: "[redacted]" },
       timestamp: pino.stdTimeFunctions.isoTime,
+      formatters: { level: (label) => ({ level: label }) },
     },
-    destination ?? stdoutDestination(),
+    logFormat(opts.format) === "pretty" ? prettyDestination(dest) : dest,
   );
 }

@@ -63,6 +63,7 @@ export const PREFIX_RE = /^\/[a-zA-Z0-9/_-]{8,116}$/;
 /** Why a URI path prefix is invalid, or undefined when it is fine ("" is fine). */
 export function prefixProblem(prefix: string): string | undefined {
   if (prefix === "") return undefined;
+  if (/\/kms\/xks\/v1\/?$/.test(prefix)) return 'must not end with "/kms/xks/v1": give the prefix without /kms/xks/v1 (KMS appends it)';
   if (!PREFIX_RE.test(prefix)) return 'must be "" or 9-117 characters of [a-zA-Z0-9/_-] starting with "/"';
   if (prefix.endsWith("/")) return 'must not end with "/"';
   if (prefix.includes("//")) return 'must not contain "//"';

@@ -56,6 +56,8 @@ export interface ChainOptions {
   policy?: Record<string, unknown> | null;
   /** Extra fields of the agent's tunnel entry (e.g. `reassertAfterMs`). */
   agentTunnel?: Record<string, unknown>;
+  /** The chain's key store's request quota (token bucket), if any. */
+  quota?: { rate: number; burst: number };
   /**
    * The agent on the far side of a network link: sshd also listens on
    * `sshdHost` (same port), the agent's tunnel dials that address, and the
@@ -103,6 +105,9 @@ export interface Chain extends XksEndpoint {
   client: XksClient;
   /** ChainOptions.moreAgents, started, in order. */
   moreAgents: ChainAgent[];
+  /** The proxy's and the agent's Prometheus endpoints (GET → the text format). */
+  metricsUrl: string;
+  agentMetricsUrl: string;
   /** The channel identities the configs were written with (a process of its own, e.g. a load generator, needs them). */
   identities: { agent: Identity; proxy: Identity };
   /** Resolves once health reports the agent ACTIVE. */
@@ -140,13 +145,21 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
   const agentToken = randomBytes(32).toString("base64url");
   const cred = newCredential(CHAIN_PREFIX);
   const proxyPort = o.proxyPort ?? (await freePort());
+  const proxyMetricsPort = await freePort();
+  const agentMetricsPort = await freePort();
 
   // The owner's machine.
   const a = join(dir, "agent");
   const agentPolicyFile = join(a, "policy.json");
   const policy = o.policy === undefined ? DEMO_POLICY : o.policy;
   writeFileSync(agentPolicyFile, `${JSON.stringify(policy ?? { default: "allow" }, null, 2)}\n`);
-  const writeAgent = (agentDir: string, token: SoftHsmToken, agentId: string, forward: Record<string, unknown>) => {
+  const writeAgent = (
+    agentDir: string,
+    token: SoftHsmToken,
+    agentId: string,
+    forward: Record<string, unknown>,
+    top: Record<string, unknown> = {},
+  ) => {
     if (policy !== null) writeFileSync(join(agentDir, "policy.json"), `${JSON.stringify(policy, null, 2)}\n`);
     return writeAgentConfig(agentDir, {
       token,
@@ -157,6 +170,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       extra: {
         ...(policy !== null ? { policy: "policy.json" } : {}),
         dashboard: { port: 0 },
+        ...top,
         tunnels: [
           {
             name: "local-sshd",
@@ -178,6 +192,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     softhsm,
     "owner-machine",
     o.tunnel === "tcp" ? { remoteTcp: { host: "127.0.0.1", port: tcpPort } } : { remoteSocket },
+    { metrics: { port: agentMetricsPort } },
   );
   // More agents: their own folder, token and forwarded socket (socket mode only).
   const more = (o.moreAgents ?? []).map((m) => {
@@ -202,8 +217,8 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       { id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken },
       ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),
     ],
-    keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys) }],
-    extra: { healthRefreshMs: 1000, log: { level: logLevel }, ...o.proxyExtra },
+    keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys), ...(o.quota ? { quota: o.quota } : {}) }],
+    extra: { healthRefreshMs: 1000, metrics: { port: proxyMetricsPort }, log: { level: logLevel }, ...o.proxyExtra },
   });
 
   const env = { ...process.env, ...softhsm.env };
@@ -258,6 +273,8 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     remoteTcpPort: tcpPort,
     client,
     moreAgents,
+    metricsUrl: `http://127.0.0.1:${proxyMetricsPort}/metrics`,
+    agentMetricsUrl: `http://127.0.0.1:${agentMetricsPort}/metrics`,
     identities: TEST_IDENTITIES,
     waitActive: async (capMs = GENEROUS_MS) => {
       let last = "";

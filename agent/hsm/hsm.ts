@@ -153,8 +153,11 @@ export class Hsm extends EventEmitter {
   /** Whether the refusal memo was consulted (once, before the first open). */
   private memoRead = false;
   private readonly memoFile: string | undefined;
-  /** Counters for tests and diagnostics: sessionsOpened counts sessions opened and logged in. */
-  readonly stats = { sessionsOpened: 0 };
+  /**
+   * Counters for tests and metrics: sessionsOpened counts sessions opened and logged in;
+   * reinitializations counts finalizations of an initialized module after a device-scope failure.
+   */
+  readonly stats = { sessionsOpened: 0, reinitializations: 0 };
   private readonly newPort: () => Pkcs11Port;
   private readonly now: () => number;
 
@@ -561,6 +564,7 @@ export class Hsm extends EventEmitter {
     this.keys.clear();
     this.session = undefined;
     if (this.p11 && this.initialized) {
+      this.stats.reinitializations++;
       try {
         this.p11.C_Finalize();
       } catch {

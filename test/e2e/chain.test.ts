@@ -205,6 +205,7 @@ describe("the tunnel", () => {
     raw.tunnels[0].hostKeyFingerprint = wrongFp;
     raw.tunnels[0].remoteSocket = join(dir, "remote.sock");
     Object.assign(raw, { socket: join(dir, "agent.sock"), stateFile: join(dir, "controls.json"), audit: { dir: join(dir, "audit") } });
+    delete raw.metrics; // the chain's agent holds its metrics port
     const logs = new LogCapture();
     const agent = await runAgent(parseAgentConfig(raw, chain.agentConfigFile), { destination: logs });
     try {

@@ -213,7 +213,9 @@ describe("the owner's policy through the chain", () => {
     assert.equal(rec.wouldDeny, "deny-blocked-users");
     await until(
       () =>
-        agentLog().some((l) => l.msg === "operation" && l.kmsRequestId === id && l.wouldDeny === "deny-blocked-users" && l.level === 40),
+        agentLog().some(
+          (l) => l.msg === "operation" && l.kmsRequestId === id && l.wouldDeny === "deny-blocked-users" && l.level === "warn",
+        ),
       "the would-be denial's log line (warn)",
       GENEROUS_MS,
       50,

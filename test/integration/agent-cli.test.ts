@@ -175,6 +175,10 @@ test("pause / resume and key disable write the owner's state file", async () => 
   assert.equal(state().paused, true);
   assert.equal((await cli("keys", "disable", "--config", config, "--label", "both")).code, 0);
   assert.deepEqual(state().disabledKeys, ["both"]);
+  const typo = await cli("keys", "disable", "--config", config, "--label", "bothh");
+  assert.equal(typo.code, 2, "a label no key store lists is refused");
+  assert.match(typo.stderr, /no key store in .* lists the label "bothh".*nothing disabled \(listed: .*both/);
+  assert.deepEqual(state().disabledKeys, ["both"], "the state file is unchanged");
   assert.equal((await cli("resume", "--config", config)).code, 0);
   assert.equal((await cli("keys", "enable", "--config", config, "--label", "both")).code, 0);
   assert.deepEqual(state(), { paused: false, disabledKeys: [] });
@@ -581,7 +585,7 @@ describe("xks-agent audit", () => {
     const proxyLog = join(dir, "proxy.log");
     const line = (records: number, hash: string) =>
       JSON.stringify({
-        level: 30,
+        level: "info",
         time: Date.now(),
         msg: "agent audit head",
         agent: "a",

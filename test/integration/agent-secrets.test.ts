@@ -222,7 +222,7 @@ describe("a damaged owner-controls file fails closed", () => {
       assert.equal(a.agent.controls.isKeyDisabled(a.keys.encryptOnly), true);
       await until(() => a.logs.text().includes("OWNER CONTROLS FILE DAMAGED"), "the loud log line");
       const line = a.logs.json().find((l) => String(l.msg).includes("OWNER CONTROLS FILE DAMAGED"))!;
-      assert.equal(line.level, 50);
+      assert.equal(line.level, "error");
       assert.match(line.msg, /the agent is PAUSED.*xks-agent resume --config .*agent\.json/);
 
       // `xks-agent resume` writes the file afresh (another process, as the CLI is).

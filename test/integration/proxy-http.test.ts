@@ -453,7 +453,7 @@ describe("proxy over a real port (fake agent)", () => {
     await until(() => fx.logs.requests().length >= before + 3, "three completion lines");
     const lines = fx.logs.requests().slice(before);
     const [ok, five, four] = lines;
-    assert.equal(ok.level, 30);
+    assert.equal(ok.level, "info");
     assert.equal(ok.status, 200);
     assert.equal(ok.operation, "Encrypt");
     assert.equal(ok.kmsOperation, "Encrypt");
@@ -464,9 +464,9 @@ describe("proxy over a real port (fake agent)", () => {
     assert.equal(ok.agent, "mac-1");
     assert.match(ok.kmsRequestId, /^req-/);
     assert.equal(typeof ok.latencyMs, "number");
-    assert.equal(five.level, 50);
+    assert.equal(five.level, "error");
     assert.equal(five.errorName, "InternalException");
-    assert.equal(four.level, 40);
+    assert.equal(four.level, "warn");
     assert.equal(four.errorName, "InvalidStateException");
     const all = fx.logs.text();
     for (const s of [

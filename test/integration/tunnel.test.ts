@@ -408,7 +408,7 @@ test("a wrong pinned host key is refused: never up, no forward, clear log, next 
   assert.ok(refusal, "a refusal log line");
   assert.equal(refusal.expected, wrong);
   assert.equal(refusal.seen, sshd.hostKeyFingerprint);
-  assert.equal(refusal.level, 50);
+  assert.equal(refusal.level, "error");
   const waiting = json.find((l) => l.msg === "tunnel refused; waiting before the next attempt");
   assert.equal(waiting?.retryInMs, down.retryInMs);
   assert.equal(waiting?.nextAttemptAt, down.nextAttemptAt);
@@ -442,7 +442,7 @@ test("a key the server refuses: one attempt, the next one minutes later, the rea
     ["connecting", "down"],
   );
   assert.ok(
-    lines.some((l) => l.includes('"failure":"auth"') && l.includes('"level":50')),
+    lines.some((l) => l.includes('"failure":"auth"') && l.includes('"level":"error"')),
     "an error line with the failure kind",
   );
   const body = stray.privateKey.split("\n").filter((l) => l && !l.startsWith("-----"));

@@ -429,7 +429,7 @@ describe("robustness: slow, idle and too many clients (real proxy, real agent)",
     const aborted = fx.logs.requests().filter((l) => l.operation === "Encrypt" && l.status !== 200);
     assert.ok(aborted.length >= N, `${aborted.length} completion lines for the cut-off requests`);
     assert.ok(
-      aborted.every((l) => l.level < 50),
+      aborted.every((l) => l.level !== "error" && l.level !== "fatal"),
       "no error-level line for a client that was too slow",
     );
   });

@@ -657,7 +657,7 @@ describe("buildApp in-process with a stub agent", () => {
     assert.equal(r.text, JSON.stringify(new XksError("InternalException").toJSON()));
     const line = logs.requests().at(-1)!;
     assert.equal(line.errorName, "InternalException");
-    assert.equal(line.level, 50);
+    assert.equal(line.level, "error");
   });
 });
 
