@@ -12,9 +12,9 @@ import { XksError } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { AgentPool } from "./agent-client.ts";
-import { buildApp } from "./app.ts";
 import { describeConfig, type ProxyConfig } from "./config.ts";
 import { KeyStoreRegistry } from "./routes.ts";
+import { buildRequestHandler } from "./shed.ts";
 
 export interface RunningProxy {
   server: Server;
@@ -100,7 +100,8 @@ export async function serve(
     log: log.child({ component: "agents" }),
   }).start();
   const keyStores = new KeyStoreRegistry(config.keyStores);
-  const app = buildApp({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival, metrics });
+  // Refusals at the door, then the express app (proxy/shed.ts, proxy/app.ts).
+  const app = buildRequestHandler({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival, metrics });
   const h = config.http;
   const server = createServer(
     {
@@ -162,6 +163,7 @@ export async function serve(
       force.unref();
       server.close(() => {
         clearTimeout(force);
+        app.refusals.close();
         agents.close();
         if (metricsListener) metricsListener.close().then(resolve);
         else resolve();

@@ -59,6 +59,59 @@ describe("requests that cannot be answered inside their budget", () => {
   });
 });
 
+describe("refusals at the door", () => {
+  let agent: FakeAgent;
+  let fx: ProxyFixture;
+
+  before(async () => {
+    agent = await startFakeAgent();
+    fx = await startProxy({
+      agents: [{ id: "fake", target: agent.target, token: agent.token }],
+      keys: ["foo", "never"],
+      extra: { admission: { maxInFlightPerAgent: 1, queueTargetMs: 0 } },
+    });
+    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
+  });
+  after(async () => {
+    await fx?.close();
+    await agent?.stop();
+  });
+
+  it("are answered before SigV4 and the body, and logged as a summary whose counts add up to the 429s sent", async () => {
+    const held = encrypt(fx, "never");
+    await until(() => keyCalls(agent, "never") === 1, "the only slot taken");
+    // Refused at the door: not even a signature is needed (SigV4 would have said 401).
+    const unsigned = await fetch(`${fx.url}${PREFIX}/kms/xks/v1/${keyPath("foo", "encrypt")}`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify(encryptBody("hello")),
+    });
+    const refusedUnsigned = unsigned.status === 429;
+    const answers = await Promise.all(Array.from({ length: 20 }, () => encrypt(fx, "foo")));
+    const stillHeld = keyCalls(agent, "foo") === 0;
+    const refused = answers.filter((r) => r.status === 429).length + (refusedUnsigned ? 1 : 0);
+    for (const r of answers) if (r.status === 429) assertSpecError(r, "ThrottlingException");
+    assertSpecError(await held, "DependencyTimeoutException");
+    if (stillHeld) {
+      // While the slot was held every request was refused, the unsigned one included.
+      assert.equal(refusedUnsigned, true, `unsigned: ${unsigned.status}`);
+      assert.equal(refused, 21);
+    }
+    assert.ok(refused > 0, "some refusals");
+    // The log: the first refusal of a run in full, the rest in per-second summaries; nothing per request.
+    await fx.close();
+    const lines = fx.logs.json();
+    const firsts = lines.filter((l) => l.msg?.startsWith("request refused by admission control"));
+    const summaries = lines.filter((l) => l.msg === "requests refused by admission control");
+    assert.ok(firsts.length >= 1);
+    for (const l of [...firsts, ...summaries]) assert.equal(l.errorName, "ThrottlingException");
+    // A request let in once the slot was free may still be refused inside (its own line); the door's are summarised.
+    const inside = fx.logs.requests().filter((l) => l.status === 429).length;
+    if (stillHeld) assert.equal(inside, 0, "no per-request line for a refusal at the door");
+    assert.equal(firsts.length + summaries.reduce((n, l) => n + l.refused, 0), refused - inside, "every refusal at the door counted once");
+  });
+});
+
 describe("a request queued behind a slow call", () => {
   let agent: FakeAgent;
   let fx: ProxyFixture;
