@@ -26,6 +26,7 @@ import { createLogger } from "../../shared/logging.ts";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
 import { type Chain, startChain } from "../../testbed/chain.ts";
 import { cloneSoftHsmToken, DIRECT_USE, directOpContext, kmsKeys, type SoftHsmToken } from "../../testbed/hsm.ts";
+import { sampleSum, scrape } from "../../testbed/prometheus.ts";
 import { until } from "../../testbed/wait.ts";
 import { b64, decryptBody, type EncryptAnswer, encryptBody, healthBody, keyPath, metadataBody } from "../../testbed/xks/bodies.ts";
 import { RETRYABLE_STATUSES, type Resp, retryBusy } from "../../testbed/xks/client.ts";
@@ -84,7 +85,9 @@ function proxyLines(chain: Chain, pred: (l: Record<string, any>) => boolean): Ar
 }
 
 /** How many health calls `agent`'s log shows (the proxy asks every second). */
-const healthCalls = (logs: string) => logs.split("\n").filter((l) => l.includes('"GetHealthStatus"')).length;
+/** Health calls the chain's first agent has answered (its metrics; they are logged at debug only). */
+const healthCalls = async (chain: Chain) =>
+  sampleSum((await scrape(chain.agentMetricsUrl)).families, "xks_agent_operations_total", { operation: "GetHealthStatus" });
 
 describe("two agents with different keys under the same labels", () => {
   let chain: Chain;
@@ -137,9 +140,9 @@ describe("two agents with different keys under the same labels", () => {
     assert.deepEqual([...names], [["InvalidStateException", 36]], "every operation on a key the agents disagree on is refused");
 
     // The log: one error per key, naming the key and the agents, however many refreshes passed.
-    const calls = healthCalls(chain.agent.logs());
-    await until(() => healthCalls(chain.agent.logs()) >= calls + 3, "three more health refreshes");
-    const errors = proxyLines(chain, (l) => l.level === 50 && typeof l.keyId === "string");
+    const calls = await healthCalls(chain);
+    await until(async () => (await healthCalls(chain)) >= calls + 3, "three more health refreshes");
+    const errors = proxyLines(chain, (l) => l.level === "error" && typeof l.keyId === "string");
     assert.deepEqual(errors.map((l) => l.keyId).sort(), [...served].sort(), "one error line per key");
     for (const l of errors) {
       assert.deepEqual(l.agentGroups, [["owner-machine"], ["second-mac"]]);

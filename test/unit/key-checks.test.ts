@@ -41,7 +41,7 @@ describe("key check values across agents", () => {
     assert.match(b.problemOf("b") ?? "", /k1 \(\[a, c\] vs \[b\]\)/);
     // Reports that change nothing log nothing.
     for (let i = 0; i < 5; i++) b.report("b", [kc("k1", "aes-ecb:ffeedd"), kc("k2", "aes-ecb:0a0b0c")]);
-    const errors = logs.json().filter((l) => l.level === 50);
+    const errors = logs.json().filter((l) => l.level === "error");
     assert.equal(errors.length, 2, "one line when a, b disagree, one when c joins a's group");
     assert.deepEqual(errors.at(-1)?.agentGroups, [["a", "c"], ["b"]]);
     for (const v of ["010203", "ffeedd", "0a0b0c"]) assert.ok(!logs.text().includes(v), "no check value in the log");
