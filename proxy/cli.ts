@@ -3,7 +3,8 @@
  *
  *   xks-proxy serve --config FILE        validate the config, log it (no secrets), listen;
  *                                        SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
- *                                        (credentials, allow-lists) from the same file
+ *                                        (credentials, allow-lists), identities and the TLS
+ *                                        certificate from the same file
  *   xks-proxy check --config FILE        validate the config and exit (0 = valid)
  *   xks-proxy credentials new [--prefix /p]
  *                                        print a fresh SigV4 credential and the KMS
@@ -13,11 +14,12 @@
  */
 import { ConfigError } from "../shared/config.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
-import { createLogger } from "../shared/logging.ts";
+import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, prefixProblem, type ProxyConfig } from "./config.ts";
 import { newCredential } from "./credentials.ts";
 import { type RunningProxy, serve } from "./main.ts";
+import { describeTls } from "./tls.ts";
 
 const USAGE = `usage:
   xks-proxy serve --config FILE
@@ -86,6 +88,7 @@ async function cmdServe(argv: string[]): Promise<number> {
         const next = loadProxyConfig(file, process.env);
         running.keyStores.replace(next.keyStores);
         void running.agents.updateIdentities(next.identity, next.agents);
+        reloadTls(running, next, log);
         log.info(
           {
             keyStores: next.keyStores.map((s) => ({
@@ -107,6 +110,17 @@ async function cmdServe(argv: string[]): Promise<number> {
     process.on("SIGINT", onInt);
     process.on("SIGHUP", onHup);
   });
+}
+
+/** SIGHUP's TLS part: the re-read certificate, key and client CA for new connections (proxy/tls.ts). */
+function reloadTls(running: RunningProxy, next: Readonly<ProxyConfig>, log: Logger): void {
+  if (!running.tls) {
+    if (next.tls) log.warn("tls was added to the config: serving HTTPS needs a restart; still serving plain HTTP");
+    return;
+  }
+  const problem = running.tls.reload(next.tls);
+  if (problem) log.warn(problem);
+  else log.info({ tls: describeTls(next.tls) }, "TLS certificate reloaded for new connections");
 }
 
 function cmdCheck(argv: string[]): number {

@@ -8,7 +8,13 @@
  *
  * ```jsonc
  * {
- *   "listen": { "host": "127.0.0.1", "port": 8443 },   // [127.0.0.1, 8443]; plain HTTP, TLS ends at the ALB
+ *   "listen": { "host": "127.0.0.1", "port": 8443 },   // [127.0.0.1, 8443]; plain HTTP behind an ALB unless `tls` is set
+ *   "tls": {                                            // optional: HTTPS on the listener itself (proxy/tls.ts); SIGHUP re-reads it
+ *     "certificate": "server.crt",                      //   PEM: the server certificate, then its intermediates
+ *     "key": { "file": "server.key" },                  //   secret: its PEM private key
+ *     "clientCa": "client-ca.crt",                      //   optional, mutual TLS: CA certificate(s) client certificates chain to
+ *     "clientNames": ["cks.kms.us-east-1.amazonaws.com"] //   with clientCa: allowed client subject CN / DNS SAN names, 1..10
+ *   },
  *   "region": "us-east-1",                              // SigV4 region of the key store(s)
  *   "fleetSize": 1,                                     // [1]  xksProxyFleetSize
  *   "vendor": "xks-pair",                               // ["xks-pair"]  xksProxyVendor
@@ -64,6 +70,7 @@
 import { Checker, deepFreeze, readJsonFile } from "../shared/config.ts";
 import type { OwnIdentity, PinnedIdentity } from "../shared/identity.ts";
 import type { QuotaConfig } from "./admission.ts";
+import { describeTls, parseTlsConfig, type TlsConfig } from "./tls.ts";
 import type { LogLevel } from "../shared/logging.ts";
 import {
   EXTERNAL_KEY_ID_RE,
@@ -134,6 +141,8 @@ export interface HttpServerConfig {
 export interface ProxyConfig {
   file: string;
   listen: ListenConfig;
+  /** HTTPS (and optionally mutual TLS) on the listener; absent: plain HTTP behind a TLS-terminating load balancer. */
+  tls?: TlsConfig;
   region: string;
   fleetSize: number;
   vendor: string;
@@ -184,6 +193,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   const root = c.object(raw, "(root)");
   c.noUnknown(root, "", [
     "listen",
+    "tls",
     "region",
     "fleetSize",
     "vendor",
@@ -207,6 +217,8 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
     host: c.string(listenObj, "host", "listen", { default: "127.0.0.1", min: 1 }),
     port: c.int(listenObj, "port", "listen", { default: 8443, min: 0, max: 65535 }),
   };
+
+  const tls = parseTlsConfig(c, root.tls, env);
 
   const region = c.string(root, "region", "", { pattern: REGION_RE, hint: "an AWS region name such as us-east-1" });
   const fleetSize = c.int(root, "fleetSize", "", { default: 1, min: 1, max: 1000 });
@@ -353,6 +365,7 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
   return deepFreeze({
     file,
     listen,
+    ...(tls ? { tls } : {}),
     region,
     fleetSize,
     vendor,
@@ -376,6 +389,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
   return {
     file: cfg.file,
     listen: cfg.listen,
+    tls: describeTls(cfg.tls),
     region: cfg.region,
     fleetSize: cfg.fleetSize,
     vendor: cfg.vendor,
