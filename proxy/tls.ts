@@ -275,9 +275,11 @@ export class TlsListener {
   private refused(err: NodeJS.ErrnoException, socket: TLSSocket): void {
     // Node closes a client whose certificate failed verification without an error of its own: its reason is on the socket.
     const why = socket.authorizationError ? String(socket.authorizationError) : undefined;
-    const fields = { remote: socket.remoteAddress, code: why ?? err.code, reason: why ? undefined : String(err.message).slice(0, 160) };
-    if (why || err.code === "ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE") this.log.warn(fields, "client certificate refused");
-    else this.log.debug(fields, "TLS handshake failed");
+    if (why || err.code === "ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE") {
+      this.log.warn({ remote: socket.remoteAddress, code: why ?? err.code }, "client certificate refused");
+    } else {
+      this.log.debug({ remote: socket.remoteAddress, code: err.code, reason: String(err.message).slice(0, 160) }, "TLS handshake failed");
+    }
   }
 
   /**
