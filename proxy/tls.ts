@@ -205,7 +205,7 @@ export function clientCertificateNames(cert: { subject?: object; subjectaltname?
     const m = /^DNS:([^"\s,]+)$/.exec(entry);
     if (m) names.push(m[1].toLowerCase());
   }
-  return names;
+  return [...new Set(names)];
 }
 
 /** What the config log line says about TLS (no key material). */
