@@ -4,7 +4,8 @@
  *
  * Request pipeline, in this order:
  *   1. request log state + one completion line per request (allow-listed fields only)
- *   2. GET /ping                                  → 200 "pong from xks-proxy <version>" (no auth)
+ *   2. GET /ping                                  → 200 "pong from xks-proxy <version>" (no auth): liveness
+ *      GET /ready                                 → 200 / 503 from the agent health cache (no auth): readiness
  *   3. resolve the route on the raw path          → 404 InvalidUriPathException (before any auth)
  *      non-POST on an API URI                     → 405 (METHOD_NOT_ALLOWED: no errorName, Allow: POST)
  *   4. read the raw body (hard cap, no inflation) → 501 UnsupportedOperationException if over the cap
@@ -211,7 +212,7 @@ export function buildApp(deps: AppDeps): express.Express {
   app.use((req: Request, res: Response, next: NextFunction) => {
     const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(), seenAt: performance.now() };
     res.locals.xks = st;
-    const counted = metrics !== undefined && req.path !== "/ping";
+    const counted = metrics !== undefined && req.path !== "/ping" && req.path !== "/ready";
     if (counted) metrics.requestStarted();
     res.once("close", () => {
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
@@ -247,7 +248,8 @@ export function buildApp(deps: AppDeps): express.Express {
         if (st.refusal) metrics.admissionRefused(st.refusal);
         if (st.sigv4) metrics.sigv4Failed(st.sigv4);
       }
-      if (req.path === "/ping" && status < 400) log.debug(line, "request");
+      // A load balancer polls these every few seconds; agent health changes have log lines of their own.
+      if ((req.path === "/ping" && status < 400) || req.path === "/ready") log.debug(line, "request");
       else if (status >= 500) log.error(line, "request");
       else if (status >= 400) log.warn(line, "request");
       else log.info(line, "request");
@@ -258,6 +260,15 @@ export function buildApp(deps: AppDeps): express.Express {
   // 2. Load balancer health check, unauthenticated.
   app.get("/ping", (_req, res) => {
     res.type("text/plain").send(`pong from xks-proxy ${VERSION}`);
+  });
+
+  // Readiness for a load balancer's target group: serving needs at least one agent that the
+  // health cache does not report UNAVAILABLE. Counts only; no agent ids, keys or reasons.
+  app.get("/ready", (_req, res) => {
+    const health = agents.healthSnapshot();
+    const usable = health.filter((h) => h.state !== "UNAVAILABLE").length;
+    const ready = usable > 0;
+    sendJson(res, ready ? 200 : 503, { ready, agents: health.length, usableAgents: usable }, { "cache-control": "no-store" });
   });
 
   // 3–8. One handler for every other request (one router layer instead of five; the steps stay in order).

@@ -4,7 +4,7 @@
  *
  *   xks-proxy serve --config FILE          validate the config, log it (no secrets), listen;
  *                                          SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
- *                                          (credentials, allow-lists) and identities from the same file
+ *                                          (credentials, allow-lists), identities and the TLS certificate
  *   xks-proxy check --config FILE          validate the config and exit (0 = valid, 1 = not)
  *   xks-proxy credentials new [--prefix /p]   a fresh SigV4 credential and the KMS "proxy configuration file"
  *   xks-proxy identity new --out PATH      this proxy's channel identity: PATH.key (0600) and PATH.crt
@@ -16,7 +16,7 @@ import { type Command, command, CommandFailure, EXIT, type Program, runProgram, 
 import { ConfigError } from "../shared/config.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
 import { dryRunText, writeServiceFiles } from "../shared/install.ts";
-import { createLogger } from "../shared/logging.ts";
+import { createLogger, type Logger } from "../shared/logging.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { VERSION } from "../shared/version.ts";
 import { loadProxyConfig, type ProxyConfig } from "./config.ts";
@@ -24,6 +24,7 @@ import { CREDENTIALS_DETAILS, credentialsNew } from "./credentials.ts";
 import { checkFleet } from "./fleet-check.ts";
 import { type RunningProxy, serve } from "./main.ts";
 import { AGENT_ID_RE, proxyServiceFiles, TMPFILES_PATH } from "./service.ts";
+import { describeTls } from "./tls.ts";
 
 const out = (s: string) => process.stdout.write(`${s}\n`);
 const err = (s: string) => process.stderr.write(`${s}\n`);
@@ -71,6 +72,7 @@ async function serveCommand(file: string): Promise<number> {
         const next = loadProxyConfig(file, process.env);
         running.keyStores.replace(next.keyStores);
         void running.agents.updateIdentities(next.identity, next.agents);
+        reloadTls(running, next, log);
         log.info(
           {
             keyStores: next.keyStores.map((s) => ({
@@ -79,7 +81,7 @@ async function serveCommand(file: string): Promise<number> {
               keys: s.keys.length,
             })),
           },
-          "key stores and identities reloaded (other settings need a restart)",
+          "key stores and identities reloaded, and the TLS certificate if any (other settings need a restart)",
         );
       } catch (e) {
         log.error(
@@ -94,11 +96,22 @@ async function serveCommand(file: string): Promise<number> {
   });
 }
 
+/** SIGHUP's TLS part: the re-read certificate, key and client CA for new connections (proxy/tls.ts). */
+function reloadTls(running: RunningProxy, next: Readonly<ProxyConfig>, log: Logger): void {
+  if (!running.tls) {
+    if (next.tls) log.warn("tls was added to the config: serving HTTPS needs a restart; still serving plain HTTP");
+    return;
+  }
+  const problem = running.tls.reload(next.tls);
+  if (problem) log.warn(problem);
+  else log.info({ tls: describeTls(next.tls) }, "TLS certificate reloaded for new connections");
+}
+
 /** Every command of xks-proxy: adding a subcommand is adding an entry here. */
 export const COMMANDS: Command[] = [
   command({
     name: "serve",
-    summary: "run the proxy (SIGHUP reloads credentials, allow-lists and identities; SIGTERM stops gracefully)",
+    summary: "run the proxy (SIGHUP reloads credentials, allow-lists, identities and the TLS certificate; SIGTERM stops gracefully)",
     options: { config: CONFIG },
     examples: ["xks-proxy serve --config /etc/xks-proxy/proxy.json"],
     run: (v) => serveCommand(v.config),

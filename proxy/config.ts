@@ -22,8 +22,10 @@ import {
   pins,
   secret,
   section,
+  viaChecker,
   z,
 } from "../shared/schema.ts";
+import { describeTls, parseTlsConfig, type TlsConfig } from "./tls.ts";
 import {
   EXTERNAL_KEY_ID_RE,
   EXTERNAL_KEY_ID_RULE,
@@ -115,6 +117,14 @@ export function proxyConfigSchema(ctx: LoadContext) {
           .describe("address the XKS listener binds; give the host's address (or 0.0.0.0) for a load balancer"),
         port: int(0, 65535).default(8443).describe("its port (plain HTTP: TLS ends at the load balancer)"),
       }).describe("the XKS API's listener"),
+      tls: z
+        .unknown()
+        .transform((v, zc): TlsConfig | undefined => viaChecker(ctx, zc, (c, o) => parseTlsConfig(c, o.v, ctx.env, Date.now(), "v"), v))
+        .optional()
+        .meta({ kind: "tls" })
+        .describe(
+          'optional HTTPS on the listener itself (absent: plain HTTP behind a TLS-terminating load balancer): {"certificate": <path to PEM, leaf then intermediates>, "key": <secret reference to its PEM key>, "clientCa": <path to PEM CA certificate(s), mutual TLS>, "clientNames": [1-10 client subject CN or DNS SAN names, required with clientCa]}; TLS 1.2+, ECDHE with AEAD only; SIGHUP re-reads it',
+        ),
       region: matching(REGION_RE, "an AWS region name such as us-east-1").describe("the SigV4 region of the key store(s), e.g. us-east-1"),
       fleetSize: int(1, 1000).default(1).describe("xksProxyFleetSize in the health answer"),
       vendor: z.string().min(1).max(128).default("xks-pair").describe("xksProxyVendor in the health answer"),
@@ -263,6 +273,7 @@ export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unkno
   return {
     file: cfg.file,
     listen: cfg.listen,
+    tls: describeTls(cfg.tls),
     region: cfg.region,
     fleetSize: cfg.fleetSize,
     vendor: cfg.vendor,

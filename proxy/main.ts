@@ -5,6 +5,7 @@
 import { type MetricsListener, startMetricsListener } from "../shared/metrics.ts";
 import { ProxyMetrics } from "./metrics.ts";
 import { createServer, type Server } from "node:http";
+import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
 import type { AddressInfo, Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import * as grpc from "@grpc/grpc-js";
@@ -15,12 +16,15 @@ import { AgentPool } from "./agent-client.ts";
 import { describeConfig, type ProxyConfig } from "./config.ts";
 import { KeyStoreRegistry } from "./routes.ts";
 import { buildRequestHandler } from "./shed.ts";
+import { TlsListener, tlsServerOptions } from "./tls.ts";
 
 export interface RunningProxy {
   server: Server;
   agents: AgentPool;
   keyStores: KeyStoreRegistry;
-  /** e.g. http://127.0.0.1:8443 */
+  /** The listener's TLS (certificate reload, client-name allow-list) when the config has `tls`. */
+  tls?: TlsListener;
+  /** e.g. http://127.0.0.1:8443, or https://… with `tls` */
   url: string;
   port: number;
   metrics: ProxyMetrics;
@@ -103,22 +107,24 @@ export async function serve(
   // Refusals at the door, then the express app (proxy/shed.ts, proxy/app.ts).
   const app = buildRequestHandler({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival, metrics });
   const h = config.http;
-  const server = createServer(
-    {
-      // Slow clients (slowloris, a body a byte at a time, connections that never send):
-      // the head must be complete within headersTimeout, the whole request within
-      // requestTimeout, checked every connectionsCheckingInterval (Node's default, 30 s,
-      // would let a timeout overrun by up to 30 s; a short one also spreads the closing
-      // of a crowd of idle connections over several small batches). Expiry → clientError.
-      headersTimeout: h.headersTimeoutMs,
-      requestTimeout: h.requestTimeoutMs,
-      connectionsCheckingInterval: connectionsCheckingInterval(h.headersTimeoutMs),
-      // Node answers an HTTP/1.1 request without Host with a bare, bodiless 400; let the
-      // pipeline answer it instead (a route + SigV4, which needs a signed host → 401 JSON).
-      requireHostHeader: false,
-    },
-    app,
-  );
+  const httpOptions = {
+    // Slow clients (slowloris, a body a byte at a time, connections that never send):
+    // the head must be complete within headersTimeout, the whole request within
+    // requestTimeout, checked every connectionsCheckingInterval (Node's default, 30 s,
+    // would let a timeout overrun by up to 30 s; a short one also spreads the closing
+    // of a crowd of idle connections over several small batches). Expiry → clientError.
+    headersTimeout: h.headersTimeoutMs,
+    requestTimeout: h.requestTimeoutMs,
+    connectionsCheckingInterval: connectionsCheckingInterval(h.headersTimeoutMs),
+    // Node answers an HTTP/1.1 request without Host with a bare, bodiless 400; let the
+    // pipeline answer it instead (a route + SigV4, which needs a signed host → 401 JSON).
+    requireHostHeader: false,
+  };
+  // With `tls`, the same HTTP server behind Node's TLS (https.Server is an http.Server on TLS sockets).
+  const server: Server = config.tls
+    ? (createHttpsServer({ ...httpOptions, ...tlsServerOptions(config.tls, h.headersTimeoutMs) }, app) as unknown as Server)
+    : createServer(httpOptions, app);
+  const tls = config.tls ? new TlsListener(server as unknown as HttpsServer, config.tls, log) : undefined;
   // Behind an ALB (idle timeout 60 s) the server must outlive the balancer's keep-alive.
   server.keepAliveTimeout = h.keepAliveTimeoutMs;
   server.maxHeadersCount = MAX_HEADERS_COUNT;
@@ -172,11 +178,13 @@ export async function serve(
     });
     return closing;
   };
+  const scheme = tls ? "https" : "http";
   return {
     server,
     agents,
     keyStores,
-    url: `http://${host}:${addr.port}`,
+    tls,
+    url: `${scheme}://${host}:${addr.port}`,
     port: addr.port,
     metrics,
     metricsUrl: metricsListener?.url,

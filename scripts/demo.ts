@@ -8,19 +8,26 @@
  * by AWS's own signer and by curl), usage enforcement on the restricted keys,
  * one request denied by the agent's policy (403 AccessDeniedException), and it keeps running until Ctrl-C. Everything a client needs is written to
  * .demo/demo.json. Run it with ./scripts/demo.sh (which also does the set-up).
+ *
+ * `--tls`: the proxy serves HTTPS itself with mutual TLS, from a throwaway CA
+ * made in .demo/tls (server certificate for localhost and 127.0.0.1, a client
+ * certificate); the same checks run over it, plus a client without a
+ * certificate that must get no HTTP answer, and demo.json names the files.
  */
 import { TEST_IDENTITIES } from "../testbed/identities.ts";
+import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { type Chain, chainPidFiles, DENIED_PRINCIPAL, startChain } from "../testbed/chain.ts";
+import { TLS_CLIENT_NAME } from "../testbed/tls.ts";
 import { stopLeftovers } from "../testbed/procs.ts";
 import { type EncryptAnswer, decryptBody, encryptBody, healthBody, keyPath, metadataBody } from "../testbed/xks/bodies.ts";
 import { decryptProblem, specErrorOf } from "../testbed/xks/oracle.ts";
 
 const { values } = parseArgs({
-  options: { dir: { type: "string", default: join(PACKAGE_ROOT, ".demo") }, "no-wait": { type: "boolean" } },
+  options: { dir: { type: "string", default: join(PACKAGE_ROOT, ".demo") }, "no-wait": { type: "boolean" }, tls: { type: "boolean" } },
 });
 const dir = values.dir!;
 
@@ -89,11 +96,24 @@ async function roundTrip(chain: Chain): Promise<void> {
   );
 }
 
+/** Mutual TLS: curl without a client certificate gets no HTTP answer (the handshake is refused). */
+function refusedWithoutCertificate(chain: Chain): void {
+  step("Mutual TLS: a client without a certificate (curl --cacert only)");
+  const r = spawnSync(
+    "curl",
+    ["-sS", "--noproxy", "*", "--max-time", "30", "--cacert", chain.tls!.caFile, "-w", "%{http_code}", `${chain.url}/ping`],
+    { encoding: "utf8" },
+  );
+  const ok = r.status !== 0 && r.stdout.trim() === "000";
+  if (!ok) failures++;
+  console.log(`${ok ? green("ok ") : red("BAD")} no client certificate: no HTTP answer (${r.stderr.trim().split("\n").at(-1)})`);
+}
+
 async function main(): Promise<number> {
   killLeftovers();
   step(`Building the chain in ${dir}`);
   console.log("    fresh SoftHSM token and keys, a real OpenSSH sshd on a free loopback port, the proxy and the agent");
-  const chain = await startChain({ dir });
+  const chain = await startChain({ dir, ...(values.tls ? { tls: { mutual: true } } : {}) });
   let stopping = false;
   const stop = async (code: number) => {
     if (stopping) return;
@@ -116,6 +136,11 @@ async function main(): Promise<number> {
   console.log(
     `    channel: mutual TLS, agent identity ${TEST_IDENTITIES.agent.fingerprint}, proxy identity ${TEST_IDENTITIES.proxy.fingerprint} (each pinned by the other)`,
   );
+  if (chain.tlsMaterial) {
+    const m = chain.tlsMaterial;
+    console.log(`    HTTPS with mutual TLS: server certificate ${m.server.cert} (CA ${m.serverCa.cert}),`);
+    console.log(`    client certificates must chain to ${m.clientCa.cert} and be named ${TLS_CLIENT_NAME}`);
+  }
   const tunnelLine = chain.agent
     .logs()
     .split("\n")
@@ -137,10 +162,12 @@ async function main(): Promise<number> {
       noUsage: chain.keys.noUsage,
     },
     deniedPrincipal: DENIED_PRINCIPAL,
+    ...(chain.tls ? { caFile: chain.tls.caFile, clientCert: chain.tls.certFile, clientKey: chain.tls.keyFile } : {}),
   };
   writeFileSync(join(dir, "demo.json"), `${JSON.stringify(demoJson, null, 2)}\n`, { mode: 0o600 });
 
   await roundTrip(chain);
+  if (chain.tlsMaterial) refusedWithoutCertificate(chain);
 
   step(failures === 0 ? green("All demo checks passed.") : red(`${failures} demo check(s) failed.`));
   console.log(`\nClient settings written to ${join(dir, "demo.json")}. Logs: ${join(dir, "logs")}/`);
@@ -155,8 +182,10 @@ async function main(): Promise<number> {
     plaintext: Buffer.from("hi there").toString("base64"),
     encryptionAlgorithm: "AES_GCM",
   });
+  const tls = chain.tls;
+  const tlsArgs = tls ? ` --cacert ${tls.caFile} --cert ${tls.certFile} --key ${tls.keyFile}` : "";
   console.log(
-    `  curl -s --aws-sigv4 "aws:amz:${chain.region}:kms-xks-proxy" --user "${chain.accessKeyId}:${chain.secretAccessKey}" \\\n` +
+    `  curl -s${tlsArgs} --aws-sigv4 "aws:amz:${chain.region}:kms-xks-proxy" --user "${chain.accessKeyId}:${chain.secretAccessKey}" \\\n` +
       `    -H 'Content-Type: application/json' --data '${body}' \\\n` +
       `    ${chain.url}${chain.uriPath}/keys/${chain.keys.default}/encrypt\n`,
   );

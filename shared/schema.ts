@@ -164,7 +164,7 @@ export function section<T extends z.core.$ZodLooseShape>(shape: T) {
  * Runs one of the Checker's readers (secrets, identities, pins) on a value,
  * turning its problems into issues at the value's path (and below it).
  */
-function viaChecker<T>(
+export function viaChecker<T>(
   ctx: LoadContext,
   zc: z.core.$RefinementCtx,
   read: (c: Checker, holder: Record<string, unknown>) => T,

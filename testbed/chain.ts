@@ -22,6 +22,7 @@ import { type Identity, TEST_IDENTITIES } from "./identities.ts";
 import { freePort } from "./ports.ts";
 import { Daemon } from "./procs.ts";
 import { startSshd, type Sshd } from "./sshd.ts";
+import { makeTlsMaterial, TLS_CLIENT_NAME, type TlsMaterial } from "./tls.ts";
 import { GENEROUS_MS, until } from "./wait.ts";
 import { healthBody } from "./xks/bodies.ts";
 import { XksClient, type XksEndpoint } from "./xks/client.ts";
@@ -50,6 +51,12 @@ export interface ChainOptions {
   proxyPort?: number;
   /** Proxy and agent log level (default info). */
   logLevel?: string;
+  /**
+   * The proxy serves HTTPS itself with throwaway material made in `<dir>/tls`
+   * (testbed/tls.ts) and, with `mutual`, requires a client certificate named
+   * TLS_CLIENT_NAME from its client CA; the chain's client presents it.
+   */
+  tls?: { mutual?: boolean };
   /** Extra proxy config fields (merged at the top level). */
   proxyExtra?: Record<string, unknown>;
   /** The agent's policy file (agent/policy.ts), written to `<dir>/agent/policy.json`; default DEMO_POLICY, null for none. */
@@ -108,6 +115,8 @@ export interface Chain extends XksEndpoint {
   /** The proxy's and the agent's Prometheus endpoints (GET → the text format). */
   metricsUrl: string;
   agentMetricsUrl: string;
+  /** The TLS material when started with `tls` (the proxy's certificate files are `tlsMaterial.server`). */
+  tlsMaterial?: TlsMaterial;
   /** The channel identities the configs were written with (a process of its own, e.g. a load generator, needs them). */
   identities: { agent: Identity; proxy: Identity };
   /** Resolves once health reports the agent ACTIVE. */
@@ -209,7 +218,17 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     return { id: m.id, dir: d, softhsm: token, remoteSocket: sock, configFile: writeAgent(d, token, m.id, { remoteSocket: sock }) };
   });
 
-  // "EC2": the proxy.
+  // "EC2": the proxy, serving HTTPS itself when asked.
+  const tlsMaterial = o.tls ? makeTlsMaterial(join(dir, "tls")) : undefined;
+  const tlsSection = tlsMaterial
+    ? {
+        tls: {
+          certificate: tlsMaterial.server.cert,
+          key: { file: tlsMaterial.server.key },
+          ...(o.tls?.mutual ? { clientCa: tlsMaterial.clientCa.cert, clientNames: [TLS_CLIENT_NAME] } : {}),
+        },
+      }
+    : {};
   const proxyConfigFile = writeProxyConfig(join(dir, "proxy"), {
     port: proxyPort,
     region: CHAIN_REGION,
@@ -218,7 +237,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),
     ],
     keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys), ...(o.quota ? { quota: o.quota } : {}) }],
-    extra: { healthRefreshMs: 1000, metrics: { port: proxyMetricsPort }, log: { level: logLevel }, ...o.proxyExtra },
+    extra: { healthRefreshMs: 1000, metrics: { port: proxyMetricsPort }, log: { level: logLevel }, ...tlsSection, ...o.proxyExtra },
   });
 
   const env = { ...process.env, ...softhsm.env };
@@ -249,11 +268,19 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
   writeFileSync(join(dir, "pids"), `${[proxy.pid, agent.pid, ...moreAgents.map((m) => m.agent.pid)].join("\n")}\n`);
 
   const endpoint: XksEndpoint = {
-    url: `http://127.0.0.1:${proxyPort}`,
+    url: `${tlsMaterial ? "https" : "http"}://127.0.0.1:${proxyPort}`,
     uriPath: `${CHAIN_PREFIX}/kms/xks/v1`,
     region: CHAIN_REGION,
     accessKeyId: cred.accessKeyId,
     secretAccessKey: cred.secretAccessKey,
+    ...(tlsMaterial
+      ? {
+          tls: {
+            caFile: tlsMaterial.serverCa.cert,
+            ...(o.tls?.mutual ? { certFile: tlsMaterial.clients.good.cert, keyFile: tlsMaterial.clients.good.key } : {}),
+          },
+        }
+      : {}),
   };
   const client = new XksClient(endpoint);
   const chain: Chain = {
@@ -276,6 +303,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     metricsUrl: `http://127.0.0.1:${proxyMetricsPort}/metrics`,
     agentMetricsUrl: `http://127.0.0.1:${agentMetricsPort}/metrics`,
     identities: TEST_IDENTITIES,
+    ...(tlsMaterial ? { tlsMaterial } : {}),
     waitActive: async (capMs = GENEROUS_MS) => {
       let last = "";
       try {

@@ -5,7 +5,9 @@
  * answers where a caller needs success.
  */
 import { spawn } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { Agent, request as httpRequest } from "node:http";
+import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import type { Socket } from "node:net";
 import { GENEROUS_MS, sleep } from "../wait.ts";
 import { smithySign, type Creds, type PlainRequest, type SignOptions } from "./sign.ts";
@@ -27,9 +29,42 @@ function parse(text: string): unknown {
   }
 }
 
+/**
+ * A client's TLS towards an https:// proxy, as PEM files: the CA it trusts
+ * and, for mutual TLS, its certificate and key.
+ */
+export interface ClientTls {
+  caFile: string;
+  certFile?: string;
+  keyFile?: string;
+}
+
+const tlsCache = new WeakMap<ClientTls, { ca: Buffer; cert?: Buffer; key?: Buffer }>();
+/** Node's options for `t` (files read once per object). */
+export function nodeTlsOptions(t: ClientTls): { ca: Buffer; cert?: Buffer; key?: Buffer } {
+  let o = tlsCache.get(t);
+  if (!o) {
+    o = {
+      ca: readFileSync(t.caFile),
+      ...(t.certFile ? { cert: readFileSync(t.certFile) } : {}),
+      ...(t.keyFile ? { key: readFileSync(t.keyFile) } : {}),
+    };
+    tlsCache.set(t, o);
+  }
+  return o;
+}
+
+/** curl's options for `t`. */
+export function curlTlsArgs(t: ClientTls | undefined): string[] {
+  if (!t) return [];
+  return ["--cacert", t.caFile, ...(t.certFile ? ["--cert", t.certFile] : []), ...(t.keyFile ? ["--key", t.keyFile] : [])];
+}
+
 export interface SendOptions {
+  /** For an https:// URL: the CA to trust and the client certificate, if any. */
+  tls?: ClientTls;
   /** A keep-alive agent to reuse connections; default: a new connection per request. */
-  agent?: Agent | false;
+  agent?: Agent | HttpsAgent | false;
   /** Give up (reject) after this long without a complete answer: a hang, not a slow answer. */
   timeoutMs?: number;
   /** Told which connection carries the request (e.g. to count the connections a client used). */
@@ -42,26 +77,29 @@ export function send(baseUrl: string, req: PlainRequest, o: SendOptions = {}): P
   const t0 = performance.now();
   const timeoutMs = o.timeoutMs ?? GENEROUS_MS;
   return new Promise((resolve, reject) => {
-    const r = httpRequest(
-      {
-        host: u.hostname,
-        port: Number(u.port),
-        method: req.method ?? "POST",
-        path: req.path,
-        headers: req.headers ?? {},
-        agent: o.agent ?? false,
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on("data", (c: Buffer) => chunks.push(c));
-        res.on("error", reject);
-        res.on("end", () => {
-          clearTimeout(timer);
-          const text = Buffer.concat(chunks).toString("utf8");
-          resolve({ status: res.statusCode ?? 0, headers: res.headers, text, json: parse(text), ms: performance.now() - t0 });
-        });
-      },
-    );
+    const https = u.protocol === "https:";
+    const options = {
+      host: u.hostname,
+      port: Number(u.port),
+      method: req.method ?? "POST",
+      path: req.path,
+      headers: req.headers ?? {},
+      agent: o.agent ?? false,
+      ...(https && o.tls ? nodeTlsOptions(o.tls) : {}),
+    };
+    const onResponse = (res: import("node:http").IncomingMessage) => {
+      const chunks: Buffer[] = [];
+      res.on("data", (c: Buffer) => chunks.push(c));
+      res.on("error", reject);
+      res.on("end", () => {
+        clearTimeout(timer);
+        const text = Buffer.concat(chunks).toString("utf8");
+        resolve({ status: res.statusCode ?? 0, headers: res.headers, text, json: parse(text), ms: performance.now() - t0 });
+      });
+    };
+    const r = https
+      ? httpsRequest(options as import("node:https").RequestOptions, onResponse)
+      : httpRequest(options as import("node:http").RequestOptions, onResponse);
     const timer = setTimeout(() => r.destroy(new Error(`no answer within ${timeoutMs} ms`)), timeoutMs);
     if (o.onSocket) r.on("socket", (s) => o.onSocket?.(s as Socket));
     r.on("error", (err) => {
@@ -114,7 +152,7 @@ export function curlPost(
   path: string,
   body: string,
   creds: Creds,
-  o: { region?: string; contentType?: string | null; method?: string } = {},
+  o: { region?: string; contentType?: string | null; method?: string; tls?: ClientTls } = {},
 ): Promise<Resp> {
   const args = [
     "--silent",
@@ -131,6 +169,7 @@ export function curlPost(
     "@-",
     "--write-out",
     "\n%{http_code}",
+    ...curlTlsArgs(o.tls),
   ];
   if (o.contentType !== null) args.push("-H", `Content-Type: ${o.contentType ?? "application/json"}`);
   if (o.method) args.push("-X", o.method);
@@ -164,6 +203,8 @@ export interface XksEndpoint {
   region: string;
   accessKeyId: string;
   secretAccessKey: string;
+  /** For an https:// url: the CA to trust and, for mutual TLS, the client certificate. */
+  tls?: ClientTls;
 }
 
 /** The answers that mean "the chain is busy or its dependency did not answer in time; try again". */
@@ -188,7 +229,7 @@ export async function retryBusy(send: () => Promise<Resp>, attempts = 10): Promi
  * credential, keep-alive connections (as behind KMS's load balancer).
  */
 export class XksClient {
-  readonly agent: Agent;
+  readonly agent: Agent | HttpsAgent;
   private readonly creds: Creds;
 
   constructor(
@@ -196,11 +237,12 @@ export class XksClient {
     sockets = 256,
   ) {
     this.creds = { accessKeyId: endpoint.accessKeyId, secretAccessKey: endpoint.secretAccessKey };
-    this.agent = new Agent({ keepAlive: true, keepAliveMsecs: 1000, maxSockets: sockets });
+    const keepAlive = { keepAlive: true, keepAliveMsecs: 1000, maxSockets: sockets };
+    this.agent = endpoint.url.startsWith("https:") ? new HttpsAgent(keepAlive) : new Agent(keepAlive);
   }
 
   private opts(o: PostOptions): PostOptions {
-    return { agent: this.agent, ...o, sign: { region: this.endpoint.region, ...o.sign } };
+    return { agent: this.agent, tls: this.endpoint.tls, ...o, sign: { region: this.endpoint.region, ...o.sign } };
   }
 
   /** Signs (smithy) and POSTs to `<uriPath>/<rest>`. */
@@ -220,9 +262,7 @@ export class XksClient {
       `${this.endpoint.uriPath}/${rest}`,
       typeof body === "string" ? body : JSON.stringify(body),
       this.creds,
-      {
-        region: this.endpoint.region,
-      },
+      { region: this.endpoint.region, tls: this.endpoint.tls },
     );
   }
 
