@@ -54,7 +54,12 @@
  *     11,476 × 429 (at 4,320/s offered see MAX_UNSEEN_MS);
  *   - `queueTargetMs` 100 vs 20: goodput 2,235 vs 1,463/s, refusals p99 83 vs
  *     34 ms, warm bursts of 200/400/800 served 200/372/185 vs 84/73/84 in time,
- *     and at 20 ms even half the capacity drew refusals: hence 100.
+ *     and at 20 ms even half the capacity drew refusals: hence 100;
+ *   - again once refusals were cheap (proxy/shed.ts), 1,934/s offered for 30 s, two runs
+ *     at 100 and 50, one at 30: goodput 1,603-1,652 / 1,508-1,517 / 1,391 per s, refusals
+ *     p99 59-101 / 33-41 / 32 ms, a warm burst of 200 served in time 200 / 114-158 / 64:
+ *     still 100. Below ~30 ms refusals get no faster: a request is refused when the
+ *     proxy's loop reads it, and under overload a turn of that loop lasts about that long.
  * Refusals are 429 ThrottlingException (spec: "rate too high"), which KMS
  * treats as retryable. Nothing is retried here (no retry amplification) and
  * nothing is left queued once the load drops: waiters leave when refused, when
@@ -118,8 +123,11 @@ export class LoopClock {
  * The most unseen waiting assumed (ms). Under sustained overload the loop may never be idle,
  * and "since the loop was last idle" grows without bound: every request would look too old
  * (measured: goodput 576/s at 4,320/s offered). Bounding the turns it came through instead
- * (the last two and this one) underestimated it (18,492 of 64,800 timed out at the caller).
- * Assuming up to half the default budget admits only what can still be served in the rest.
+ * (the last two and this one) underestimated it (18,492 of 64,800 timed out at the caller);
+ * measured again once refusals were cheap (proxy/shed.ts), at 3,096/s offered: 26,124 caller
+ * timeouts, and the chain did not recover when the load fell back to half its capacity (new
+ * connections replacing the timed-out ones), where this bound gave 0 timeouts and recovered at
+ * once. Assuming up to half the default budget admits only what can still be served in the rest.
  */
 const MAX_UNSEEN_MS = 100;
 /** Idle time below this between two turns is not a pause (ms). */
