@@ -26,7 +26,7 @@ import { Hsm, HsmOpenError } from "./hsm/hsm.ts";
 import { refusalMemoFile } from "./main.ts";
 import { getHealthStatus } from "./ops/get-health-status.ts";
 import { allowListMap, loadPolicyFile, refuseUnlessServed } from "./policy.ts";
-import { fingerprintOf, isAuthFailure, sameFingerprint, sshLogin, type TunnelTarget } from "./tunnel.ts";
+import { fingerprintOf, isAuthFailure, pinnedHostKey, pinsText, sshLogin, type TunnelTarget } from "./tunnel.ts";
 
 /** A failed item: what is wrong, and how to fix it. */
 export class CheckFailure extends Error {
@@ -268,10 +268,10 @@ function probeTunnel(t: TunnelTarget): Promise<string> {
     conn.on("ready", () => settle(() => resolvePromise(`host key ${seen} as pinned; authenticated as ${t.username}`)));
     conn.on("error", (err) =>
       settle(() => {
-        if (seen !== undefined && !sameFingerprint(seen, t.hostKeyFingerprint)) {
+        if (seen !== undefined && !pinnedHostKey(t, seen)) {
           reject(
             new CheckFailure(
-              `host key verification failed: expected ${t.hostKeyFingerprint}, seen ${seen}`,
+              `host key verification failed: expected ${pinsText(t)}, seen ${seen}`,
               `if ${t.host} really has a new host key (check it on the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub), set hostKeyFingerprint to it; otherwise someone is in the way`,
             ),
           );
@@ -293,7 +293,7 @@ function probeTunnel(t: TunnelTarget): Promise<string> {
         ...sshLogin(t),
         hostVerifier: (key: Buffer): boolean => {
           seen = fingerprintOf(key);
-          return sameFingerprint(seen, t.hostKeyFingerprint);
+          return pinnedHostKey(t, seen);
         },
         readyTimeout: t.readyTimeoutMs ?? 10_000,
       });

@@ -60,6 +60,14 @@ export function agentConfigSchema(ctx: LoadContext) {
         /^SHA256:[A-Za-z0-9+/]{43}$/,
         "SHA256:<43 base64 characters>, as printed by ssh-keygen -lf <host key>.pub",
       ).describe("the pinned host key: SHA256:…, as `ssh-keygen -lf <host key>.pub` prints it"),
+      nextHostKeyFingerprint: matching(
+        /^SHA256:[A-Za-z0-9+/]{43}$/,
+        "SHA256:<43 base64 characters>, as printed by ssh-keygen -lf <host key>.pub",
+      )
+        .optional()
+        .describe(
+          "a second accepted host key while the host's key is being replaced (either pin is accepted; remove the old one afterwards)",
+        ),
       remoteSocket: matching(/^\//, "an absolute path")
         .optional()
         .describe("the Unix socket sshd binds on the host for the proxy (give this or remoteTcp)"),

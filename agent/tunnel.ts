@@ -42,6 +42,8 @@ export interface TunnelTarget {
   passphrase?: string;
   /** Pinned host key, `SHA256:<base64 without padding>` as `ssh-keygen -lf` prints it. Required. */
   hostKeyFingerprint: string;
+  /** A second accepted host key while the host's key is being replaced (either one is accepted). */
+  nextHostKeyFingerprint?: string;
   /** Remote Unix socket path (OpenSSH streamlocal forward). Set exactly one of remoteSocket / remoteTcp. */
   remoteSocket?: string;
   /** Remote loopback TCP forward. The host string must match sshd's `permitlisten` exactly. */
@@ -111,6 +113,19 @@ export function sameFingerprint(a: string, b: string): boolean {
   return timingSafeEqual(h(a), h(b));
 }
 
+/** Whether `seen` is one of the tunnel's pinned host keys. */
+export function pinnedHostKey(t: Pick<TunnelTarget, "hostKeyFingerprint" | "nextHostKeyFingerprint">, seen: string): boolean {
+  // Both compared, always: the time taken does not say which pin matched.
+  const current = sameFingerprint(seen, t.hostKeyFingerprint);
+  const next = t.nextHostKeyFingerprint !== undefined && sameFingerprint(seen, t.nextHostKeyFingerprint);
+  return current || next;
+}
+
+/** The pins, for messages: "A" or "A or B". */
+export function pinsText(t: Pick<TunnelTarget, "hostKeyFingerprint" | "nextHostKeyFingerprint">): string {
+  return t.nextHostKeyFingerprint === undefined ? t.hostKeyFingerprint : `${t.hostKeyFingerprint} or ${t.nextHostKeyFingerprint}`;
+}
+
 function describe(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
 }
@@ -163,6 +178,9 @@ export class Tunnel extends EventEmitter {
     super();
     if (!FINGERPRINT_RE.test(target.hostKeyFingerprint)) {
       throw new Error(`tunnel ${target.name}: hostKeyFingerprint must look like "SHA256:<43 base64 chars>" (ssh-keygen -lf)`);
+    }
+    if (target.nextHostKeyFingerprint !== undefined && !FINGERPRINT_RE.test(target.nextHostKeyFingerprint)) {
+      throw new Error(`tunnel ${target.name}: nextHostKeyFingerprint must look like "SHA256:<43 base64 chars>" (ssh-keygen -lf)`);
     }
     if ((target.remoteSocket === undefined) === (target.remoteTcp === undefined)) {
       throw new Error(`tunnel ${target.name}: set exactly one of remoteSocket or remoteTcp`);
@@ -285,10 +303,10 @@ export class Tunnel extends EventEmitter {
         ...sshLogin(t),
         hostVerifier: (key: Buffer): boolean => {
           const seen = fingerprintOf(key);
-          if (sameFingerprint(seen, t.hostKeyFingerprint)) return true;
-          refusal = `host key verification failed: expected ${t.hostKeyFingerprint}, seen ${seen}`;
+          if (pinnedHostKey(t, seen)) return true;
+          refusal = `host key verification failed: expected ${pinsText(t)}, seen ${seen}`;
           this.log.error(
-            { host: t.host, port: t.port, expected: t.hostKeyFingerprint, seen },
+            { host: t.host, port: t.port, expected: pinsText(t), seen },
             "tunnel refused: host key does not match the pinned fingerprint",
           );
           this.log.flush(); // state changes reach the log at once (lines are otherwise batched)

@@ -12,6 +12,7 @@
 import { after, before, describe, type TestContext, test } from "node:test";
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
@@ -371,6 +372,38 @@ function assertWaitsMinutesStep(s: TunnelState, failure: string): void {
   assert.ok(s.retryInMs !== undefined && s.retryInMs >= 24_000 && s.retryInMs <= 36_000, `retryInMs ${s.retryInMs}`);
   assert.equal(Date.parse(s.nextAttemptAt ?? "") - Date.parse(s.since), s.retryInMs, "nextAttemptAt = since + retryInMs");
 }
+
+test("during a host-key change either pin is accepted: the new key as nextHostKeyFingerprint brings the tunnel up", async (t) => {
+  // The pinned (current) fingerprint is a key the host no longer has; the next one is the host's real key.
+  const old = fingerprintOf(randomBytes(51));
+  const { sshd, tunnel } = await tunnelRig(t, (sshd) => ({
+    remoteSocket: socketIn(sshd),
+    hostKeyFingerprint: old,
+    nextHostKeyFingerprint: sshd.hostKeyFingerprint,
+  }));
+  tunnel.start();
+  await waitForState(tunnel, (s) => s.state === "up", "up");
+  assert.equal(existsSync(socketIn(sshd)), true, "the forward exists");
+  // Neither pin the host's key: refused, and the message names both pins.
+  const other = new Tunnel(
+    targetFor(sshd, {
+      name: "ec2-neither",
+      remoteSocket: socketIn(sshd),
+      hostKeyFingerprint: old,
+      nextHostKeyFingerprint: fingerprintOf(randomBytes(51)),
+    }),
+    "/tmp/unused.sock",
+    captureLog().log,
+  );
+  t.after(() => other.stop());
+  other.start();
+  const down = await waitForState(other, (s) => s.state === "down", "down");
+  assert.ok(down.lastError?.includes(`expected ${old} or SHA256:`), down.lastError);
+  assert.throws(
+    () => new Tunnel(targetFor(sshd, { nextHostKeyFingerprint: "MD5:aa:bb" }), "/tmp/unused.sock", captureLog().log),
+    /nextHostKeyFingerprint/,
+  );
+});
 
 test("a wrong pinned host key is refused: never up, no forward, clear log, next attempt in minutes", async (t) => {
   // A real but different key, as after a host-key change.
