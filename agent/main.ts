@@ -185,6 +185,18 @@ export async function runAgent(
     { identity: config.identity, pins: config.proxyIdentities },
   );
   let dashboard: Dashboard | undefined;
+  /** A listener that cannot start: undo what has started, say why, and fail the start. */
+  const abandonStart = async (msg: string, cause: unknown): Promise<never> => {
+    unwatchControls();
+    policy.stopWatching();
+    await dashboard?.close();
+    await server.close(0);
+    audit.close();
+    hsm.close();
+    log.fatal({ err: msg }, "cannot start");
+    log.flush();
+    throw new StartError(msg, { cause });
+  };
   if (config.dashboard) {
     const where = `${config.dashboard.host}:${config.dashboard.port}`;
     try {
@@ -201,19 +213,13 @@ export async function runAgent(
         log,
       });
     } catch (err) {
-      unwatchControls();
-      policy.stopWatching();
-      await server.close(0);
-      audit.close();
-      hsm.close();
       const code = (err as NodeJS.ErrnoException).code;
-      const msg =
+      await abandonStart(
         code === "EADDRINUSE"
           ? `the dashboard's port ${where} is already in use (another xks-agent?): stop it or set dashboard.port`
-          : `cannot start the dashboard on ${where}: ${(err as Error).message}`;
-      log.fatal({ err: msg }, "cannot start");
-      log.flush();
-      throw new StartError(msg, { cause: err });
+          : `cannot start the dashboard on ${where}: ${(err as Error).message}`,
+        err,
+      );
     }
   }
   let metricsListener: MetricsListener | undefined;
@@ -222,20 +228,13 @@ export async function runAgent(
     try {
       metricsListener = await startMetricsListener(metrics.registry, config.metrics, log);
     } catch (err) {
-      unwatchControls();
-      policy.stopWatching();
-      await dashboard?.close();
-      await server.close(0);
-      audit.close();
-      hsm.close();
       const code = (err as NodeJS.ErrnoException).code;
-      const msg =
+      await abandonStart(
         code === "EADDRINUSE"
           ? `the metrics port ${where} is already in use: stop what holds it or set metrics.port`
-          : `cannot start the metrics listener on ${where}: ${(err as Error).message}`;
-      log.fatal({ err: msg }, "cannot start");
-      log.flush();
-      throw new StartError(msg, { cause: err });
+          : `cannot start the metrics listener on ${where}: ${(err as Error).message}`,
+        err,
+      );
     }
   }
   tunnels.start();

@@ -219,3 +219,20 @@ export function directOpContext(hsm: Hsm, o: Partial<AgentOpContext> & { serve?:
     ...over,
   };
 }
+
+/**
+ * Runs `fn` on an Hsm opened on `token` in this process, through `conf` (default: the
+ * token's own softhsm2.conf; SoftHSM reads SOFTHSM2_CONF at each C_Initialize).
+ */
+export function onToken<T>(token: SoftHsmToken, fn: (hsm: Hsm) => T, conf = token.conf): T {
+  const before = process.env.SOFTHSM2_CONF;
+  process.env.SOFTHSM2_CONF = conf;
+  const hsm = new Hsm({ module: token.module, tokenLabel: token.tokenLabel, pin: token.pin }, createLogger({ level: "silent" }));
+  try {
+    hsm.open();
+    return fn(hsm);
+  } finally {
+    hsm.close();
+    process.env.SOFTHSM2_CONF = before;
+  }
+}

@@ -19,13 +19,11 @@ import { randomBytes } from "node:crypto";
 import { rmSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { Hsm } from "../../agent/hsm/hsm.ts";
 import { keyChecks } from "../../agent/hsm/key-check.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
-import { createLogger } from "../../shared/logging.ts";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
 import { type Chain, startChain } from "../../testbed/chain.ts";
-import { cloneSoftHsmToken, DIRECT_USE, directOpContext, kmsKeys, type SoftHsmToken } from "../../testbed/hsm.ts";
+import { cloneSoftHsmToken, DIRECT_USE, directOpContext, kmsKeys, onToken, type SoftHsmToken } from "../../testbed/hsm.ts";
 import { sampleSum, scrape } from "../../testbed/prometheus.ts";
 import { until } from "../../testbed/wait.ts";
 import { b64, decryptBody, type EncryptAnswer, encryptBody, healthBody, keyPath, metadataBody } from "../../testbed/xks/bodies.ts";
@@ -33,20 +31,6 @@ import { RETRYABLE_STATUSES, type Resp, retryBusy } from "../../testbed/xks/clie
 import { decryptProblem, encryptProblem, specErrorOf } from "../../testbed/xks/oracle.ts";
 
 const BIN_PROXY = join(PACKAGE_ROOT, "bin/xks-proxy.js");
-
-/** Runs `fn` on an Hsm opened on `token` in this process (SoftHSM reads SOFTHSM2_CONF at each C_Initialize). */
-function onToken<T>(token: SoftHsmToken, fn: (hsm: Hsm) => T): T {
-  const before = process.env.SOFTHSM2_CONF;
-  process.env.SOFTHSM2_CONF = token.conf;
-  const hsm = new Hsm({ module: token.module, tokenLabel: token.tokenLabel, pin: token.pin }, createLogger({ level: "silent" }));
-  try {
-    hsm.open();
-    return fn(hsm);
-  } finally {
-    hsm.close();
-    process.env.SOFTHSM2_CONF = before;
-  }
-}
 
 /** The check value of every KMS key of the chain's key set on `token`, by label (keys without one left out). */
 function checkValues(chain: Chain, token: SoftHsmToken): Map<string, string> {

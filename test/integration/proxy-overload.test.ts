@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 import { API, CREDS, OTHER_PREFIX, PREFIX } from "../../testbed/configs.ts";
 import { type FakeAgent, startFakeAgent } from "../../testbed/fake-agent.ts";
-import { type ProxyFixture, startProxy } from "../../testbed/in-process.ts";
+import { type ProxyFixture, type ProxyFixtureOptions, startProxy } from "../../testbed/in-process.ts";
 import { until } from "../../testbed/wait.ts";
 import { encryptBody, healthBody, keyPath } from "../../testbed/xks/bodies.ts";
 import { type Resp, signedPost } from "../../testbed/xks/client.ts";
@@ -20,26 +20,30 @@ const encrypt = (fx: ProxyFixture, key: string, prefix = PREFIX, creds = CREDS.a
 const health = (fx: ProxyFixture) => signedPost(fx.url, `${API}/health`, healthBody(), CREDS.a);
 const keyCalls = (agent: FakeAgent, key: string) => agent.requests.filter((r) => (r.req as { keyId?: string }).keyId === key).length;
 
-describe("requests that cannot be answered inside their budget", () => {
-  let agent: FakeAgent;
-  let fx: ProxyFixture;
-
+/** The fake agent and the real proxy in front of it, started before a describe block's tests and stopped after them. */
+function fakeAgentRig(o: Omit<ProxyFixtureOptions, "agents">): { agent: FakeAgent; fx: ProxyFixture } {
+  const rig = {} as { agent: FakeAgent; fx: ProxyFixture };
   before(async () => {
-    agent = await startFakeAgent();
-    fx = await startProxy({
-      agents: [{ id: "fake", target: agent.target, token: agent.token }],
-      keys: ["foo", "never", "delay-150"],
-      // One call at a time and no waiting allowed: a second request while one is out cannot be served.
-      extra: { admission: { maxInFlightPerAgent: 1, queueTargetMs: 0 } },
-    });
-    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
+    rig.agent = await startFakeAgent();
+    rig.fx = await startProxy({ agents: [{ id: "fake", target: rig.agent.target, token: rig.agent.token }], ...o });
+    await until(() => rig.fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
   });
   after(async () => {
-    await fx?.close();
-    await agent?.stop();
+    await rig.fx?.close();
+    await rig.agent?.stop();
+  });
+  return rig;
+}
+
+describe("requests that cannot be answered inside their budget", () => {
+  const rig = fakeAgentRig({
+    keys: ["foo", "never", "delay-150"],
+    // One call at a time and no waiting allowed: a second request while one is out cannot be served.
+    extra: { admission: { maxInFlightPerAgent: 1, queueTargetMs: 0 } },
   });
 
   it("get 429 ThrottlingException at once, while the call ahead is still out, and cost the agent nothing", async () => {
+    const { agent, fx } = rig;
     let firstDone = false;
     const first = encrypt(fx, "never").then((r) => {
       firstDone = true;
@@ -60,24 +64,13 @@ describe("requests that cannot be answered inside their budget", () => {
 });
 
 describe("refusals at the door", () => {
-  let agent: FakeAgent;
-  let fx: ProxyFixture;
-
-  before(async () => {
-    agent = await startFakeAgent();
-    fx = await startProxy({
-      agents: [{ id: "fake", target: agent.target, token: agent.token }],
-      keys: ["foo", "never"],
-      extra: { admission: { maxInFlightPerAgent: 1, queueTargetMs: 0 } },
-    });
-    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
-  });
-  after(async () => {
-    await fx?.close();
-    await agent?.stop();
+  const rig = fakeAgentRig({
+    keys: ["foo", "never"],
+    extra: { admission: { maxInFlightPerAgent: 1, queueTargetMs: 0 } },
   });
 
   it("are answered before SigV4 and the body, and logged as a summary whose counts add up to the 429s sent", async () => {
+    const { agent, fx } = rig;
     const held = encrypt(fx, "never");
     await until(() => keyCalls(agent, "never") === 1, "the only slot taken");
     // Refused at the door: not even a signature is needed (SigV4 would have said 401).
@@ -113,26 +106,15 @@ describe("refusals at the door", () => {
 });
 
 describe("a request queued behind a slow call", () => {
-  let agent: FakeAgent;
-  let fx: ProxyFixture;
-
-  before(async () => {
-    agent = await startFakeAgent();
-    fx = await startProxy({
-      agents: [{ id: "fake", target: agent.target, token: agent.token }],
-      keys: ["foo", "delay-150"],
-      // It may wait, but its turn comes after the 150 ms call ahead: too late for a 200 ms budget
-      // once the gate has seen that this agent takes 150 ms.
-      extra: { requestBudgetMs: 200, admission: { maxInFlightPerAgent: 1, queueTargetMs: 200 } },
-    });
-    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
-  });
-  after(async () => {
-    await fx?.close();
-    await agent?.stop();
+  const rig = fakeAgentRig({
+    keys: ["foo", "delay-150"],
+    // It may wait, but its turn comes after the 150 ms call ahead: too late for a 200 ms budget
+    // once the gate has seen that this agent takes 150 ms.
+    extra: { requestBudgetMs: 200, admission: { maxInFlightPerAgent: 1, queueTargetMs: 200 } },
   });
 
   it("is refused with 429 when its turn comes and its budget cannot cover the agent's latency; the agent never sees it", async () => {
+    const { agent, fx } = rig;
     // Teach the gate the agent's latency (a call alone takes 150 ms; on a busy machine it may take longer
     // than the budget, which is the spec's busy answer: then again).
     await until(async () => (await encrypt(fx, "delay-150")).status === 200, "one slow call inside the budget");
@@ -148,25 +130,14 @@ describe("a request queued behind a slow call", () => {
 });
 
 describe("never a success after the budget", () => {
-  let agent: FakeAgent;
-  let fx: ProxyFixture;
-
-  before(async () => {
-    agent = await startFakeAgent();
-    fx = await startProxy({
-      agents: [{ id: "fake", target: agent.target, token: agent.token }],
-      keys: ["foo", "delay-150"],
-      // The agent's own deadline would allow 200 ms; the request's budget is 50.
-      extra: { requestBudgetMs: 50, agentDeadlineMs: 200, admission: { maxInFlightPerAgent: 8, queueTargetMs: 50 } },
-    });
-    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
-  });
-  after(async () => {
-    await fx?.close();
-    await agent?.stop();
+  const rig = fakeAgentRig({
+    keys: ["foo", "delay-150"],
+    // The agent's own deadline would allow 200 ms; the request's budget is 50.
+    extra: { requestBudgetMs: 50, agentDeadlineMs: 200, admission: { maxInFlightPerAgent: 8, queueTargetMs: 50 } },
   });
 
   it("an agent answering after the budget gives the spec's busy answer, never a 200", async () => {
+    const { fx } = rig;
     const answers: Resp[] = await Promise.all([encrypt(fx, "delay-150"), encrypt(fx, "delay-150"), encrypt(fx, "delay-150")]);
     for (const r of answers) assert.ok(r.status === 503 || r.status === 429, `${r.status} ${r.text}`);
     assert.equal((await encrypt(fx, "foo")).status, 200, "an answer inside the budget is still a success");
@@ -174,27 +145,16 @@ describe("never a success after the budget", () => {
 });
 
 describe("per key store quotas", () => {
-  let agent: FakeAgent;
-  let fx: ProxyFixture;
-
-  before(async () => {
-    agent = await startFakeAgent();
-    fx = await startProxy({
-      agents: [{ id: "fake", target: agent.target, token: agent.token }],
-      keyStores: [
-        { prefix: PREFIX, credentials: [CREDS.a], keys: ["foo"], quota: { rate: 1, burst: 2 } },
-        { prefix: OTHER_PREFIX, credentials: [CREDS.other], keys: ["foo"], quota: { rate: 1, burst: 2 } },
-        { prefix: THIRD_PREFIX, credentials: [CREDS.b], keys: ["foo"], quota: { rate: 1, burst: 1 } },
-      ],
-    });
-    await until(() => fx.proxy.agents.healthSnapshot()[0].state === "ACTIVE", "the fake agent ACTIVE");
-  });
-  after(async () => {
-    await fx?.close();
-    await agent?.stop();
+  const rig = fakeAgentRig({
+    keyStores: [
+      { prefix: PREFIX, credentials: [CREDS.a], keys: ["foo"], quota: { rate: 1, burst: 2 } },
+      { prefix: OTHER_PREFIX, credentials: [CREDS.other], keys: ["foo"], quota: { rate: 1, burst: 2 } },
+      { prefix: THIRD_PREFIX, credentials: [CREDS.b], keys: ["foo"], quota: { rate: 1, burst: 1 } },
+    ],
   });
 
   it("a store over its quota gets 429 (before the agent), another store and health are not affected", async () => {
+    const { agent, fx } = rig;
     const t0 = performance.now();
     const calls0 = agent.calls.Encrypt ?? 0;
     const answers = await Promise.all(Array.from({ length: 8 }, () => encrypt(fx, "foo")));
@@ -209,6 +169,7 @@ describe("per key store quotas", () => {
   });
 
   it("the quota is checked after SigV4: a caller without the store's credential cannot spend it", async () => {
+    const { fx } = rig;
     const wrong = { ...CREDS.b, secretAccessKey: CREDS.a.secretAccessKey };
     for (let i = 0; i < 5; i++) assertSpecError(await encrypt(fx, "foo", THIRD_PREFIX, wrong), "AuthenticationFailedException");
     assert.equal((await encrypt(fx, "foo", THIRD_PREFIX, CREDS.b)).status, 200, "the store's one token is still there");

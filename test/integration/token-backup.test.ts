@@ -14,12 +14,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import pkcs11js from "pkcs11js";
-import { Hsm } from "../../agent/hsm/hsm.ts";
 import { KCV_BLOCK, keyCheckValue } from "../../agent/hsm/key-check.ts";
 import { decrypt } from "../../agent/ops/decrypt.ts";
 import { encrypt } from "../../agent/ops/encrypt.ts";
 import { ARCHIVE_HEADER_BYTES } from "../../agent/token-backup.ts";
-import { createLogger } from "../../shared/logging.ts";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
 import { writeAgentConfig } from "../../testbed/configs.ts";
 import {
@@ -28,26 +26,13 @@ import {
   DIRECT_USE,
   directOpContext,
   importAesKey,
+  onToken,
   type SoftHsmToken,
   TEST_KEYS,
 } from "../../testbed/hsm.ts";
 
 const BIN_AGENT = join(PACKAGE_ROOT, "bin/xks-agent.js");
 const PASSPHRASE = "correct horse battery staple 7";
-
-/** Runs `fn` on an Hsm opened on the token of `conf` in this process (SoftHSM reads SOFTHSM2_CONF at each C_Initialize). */
-function onToken<T>(token: SoftHsmToken, conf: string, fn: (hsm: Hsm) => T): T {
-  const before = process.env.SOFTHSM2_CONF;
-  process.env.SOFTHSM2_CONF = conf;
-  const hsm = new Hsm({ module: token.module, tokenLabel: token.tokenLabel, pin: token.pin }, createLogger({ level: "silent" }));
-  try {
-    hsm.open();
-    return fn(hsm);
-  } finally {
-    hsm.close();
-    process.env.SOFTHSM2_CONF = before;
-  }
-}
 
 interface Run {
   code: number | null;
@@ -86,7 +71,7 @@ describe("key check values on SoftHSM", () => {
         .subarray(0, 3)
         .toString("hex");
     };
-    onToken(token, token.conf, (hsm) => {
+    onToken(token, (hsm) => {
       importAesKey(hsm, "known", value);
       hsm.run("import", (p11, s) => {
         if (!(p11 instanceof pkcs11js.PKCS11)) throw new Error("needs pkcs11js");
@@ -153,7 +138,7 @@ describe("xks-agent token backup / restore / verify", () => {
     archive = join(dir, "token.xksbackup");
     passFile = secretFile("passphrase", PASSPHRASE);
     // Ciphertexts the original token makes, with the agent's own Encrypt.
-    onToken(token, token.conf, (hsm) => {
+    onToken(token, (hsm) => {
       const ctx = directOpContext(hsm, { serve: [TEST_KEYS.default, TEST_KEYS.encryptOnly] });
       for (const key of [TEST_KEYS.default, TEST_KEYS.default, TEST_KEYS.encryptOnly]) {
         const pt = randomBytes(100);
@@ -305,17 +290,21 @@ describe("xks-agent token backup / restore / verify", () => {
     // The restored token alone (its own softhsm2.conf), with the agent's own Decrypt.
     const conf = join(dir, "new-mac", "softhsm2.conf");
     writeFileSync(conf, `directories.tokendir = ${to}\nobjectstore.backend = file\nlog.level = ERROR\n`);
-    onToken(token, conf, (hsm) => {
-      const ctx = directOpContext(hsm, { serve: [TEST_KEYS.default, TEST_KEYS.encryptOnly] });
-      for (const m of made.filter((x) => x.key === TEST_KEYS.default)) {
-        const d = decrypt(
-          ctx,
-          { metadata: null, keyId: m.key, ciphertext: m.ct, iv: m.iv, tag: m.tag, aad: m.aad, ciphertextMetadata: m.cm },
-          DIRECT_USE,
-        );
-        assert.deepEqual(d.plaintext, m.pt);
-      }
-    });
+    onToken(
+      token,
+      (hsm) => {
+        const ctx = directOpContext(hsm, { serve: [TEST_KEYS.default, TEST_KEYS.encryptOnly] });
+        for (const m of made.filter((x) => x.key === TEST_KEYS.default)) {
+          const d = decrypt(
+            ctx,
+            { metadata: null, keyId: m.key, ciphertext: m.ct, iv: m.iv, tag: m.tag, aad: m.aad, ciphertextMetadata: m.cm },
+            DIRECT_USE,
+          );
+          assert.deepEqual(d.plaintext, m.pt);
+        }
+      },
+      conf,
+    );
     // The encrypt-only key cannot decrypt anywhere; its check value shows it is the same key.
     const v = await cli(["token", "verify", "--config", config, "--in", archive, "--token-dir", to, "--passphrase-file", passFile]);
     assert.equal(v.code, 0, v.out);
