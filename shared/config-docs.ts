@@ -109,7 +109,7 @@ exits (code 2) without starting. A field the schema does not know is an error
 - \`a.b\` is field \`b\` of object \`a\`; \`a[].b\` is field \`b\` of each entry of array \`a\`.
   An object whose default is "its fields' defaults" may be left out.
 
-## The proxy (\`xks-proxy run --config proxy.json\`)
+## The proxy (\`xks-proxy serve --config proxy.json\`)
 
 ${table(proxySchema)}
 
