@@ -13,7 +13,6 @@
  * Every one of them gets no HTTP answer, and the proxy reads no request.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { copyFileSync, readFileSync, writeFileSync } from "node:fs";
 import { connect } from "node:tls";
 import { after, before, describe, test } from "node:test";
@@ -21,7 +20,7 @@ import { type Chain, startChain } from "../../testbed/chain.ts";
 import { type CertFiles, certFingerprint, issueServerCert } from "../../testbed/tls.ts";
 import { GENEROUS_MS, until } from "../../testbed/wait.ts";
 import { decryptBody, encryptBody, healthBody, keyPath } from "../../testbed/xks/bodies.ts";
-import { type ClientTls, curlTlsArgs, nodeTlsOptions, type Resp, send, signedPost } from "../../testbed/xks/client.ts";
+import { type ClientTls, curlTlsArgs, nodeTlsOptions, type Resp, runCurl, send, signedPost } from "../../testbed/xks/client.ts";
 import { decryptProblem, encryptProblem } from "../../testbed/xks/oracle.ts";
 
 interface CurlResult {
@@ -35,20 +34,10 @@ interface CurlResult {
 }
 
 /** Runs the real curl with -v against the chain; `args` come before the URL. */
-function curl(url: string, args: string[]): Promise<CurlResult> {
-  const all = ["-sS", "-v", "--noproxy", "*", "--max-time", String(GENEROUS_MS / 1000), "-w", "\n%{http_code}", ...args, url];
-  return new Promise((resolve, reject) => {
-    const p = spawn("curl", all, { stdio: ["ignore", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    p.stdout.on("data", (c: Buffer) => (out += c.toString("utf8")));
-    p.stderr.on("data", (c: Buffer) => (err += c.toString("utf8")));
-    p.on("error", reject);
-    p.on("close", (code) => {
-      const nl = out.lastIndexOf("\n");
-      resolve({ code, httpCode: out.slice(nl + 1), body: out.slice(0, nl), verbose: err });
-    });
-  });
+async function curl(url: string, args: string[]): Promise<CurlResult> {
+  const r = await runCurl(["-v", "-w", "\n%{http_code}", ...args, url]);
+  const nl = r.stdout.lastIndexOf("\n");
+  return { code: r.code, httpCode: r.stdout.slice(nl + 1), body: r.stdout.slice(0, nl), verbose: r.stderr };
 }
 
 /** curl's arguments for a SigV4-signed GetHealthStatus to the chain (as AWS's XKS test client sends it). */

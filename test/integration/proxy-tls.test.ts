@@ -5,7 +5,6 @@
  * and one in-process HTTPS listener without mutual TLS, reached by curl.
  */
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { chmodSync, copyFileSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -17,16 +16,7 @@ import { createLogger } from "../../shared/logging.ts";
 import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { LogCapture } from "../../testbed/logs.ts";
 import { issue, makeTlsMaterial, type TlsMaterial } from "../../testbed/tls.ts";
-import { send } from "../../testbed/xks/client.ts";
-
-/** curl in a child process, without blocking this process (the proxy under test runs in it). */
-function curl(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile("curl", ["-sS", "--noproxy", "*", "--max-time", "30", ...args], { encoding: "utf8" }, (err, stdout, stderr) => {
-      resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
-    });
-  });
-}
+import { runCurl as curl, send } from "../../testbed/xks/client.ts";
 
 describe("proxy config: tls", () => {
   let dir: string;

@@ -147,7 +147,7 @@ export async function signedPost(baseUrl: string, path: string, body: unknown, c
  * `content-type;host;x-amz-date`). The secret goes on curl's command line:
  * test credentials only.
  */
-export function curlPost(
+export async function curlPost(
   baseUrl: string,
   path: string,
   body: string,
@@ -155,12 +155,6 @@ export function curlPost(
   o: { region?: string; contentType?: string | null; method?: string; tls?: ClientTls } = {},
 ): Promise<Resp> {
   const args = [
-    "--silent",
-    "--show-error",
-    "--noproxy",
-    "*",
-    "--max-time",
-    String(GENEROUS_MS / 1000),
     "--aws-sigv4",
     `aws:amz:${o.region ?? "us-east-1"}:kms-xks-proxy`,
     "--user",
@@ -175,23 +169,29 @@ export function curlPost(
   if (o.method) args.push("-X", o.method);
   args.push(`${baseUrl}${path}`);
   const t0 = performance.now();
+  const r = await runCurl(args, body);
+  if (r.code !== 0) throw new Error(`curl exited ${r.code}: ${r.stderr}`);
+  const nl = r.stdout.lastIndexOf("\n");
+  const text = r.stdout.slice(0, nl);
+  return { status: Number(r.stdout.slice(nl + 1)), headers: {}, text, json: parse(text), ms: performance.now() - t0 };
+}
+
+/**
+ * The real curl in a child process (never blocking this one, where a proxy under test
+ * may run): quiet but for errors, no proxy, GENEROUS_MS at most; `stdin` is its input (none: empty).
+ * Resolves with its exit code and output whatever the code.
+ */
+export function runCurl(args: string[], stdin?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const all = ["--silent", "--show-error", "--noproxy", "*", "--max-time", String(GENEROUS_MS / 1000), ...args];
   return new Promise((resolve, reject) => {
-    const p = spawn("curl", args, { stdio: ["pipe", "pipe", "pipe"] });
-    let out = "";
-    let err = "";
-    p.stdout.on("data", (c: Buffer) => (out += c.toString("utf8")));
-    p.stderr.on("data", (c: Buffer) => (err += c.toString("utf8")));
+    const p = spawn("curl", all, { stdio: ["pipe", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    p.stdout.on("data", (c: Buffer) => (stdout += c.toString("utf8")));
+    p.stderr.on("data", (c: Buffer) => (stderr += c.toString("utf8")));
     p.on("error", reject);
-    p.on("close", (code) => {
-      if (code !== 0) {
-        reject(new Error(`curl exited ${code}: ${err}`));
-        return;
-      }
-      const nl = out.lastIndexOf("\n");
-      const text = out.slice(0, nl);
-      resolve({ status: Number(out.slice(nl + 1)), headers: {}, text, json: parse(text), ms: performance.now() - t0 });
-    });
-    p.stdin.end(body);
+    p.on("close", (code) => resolve({ code, stdout, stderr }));
+    p.stdin.end(stdin ?? "");
   });
 }
 
