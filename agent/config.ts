@@ -181,6 +181,12 @@ export function agentConfigSchema(ctx: LoadContext) {
         .describe("the local dashboard; absent: none"),
       tunnels: z.array(tunnel).default([]).describe("the reverse tunnels to the proxies' hosts"),
       maxQueued: int(1, 100_000).default(256).describe("key operations waiting at most; more get THROTTLING (429)"),
+      workers: z
+        .union([z.literal("auto"), int(1, 64)], { error: 'must be "auto" or an integer from 1 to 64' })
+        .default(1)
+        .describe(
+          'processes serving key operations, each with its own HSM session: 1 (one process), an integer up to 64, or "auto" (one per core); with more than 1 a primary process keeps the tunnels, switches, audit log, dashboard and metrics',
+        ),
       metrics: metricsSection(AGENT_METRICS_PORT),
       log: logSection(),
     })

@@ -17,13 +17,20 @@ import type { AgentOpContext } from "./ops/context.ts";
 import { allowListMap, LivePolicy } from "./policy.ts";
 import { startAgentServer, type AgentServer, type OperationRecord } from "./server.ts";
 import { TunnelSet } from "./tunnel.ts";
+import { lateRefusal, startWorkerPool } from "./pool.ts";
 import { ConfigError } from "../shared/config.ts";
 import { errorMessage } from "../shared/errors.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
 import { EventEmitter } from "node:events";
+import { availableParallelism } from "node:os";
 import { dirname, join } from "node:path";
+
+/** How many worker processes the config asks for ("auto": one per core). */
+export function workerCount(workers: AgentConfig["workers"]): number {
+  return workers === "auto" ? Math.min(64, availableParallelism()) : workers;
+}
 
 /** Where a refusal of the PIN file is remembered across restarts (agent/hsm/hsm.ts). */
 export function refusalMemoFile(config: AgentConfig): string {
@@ -44,7 +51,10 @@ export interface RunningAgent {
   controls: Controls;
   /** The policy file's rules in force (agent/policy.ts). */
   policy: LivePolicy;
-  server: AgentServer;
+  /** The gRPC service on the agent's socket: served here, or by the workers (agent/pool.ts) when `workers` > 1. */
+  server: Pick<AgentServer, "socketPath" | "setIdentity" | "close">;
+  /** The workers' process ids (empty with one process). */
+  workerPids(): Array<number | undefined>;
   tunnels: TunnelSet;
   /** Emits "operation" (OperationRecord) for every finished call. */
   events: EventEmitter;
@@ -179,11 +189,52 @@ export async function runAgent(
     metrics.operation(rec);
     events.emit("operation", rec);
   };
-  const server = await startAgentServer(
-    config.socket,
-    { ctx, token: config.proxyToken, controls, log, audit: auditRecord, onOperation, maxQueued: config.maxQueued },
-    { identity: config.identity, pins: config.proxyIdentities },
-  );
+  const workers = workerCount(config.workers);
+  let server: RunningAgent["server"];
+  let workerPids: RunningAgent["workerPids"] = () => [];
+  if (workers > 1) {
+    try {
+      const pool = await startWorkerPool({
+        config,
+        count: workers,
+        controls,
+        policy,
+        log,
+        view: () => ({ tunnels: ctx.tunnels(), audit: ctx.audit!() }),
+        // A worker's record: refused when the owner's switches stopped it meanwhile, or when it cannot be written.
+        record: (rec) => {
+          let written = rec;
+          let refusal = lateRefusal(controls, rec);
+          if (refusal) written = { ...rec, result: "INVALID_STATE", overruled: refusal };
+          try {
+            auditRecord(written);
+          } catch (err) {
+            refusal = errorMessage(err);
+            written = { ...written, result: "INVALID_STATE" };
+          }
+          onOperation(written);
+          return refusal;
+        },
+      });
+      server = pool;
+      workerPids = pool.pids;
+    } catch (err) {
+      unwatchControls();
+      policy.stopWatching();
+      audit.close();
+      hsm.close();
+      const msg = `the workers cannot start: ${errorMessage(err)}`;
+      log.fatal({ err: msg }, "cannot start");
+      log.flush();
+      throw new StartError(msg, { cause: err });
+    }
+  } else {
+    server = await startAgentServer(
+      config.socket,
+      { ctx, token: config.proxyToken, controls, log, audit: auditRecord, onOperation, maxQueued: config.maxQueued },
+      { identity: config.identity, pins: config.proxyIdentities },
+    );
+  }
   let dashboard: Dashboard | undefined;
   /** A listener that cannot start: undo what has started, say why, and fail the start. */
   const abandonStart = async (msg: string, cause: unknown): Promise<never> => {
@@ -238,7 +289,7 @@ export async function runAgent(
     }
   }
   tunnels.start();
-  log.info({ socket: config.socket, paused: controls.paused }, "listening");
+  log.info({ socket: config.socket, paused: controls.paused, workers }, "listening");
   log.flush();
 
   let stopped: Promise<void> | undefined;
@@ -270,6 +321,7 @@ export async function runAgent(
     controls,
     policy,
     server,
+    workerPids,
     tunnels,
     events,
     audit,

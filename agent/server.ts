@@ -10,6 +10,7 @@ import { createHash, timingSafeEqual } from "node:crypto";
 import { chmodSync, lstatSync, mkdirSync, statSync, unlinkSync } from "node:fs";
 import { dirname } from "node:path";
 import type { Http2Server, Http2SecureServer, ServerHttp2Session } from "node:http2";
+import type { Socket } from "node:net";
 import type { TLSSocket } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import { AGENT_TOKEN_METADATA_KEY, AgentError, REASON_METADATA_KEY, REASONS, errorMessage } from "../shared/errors.ts";
@@ -57,6 +58,11 @@ export interface OperationRecord {
   policyRule?: string;
   /** log-only mode: the rule that would have denied this request (it was not denied). */
   wouldDeny?: string;
+  /**
+   * With workers (agent/pool.ts): why the primary refused the answer of an operation a worker had done,
+   * because the owner's switches changed meanwhile (the record's result is then INVALID_STATE).
+   */
+  overruled?: string;
   /** GetHealthStatus only: the state it answered (a call that succeeds may answer UNAVAILABLE, e.g. while paused) and why. */
   health?: { state: string; detail: string };
 }
@@ -65,14 +71,16 @@ export interface AgentServiceDeps {
   ctx: AgentOpContext;
   /** The credential the proxy must present on every call. */
   token: string;
-  controls: Controls;
+  /** The owner's switches as this process sees them (agent/controls.ts). */
+  controls: Pick<Controls, "paused" | "problem">;
   log: Logger;
   /**
    * Records a finished operation before its answer leaves and before its log
-   * line; throws when the record could not be written whole, and the call is
-   * then refused (INVALID_STATE) whatever its outcome was.
+   * line; throws (or, when it returns a promise, rejects) when the record
+   * could not be written whole, and the call is then refused (INVALID_STATE)
+   * whatever its outcome was.
    */
-  audit?: (rec: OperationRecord) => void;
+  audit?: (rec: OperationRecord) => void | Promise<void>;
   /** Called once per finished operation (audit log, dashboard feed). */
   onOperation?: (rec: OperationRecord) => void;
   /** Key operations waiting at most (agent/admission.ts); default 256. */
@@ -148,45 +156,64 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         keyStore: md(m?.keyStore),
       };
       const note: PolicyNote = {};
-      /** Records the call (audit, then log line, then feed); returns the refusal to answer with if the audit record failed. */
-      const finish = (result: string, detail?: string, answered?: Pick<OperationRecord, "health">): AgentError | undefined => {
+      /**
+       * Records the call (audit, then log line, then feed), then calls `done` with the refusal to answer
+       * with if the audit record failed. The audit is synchronous in one process; with workers
+       * (agent/worker.ts) it resolves when the primary has written the record.
+       */
+      const finish = (
+        result: string,
+        detail: string | undefined,
+        answered: Pick<OperationRecord, "health"> | undefined,
+        done: (refused: AgentError | undefined) => void,
+      ): void => {
         const latencyMs = Number(process.hrtime.bigint() - started) / 1e6;
         const full: OperationRecord = { ...rec, ...answered, result, latencyMs: Math.round(latencyMs * 1000) / 1000, ...note };
-        let refused: AgentError | undefined;
+        const refusal = (err: unknown) => new AgentError("INVALID_STATE", `refused: ${errorMessage(err)}`);
+        const recorded = (refused: AgentError | undefined) => {
+          const outcome = refused ? "INVALID_STATE" : result;
+          const why = refused ? `${refused.message} (the operation's own result was ${result})` : detail;
+          // The proxies' background health refreshes (one every few seconds each) are debug when
+          // answered: at info they would bury the key operations.
+          const level =
+            outcome === "OK" && !note.wouldDeny
+              ? operation === "GetHealthStatus"
+                ? "debug"
+                : "info"
+              : outcome === "INTERNAL" || outcome === "HSM_UNAVAILABLE" || refused
+                ? "error"
+                : "warn";
+          log[level](
+            {
+              op: operation,
+              kmsRequestId: full.kmsRequestId,
+              kmsOperation: full.kmsOperation,
+              key: full.keyId,
+              principal: full.principal,
+              keyStore: full.keyStore,
+              latencyMs: full.latencyMs,
+              result: outcome,
+              ...note,
+              ...(why ? { detail: capField(why, MAX_METADATA_CHARS) } : {}),
+            },
+            "operation",
+          );
+          deps.onOperation?.(refused ? { ...full, result: outcome } : full);
+          done(refused);
+        };
+        let pending: Promise<void> | undefined;
         try {
-          deps.audit?.(full);
+          pending = deps.audit?.(full) ?? undefined;
         } catch (err) {
-          refused = new AgentError("INVALID_STATE", `refused: ${errorMessage(err)}`);
+          recorded(refusal(err));
+          return;
         }
-        const outcome = refused ? "INVALID_STATE" : result;
-        const why = refused ? `${refused.message} (the operation's own result was ${result})` : detail;
-        // The proxies' background health refreshes (one every few seconds each) are debug when
-        // answered: at info they would bury the key operations.
-        const level =
-          outcome === "OK" && !note.wouldDeny
-            ? operation === "GetHealthStatus"
-              ? "debug"
-              : "info"
-            : outcome === "INTERNAL" || outcome === "HSM_UNAVAILABLE" || refused
-              ? "error"
-              : "warn";
-        log[level](
-          {
-            op: operation,
-            kmsRequestId: full.kmsRequestId,
-            kmsOperation: full.kmsOperation,
-            key: full.keyId,
-            principal: full.principal,
-            keyStore: full.keyStore,
-            latencyMs: full.latencyMs,
-            result: outcome,
-            ...note,
-            ...(why ? { detail: capField(why, MAX_METADATA_CHARS) } : {}),
-          },
-          "operation",
-        );
-        deps.onOperation?.(refused ? { ...full, result: outcome } : full);
-        return refused;
+        if (pending === undefined) recorded(undefined);
+        else
+          pending.then(
+            () => recorded(undefined),
+            (err: unknown) => recorded(refusal(err)),
+          );
       };
       const refuse = (ae: AgentError) => {
         const md = new grpc.Metadata();
@@ -196,13 +223,14 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
       };
 
       if (!authorized(call.metadata.get(AGENT_TOKEN_METADATA_KEY)[0])) {
-        finish("UNAUTHENTICATED");
-        callback({ code: grpc.status.UNAUTHENTICATED, details: "missing or wrong agent token" });
+        finish("UNAUTHENTICATED", undefined, undefined, () =>
+          callback({ code: grpc.status.UNAUTHENTICATED, details: "missing or wrong agent token" }),
+        );
         return;
       }
       const fail = (err: unknown) => {
         const ae = err instanceof AgentError ? err : new AgentError("INTERNAL", errorMessage(err), { cause: err });
-        refuse(finish(ae.reason, ae.message) ?? ae);
+        finish(ae.reason, ae.message, undefined, (refused) => refuse(refused ?? ae));
       };
       const work = () => {
         let res: Res;
@@ -214,9 +242,10 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
           fail(err);
           return;
         }
-        const refused = finish("OK", undefined, opts.answered?.(res));
-        if (refused) refuse(refused);
-        else callback(null, res);
+        finish("OK", undefined, opts.answered?.(res), (refused) => {
+          if (refused) refuse(refused);
+          else callback(null, res);
+        });
       };
       if (!opts.queued) {
         work();
@@ -226,11 +255,11 @@ export function createAgentService(deps: AgentServiceDeps): XksAgentHandlers {
         deadline: deadlineOf(call),
         cancelled: () => call.cancelled,
         run: work,
-        drop: (why) => {
-          finish(why, "dropped before any HSM work: the caller has gone or is out of time");
-          // Usually already ended by grpc-js (cancelled, or its deadline timer); then this is a no-op.
-          callback({ code: why === "CANCELLED" ? grpc.status.CANCELLED : grpc.status.DEADLINE_EXCEEDED, details: why });
-        },
+        drop: (why) =>
+          finish(why, "dropped before any HSM work: the caller has gone or is out of time", undefined, () =>
+            // Usually already ended by grpc-js (cancelled, or its deadline timer); then this is a no-op.
+            callback({ code: why === "CANCELLED" ? grpc.status.CANCELLED : grpc.status.DEADLINE_EXCEEDED, details: why }),
+          ),
       });
       if (refused) fail(new AgentError("THROTTLING", refused));
     };
@@ -439,6 +468,33 @@ export interface AgentServer {
  */
 export async function startAgentServer(socketPath: string, deps: AgentServiceDeps, id: ChannelIdentity): Promise<AgentServer> {
   preparePrivateSocket(socketPath);
+  const g = newAgentGrpcServer(deps, id);
+  await new Promise<void>((resolve, reject) =>
+    g.server.bindAsync(`unix://${socketPath}`, g.creds, (err) => (err ? reject(err) : resolve())),
+  );
+  g.ready();
+  chmodSync(socketPath, 0o600);
+  return { server: g.server, socketPath, setIdentity: g.setIdentity, close: g.close };
+}
+
+/** The agent's gRPC service on connections handed to it (agent/worker.ts): the same service, TLS and peer checks as startAgentServer. */
+export interface InjectedAgentServer {
+  server: grpc.Server;
+  /** Serves one accepted connection (TLS handshake first, as on the socket). */
+  inject(socket: Socket): void;
+  setIdentity(id: ChannelIdentity): void;
+  close(graceMs?: number): Promise<void>;
+}
+
+export function startInjectedAgentServer(deps: AgentServiceDeps, id: ChannelIdentity): InjectedAgentServer {
+  const g = newAgentGrpcServer(deps, id);
+  const injector = g.server.createConnectionInjector(g.creds);
+  g.ready();
+  return { server: g.server, inject: (socket) => injector.injectConnection(socket), setIdentity: g.setIdentity, close: g.close };
+}
+
+/** A grpc-js server with the agent's service and channel credentials; `ready()` once its HTTP/2 servers exist. */
+function newAgentGrpcServer(deps: AgentServiceDeps, id: ChannelIdentity) {
   const server = new grpc.Server({
     "grpc.max_receive_message_length": MAX_REQUEST_MESSAGE_BYTES,
     "grpc.max_concurrent_streams": MAX_CONCURRENT_STREAMS,
@@ -450,18 +506,18 @@ export async function startAgentServer(socketPath: string, deps: AgentServiceDep
   const provider = new ChannelIdentityProvider(id);
   const creds = grpc.experimental.createCertificateProviderServerCredentials(provider, provider, true);
   let current = id;
-  await new Promise<void>((resolve, reject) => server.bindAsync(`unix://${socketPath}`, creds, (err) => (err ? reject(err) : resolve())));
-  // grpc-js registers its watcher only after our provider's first answers, so the
-  // material is handed over once more now that it listens.
-  provider.set(id);
-  chmodSync(socketPath, 0o600);
-  const h2servers = http2ServersOf(server);
-  widenFlowControlWindow(h2servers);
-  logRefusedPeers(h2servers, () => current.pins, deps.log);
   return {
     server,
-    socketPath,
-    setIdentity(next) {
+    creds,
+    ready() {
+      // grpc-js registers its watcher only after our provider's first answers, so the
+      // material is handed over once more now that its HTTP/2 servers exist.
+      provider.set(current);
+      const h2servers = http2ServersOf(server);
+      widenFlowControlWindow(h2servers);
+      logRefusedPeers(h2servers, () => current.pins, deps.log);
+    },
+    setIdentity(next: ChannelIdentity) {
       provider.set(next);
       current = next;
     },

@@ -79,6 +79,8 @@ export interface ChainOptions {
    * holds), `"new"` makes a fresh token with the same labels (other keys).
    */
   moreAgents?: Array<{ id: string; token: "clone" | "new" }>;
+  /** The agents' `workers` (default: the agent's default, one process). */
+  agentWorkers?: number | "auto";
 }
 
 /** One of ChainOptions.moreAgents, started. */
@@ -175,6 +177,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       proxyToken: agentToken,
       agentId,
       healthKey: keys.health,
+      ...(o.agentWorkers !== undefined ? { workers: o.agentWorkers } : {}),
       keyStores: [{ keyStore: CHAIN_PREFIX, keys: kmsKeys(keys) }],
       extra: {
         ...(policy !== null ? { policy: "policy.json" } : {}),

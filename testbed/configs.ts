@@ -28,6 +28,8 @@ export interface AgentConfigOptions {
   proxyIdentities?: Identity[];
   /** The agent's allow-lists; default: every KMS key of the test key set for each test key store (testAgentKeyStores). */
   keyStores?: KeyStoreAllowList[];
+  /** The agent's worker processes (`workers`; the agent's default, 1, when not given). */
+  workers?: number | "auto";
   /** Any other top-level fields (tunnels, dashboard, log, …), written as given. */
   extra?: Record<string, unknown>;
 }
@@ -46,6 +48,7 @@ export function writeAgentConfig(dir: string, o: AgentConfigOptions): string {
     keyStores: o.keyStores ?? testAgentKeyStores(),
     stateFile: "state/controls.json",
     audit: { dir: "state/audit" },
+    ...(o.workers !== undefined ? { workers: o.workers } : {}),
     ...o.extra,
   };
   writeFileSync(file, JSON.stringify(config, null, 2));

@@ -41,14 +41,17 @@ export interface AgentTestClient {
  * A client of the agent at `target` (e.g. `unix:///path/agent.sock`) presenting `token`, over the
  * channel's mutual TLS as the proxy makes it: presenting `identity` (default TEST_IDENTITIES.proxy)
  * and accepting only `agentIdentities` (default [TEST_IDENTITIES.agent]). Rejections are {@link CallError}s.
+ * With `ownConnection`, the client opens a connection of its own (the agent's workers each serve whole connections).
  */
 export function agentClient(
   target: string,
   token: string,
   ids: { identity?: Identity; agentIdentities?: Identity[] } = {},
+  channel: { ownConnection?: boolean } = {},
 ): AgentTestClient {
   const creds = agentChannelCredentials(ids.identity ?? TEST_IDENTITIES.proxy, (ids.agentIdentities ?? [TEST_IDENTITIES.agent]).map(pinOf));
-  const client = new XksAgentClient(target, creds);
+  // grpc-js shares one connection between clients of the same target and options unless each has its own pool.
+  const client = new XksAgentClient(target, creds, channel.ownConnection ? { "grpc.use_local_subchannel_pool": 1 } : {});
   const call: AgentTestClient["call"] = (method, req, opts = {}) =>
     new Promise((resolve, reject) => {
       const md = new grpc.Metadata();
