@@ -160,6 +160,37 @@ describe("an agent with two workers", () => {
     assert.deepEqual([...new Set(served.map((l) => l.worker))].sort(), [0, 1], "served again by both workers");
   });
 
+  test("a changed policy file reaches every worker", async () => {
+    const late = "arn:aws:iam::123456789012:user/late";
+    const asLate = (c: AgentTestClient, id: string) =>
+      c.call("Encrypt", {
+        metadata: agentMetadata("Encrypt", { kmsRequestId: id, awsPrincipalArn: late }, CHAIN_PREFIX),
+        keyId: chain.keys.default,
+        plaintext: Buffer.from("x"),
+      });
+    for (const [i, c] of clients.entries()) await asLate(c, `before-policy-${i}`);
+    const mark = agentLog().length;
+    const policy = JSON.parse(readFileSync(chain.agentPolicyFile, "utf8"));
+    policy.rules.push({ name: "deny-late", effect: "deny", match: { awsPrincipalArn: ["*:user/late"] } });
+    writeFileSync(chain.agentPolicyFile, JSON.stringify(policy));
+    await until(
+      () =>
+        agentLog()
+          .slice(mark)
+          .some((l) => l.msg === "policy in force on every worker"),
+      "the new policy on every worker",
+    );
+    const workers = new Set<number>();
+    for (const [i, c] of clients.entries()) {
+      const e = await refusal(asLate(c, `after-policy-${i}`));
+      assert.equal(e.reason, "ACCESS_DENIED");
+      const line = await opLine(`after-policy-${i}`);
+      assert.equal(line.policyRule, "deny-late");
+      workers.add(line.worker);
+    }
+    assert.deepEqual([...workers].sort(), [0, 1]);
+  });
+
   test("a killed worker is replaced, and the other keeps answering meanwhile", async () => {
     const workers = await workersOfClients("kill");
     const ready = agentLog().filter((l) => l.msg === "worker ready");
@@ -213,6 +244,14 @@ describe("an agent with two workers", () => {
     for (const s of settled) if (s.status === "rejected") assert.ok((s.reason as CallError).reason, "a refusal with the agent's reason");
     const served = new Set((await Promise.all(ids.map(opLine))).map((l) => l.worker));
     assert.deepEqual([...served].sort(), [0, 1], "both workers wrote records");
+
+    // One scrape counts the calls of both workers.
+    const scrape = await (await fetch(chain.agentMetricsUrl)).text();
+    const encrypts = [...scrape.matchAll(/^xks_agent_operations_total\{operation="Encrypt",[^}]*\} (\d+)$/gm)].reduce(
+      (a, m) => a + Number(m[1]),
+      0,
+    );
+    assert.ok(encrypts >= N, `the agent's metrics count every Encrypt (${encrypts})`);
 
     // The stop drains the workers, then seals and closes the log.
     await chain.agent.stop();
