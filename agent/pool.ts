@@ -224,7 +224,11 @@ export async function startWorkerPool(o: WorkerPoolOptions): Promise<WorkerPool>
       exitedResolve();
       if (slots[n] === slot) slots[n] = undefined;
       if (stopping) return;
-      startFailure?.(`worker ${n} exited at start (${signal ?? `code ${code}`})`);
+      if (startFailure) {
+        // At start: the start fails (the caller stops the others); nothing is replaced.
+        startFailure(`worker ${n} exited at start (${signal ?? `code ${code}`})`);
+        return;
+      }
       const lived = Date.now() - slot.startedAt;
       quickExits[n] = lived < QUICK_EXIT_MS ? quickExits[n] + 1 : 0;
       const delay = quickExits[n] === 0 ? 0 : Math.min(MAX_BACKOFF_MS, 100 * 2 ** quickExits[n]);
