@@ -118,6 +118,7 @@ export function proxyConfigSchema(ctx: LoadContext) {
       workers: z
         .union([z.literal("auto"), int(1, 64)], { error: '"auto" or an integer 1..64' })
         .default("auto")
+        .meta({ kind: '`"auto"` or integer 1–64' })
         .describe(
           '"auto" (one per core: os.availableParallelism()) or 1-64 proxy processes behind the one listener; 1: a single process, no primary',
         ),
