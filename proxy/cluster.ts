@@ -160,7 +160,9 @@ export async function runPrimary(file: string, initial: Readonly<ProxyConfig>, l
     const msg = m as ToPrimary;
     switch (msg.t) {
       case "ready":
-        send(w, { t: "start", index: i, workers, config: workerConfig(config, workers), health: agents.sharedHealth() });
+        // A worker forked just before a stop began missed the stop: it gets it now instead of its config.
+        if (stopping) send(w, { t: "stop" });
+        else send(w, { t: "start", index: i, workers, config: workerConfig(config, workers), health: agents.sharedHealth() });
         break;
       case "started":
         started.add(i);

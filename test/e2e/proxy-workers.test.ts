@@ -304,3 +304,58 @@ describe("proxy workers (workers: 2)", () => {
     );
   });
 });
+
+describe("proxy workers that keep dying", () => {
+  it("stop the proxy with exit code 1 (for systemd) after more than 5 exits in 30 s", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "xks-proxy-crashloop-"));
+    const agent = await startFakeAgent({ dir });
+    const file = writeProxyConfig(join(dir), {
+      workers: 2,
+      agents: [{ id: "fake", target: agent.target, token: agent.token }],
+      keyStores: testKeyStores(),
+    });
+    const proxy = new Daemon("proxy", [BIN_PROXY, "serve", "--config", file], process.env, join(dir, "proxy.log"));
+    try {
+      proxy.start();
+      const exited = new Promise<number | null>((resolve) => proxy.proc!.once("exit", (code) => resolve(code)));
+      let gone = false;
+      void exited.then(() => {
+        gone = true;
+      });
+      const killed = new Set<number>();
+      const lines = () =>
+        proxy
+          .logs()
+          .split("\n")
+          .filter((l) => l.startsWith("{"))
+          .map((l) => JSON.parse(l) as Line);
+      await until(() => lines().some((l) => l.msg === "xks-proxy listening" && l.worker === undefined), "both workers to start");
+      // Every worker is killed as soon as it reports started, until the primary gives up.
+      await until(
+        () => {
+          for (const l of lines()) {
+            if (l.msg === "worker started" && l.pid && !killed.has(l.pid)) {
+              killed.add(l.pid);
+              try {
+                process.kill(l.pid, "SIGKILL");
+              } catch {
+                /* already gone */
+              }
+            }
+          }
+          return gone;
+        },
+        "the primary to stop",
+        GENEROUS_MS * 2,
+      );
+      assert.equal(await exited, 1);
+      assert.ok(killed.size > 5, `${killed.size} workers killed`);
+      assert.ok(lines().some((l) => l.msg === "workers keep exiting; stopping the proxy"));
+      assert.equal(lines().filter((l) => l.msg === "worker exited; replacing it").length, 5, "five replacements before giving up");
+    } finally {
+      await proxy.stop("SIGKILL");
+      await agent.stop();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
