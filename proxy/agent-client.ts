@@ -61,7 +61,7 @@ import {
 } from "../shared/proto.ts";
 import { AgentGate, Budget, throttled } from "./admission.ts";
 import type { AgentEndpoint } from "./config.ts";
-import { KeyCheckBook } from "./key-checks.ts";
+import { KeyCheckBook, type KeyMismatch } from "./key-checks.ts";
 
 /** Request/response types per RPC (complete messages, shared/proto.ts). */
 export interface AgentMethods {
@@ -284,9 +284,15 @@ export function presentedIdentity(target: string, timeoutMs = 1000): Promise<str
   });
 }
 
+/** An agent as the pool takes it: `connections` defaults to 1. */
+export type PoolAgent = Omit<AgentEndpoint, "connections"> & { connections?: number };
+
 interface Conn {
-  cfg: AgentEndpoint;
-  client: XksAgentClient;
+  cfg: PoolAgent;
+  /** `connections` distinct channels to the agent; a call goes to the one with the fewest outstanding. */
+  clients: XksAgentClient[];
+  /** Calls outstanding per channel (same index as `clients`). */
+  outstanding: number[];
   /** What health checks said (the only source of the reported health). */
   health: AgentHealth;
   /** A call just failed in transport: route around it until the next health check answers. */
@@ -301,7 +307,7 @@ interface Conn {
 }
 
 export interface AgentPoolOptions {
-  agents: readonly AgentEndpoint[];
+  agents: readonly PoolAgent[];
   /** This proxy's identity on every agent channel. */
   identity: OwnIdentity;
   /** Deadline of GetKeyMetadata / Encrypt / Decrypt calls. */
@@ -316,6 +322,20 @@ export interface AgentPoolOptions {
   now?: () => number;
   /** Agent call latencies and each agent's health (proxy/metrics.ts). */
   metrics?: ProxyMetrics;
+  /**
+   * A worker of a multi-process proxy (proxy/cluster.ts): it does no health polling of its own;
+   * the primary's one refresher sends its results (`applySharedHealth`), and a refresh this pool
+   * would start (a transport failure, a stale cache, a reload) is asked of the primary instead.
+   */
+  follower?: { requestRefresh(): void };
+  /** Called after every health refresh completes (the primary sends `sharedHealth()` to its workers). */
+  onRefreshed?: () => void;
+}
+
+/** The health view one refresher shares with the workers of a multi-process proxy (plain JSON). */
+export interface SharedHealth {
+  agents: Array<{ id: string; health: AgentHealth; keyChecksKnown: boolean }>;
+  mismatches: KeyMismatch[];
 }
 
 /** Cached health older than this is reported UNAVAILABLE (spec: cached result ≤ 1 minute old). */
@@ -342,7 +362,8 @@ export class AgentPool implements AgentApi {
     this.identity = opts.identity;
     this.conns = opts.agents.map((cfg) => ({
       cfg,
-      client: this.newClient(cfg, opts.identity),
+      clients: this.newClients(cfg, opts.identity),
+      outstanding: new Array<number>(cfg.connections ?? 1).fill(0),
       health: { id: cfg.id, state: "UNAVAILABLE" },
       suspect: false,
       keyChecksKnown: false,
@@ -353,11 +374,23 @@ export class AgentPool implements AgentApi {
     }));
   }
 
-  private newClient(cfg: AgentEndpoint, identity: OwnIdentity): XksAgentClient {
-    const client = new XksAgentClient(cfg.target, agentChannelCredentials(identity, cfg.identities), CHANNEL_OPTIONS);
-    // Connect eagerly so the first KMS request does not pay for the handshake.
-    client.getChannel().getConnectivityState(true);
-    return client;
+  /**
+   * The agent's `connections` channels. Each has its own subchannel pool, so each is its own
+   * HTTP/2 connection (grpc-js would otherwise share one connection between equal channels).
+   */
+  private newClients(cfg: PoolAgent, identity: OwnIdentity): XksAgentClient[] {
+    const creds = agentChannelCredentials(identity, cfg.identities);
+    const n = cfg.connections ?? 1;
+    return Array.from({ length: n }, () => {
+      const client = new XksAgentClient(
+        cfg.target,
+        creds,
+        n > 1 ? { ...CHANNEL_OPTIONS, "grpc.use_local_subchannel_pool": 1 } : CHANNEL_OPTIONS,
+      );
+      // Connect eagerly so the first KMS request does not pay for the handshake.
+      client.getChannel().getConnectivityState(true);
+      return client;
+    });
   }
 
   /**
@@ -368,7 +401,7 @@ export class AgentPool implements AgentApi {
    * that, so calls in flight finish on it. Agents are matched by id; the set
    * of agents itself needs a restart.
    */
-  async updateIdentities(identity: OwnIdentity, agents: readonly AgentEndpoint[]): Promise<void> {
+  async updateIdentities(identity: OwnIdentity, agents: readonly PoolAgent[]): Promise<void> {
     const ownChanged = identity.certificate !== this.identity.certificate || identity.key !== this.identity.key;
     this.identity = identity;
     await Promise.all(
@@ -377,17 +410,24 @@ export class AgentPool implements AgentApi {
         if (!next) return;
         const pinsChanged = next.identities.map((p) => p.fingerprint).join() !== c.cfg.identities.map((p) => p.fingerprint).join();
         if (!ownChanged && !pinsChanged) return;
-        const client = this.newClient(next, identity);
-        await new Promise<void>((resolve) => client.waitForReady(Date.now() + this.opts.healthDeadlineMs, () => resolve()));
-        const old = c.client;
-        c.client = client;
+        const clients = this.newClients(next, identity);
+        await Promise.all(
+          clients.map(
+            (client) => new Promise<void>((resolve) => client.waitForReady(Date.now() + this.opts.healthDeadlineMs, () => resolve())),
+          ),
+        );
+        const old = c.clients;
+        c.clients = clients;
+        c.outstanding = new Array<number>(clients.length).fill(0);
         c.cfg = next;
         c.identityProblem = undefined;
         this.opts.log.info(
           { agent: c.cfg.id, identities: next.identities.map((p) => p.fingerprint) },
           "agent channel re-opened with the new identities",
         );
-        setTimeout(() => old.close(), this.opts.deadlineMs * 5).unref();
+        setTimeout(() => {
+          for (const o of old) o.close();
+        }, this.opts.deadlineMs * 5).unref();
       }),
     );
     void this.refreshHealth();
@@ -395,7 +435,7 @@ export class AgentPool implements AgentApi {
 
   /** Starts the background health refresh (one immediately, then every healthRefreshMs). */
   start(): this {
-    if (this.timer || this.closed) return this;
+    if (this.timer || this.closed || this.opts.follower) return this;
     void this.refreshHealth();
     this.timer = setInterval(() => void this.refreshHealth(), this.opts.healthRefreshMs);
     this.timer.unref();
@@ -408,7 +448,7 @@ export class AgentPool implements AgentApi {
     if (this.kickTimer) clearTimeout(this.kickTimer);
     this.timer = undefined;
     this.kickTimer = undefined;
-    for (const c of this.conns) c.client.close();
+    for (const c of this.conns) for (const client of c.clients) client.close();
   }
 
   private metadata(c: Conn): grpc.Metadata {
@@ -434,11 +474,17 @@ export class AgentPool implements AgentApi {
   ): Promise<AgentMethods[M]["res"]> {
     const invoke: Invoke<M> = INVOKE[method];
     const started = Date.now();
+    // The channel with the fewest calls outstanding (the first of equals).
+    let ch = 0;
+    for (let i = 1; i < c.outstanding.length; i++) if (c.outstanding[i] < c.outstanding[ch]) ch = i;
+    const outstanding = c.outstanding;
+    outstanding[ch]++;
     return new Promise((resolve, reject) => {
       let settled = false;
-      const call = invoke(c.client, request, this.metadata(c), { deadline: started + deadlineMs + grace }, (err, res) => {
+      const call = invoke(c.clients[ch], request, this.metadata(c), { deadline: started + deadlineMs + grace }, (err, res) => {
         if (settled) return;
         settled = true;
+        outstanding[ch]--;
         clearTimeout(timer);
         // grpc-js passes a value with every success (null error).
         if (err) reject(err);
@@ -448,6 +494,7 @@ export class AgentPool implements AgentApi {
         setImmediate(() => {
           if (settled) return;
           settled = true;
+          outstanding[ch]--;
           call.cancel();
           reject(deadlineExceeded(Date.now() - started));
         });
@@ -653,25 +700,30 @@ export class AgentPool implements AgentApi {
     return problem;
   }
 
-  /** Refreshes every agent's health once (concurrent calls share one refresh). */
+  /** Refreshes every agent's health once (concurrent calls share one refresh). A follower asks its primary. */
   refreshHealth(): Promise<void> {
     if (this.closed) return Promise.resolve();
+    if (this.opts.follower) {
+      this.opts.follower.requestRefresh();
+      return Promise.resolve();
+    }
     if (!this.refreshing) {
       this.lastRefreshAt = this.now();
-      this.refreshing = Promise.all(this.conns.map((c) => this.checkOne(c))).then(
-        () => {
-          this.refreshing = undefined;
-        },
-        () => {
-          this.refreshing = undefined;
-        },
-      );
+      const done = () => {
+        this.refreshing = undefined;
+        this.opts.onRefreshed?.();
+      };
+      this.refreshing = Promise.all(this.conns.map((c) => this.checkOne(c))).then(done, done);
     }
     return this.refreshing;
   }
 
   /** A non-blocking refresh soon: now, or (at most one per second) as soon as the last one is 1 s old. */
-  private kick(): void {
+  kick(): void {
+    if (this.opts.follower) {
+      this.opts.follower.requestRefresh();
+      return;
+    }
     if (this.refreshing || this.kickTimer || this.closed) return;
     const wait = 1000 - (this.now() - this.lastRefreshAt);
     if (wait <= 0) {
@@ -683,6 +735,31 @@ export class AgentPool implements AgentApi {
       void this.refreshHealth();
     }, wait);
     this.kickTimer.unref();
+  }
+
+  /** What the health refresh knows, for the workers of a multi-process proxy (the primary's pool). */
+  sharedHealth(): SharedHealth {
+    return {
+      agents: this.conns.map((c) => ({ id: c.cfg.id, health: c.health, keyChecksKnown: c.keyChecksKnown })),
+      mismatches: this.keyChecks.list(),
+    };
+  }
+
+  /**
+   * Takes the primary's health view (a follower): each agent's health and key check state as the
+   * one refresher saw it. A result clears `suspect` as this pool's own check would. No log lines:
+   * the primary logs each change once.
+   */
+  applySharedHealth(shared: SharedHealth): void {
+    for (const c of this.conns) {
+      const s = shared.agents.find((a) => a.id === c.cfg.id);
+      if (!s) continue;
+      if (s.health.checkedAt !== c.health.checkedAt) c.suspect = false;
+      c.health = { ...s.health, id: c.cfg.id };
+      c.keyChecksKnown = s.keyChecksKnown;
+      this.opts.metrics?.setAgentHealth(c.cfg.id, c.health.state);
+    }
+    this.keyChecks.adopt(shared.mismatches);
   }
 
   healthSnapshot(): AgentHealth[] {

@@ -26,7 +26,7 @@ import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorNa
 import type { Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import { MAX_EXTERNAL_KEY_ID_CHARS, MAX_METADATA_CHARS } from "../shared/xks-spec.ts";
-import { Budget, LoopClock, monotonic, QuotaSet, ThrottledError, throttled } from "./admission.ts";
+import { Budget, LoopClock, monotonic, type QuotaConfig, QuotaSet, ThrottledError, throttled } from "./admission.ts";
 import type { AgentApi } from "./agent-client.ts";
 import type { Limits, ProxyConfig } from "./config.ts";
 import type { HandlerContext } from "./handlers/context.ts";
@@ -55,6 +55,13 @@ export interface AppDeps {
   arrival?: () => number;
   /** Where the pipeline counts requests, refusals and latencies (proxy/metrics.ts); none in some tests. */
   metrics?: ProxyMetrics;
+  /** The key stores' quotas; default: this process's own buckets (a proxy worker passes leases from its primary). */
+  quotas?: QuotaTaker;
+}
+
+/** Takes one request's token from a key store's quota: true when there was one (or the store has none). */
+export interface QuotaTaker {
+  take(prefix: string, quota: Readonly<QuotaConfig> | undefined): boolean | Promise<boolean>;
 }
 
 /** Per-request state behind the completion log line. Only allow-listed, non-secret fields. */
@@ -199,7 +206,7 @@ export function buildApp(deps: AppDeps): express.Express {
   const { config, log, agents, metrics } = deps;
   const registry = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
   const now = deps.now ?? Date.now;
-  const quotas = new QuotaSet();
+  const quotas: QuotaTaker = deps.quotas ?? new QuotaSet();
   const loop = new LoopClock();
   const arrival = deps.arrival ?? (() => loop.arrival());
 
@@ -309,7 +316,11 @@ export function buildApp(deps: AppDeps): express.Express {
     st.accessKeyId = accessKeyId;
     // The key store's quota, spent only by its own authenticated callers' key operations (health is
     // answered from a cache and is how KMS decides whether the store is connected at all).
-    if (keyOperation && !quotas.take(store.uriPathPrefix, store.quota)) throw throttled("key store quota exceeded", "quota");
+    if (keyOperation) {
+      let token = quotas.take(store.uriPathPrefix, store.quota);
+      if (typeof token !== "boolean") token = await token;
+      if (!token) throw throttled("key store quota exceeded", "quota");
+    }
 
     // 6. Content type, JSON, the operation's fields.
     const operation = parsed.operation;

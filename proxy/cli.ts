@@ -2,7 +2,8 @@
  * `xks-proxy` command line: a table of commands (shared/cli.ts has the
  * convention: per-command options and help, exit codes 0 / 1 / 2).
  *
- *   xks-proxy serve --config FILE          validate the config, log it (no secrets), listen;
+ *   xks-proxy serve --config FILE          validate the config, log it (no secrets), listen (with
+ *                                          `workers` > 1: as the primary of that many workers, proxy/cluster.ts);
  *                                          SIGTERM/SIGINT → graceful close; SIGHUP → reload key stores
  *                                          (credentials, allow-lists), identities and the TLS certificate
  *   xks-proxy check --config FILE          validate the config and exit (0 = valid, 1 = not)
@@ -16,15 +17,16 @@ import { type Command, command, CommandFailure, EXIT, type Program, runProgram, 
 import { ConfigError } from "../shared/config.ts";
 import { writeNewIdentity } from "../shared/identity.ts";
 import { dryRunText, writeServiceFiles } from "../shared/install.ts";
-import { createLogger, type Logger } from "../shared/logging.ts";
+import { createLogger } from "../shared/logging.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { VERSION } from "../shared/version.ts";
-import { loadProxyConfig, type ProxyConfig } from "./config.ts";
+import { isWorker, runPrimary, runWorker } from "./cluster.ts";
+import { loadProxyConfig, type ProxyConfig, workerCount } from "./config.ts";
 import { CREDENTIALS_DETAILS, credentialsNew } from "./credentials.ts";
 import { checkFleet } from "./fleet-check.ts";
 import { type RunningProxy, serve } from "./main.ts";
 import { AGENT_ID_RE, proxyServiceFiles, TMPFILES_PATH } from "./service.ts";
-import { describeTls } from "./tls.ts";
+import { applyReload, describeKeyStores } from "./reload.ts";
 
 const out = (s: string) => process.stdout.write(`${s}\n`);
 const err = (s: string) => process.stderr.write(`${s}\n`);
@@ -32,6 +34,8 @@ const err = (s: string) => process.stderr.write(`${s}\n`);
 const CONFIG = { type: "string", arg: "FILE", description: "the proxy's config file", required: true } as const;
 
 async function serveCommand(file: string): Promise<number> {
+  // A worker of a multi-process proxy (same command line): its config comes from the primary.
+  if (isWorker()) return runWorker();
   let config: Readonly<ProxyConfig>;
   try {
     config = loadProxyConfig(file, process.env);
@@ -43,6 +47,8 @@ async function serveCommand(file: string): Promise<number> {
     throw e;
   }
   const log = createLogger({ level: config.log.level, format: config.log.format, name: "xks-proxy" });
+  const workers = workerCount(config);
+  if (workers > 1) return runPrimary(file, config, log, workers);
   let proxy: RunningProxy;
   try {
     proxy = await serve(config, log);
@@ -70,17 +76,9 @@ async function serveCommand(file: string): Promise<number> {
     const onHup = () => {
       try {
         const next = loadProxyConfig(file, process.env);
-        running.keyStores.replace(next.keyStores);
-        void running.agents.updateIdentities(next.identity, next.agents);
-        reloadTls(running, next, log);
+        applyReload(running, next, log);
         log.info(
-          {
-            keyStores: next.keyStores.map((s) => ({
-              uriPathPrefix: s.uriPathPrefix,
-              accessKeyIds: s.credentials.map((c) => c.accessKeyId),
-              keys: s.keys.length,
-            })),
-          },
+          { keyStores: describeKeyStores(next) },
           "key stores and identities reloaded, and the TLS certificate if any (other settings need a restart)",
         );
       } catch (e) {
@@ -94,17 +92,6 @@ async function serveCommand(file: string): Promise<number> {
     process.on("SIGINT", onInt);
     process.on("SIGHUP", onHup);
   });
-}
-
-/** SIGHUP's TLS part: the re-read certificate, key and client CA for new connections (proxy/tls.ts). */
-function reloadTls(running: RunningProxy, next: Readonly<ProxyConfig>, log: Logger): void {
-  if (!running.tls) {
-    if (next.tls) log.warn("tls was added to the config: serving HTTPS needs a restart; still serving plain HTTP");
-    return;
-  }
-  const problem = running.tls.reload(next.tls);
-  if (problem) log.warn(problem);
-  else log.info({ tls: describeTls(next.tls) }, "TLS certificate reloaded for new connections");
 }
 
 /** Every command of xks-proxy: adding a subcommand is adding an entry here. */

@@ -8,6 +8,7 @@
  * its reference page, deploy/CONFIG.md (`npm run gen:config-docs`): every
  * field's text is its `.describe()`. A new field is one line in the schema.
  */
+import { availableParallelism } from "node:os";
 import { deepFreeze } from "../shared/config.ts";
 import {
   identity,
@@ -79,6 +80,11 @@ export function proxyConfigSchema(ctx: LoadContext) {
       .pipe(z.string().regex(TOKEN_RE, { error: "must be 16-1024 printable ASCII characters without spaces" }))
       .describe("secret reference: the agent token, sent on every call (16-1024 printable ASCII characters)"),
     identities: pins(ctx).describe("paths of the agent's certificates accepted on its channel: 1, or 2 while rotating"),
+    connections: int(1, 16)
+      .default(2)
+      .describe(
+        "gRPC channels each proxy process opens to this agent; each call goes to the one with the fewest calls outstanding (several agent workers get work even from one proxy process)",
+      ),
   });
   const credential = z.strictObject({
     accessKeyId: matching(ACCESS_KEY_ID_RE, "20-30 characters of [A-Z2-7]").describe(
@@ -109,6 +115,13 @@ export function proxyConfigSchema(ctx: LoadContext) {
 
   return z
     .strictObject({
+      workers: z
+        .union([z.literal("auto"), int(1, 64)], { error: '"auto" or an integer 1..64' })
+        .default("auto")
+        .meta({ kind: '`"auto"` or integer 1–64' })
+        .describe(
+          '"auto" (one per core: os.availableParallelism()) or 1-64 proxy processes behind the one listener; 1: a single process, no primary',
+        ),
       listen: section({
         host: z
           .string()
@@ -255,6 +268,11 @@ export type Limits = ProxyConfig["limits"];
 /** HTTP server hardening against slow, idle and too many clients (proxy/main.ts applies it). */
 export type HttpServerConfig = ProxyConfig["http"];
 
+/** How many worker processes `workers` means on this machine. */
+export function workerCount(cfg: Pick<ProxyConfig, "workers">, cores: number = availableParallelism()): number {
+  return cfg.workers === "auto" ? Math.max(1, Math.min(64, cores)) : cfg.workers;
+}
+
 /**
  * Reads, validates and freezes the proxy config. Throws one ConfigError listing
  * every problem ("<field>: <problem>", under the file name).
@@ -272,13 +290,19 @@ export function parseProxyConfig(raw: unknown, file: string, env: NodeJS.Process
 export function describeConfig(cfg: Readonly<ProxyConfig>): Record<string, unknown> {
   return {
     file: cfg.file,
+    workers: cfg.workers,
     listen: cfg.listen,
     tls: describeTls(cfg.tls),
     region: cfg.region,
     fleetSize: cfg.fleetSize,
     vendor: cfg.vendor,
     identity: cfg.identity.fingerprint,
-    agents: cfg.agents.map((a) => ({ id: a.id, target: a.target, identities: a.identities.map((p) => p.fingerprint) })),
+    agents: cfg.agents.map((a) => ({
+      id: a.id,
+      target: a.target,
+      connections: a.connections,
+      identities: a.identities.map((p) => p.fingerprint),
+    })),
     agentDeadlineMs: cfg.agentDeadlineMs,
     requestBudgetMs: cfg.requestBudgetMs,
     admission: cfg.admission,

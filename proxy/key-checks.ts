@@ -97,6 +97,12 @@ export class KeyCheckBook {
     return m && `key ${keyId} is not routed: its key check values differ between agents ${describeGroups(m.groups)}`;
   }
 
+  /** Takes another book's mismatches as they are (a proxy worker, from its primary's refresher); logs nothing. */
+  adopt(mismatches: readonly KeyMismatch[]): void {
+    this.mismatches.clear();
+    for (const m of mismatches) this.mismatches.set(m.keyId, { keyId: m.keyId, groups: m.groups.map((g) => [...g]) });
+  }
+
   /** Every key whose agents disagree now, by key id. */
   list(): KeyMismatch[] {
     return [...this.mismatches.values()].sort((a, b) => a.keyId.localeCompare(b.keyId));

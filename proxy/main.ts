@@ -15,6 +15,7 @@ import { VERSION } from "../shared/version.ts";
 import { AgentPool } from "./agent-client.ts";
 import { describeConfig, type ProxyConfig } from "./config.ts";
 import { KeyStoreRegistry } from "./routes.ts";
+import type { QuotaTaker } from "./app.ts";
 import { buildRequestHandler } from "./shed.ts";
 import { TlsListener, tlsServerOptions } from "./tls.ts";
 
@@ -85,14 +86,28 @@ function routeGrpcLogs(log: Logger): void {
   } as unknown as Console);
 }
 
+/** What a worker of a multi-process proxy (proxy/cluster.ts) shares with its primary. */
+export interface WorkerHooks {
+  /** Asked instead of polling agent health itself (AgentPool's `follower`). */
+  follower: { requestRefresh(): void };
+  /** The key stores' quotas, leased from the primary's buckets. */
+  quotas: QuotaTaker;
+}
+
 /** Starts the proxy described by `config`. Resolves once it listens. */
 export async function serve(
   config: Readonly<ProxyConfig>,
   log: Logger,
-  opts: { now?: () => number; arrival?: () => number } = {},
+  opts: {
+    now?: () => number;
+    arrival?: () => number;
+    /** Run as a worker: health and quotas from the primary, no metrics listener (the primary serves the scrape). */
+    worker?: WorkerHooks;
+  } = {},
 ): Promise<RunningProxy> {
   routeGrpcLogs(log);
   const metrics = new ProxyMetrics(config.agents.map((a) => a.id));
+  const worker = opts.worker;
   const agents = new AgentPool({
     metrics,
     agents: config.agents,
@@ -102,10 +117,20 @@ export async function serve(
     healthRefreshMs: config.healthRefreshMs,
     admission: config.admission,
     log: log.child({ component: "agents" }),
+    follower: worker?.follower,
   }).start();
   const keyStores = new KeyStoreRegistry(config.keyStores);
   // Refusals at the door, then the express app (proxy/shed.ts, proxy/app.ts).
-  const app = buildRequestHandler({ config, log, agents, keyStores, now: opts.now, arrival: opts.arrival, metrics });
+  const app = buildRequestHandler({
+    config,
+    log,
+    agents,
+    keyStores,
+    now: opts.now,
+    arrival: opts.arrival,
+    metrics,
+    quotas: worker?.quotas,
+  });
   const h = config.http;
   const httpOptions = {
     // Slow clients (slowloris, a body a byte at a time, connections that never send):
@@ -145,7 +170,7 @@ export async function serve(
     });
   });
   let metricsListener: MetricsListener | undefined;
-  if (config.metrics) {
+  if (config.metrics && !worker) {
     try {
       metricsListener = await startMetricsListener(metrics.registry, config.metrics, log);
     } catch (err) {

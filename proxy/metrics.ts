@@ -77,6 +77,8 @@ export class ProxyMetrics {
     help: "Each configured agent's health as the background refresh last saw it: 1 for its state, 0 for the others",
     labelNames: ["agent", "state"] as const,
     registers: [this.registry],
+    // Every worker of a multi-process proxy holds the same view (one refresher): one scrape shows it once.
+    aggregator: "first",
   });
 
   constructor(agentIds: readonly string[] = []) {

@@ -77,14 +77,16 @@ export function prettyDestination(out: pino.DestinationStream): pino.Destination
 }
 
 /**
- * stdout, written in batches: a line is written once 4 KiB have gathered or
+ * stdout, written in batches: a line is written once 3 KiB have gathered or
  * after at most a second, and everything is flushed at exit. One write per
  * line cost the daemons tens of microseconds per request under load. (The
  * agent's audit log, the record of every operation, is written synchronously
  * on its own; this is the operational log.)
  */
 function stdoutDestination(): pino.DestinationStream {
-  const dest = pino.destination({ fd: 1, sync: false, minLength: 4096 });
+  // Each write is whole lines of at most PIPE_BUF (4 KiB) bytes, which a pipe writes atomically: several
+  // processes on one stdout (the proxy's workers) never interleave inside a line.
+  const dest = pino.destination({ fd: 1, sync: false, minLength: 3072, maxWrite: 4096 });
   setInterval(() => dest.flush(), 1000).unref();
   process.once("exit", () => {
     try {

@@ -37,9 +37,15 @@ export interface MetricsListener {
   close(): Promise<void>;
 }
 
+/** What a scrape reads: a Registry, or anything that produces the text format (a cluster's aggregate). */
+export interface MetricsSource {
+  metrics(): Promise<string>;
+  contentType: string;
+}
+
 /** Serves `registry` on host:port: GET /metrics, anything else 404. */
 export async function startMetricsListener(
-  registry: client.Registry,
+  registry: MetricsSource,
   where: { host: string; port: number },
   log: Logger,
 ): Promise<MetricsListener> {

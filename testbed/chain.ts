@@ -79,7 +79,9 @@ export interface ChainOptions {
    * holds), `"new"` makes a fresh token with the same labels (other keys).
    */
   moreAgents?: Array<{ id: string; token: "clone" | "new" }>;
-  /** The agents' `workers` (default: the agent's default, one process). */
+  /** The proxy's `workers` (default 1). */
+  proxyWorkers?: number | "auto";
+  /** The agents' `workers` (default: the agent config's default). */
   agentWorkers?: number | "auto";
 }
 
@@ -235,6 +237,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
   const proxyConfigFile = writeProxyConfig(join(dir, "proxy"), {
     port: proxyPort,
     region: CHAIN_REGION,
+    workers: o.proxyWorkers,
     agents: [
       { id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken },
       ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),

@@ -101,12 +101,15 @@ export interface ProxyConfigOptions {
   identity?: Identity;
   /** Any other top-level fields (deadlines, http, log, …), written as given. */
   extra?: Record<string, unknown>;
+  /** The proxy's `workers` (default 1: one process, as every test but the workers' own expects). */
+  workers?: number | "auto";
 }
 
 /** Writes `dir/proxy.json` and its secret files; returns the config file. */
 export function writeProxyConfig(dir: string, o: ProxyConfigOptions): string {
   let n = 0;
   const config = {
+    workers: o.workers ?? 1,
     listen: { host: "127.0.0.1", port: o.port ?? 0 },
     region: o.region ?? "us-east-1",
     identity: writeIdentity(dir, "proxy-identity", o.identity ?? TEST_IDENTITIES.proxy),
