@@ -20,7 +20,7 @@ import { CHAIN_PREFIX, type Chain, startChain } from "../../testbed/chain.ts";
 import { type AgentTestClient, agentClient, type CallError } from "../../testbed/grpc-client.ts";
 import { killQuietly } from "../../testbed/procs.ts";
 import { until } from "../../testbed/wait.ts";
-import { healthBody } from "../../testbed/xks/bodies.ts";
+import { encryptBody, healthBody, keyPath } from "../../testbed/xks/bodies.ts";
 import { agentMetadata } from "../../testbed/xks/metadata.ts";
 
 const run = promisify(execFile);
@@ -115,6 +115,27 @@ describe("an agent with two workers", () => {
       opens.some((l) => l.worker === undefined && l.pid === chain.agent.pid),
       "the primary has its own session (the audit log's seals)",
     );
+  });
+
+  test("one proxy process's calls reach both workers (its `connections` channels to the agent)", async () => {
+    // The chain's proxy is one process with the default two channels per agent; calls in
+    // flight together go to the channel with the fewest outstanding, and the agent's primary
+    // hands each channel's connection to the worker with the fewest connections.
+    const ids = Array.from({ length: 16 }, () => `via-proxy-${seq++}`);
+    const answers = await Promise.all(
+      ids.map((id) =>
+        chain.client.postRetrying(
+          keyPath(chain.keys.default, "encrypt"),
+          encryptBody(Buffer.from("sixteen bytes!!!"), { metadata: { kmsRequestId: id } }),
+        ),
+      ),
+    );
+    assert.deepEqual(
+      answers.map((a) => a.status),
+      ids.map(() => 200),
+    );
+    const workers = await Promise.all(ids.map(async (id) => (await opLine(id)).worker as number));
+    assert.deepEqual([...new Set(workers)].sort(), [0, 1], `calls through the proxy served by both workers (got ${workers})`);
   });
 
   test("pause, disable and resume reach every worker", async () => {
