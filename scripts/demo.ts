@@ -113,7 +113,8 @@ async function main(): Promise<number> {
   killLeftovers();
   step(`Building the chain in ${dir}`);
   console.log("    fresh SoftHSM token and keys, a real OpenSSH sshd on a free loopback port, the proxy and the agent");
-  const chain = await startChain({ dir, ...(values.tls ? { tls: { mutual: true } } : {}) });
+  // The proxy as it ships: one worker per core (the test-bed's default is one process).
+  const chain = await startChain({ dir, proxyWorkers: "auto", ...(values.tls ? { tls: { mutual: true } } : {}) });
   let stopping = false;
   const stop = async (code: number) => {
     if (stopping) return;
