@@ -318,9 +318,6 @@ export interface AgentPoolOptions {
   metrics?: ProxyMetrics;
 }
 
-/** Call metadata by agent endpoint (an endpoint replaced on reload gets its own). */
-const callMetadata = new WeakMap<AgentEndpoint, grpc.Metadata>();
-
 /** Cached health older than this is reported UNAVAILABLE (spec: cached result ≤ 1 minute old). */
 export const HEALTH_MAX_AGE_MS = 60_000;
 
@@ -414,14 +411,9 @@ export class AgentPool implements AgentApi {
     for (const c of this.conns) c.client.close();
   }
 
-  /** The call metadata (the agent token) for `c`'s endpoint. grpc-js copies it at the start of every call, so one object serves them all. */
   private metadata(c: Conn): grpc.Metadata {
-    let md = callMetadata.get(c.cfg);
-    if (!md) {
-      md = new grpc.Metadata();
-      md.set(AGENT_TOKEN_METADATA_KEY, c.cfg.token);
-      callMetadata.set(c.cfg, md);
-    }
+    const md = new grpc.Metadata();
+    md.set(AGENT_TOKEN_METADATA_KEY, c.cfg.token);
     return md;
   }
 

@@ -80,8 +80,6 @@ interface RequestState {
   /** Why admission refused it, or which SigV4 rule failed (for metrics). */
   refusal?: AdmissionRefusal;
   sigv4?: SigV4FailureReason;
-  /** Aborted when the client goes away while the operation runs (step 8). */
-  gone?: AbortController;
 }
 
 function state(res: Response): RequestState {
@@ -230,7 +228,6 @@ export function buildPipeline(deps: AppDeps): Pipeline {
     const counted = metrics !== undefined && probe === undefined;
     if (counted) metrics.requestStarted();
     res.once("close", () => {
-      if (st.gone && !res.writableFinished) st.gone.abort();
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
       // 499 (nginx's "client closed request") when the client left before any answer.
       const status = res.headersSent ? res.statusCode : 499;
@@ -339,7 +336,10 @@ export function buildPipeline(deps: AppDeps): Pipeline {
     // 8. The operation: one agent call (or the health cache), inside the budget. A client
     // that goes away takes its call with it (out of the queue, or cancelled at the agent).
     const gone = new AbortController();
-    st.gone = gone;
+    const onClose = () => {
+      if (!res.writableFinished) gone.abort();
+    };
+    res.once("close", onClose);
     const callOpts = { budget, signal: gone.signal };
     const ctx: HandlerContext = {
       agents: keyOperation
@@ -356,7 +356,7 @@ export function buildPipeline(deps: AppDeps): Pipeline {
       },
     };
     const answer = await validated.run(ctx);
-    st.gone = undefined;
+    res.off("close", onClose);
     // Never a success after the budget: KMS has stopped waiting, so the answer is the spec's "did not answer in time".
     if (keyOperation && budget.remaining() < 0) {
       throw new XksError("DependencyTimeoutException", `answer ready ${budget.elapsed().toFixed(1)} ms after arrival, past the budget`);
