@@ -21,6 +21,7 @@
  * at once, before its body is read (agent queue too deep) or right after SigV4 (its key
  * store's quota is spent), and a success is never written after the budget.
  */
+import type { IncomingMessage, ServerResponse } from "node:http";
 import express, { type NextFunction, type Request, type Response } from "express";
 import { METHOD_NOT_ALLOWED, XKS_ERRORS, XksError, errorMessage, type XksErrorName } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
@@ -34,7 +35,7 @@ import { decrypt, parseDecryptRequest } from "./handlers/decrypt.ts";
 import { encrypt, parseEncryptRequest } from "./handlers/encrypt.ts";
 import { getHealthStatus, parseGetHealthStatusRequest } from "./handlers/get-health-status.ts";
 import { getKeyMetadata, parseGetKeyMetadataRequest } from "./handlers/get-key-metadata.ts";
-import { KeyStoreRegistry, parseXksPath, splitTarget, type Operation } from "./routes.ts";
+import { KeyStoreRegistry, parseXksPath, splitTarget, type Operation, type ParsedPath } from "./routes.ts";
 import type { AdmissionRefusal, ProxyMetrics, SigV4FailureReason } from "./metrics.ts";
 import { SigV4Error, verifySigV4 } from "./sigv4.ts";
 import { parseJsonBody, peekRequestId, type Json, type WireRequestMetadata } from "./validate.ts";
@@ -138,7 +139,7 @@ const OPERATIONS: Record<Operation, (body: Json, limits: Limits) => ParsedOperat
 };
 
 /** Compact JSON, written directly (no content negotiation or ETag work: XKS answers are never cached). */
-function sendJson(res: Response, status: number, body: object | string, headers: Record<string, string> = {}): void {
+function sendJson(res: ServerResponse, status: number, body: object | string, headers: Record<string, string> = {}): void {
   const text = typeof body === "string" ? body : JSON.stringify(body);
   res.writeHead(status, {
     "content-type": "application/json; charset=utf-8",
@@ -161,7 +162,7 @@ class BodyReadError extends XksError {
  * body that grows past it is refused as soon as it does. Content-Encoding is
  * never inflated (KMS does not compress; this also stops decompression bombs).
  */
-function readRawBody(req: Request, limit: number): Promise<Buffer> {
+function readRawBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   const declared = Number(req.headers["content-length"] ?? 0);
   if (declared > limit) return Promise.reject(new BodyTooLargeError(declared));
   const encoding = (req.headers["content-encoding"] ?? "identity").toLowerCase();
@@ -202,7 +203,25 @@ function toXksError(err: unknown): XksError {
   return new XksError("InternalException", errorMessage(err).slice(0, 200), { cause: err });
 }
 
+/**
+ * The proxy's request pipeline: the express app (health endpoints, and every
+ * request the fast path does not take) and `serveXks`, which runs steps 1 and
+ * 3–9 for a POST to a configured key store's XKS path without express (its
+ * router, request/response prototypes and error dispatch cost CPU on every
+ * KMS request and decide nothing there). Both run the same steps, in the same
+ * order, with the same quotas.
+ */
+export interface Pipeline {
+  app: express.Express;
+  /** A POST whose raw path `parsed` names an XKS operation of a configured key store. */
+  serveXks(req: IncomingMessage, res: ServerResponse, path: string, query: string, parsed: ParsedPath): void;
+}
+
 export function buildApp(deps: AppDeps): express.Express {
+  return buildPipeline(deps).app;
+}
+
+export function buildPipeline(deps: AppDeps): Pipeline {
   const { config, log, agents, metrics } = deps;
   const registry = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
   const now = deps.now ?? Date.now;
@@ -210,16 +229,10 @@ export function buildApp(deps: AppDeps): express.Express {
   const loop = new LoopClock();
   const arrival = deps.arrival ?? (() => loop.arrival());
 
-  const app = express();
-  app.disable("x-powered-by");
-  app.set("etag", false);
-  app.set("query parser", false);
-
-  // 1. One completion line per request, level from the status.
-  app.use((req: Request, res: Response, next: NextFunction) => {
+  /** 1. The request's state and its one completion line (level from the status); `probe`: a load balancer's path. */
+  function track(req: IncomingMessage, res: ServerResponse, path: string, probe?: "/ping" | "/ready"): RequestState {
     const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(), seenAt: performance.now() };
-    res.locals.xks = st;
-    const counted = metrics !== undefined && req.path !== "/ping" && req.path !== "/ready";
+    const counted = metrics !== undefined && probe === undefined;
     if (counted) metrics.requestStarted();
     res.once("close", () => {
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
@@ -235,7 +248,7 @@ export function buildApp(deps: AppDeps): express.Express {
         accessKeyId: st.accessKeyId,
         agent: st.agent,
         method: req.method,
-        path: splitTarget(req.originalUrl).path.slice(0, 300),
+        path: path.slice(0, 300),
         status,
         errorName: st.errorName,
         detail: st.detail,
@@ -256,35 +269,24 @@ export function buildApp(deps: AppDeps): express.Express {
         if (st.sigv4) metrics.sigv4Failed(st.sigv4);
       }
       // A load balancer polls these every few seconds; agent health changes have log lines of their own.
-      if ((req.path === "/ping" && status < 400) || req.path === "/ready") log.debug(line, "request");
+      if ((probe === "/ping" && status < 400) || probe === "/ready") log.debug(line, "request");
       else if (status >= 500) log.error(line, "request");
       else if (status >= 400) log.warn(line, "request");
       else log.info(line, "request");
     });
-    next();
-  });
+    return st;
+  }
 
-  // 2. Load balancer health check, unauthenticated.
-  app.get("/ping", (_req, res) => {
-    res.type("text/plain").send(`pong from xks-proxy ${VERSION}`);
-  });
-
-  // Readiness for a load balancer's target group: serving needs at least one agent that the
-  // health cache does not report UNAVAILABLE. Counts only; no agent ids, keys or reasons.
-  app.get("/ready", (_req, res) => {
-    const health = agents.healthSnapshot();
-    const usable = health.filter((h) => h.state !== "UNAVAILABLE").length;
-    const ready = usable > 0;
-    sendJson(res, ready ? 200 : 503, { ready, agents: health.length, usableAgents: usable }, { "cache-control": "no-store" });
-  });
-
-  // 3–8. One handler for every other request (one router layer instead of five; the steps stay in order).
-  app.use(async (req: Request, res: Response) => {
-    const st = state(res);
-    const { path, query } = splitTarget(req.originalUrl);
-
+  /** 3–8. Everything after the health endpoints; a rejection is answered by `answerError`. */
+  async function pipeline(
+    req: IncomingMessage,
+    res: ServerResponse,
+    st: RequestState,
+    path: string,
+    query: string,
+    parsed: ParsedPath | undefined,
+  ): Promise<void> {
     // 3. Route resolution on the raw path, before anything reads the body or checks a signature.
-    const parsed = parseXksPath(path);
     const store = parsed ? registry.get(parsed.prefix) : undefined;
     if (!parsed || !store) throw new XksError("InvalidUriPathException", "no such key store or API path");
     st.operation = parsed.operation;
@@ -295,7 +297,8 @@ export function buildApp(deps: AppDeps): express.Express {
       parsed.keyId !== undefined && parsed.keyId.length > MAX_EXTERNAL_KEY_ID_CHARS
         ? `${parsed.keyId.slice(0, MAX_EXTERNAL_KEY_ID_CHARS)}…[${parsed.keyId.length} chars]`
         : parsed.keyId;
-    if (req.method !== "POST") throw new MethodNotAllowedError(req.method);
+    const method = req.method ?? "";
+    if (method !== "POST") throw new MethodNotAllowedError(method);
 
     // The budget: a key operation the agents cannot finish in time is refused now, before any work.
     const budget = new Budget(st.arrivedAt, config.requestBudgetMs, monotonic, st.seenAt);
@@ -310,7 +313,7 @@ export function buildApp(deps: AppDeps): express.Express {
 
     // 5. SigV4 over those bytes, with this key store's credentials.
     const { accessKeyId } = verifySigV4(
-      { method: req.method, path, query, rawHeaders: req.rawHeaders, body },
+      { method, path, query, rawHeaders: req.rawHeaders, body },
       { region: config.region, credentials: store.credentials, now: now() },
     );
     st.accessKeyId = accessKeyId;
@@ -370,11 +373,10 @@ export function buildApp(deps: AppDeps): express.Express {
       throw new XksError("DependencyTimeoutException", `answer ready ${budget.elapsed().toFixed(1)} ms after arrival, past the budget`);
     }
     sendJson(res, 200, answer);
-  });
+  }
 
-  // 9. The one error handler. Wire bodies carry only the name and its fixed message.
-  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
-    const st = state(res) ?? { start: process.hrtime.bigint(), arrivedAt: performance.now(), seenAt: performance.now() };
+  /** 9. The one error handler. Wire bodies carry only the name and its fixed message. */
+  function answerError(err: unknown, res: ServerResponse, st: RequestState): void {
     if (res.headersSent) {
       st.detail = `error after headers were sent: ${errorMessage(err).slice(0, 200)}`;
       res.destroy();
@@ -394,7 +396,48 @@ export function buildApp(deps: AppDeps): express.Express {
     st.detail = xe.message === name ? undefined : xe.message.slice(0, 300);
     // Do not keep reading (or keep alive) a connection whose body we refused.
     sendJson(res, XKS_ERRORS[name].status, xe.toJSON(), xe instanceof BodyTooLargeError ? { connection: "close" } : {});
+  }
+
+  const app = express();
+  app.disable("x-powered-by");
+  app.set("etag", false);
+  app.set("query parser", false);
+
+  app.use((req: Request, res: Response, next: NextFunction) => {
+    const probe = req.path === "/ping" || req.path === "/ready" ? req.path : undefined;
+    res.locals.xks = track(req, res, splitTarget(req.originalUrl).path, probe);
+    next();
   });
 
-  return app;
+  // 2. Load balancer health check, unauthenticated.
+  app.get("/ping", (_req, res) => {
+    res.type("text/plain").send(`pong from xks-proxy ${VERSION}`);
+  });
+
+  // Readiness for a load balancer's target group: serving needs at least one agent that the
+  // health cache does not report UNAVAILABLE. Counts only; no agent ids, keys or reasons.
+  app.get("/ready", (_req, res) => {
+    const health = agents.healthSnapshot();
+    const usable = health.filter((h) => h.state !== "UNAVAILABLE").length;
+    const ready = usable > 0;
+    sendJson(res, ready ? 200 : 503, { ready, agents: health.length, usableAgents: usable }, { "cache-control": "no-store" });
+  });
+
+  // 3–8. One handler for every other request (one router layer instead of five; the steps stay in order).
+  app.use((req: Request, res: Response) => {
+    const { path, query } = splitTarget(req.originalUrl);
+    return pipeline(req, res, state(res), path, query, parseXksPath(path));
+  });
+
+  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+    answerError(err, res, state(res) ?? { start: process.hrtime.bigint(), arrivedAt: performance.now(), seenAt: performance.now() });
+  });
+
+  return {
+    app,
+    serveXks(req, res, path, query, parsed) {
+      const st = track(req, res, path);
+      pipeline(req, res, st, path, query, parsed).catch((err: unknown) => answerError(err, res, st));
+    },
+  };
 }

@@ -1,8 +1,9 @@
 /**
  * Load shedding at the door: the proxy's HTTP request handler, which answers a
  * key operation that admission control refuses (proxy/admission.ts) with 429
- * ThrottlingException before express, the body, SigV4 or a per-request log
- * line, and hands everything else to the express app (proxy/app.ts).
+ * ThrottlingException before the body, SigV4 or a per-request log line, hands
+ * every other POST to a configured key store's XKS path to the pipeline
+ * without express, and everything else to the express app (proxy/app.ts).
  *
  * Under overload most requests are refusals, and every CPU microsecond a
  * refusal costs is taken from the requests that are being served. Measured
@@ -29,7 +30,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import { XKS_ERRORS, XksError } from "../shared/errors.ts";
 import type { Logger } from "../shared/logging.ts";
 import { Budget, LoopClock, monotonic } from "./admission.ts";
-import { type AppDeps, buildApp } from "./app.ts";
+import { type AppDeps, buildPipeline } from "./app.ts";
 import { KeyStoreRegistry, parseXksPath, splitTarget } from "./routes.ts";
 
 const THROTTLED_STATUS = XKS_ERRORS.ThrottlingException.status;
@@ -120,27 +121,33 @@ export function buildRequestHandler(deps: AppDeps): RequestHandler {
   const keyStores = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
   const loop = new LoopClock();
   const arrival = deps.arrival ?? (() => loop.arrival());
-  const app = buildApp({ ...deps, keyStores, arrival });
+  const { app, serveXks } = buildPipeline({ ...deps, keyStores, arrival });
   const refusals = new RefusalLog(deps.log.child({ component: "admission" }));
   const handler = ((req: IncomingMessage, res: ServerResponse) => {
-    if (req.method === "POST" && agents.refusal) {
-      const parsed = parseXksPath(splitTarget(req.url ?? "").path);
-      if (parsed && parsed.operation !== "GetHealthStatus" && keyStores.get(parsed.prefix)) {
-        const start = process.hrtime.bigint();
-        const budget = new Budget(arrival(), config.requestBudgetMs, monotonic, performance.now());
-        const why = agents.refusal(budget);
-        if (why) {
-          res.writeHead(THROTTLED_STATUS, THROTTLED_HEADERS);
-          res.end(THROTTLED_BODY);
-          refusals.note(parsed.prefix, parsed.operation, why);
-          if (metrics) {
-            // Counted as the app counts a refusal before SigV4: routed, not authenticated.
-            metrics.requestStarted();
-            metrics.requestDone({ operation: parsed.operation, authenticated: false, routed: true, error: "ThrottlingException", start });
-            metrics.admissionRefused("agent_queue");
+    if (req.method === "POST") {
+      const { path, query } = splitTarget(req.url ?? "");
+      const parsed = parseXksPath(path);
+      if (parsed && keyStores.get(parsed.prefix)) {
+        if (parsed.operation !== "GetHealthStatus" && agents.refusal) {
+          const start = process.hrtime.bigint();
+          const budget = new Budget(arrival(), config.requestBudgetMs, monotonic, performance.now());
+          const why = agents.refusal(budget);
+          if (why) {
+            res.writeHead(THROTTLED_STATUS, THROTTLED_HEADERS);
+            res.end(THROTTLED_BODY);
+            refusals.note(parsed.prefix, parsed.operation, why);
+            if (metrics) {
+              // Counted as the app counts a refusal before SigV4: routed, not authenticated.
+              metrics.requestStarted();
+              metrics.requestDone({ operation: parsed.operation, authenticated: false, routed: true, error: "ThrottlingException", start });
+              metrics.admissionRefused("agent_queue");
+            }
+            return;
           }
-          return;
         }
+        // Admitted (or not a key operation): the pipeline without express.
+        serveXks(req, res, path, query, parsed);
+        return;
       }
     }
     app(req, res);

@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -16,6 +17,7 @@ import { createLogger } from "../../shared/logging.ts";
 import type { EncryptRequest } from "../../shared/proto.ts";
 import { classifyAgentFailure, type AgentApi, type AgentHealth, type AgentMethod } from "../../proxy/agent-client.ts";
 import { buildApp } from "../../proxy/app.ts";
+import { buildRequestHandler } from "../../proxy/shed.ts";
 import { base32, newCredential } from "../../proxy/credentials.ts";
 import { ACCESS_KEY_ID_RE, SECRET_ACCESS_KEY_RE, loadProxyConfig, parseProxyConfig, prefixProblem } from "../../proxy/config.ts";
 import { buildHealthResponse } from "../../proxy/handlers/get-health-status.ts";
@@ -24,6 +26,7 @@ import { isCanonicalBase64, parseJsonBody, parseRequestMetadata, base64Field } f
 import { CREDS, PREFIX } from "../../testbed/configs.ts";
 import { newIdentity, TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
 import { LogCapture } from "../../testbed/logs.ts";
+import { until } from "../../testbed/wait.ts";
 import { send, signedPost } from "../../testbed/xks/client.ts";
 import { requestMetadata as md } from "../../testbed/xks/metadata.ts";
 
@@ -614,6 +617,81 @@ describe("buildApp in-process with a stub agent", () => {
       ],
     );
     assert.equal(calls.length, 0);
+  });
+
+  it("the proxy's request handler (XKS POSTs without express) answers and logs every request as the express app does", async () => {
+    // The same pipeline behind buildRequestHandler, which takes POSTs to a configured key store's
+    // XKS path past express, and behind the express app alone. Arrival is taken when a request is
+    // seen (the client shares this event loop), so neither budget depends on the loop's load.
+    const arrival = () => performance.now();
+    const fastLogs = new LogCapture();
+    const handler = buildRequestHandler({ config, log: createLogger({ level: "debug" }, fastLogs), agents: stub, arrival });
+    const expressLogs = new LogCapture();
+    const app = buildApp({ config, log: createLogger({ level: "debug" }, expressLogs), agents: stub, arrival });
+    const servers: Server[] = [createServer(handler), createServer(app)];
+    for (const srv of servers) await new Promise<void>((r) => srv.listen(0, "127.0.0.1", () => r()));
+    const [fastUrl, expressUrl] = servers.map((srv) => `http://127.0.0.1:${(srv.address() as { port: number }).port}`);
+    try {
+      answer = (method) =>
+        method === "GetKeyMetadata"
+          ? { keySpec: "AES_256", keyUsage: ["ENCRYPT", "DECRYPT"], keyStatus: "ENABLED" }
+          : { ciphertext: Buffer.from("hello"), iv: Buffer.alloc(12, 1), tag: Buffer.alloc(16, 2) };
+      const wrong = { accessKeyId: CREDS.a.accessKeyId, secretAccessKey: CREDS.b.secretAccessKey };
+      const key = `${PREFIX}/kms/xks/v1/keys/foo`;
+      // Bodies made once, so both servers see the same kmsRequestIds.
+      const enc = encBody();
+      const badPlaintext = encBody({ plaintext: "not base64!" });
+      const meta = { requestMetadata: md("DescribeKey") };
+      const requests: Array<(base: string) => Promise<{ status: number; text: string; headers: Record<string, unknown> }>> = [
+        (b) => signedPost(b, `${key}/encrypt`, enc, CREDS.a),
+        (b) => signedPost(b, `${key}/metadata`, meta, CREDS.a),
+        (b) =>
+          signedPost(
+            b,
+            `${PREFIX}/kms/xks/v1/health`,
+            { requestMetadata: { kmsRequestId: "r-1", kmsOperation: "CreateCustomKeyStore" } },
+            CREDS.a,
+          ),
+        (b) => signedPost(b, `${key}/encrypt`, enc, wrong),
+        (b) => signedPost(b, `${key}/encrypt`, badPlaintext, CREDS.a),
+        (b) => signedPost(b, `${key}/encrypt`, "{not json", CREDS.a),
+        (b) => signedPost(b, `${PREFIX}/kms/xks/v1/keys/bar/encrypt`, enc, CREDS.a),
+        (b) => signedPost(b, `${PREFIX}/kms/xks/v1/keys/${LONGEST_KEY}x/decrypt`, enc, CREDS.a),
+        (b) => signedPost(b, `${key}/encrypt?a=1`, enc, CREDS.a),
+        (b) => signedPost(b, `/nope/kms/xks/v1/keys/foo/encrypt`, enc, CREDS.a),
+        (b) => signedPost(b, `${key}/encrypt`, enc, CREDS.a, { method: "PUT" }),
+        (b) => send(b, { method: "POST", path: `${key}/encrypt`, headers: { "content-type": "application/json" }, body: "{}" }),
+        (b) => send(b, { method: "GET", path: "/ping" }),
+      ];
+      const comparable = (r: { status: number; text: string; headers: Record<string, unknown> }) => ({
+        status: r.status,
+        text: r.text,
+        contentType: r.headers["content-type"],
+        allow: r.headers.allow,
+        connection: r.headers.connection,
+      });
+      const withoutTiming = (line: Record<string, any>) => {
+        const { latencyMs: _l, time: _t, pid: _p, ...rest } = line;
+        return rest;
+      };
+      for (const [i, request] of requests.entries()) {
+        const before = expressLogs.requests().length;
+        const fastBefore = fastLogs.requests().length;
+        const viaExpress = await request(expressUrl);
+        const viaHandler = await request(fastUrl);
+        assert.deepEqual(comparable(viaHandler), comparable(viaExpress), `request ${i}`);
+        // The completion line is written when the response closes: wait for both.
+        await until(() => expressLogs.requests().length > before && fastLogs.requests().length > fastBefore, "both completion lines");
+        assert.deepEqual(
+          withoutTiming(fastLogs.requests().at(-1)!),
+          withoutTiming(expressLogs.requests().at(-1)!),
+          `request ${i}'s log line`,
+        );
+      }
+    } finally {
+      for (const srv of servers) await new Promise<void>((r) => srv.close(() => r()));
+      handler.refusals.close();
+    }
   });
 
   it("a key id longer than 128 characters is a ValidationException, never cut to an allow-listed one", async () => {
