@@ -81,7 +81,11 @@ async function impostorTest(chain: Chain, takeOver: () => Promise<Rogue & { iden
   if (impostor.identity) assert.ok(mismatch?.includes(impostor.identity.fingerprint), `names the presented identity: ${mismatch}`);
   const health = await chain.client.post("health", healthBody());
   assert.equal(JSON.parse(health.text).ekmFleetDetails[0].healthStatus, "UNAVAILABLE");
-  assert.match(chain.proxy.logs(), /"why":"agent identity mismatch[^\n]*"msg":"agent health changed"/);
+  // The proxy's log reaches its file within a second (buffered writes): wait for the line.
+  await until(
+    () => /"why":"agent identity mismatch[^\n]*"msg":"agent health changed"/.test(chain.proxy.logs()),
+    "the proxy to log the health change with the mismatch as its reason",
+  );
 
   await thenFree(impostor);
   chain.agent.start();
