@@ -79,6 +79,10 @@ export interface ChainOptions {
    * holds), `"new"` makes a fresh token with the same labels (other keys).
    */
   moreAgents?: Array<{ id: string; token: "clone" | "new" }>;
+  /** The proxy's `workers` (processes serving the one listening address); written into its config only when given. */
+  proxyWorkers?: number | "auto";
+  /** Every agent's `workers` (processes on the one token); written into their configs only when given. */
+  agentWorkers?: number | "auto";
 }
 
 /** One of ChainOptions.moreAgents, started. */
@@ -178,6 +182,7 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       keyStores: [{ keyStore: CHAIN_PREFIX, keys: kmsKeys(keys) }],
       extra: {
         ...(policy !== null ? { policy: "policy.json" } : {}),
+        ...(o.agentWorkers !== undefined ? { workers: o.agentWorkers } : {}),
         dashboard: { port: 0 },
         ...top,
         tunnels: [
@@ -237,7 +242,14 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),
     ],
     keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys), ...(o.quota ? { quota: o.quota } : {}) }],
-    extra: { healthRefreshMs: 1000, metrics: { port: proxyMetricsPort }, log: { level: logLevel }, ...tlsSection, ...o.proxyExtra },
+    extra: {
+      ...(o.proxyWorkers !== undefined ? { workers: o.proxyWorkers } : {}),
+      healthRefreshMs: 1000,
+      metrics: { port: proxyMetricsPort },
+      log: { level: logLevel },
+      ...tlsSection,
+      ...o.proxyExtra,
+    },
   });
 
   const env = { ...process.env, ...softhsm.env };
