@@ -29,9 +29,9 @@ export interface ScalingRow {
   /** Highest rate that passed, req/s (0: none, or the set-up did not start). */
   capacity: number;
   search?: StepSearch;
-  /** The step at capacity: its p99, and CPU ms per request by role (primary and workers summed). */
-  atCapacity?: { rate: number; p99: number; completed: number; cpuMsPerRequest: Record<string, number> };
-  /** The most other processes on the machine used during the steps, cores. */
+  /** The step at capacity: its p99, CPU ms per request by role (primary and workers summed), other processes' load (cores). */
+  atCapacity?: { rate: number; p99: number; completed: number; cpuMsPerRequest: Record<string, number>; otherCores: number };
+  /** The most other processes on the machine used during any step, cores. */
   otherCores: number;
   /** Why the set-up did not run (e.g. a daemon refused `workers`). */
   error?: string;
@@ -81,7 +81,7 @@ function rowOf(search: StepSearch, base: Pick<ScalingRow, "proxyWorkers" | "agen
     ...base,
     capacity: search.maxRate,
     search,
-    atCapacity: at ? { rate: at.rate, p99: at.p99, completed: at.completed ?? 0, cpuMsPerRequest } : undefined,
+    atCapacity: at ? { rate: at.rate, p99: at.p99, completed: at.completed ?? 0, cpuMsPerRequest, otherCores: at.otherCores } : undefined,
     otherCores: Math.max(0, ...search.steps.map((s) => s.otherCores).filter(Number.isFinite)),
   };
 }
@@ -187,7 +187,7 @@ function rowsOf(list: ScalingRow[], roles: readonly string[], first: (r: Scaling
       ms(r.atCapacity?.p99),
       ...roles.map((role) => cpuMs(c[role])),
       cpuMs(total),
-      cores(r.otherCores),
+      `${cores(r.atCapacity?.otherCores ?? NaN)} / ${cores(r.otherCores)}`,
     ];
   });
 }
@@ -206,7 +206,7 @@ const proxyOnlyName = (r: ScalingRow) => `proxy ${r.proxyWorkers}, fake agent`;
 export function renderScaling(s: ScalingResults): string {
   const out: string[] = [];
   const note =
-    "CPU ms per request at capacity (the passing step at that rate), each daemon's primary and workers summed; other load: cores used by other processes meanwhile";
+    "CPU ms per request at capacity (the passing step at that rate), each daemon's primary and workers summed; other load: cores used by other processes during that step / during the busiest step";
   if (s.chain.length) {
     out.push(
       "",
@@ -217,9 +217,9 @@ export function renderScaling(s: ScalingResults): string {
           "agent workers",
           "capacity req/s",
           "p99 ms",
-          ...CHAIN_ROLES.map((r) => `CPU ms/req: ${r}`),
+          ...CHAIN_ROLES.map((r, i) => (i === 0 ? `CPU ms/req: ${r}` : r)),
           "total",
-          "other load",
+          "other load: at capacity / most",
         ],
         rowsOf(s.chain, CHAIN_ROLES, (r) => [String(r.proxyWorkers), String(r.agentWorkers)]),
         "   ",
@@ -233,7 +233,14 @@ export function renderScaling(s: ScalingResults): string {
       "",
       "SCALING, PROXY ONLY: the real proxy (HTTP, SigV4) in front of a fake agent in its own process that answers at once; no SoftHSM, tunnel or sshd",
       table(
-        ["proxy workers", "capacity req/s", "p99 ms", ...PROXY_ONLY_ROLES.map((r) => `CPU ms/req: ${r}`), "total", "other load"],
+        [
+          "proxy workers",
+          "capacity req/s",
+          "p99 ms",
+          ...PROXY_ONLY_ROLES.map((r, i) => (i === 0 ? `CPU ms/req: ${r}` : r)),
+          "total",
+          "other load: at capacity / most",
+        ],
         rowsOf(s.proxyOnly, PROXY_ONLY_ROLES, (r) => [String(r.proxyWorkers)]),
         "   ",
       ),
