@@ -1,20 +1,15 @@
 /**
  * Per-process CPU time and RSS from /proc (Linux): utime+stime of
- * /proc/<pid>/stat (all threads, including libuv's pool) and the resident set
- * of /proc/<pid>/statm. A process that is gone reads as 0. A daemon with
- * workers (cluster) is a process tree: `processTree` lists it, so that a role
- * counts the primary and every worker.
+ * /proc/<pid>/stat (all threads, including libuv's pool; testbed/procs.ts
+ * cpuSeconds) and the resident set of /proc/<pid>/statm. A process that is
+ * gone reads as 0. A role is a list of pids read at each sample: a daemon
+ * with workers is its process tree (testbed/procs.ts processTree), and a
+ * worker that exits between two reads takes its CPU of that window with it.
  */
 import { execFileSync } from "node:child_process";
-import { readdirSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
+import { CLK_TCK, cpuSeconds } from "../../testbed/procs.ts";
 
-const CLK_TCK = (() => {
-  try {
-    return Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100;
-  } catch {
-    return 100;
-  }
-})();
 const PAGE_SIZE = (() => {
   try {
     return Number(execFileSync("getconf", ["PAGESIZE"], { encoding: "utf8" }).trim()) || 4096;
@@ -22,50 +17,6 @@ const PAGE_SIZE = (() => {
     return 4096;
   }
 })();
-
-/** The fields of /proc/<pid>/stat after "(comm) ", or undefined when the process is gone. */
-function statFields(pid: number, procDir: string): string[] | undefined {
-  try {
-    const stat = readFileSync(`${procDir}/${pid}/stat`, "utf8");
-    // "pid (comm) state ppid …": comm may contain spaces and parentheses, so split after the last ')'.
-    return stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  } catch {
-    return undefined;
-  }
-}
-
-/** CPU seconds (user + system) used so far by `pid` (utime and stime are fields 14 and 15 of its stat). */
-export function cpuSeconds(pid: number, procDir = "/proc"): number {
-  const fields = statFields(pid, procDir);
-  return fields ? (Number(fields[11]) + Number(fields[12])) / CLK_TCK : 0;
-}
-
-/**
- * `root` and all its descendants (children, theirs, …), found by the parent
- * pid (field 4) of every process in `procDir`; [] when `root` is gone. A
- * descendant that exits between two reads takes its CPU time of the window
- * with it (its parent's cutime gets its whole life, which is not the window's).
- */
-export function processTree(root: number, procDir = "/proc"): number[] {
-  if (!statFields(root, procDir)) return [];
-  const children = new Map<number, number[]>();
-  for (const name of readdirSync(procDir)) {
-    if (!/^\d+$/.test(name)) continue;
-    const ppid = Number(statFields(Number(name), procDir)?.[1]);
-    if (!Number.isInteger(ppid)) continue; // exited while we looked
-    const list = children.get(ppid);
-    if (list) list.push(Number(name));
-    else children.set(ppid, [Number(name)]);
-  }
-  const out = [root];
-  for (let i = 0; i < out.length; i++) out.push(...(children.get(out[i]) ?? []));
-  return out;
-}
-
-/** CPU seconds used so far by `root` and its live descendants. */
-export function treeCpuSeconds(root: number, procDir = "/proc"): number {
-  return processTree(root, procDir).reduce((sum, pid) => sum + cpuSeconds(pid, procDir), 0);
-}
 
 /** Resident set size of `pid` in bytes. */
 export function rssBytes(pid: number): number {

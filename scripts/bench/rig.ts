@@ -9,7 +9,8 @@ import { onCleanup, trackSshdSessions } from "./cleanup.ts";
 import { LoadGenerator } from "./loadgen/generator.ts";
 import type { Case, JobSpec, Target } from "./loadgen/protocol.ts";
 import { insideLatency, markLogs, type LogFiles } from "./logs.ts";
-import { processTree, startCpuMeter, type ProcessSet } from "./procstat.ts";
+import { processTree } from "../../testbed/procs.ts";
+import { startCpuMeter, type ProcessSet } from "./procstat.ts";
 import { int, ms, progress, type Measured } from "./report.ts";
 
 export interface BenchChain {

@@ -1,8 +1,8 @@
 /**
- * The bench's CPU accounting of a daemon with workers (scripts/bench/procstat.ts):
- * a process tree found by parent pid, over a fake /proc and over a real tree
- * of processes whose busy grandchild reports the CPU it used; and the
- * bench's --workers list (scripts/bench/scaling.ts).
+ * The test-bed's process trees and CPU times (testbed/procs.ts), with which
+ * the bench counts a daemon with workers as its primary and every worker: a
+ * tree found by parent pid over a fake /proc, and over a real tree of
+ * processes whose busy grandchild reports the CPU it used.
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -11,15 +11,15 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { test } from "node:test";
-import { cpuSeconds, processTree, startCpuMeter, treeCpuSeconds } from "../../scripts/bench/procstat.ts";
-import { parseWorkers } from "../../scripts/bench/scaling.ts";
-import { killQuietly } from "../../testbed/procs.ts";
+import { CLK_TCK, cpuSeconds, descendantsOf, killQuietly, processTree } from "../../testbed/procs.ts";
+
+const treeCpu = (root: number, procDir?: string) => processTree(root, procDir).reduce((sum, pid) => sum + cpuSeconds(pid, procDir), 0);
 
 /** A /proc/<pid>/stat line: comm in parentheses, then state, ppid, …, utime (14th field) and stime (15th) in ticks. */
 const stat = (pid: number, comm: string, ppid: number, utime: number, stime: number) =>
   `${pid} (${comm}) S ${ppid} ${pid} ${pid} 0 -1 4194304 100 0 0 0 ${utime} ${stime} 0 0 20 0 1 0 1 1 1\n`;
 
-test("processTree: the root and every descendant by parent pid, nothing else; treeCpuSeconds sums them", () => {
+test("processTree: the root and every descendant by parent pid, nothing else, root first; their CPU seconds from stat", () => {
   const proc = mkdtempSync(join(tmpdir(), "fake-proc-"));
   try {
     const put = (pid: number, comm: string, ppid: number, utime: number, stime: number) => {
@@ -36,16 +36,24 @@ test("processTree: the root and every descendant by parent pid, nothing else; tr
     mkdirSync(join(proc, "self"));
     writeFileSync(join(proc, "stat"), "cpu 1 2 3 4\n");
 
+    const tree = processTree(100, proc);
+    assert.equal(tree[0], 100);
     assert.deepEqual(
-      processTree(100, proc).sort((a, b) => a - b),
+      [...tree].sort((a, b) => a - b),
       [100, 101, 102, 103],
+    );
+    assert.deepEqual(
+      descendantsOf(100, proc)
+        .map((p) => p.comm)
+        .sort(),
+      ["esbuild", "node", "node"],
     );
     assert.deepEqual(processTree(101, proc).sort(), [101, 103]);
     assert.deepEqual(processTree(999, proc), [], "a root that is gone has no tree");
     const one = cpuSeconds(100, proc) / 15; // seconds per tick
     assert.ok(one > 0);
     assert.equal(cpuSeconds(101, proc), 220 * one);
-    assert.ok(Math.abs(treeCpuSeconds(100, proc) - (15 + 220 + 330 + 10) * one) < 1e-9);
+    assert.ok(Math.abs(treeCpu(100, proc) - (15 + 220 + 330 + 10) * one) < 1e-9);
     assert.equal(cpuSeconds(999, proc), 0);
   } finally {
     rmSync(proc, { recursive: true, force: true });
@@ -61,10 +69,9 @@ setInterval(() => {}, 1e6);`;
 const starter = (code: string) =>
   `require("node:child_process").spawn(process.execPath, ["-e", ${JSON.stringify(code)}], { stdio: "inherit" }); setInterval(() => {}, 1e6);`;
 
-test("a real process tree: the CPU a grandchild burns counts for the root's tree, in treeCpuSeconds and in a meter over it", async () => {
+test("a real process tree: the CPU a busy grandchild burns counts for the root's tree", async () => {
   // A process group of its own, so that the whole tree is ended at once whatever the assertions found.
   const root = spawn(process.execPath, ["-e", starter(starter(GRANDCHILD))], { stdio: ["ignore", "pipe", "inherit"], detached: true });
-  const meter = startCpuMeter({ daemon: () => processTree(root.pid!) });
   try {
     const lines = createInterface({ input: root.stdout! });
     let busyMs = NaN;
@@ -78,26 +85,16 @@ test("a real process tree: the CPU a grandchild burns counts for the root's tree
     assert.ok(busyMs >= BUSY_MS, `the grandchild reported ${busyMs} ms`);
     const tree = processTree(root.pid!);
     assert.equal(tree.length, 3, "root, child and grandchild");
-    // /proc counts whole ticks: utime and stime may each be up to one tick short (10 ms at 100 Hz).
-    const slack = 0.021;
-    const all = treeCpuSeconds(root.pid!);
+    // /proc counts whole ticks: utime and stime may each be up to one tick short.
+    const slack = 2 / CLK_TCK + 0.001;
+    const all = treeCpu(root.pid!);
     assert.ok(
       all - cpuSeconds(root.pid!) >= busyMs / 1000 - slack,
       `descendants ${all - cpuSeconds(root.pid!)} s, grandchild ${busyMs} ms`,
     );
-    const w = meter.stop();
-    assert.ok(w.byRole.daemon >= busyMs / 1000 - slack, `meter ${w.byRole.daemon} s, grandchild ${busyMs} ms`);
     assert.ok(cpuSeconds(root.pid!) < all, "the root alone does not include its descendants");
   } finally {
     killQuietly(-root.pid!, "SIGKILL");
     root.stdout!.destroy();
   }
-});
-
-test("--workers: counts 1..64 and `all` (this machine's cores), sorted without repeats; anything else is refused", () => {
-  assert.deepEqual(parseWorkers(undefined, 2), [1, 2]);
-  assert.deepEqual(parseWorkers(undefined, 8), [1, 2, 8]);
-  assert.deepEqual(parseWorkers("4, all,1", 2), [1, 2, 4]);
-  for (const bad of ["0", "65", "1.5", "two", "", "auto"])
-    assert.throws(() => parseWorkers(bad, 2), /--workers: .* is not a count 1\.\.64 or "all"/);
 });
