@@ -394,6 +394,7 @@ async function scaling(r: BenchResults): Promise<string> {
     stepS: STEP_S,
     hint: RATE,
     sockets: num("sockets"),
+    proxyExtra: proxyExtra(),
     gen: startGenerator(),
     chain: opt.scaling!,
     proxyOnly: true,

@@ -65,11 +65,16 @@ async function stopChild(proc: ChildProcess): Promise<void> {
 }
 
 /**
- * The proxy with `workers` (left out of its config when not given) and the
- * fake agent, in `dir` (wiped first); stopped at cleanup; resolves once the
+ * The proxy with `workers` (left out of its config when not given) and
+ * `proxyExtra` config fields, and the fake agent, in `dir` (wiped first); stopped at cleanup; resolves once the
  * proxy reports the agent ACTIVE, or throws when the proxy exits first.
  */
-export async function startProxyOnly(dir: string, logLevel: string, workers?: number | "auto"): Promise<ProxyOnly> {
+export async function startProxyOnly(
+  dir: string,
+  logLevel: string,
+  workers?: number | "auto",
+  proxyExtra?: Record<string, unknown>,
+): Promise<ProxyOnly> {
   rmSync(dir, { recursive: true, force: true });
   for (const d of ["proxy", "logs", "agent"]) mkdirSync(join(dir, d), { recursive: true, mode: 0o700 });
   const fake = await startFakeAgentProcess(join(dir, "agent"));
@@ -82,7 +87,7 @@ export async function startProxyOnly(dir: string, logLevel: string, workers?: nu
     identity: fake.identities.proxy,
     agents: [{ id: "fake-agent", target: fake.target, token: fake.token, identities: [fake.identities.agent] }],
     keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: [KEY] }],
-    extra: { ...(workers !== undefined ? { workers } : {}), healthRefreshMs: 1000, log: { level: logLevel } },
+    extra: { ...(workers !== undefined ? { workers } : {}), healthRefreshMs: 1000, log: { level: logLevel }, ...proxyExtra },
   });
   const proxy = new Daemon("proxy", [BIN_PROXY, "serve", "--config", configFile], process.env, join(dir, "logs", "proxy.log"));
   proxy.start();

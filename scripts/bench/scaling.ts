@@ -101,6 +101,8 @@ export interface ScalingOptions {
   /** Where the first search starts, req/s; each next one starts at the capacity found before it. */
   hint: number;
   sockets: number;
+  /** Extra proxy config fields (the bench's --queue-target), for every proxy started here. */
+  proxyExtra?: Record<string, unknown>;
   gen: LoadGenerator;
   /** Which parts: the chain's proxy × agent table, the proxy-only rows. */
   chain: boolean;
@@ -126,7 +128,7 @@ export async function measureScaling(o: ScalingOptions): Promise<ScalingResults>
         );
         let bc: Awaited<ReturnType<typeof startBenchChain>> | undefined;
         try {
-          bc = await startBenchChain(join(o.dir, "scaling-chain"), o.logLevel, undefined, undefined, {
+          bc = await startBenchChain(join(o.dir, "scaling-chain"), o.logLevel, undefined, o.proxyExtra, {
             proxyWorkers: configured(pw),
             agentWorkers: configured(aw),
           });
@@ -152,7 +154,7 @@ export async function measureScaling(o: ScalingOptions): Promise<ScalingResults>
       const dir = join(o.dir, "proxy-only");
       let po: Awaited<ReturnType<typeof startProxyOnly>> | undefined;
       try {
-        po = await startProxyOnly(dir, o.logLevel, configured(pw));
+        po = await startProxyOnly(dir, o.logLevel, configured(pw), o.proxyExtra);
         await o.gen.init(po.target(o.sockets));
         const row = rowOf(await searchOn(proxyOnlyRig(po, o.gen, dir), hint, o.stepS), base);
         res.proxyOnly.push(row);
