@@ -276,7 +276,8 @@ export function sizingNote(s: ScalingResults): string[] {
       "   ",
     ),
     `   Measured on THIS machine only (${s.cpus} × ${s.cpuModel}, shared: other processes used up to ${cores(maxOther)} cores during the steps), at each row's`,
-    "   capacity, where queues, GC and context switches cost more per request than at low rates; another CPU, kernel, Node or load gives other figures.",
-    "   CPU per request is not capacity: a process also needs a core free when a request arrives, and p99 < 100 ms needs headroom.",
+    "   capacity: CPU per request depends on the rate it was measured at, so each row's figures hold near its own rate; another CPU,",
+    "   kernel, Node or load gives other figures. CPU per request is not capacity: a process also needs a core free when a request",
+    "   arrives, and p99 < 100 ms needs headroom.",
   ];
 }
