@@ -31,21 +31,12 @@ import type { Case, JobSpec } from "./bench/loadgen/protocol.ts";
 import { insideLatency, markLogs } from "./bench/logs.ts";
 import { rssByRole, startCpuMeter } from "./bench/procstat.ts";
 import { profilesIn, renderProfile, summarizeProfile } from "./bench/profile.ts";
-import { evaluateTargets, fmtDuration, int, ms, progress, renderReport, type BenchResults, type StepSearch } from "./bench/report.ts";
-import {
-  caseName,
-  loadTarget,
-  measure,
-  openLoop,
-  rigFor,
-  setQuietWait,
-  startBenchChain,
-  startGenerator,
-  waitForQuiet,
-  type Rig,
-} from "./bench/rig.ts";
+import { evaluateTargets, fmtDuration, int, ms, progress, renderReport, type BenchResults } from "./bench/report.ts";
+import { caseName, loadTarget, measure, openLoop, rigFor, setQuietWait, startBenchChain, startGenerator, type Rig } from "./bench/rig.ts";
 import { ensureBuilt, stopBenchLeftovers, tcpCongestionControl } from "./bench/setup.ts";
 import { measureOverload, oneBurst } from "./bench/overload.ts";
+import { measureScaling, parseWorkers, renderScaling } from "./bench/scaling.ts";
+import { stepSearch } from "./bench/search.ts";
 import { netemAvailable, startWanLink } from "./bench/wan/link.ts";
 import { countRoundTrips } from "./bench/wan/roundtrips.ts";
 
@@ -70,6 +61,12 @@ const HELP = `npm run bench -- [options]
   --soak-rate N        soak rate, req/s                                         [1000]
   --profile            instead of the bench: CPU-profile proxy, agent and generator
                        at the fixed rate for --duration (at most 20 s)
+  --scaling            instead of the bench: capacity and CPU per request for every
+                       proxy × agent worker count (a fresh chain each), then the
+                       proxy alone (fake agent) for each proxy worker count, and a
+                       sizing note; --step-seconds, --rate (where searches start)
+  --proxy-only         instead of the bench: only the proxy-alone rows and the note
+  --workers LIST       worker counts for --scaling/--proxy-only, e.g. 1,2,all  [1,2,all]
   --dir DIR            working folder (chains, logs, results.json)              [.bench]`;
 
 const { values: opt } = parseArgs({
@@ -91,6 +88,9 @@ const { values: opt } = parseArgs({
     soak: { type: "string" },
     "soak-rate": { type: "string", default: "1000" },
     profile: { type: "boolean", default: false },
+    scaling: { type: "boolean", default: false },
+    "proxy-only": { type: "boolean", default: false },
+    workers: { type: "string" },
     dir: { type: "string", default: join(PACKAGE_ROOT, ".bench") },
     help: { type: "boolean", default: false },
   },
@@ -181,34 +181,6 @@ async function fixedRatePart(r: BenchResults, rig: Rig): Promise<void> {
   }
 }
 
-/** Highest offered rate with p99 < 100 ms, no errors and the answers keeping up: grow by 30 % until a step fails, then bisect. */
-async function stepSearch(rig: Rig, c: Case, hint: number): Promise<StepSearch> {
-  const steps: StepSearch["steps"] = [];
-  let pass = 0;
-  let fail = Infinity;
-  let rate = Math.max(50, Math.round(hint));
-  for (let i = 0; i < 7; i++) {
-    await waitForQuiet(rig);
-    let meter: ReturnType<typeof startCpuMeter> | undefined;
-    const res = await rig.gen.run(openLoop(c, rate, STEP_S), () => (meter = startCpuMeter(rig.procs)));
-    const otherCores = meter?.stop().otherCores ?? NaN;
-    const ok = res.errors === 0 && res.latency.p99 < 100 && res.achievedRate >= 0.97 * rate;
-    steps.push({ rate, pass: ok, p99: res.latency.p99, errors: res.errors, achieved: res.achievedRate, otherCores });
-    progress(
-      `   ${caseName(c)} step ${int(rate)}/s: p99 ${ms(res.latency.p99)} ms, ${res.errors} errors, other load ${otherCores.toFixed(2)} → ${ok ? "pass" : "fail"}`,
-    );
-    if (ok) pass = Math.max(pass, rate);
-    else fail = Math.min(fail, rate);
-    if (fail === Infinity) rate = Math.round(rate * 1.3);
-    else if (pass === 0) rate = Math.round(rate / 1.6);
-    else if ((fail - pass) / pass <= 0.08) break;
-    else rate = Math.round((pass + fail) / 2);
-    if (rate < 20) break;
-    await sleep(1000); // let queues drain
-  }
-  return { case: c, maxRate: pass, steps };
-}
-
 async function maxRatePart(r: BenchResults, rig: Rig): Promise<void> {
   const which = opt.search === "none" ? [] : opt.search === "main" ? [ENC32] : CASES;
   if (which.length === 0) return;
@@ -218,7 +190,7 @@ async function maxRatePart(r: BenchResults, rig: Rig): Promise<void> {
     const fixed = r.fixedRate?.find((x) => x.case === c)?.result;
     // Start near where the fixed-rate run says the answer is.
     const hint = fixed && fixed.errors === 0 && fixed.latency.p99 < 100 ? RATE * 1.2 : (fixed?.achievedRate ?? RATE) * 0.8;
-    r.maxRate.push(await stepSearch(rig, c, hint));
+    r.maxRate.push(await stepSearch(rig, c, hint, STEP_S));
   }
 }
 
@@ -290,7 +262,7 @@ async function overloadPart(r: BenchResults, rig: Rig): Promise<void> {
     progress("5/5 overload: capacity first (warm-up 3 s, then a step search, Encrypt 32 B)");
     await rig.gen.run(openLoop(ENC32, RATE / 2, 3));
     await sleep(1000);
-    capacity = (await stepSearch(rig, ENC32, RATE)).maxRate;
+    capacity = (await stepSearch(rig, ENC32, RATE, STEP_S)).maxRate;
     capacitySource = "a step search of this run (p99 < 100 ms, no errors)";
   }
   if (capacity <= 0) throw new Error("no capacity figure for the overload part");
@@ -413,6 +385,23 @@ async function profile(r: BenchResults): Promise<string> {
   return out.join("\n");
 }
 
+/** --scaling / --proxy-only (scripts/bench/scaling.ts). */
+async function scaling(r: BenchResults): Promise<string> {
+  r.scaling = await measureScaling({
+    dir: DIR,
+    logLevel: opt["log-level"]!,
+    workers: parseWorkers(opt.workers),
+    stepS: STEP_S,
+    hint: RATE,
+    sockets: num("sockets"),
+    proxyExtra: proxyExtra(),
+    gen: startGenerator(),
+    chain: opt.scaling!,
+    proxyOnly: true,
+  });
+  return renderScaling(r.scaling);
+}
+
 // ---------------------------------------------------------------- main
 
 async function main(): Promise<number> {
@@ -447,6 +436,7 @@ async function main(): Promise<number> {
     if (opt.soak !== undefined) await soak(r);
     else if (opt.overload) await overloadOnly(r);
     else if (opt.profile) extra = await profile(r);
+    else if (opt.scaling || opt["proxy-only"]) extra = await scaling(r);
     else await bench(r);
   } finally {
     await runAll();
@@ -455,7 +445,15 @@ async function main(): Promise<number> {
   r.targets = opt.profile ? [] : evaluateTargets(r);
   const file = join(
     DIR,
-    opt.soak !== undefined ? "soak.json" : opt.profile ? "profile.json" : opt.overload ? "overload.json" : "results.json",
+    opt.soak !== undefined
+      ? "soak.json"
+      : opt.profile
+        ? "profile.json"
+        : opt.overload
+          ? "overload.json"
+          : opt.scaling || opt["proxy-only"]
+            ? "scaling.json"
+            : "results.json",
   );
   writeFileSync(file, `${JSON.stringify(r, null, 2)}\n`);
   console.log(renderReport(r));

@@ -243,7 +243,13 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
       ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),
     ],
     keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys), ...(o.quota ? { quota: o.quota } : {}) }],
-    extra: { healthRefreshMs: 1000, metrics: { port: proxyMetricsPort }, log: { level: logLevel }, ...tlsSection, ...o.proxyExtra },
+    extra: {
+      healthRefreshMs: 1000,
+      metrics: { port: proxyMetricsPort },
+      log: { level: logLevel },
+      ...tlsSection,
+      ...o.proxyExtra,
+    },
   });
 
   const env = { ...process.env, ...softhsm.env };

@@ -36,7 +36,7 @@ export interface FakeAgent {
   token: string;
   /** Calls received per method (after the token check). */
   calls: Record<string, number>;
-  /** Requests received (the proto messages), newest last. */
+  /** Requests received (the proto messages), newest last; empty when started with `record: false`. */
   requests: Array<{ method: string; req: unknown }>;
   /** What GetHealthStatus answers; `keyChecks` are the key check values it reports (none by default). */
   health: { state: HealthState; agentId: string; never: boolean; keyChecks: KeyCheck[] };
@@ -49,7 +49,16 @@ function hsmAad(aad: Buffer, cm: Buffer): Buffer {
   return Buffer.concat([a, aad, Buffer.from([cm.length]), cm]);
 }
 
-export async function startFakeAgent(opts: { dir?: string; token?: string; name?: string; identity?: Identity } = {}): Promise<FakeAgent> {
+export interface FakeAgentOptions {
+  dir?: string;
+  token?: string;
+  name?: string;
+  identity?: Identity;
+  /** Keep every request in `requests` (default true; a load test turns it off, or memory grows with every call). */
+  record?: boolean;
+}
+
+export async function startFakeAgent(opts: FakeAgentOptions = {}): Promise<FakeAgent> {
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "xks-fake-agent-"));
   const socketPath = join(dir, `${opts.name ?? "fake"}.sock`);
   const token = opts.token ?? randomBytes(24).toString("base64url");
@@ -66,7 +75,7 @@ export async function startFakeAgent(opts: { dir?: string; token?: string; name?
         return;
       }
       calls[method] = (calls[method] ?? 0) + 1;
-      requests.push({ method, req: call.request });
+      if (opts.record !== false) requests.push({ method, req: call.request });
       const keyId = call.request.keyId ?? "";
       if (keyId === "never" || (method === "GetHealthStatus" && health.never)) return; // the callback is never called
       const delay = /^delay-(\d+)$/.exec(keyId);

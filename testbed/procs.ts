@@ -1,8 +1,9 @@
 /**
  * Processes the test-bed starts and stops: the daemons (bin/xks-agent.js,
  * bin/xks-proxy.js) as real child processes, process trees (sshd's session
- * processes outlive their listener), and what an interrupted earlier run left
- * behind. Works on Linux (/proc) and macOS (`ps`).
+ * processes outlive their listener; a daemon with workers is a primary and
+ * its children), and what an interrupted earlier run left behind. Works on
+ * Linux (/proc) and macOS (`ps`); CPU time is read on Linux only.
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import { closeSync, existsSync, openSync, readdirSync, readFileSync } from "node:fs";
@@ -21,15 +22,15 @@ interface ProcEntry {
   comm: string;
 }
 
-/** Every process on the machine with its parent and command name. */
-function processTable(): ProcEntry[] {
-  if (process.platform === "linux") {
+/** Every process on the machine with its parent and command name (`procDir`: another /proc, Linux layout). */
+function processTable(procDir = "/proc"): ProcEntry[] {
+  if (process.platform === "linux" || procDir !== "/proc") {
     const out: ProcEntry[] = [];
-    for (const name of readdirSync("/proc")) {
+    for (const name of readdirSync(procDir)) {
       if (!/^\d+$/.test(name)) continue;
       let stat: string;
       try {
-        stat = readFileSync(`/proc/${name}/stat`, "utf8");
+        stat = readFileSync(`${procDir}/${name}/stat`, "utf8");
       } catch {
         continue; // exited while we looked
       }
@@ -50,8 +51,11 @@ function processTable(): ProcEntry[] {
 }
 
 /** Every descendant of `pid` (children first, then theirs). */
-export function descendantsOf(pid: number): ProcEntry[] {
-  const table = processTable();
+export function descendantsOf(pid: number, procDir = "/proc"): ProcEntry[] {
+  return descendantsIn(processTable(procDir), pid);
+}
+
+function descendantsIn(table: ProcEntry[], pid: number): ProcEntry[] {
   const out: ProcEntry[] = [];
   const queue = [pid];
   while (queue.length > 0) {
@@ -63,6 +67,41 @@ export function descendantsOf(pid: number): ProcEntry[] {
     }
   }
   return out;
+}
+
+/**
+ * The pids of `root` and all its descendants (a daemon's primary and its
+ * workers), root first; [] when `root` is gone.
+ */
+export function processTree(root: number, procDir = "/proc"): number[] {
+  const table = processTable(procDir);
+  if (!table.some((p) => p.pid === root)) return [];
+  return [root, ...descendantsIn(table, root).map((p) => p.pid)];
+}
+
+/** Clock ticks per second, the unit of /proc's CPU times. */
+export const CLK_TCK = (() => {
+  try {
+    return Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100;
+  } catch {
+    return 100;
+  }
+})();
+
+/**
+ * CPU seconds (user + system, all its threads) used so far by `pid`, from
+ * fields 14 and 15 of /proc/<pid>/stat (Linux); 0 when it is gone. A child's
+ * time is its own: sum a process tree to count a daemon with workers.
+ */
+export function cpuSeconds(pid: number, procDir = "/proc"): number {
+  try {
+    const stat = readFileSync(`${procDir}/${pid}/stat`, "utf8");
+    // "pid (comm) state ppid …": comm may contain spaces and parentheses, so split after the last ')'.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
+  } catch {
+    return 0;
+  }
 }
 
 /** The command name of a running process, or undefined when it is gone. */

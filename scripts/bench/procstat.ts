@@ -1,18 +1,15 @@
 /**
  * Per-process CPU time and RSS from /proc (Linux): utime+stime of
- * /proc/<pid>/stat (all threads, including libuv's pool) and the resident set
- * of /proc/<pid>/statm. A process that is gone reads as 0.
+ * /proc/<pid>/stat (all threads, including libuv's pool; testbed/procs.ts
+ * cpuSeconds) and the resident set of /proc/<pid>/statm. A process that is
+ * gone reads as 0. A role is a list of pids read at each sample: a daemon
+ * with workers is its process tree (testbed/procs.ts processTree), and a
+ * worker that exits between two reads takes its CPU of that window with it.
  */
 import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
+import { CLK_TCK, cpuSeconds } from "../../testbed/procs.ts";
 
-const CLK_TCK = (() => {
-  try {
-    return Number(execFileSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).trim()) || 100;
-  } catch {
-    return 100;
-  }
-})();
 const PAGE_SIZE = (() => {
   try {
     return Number(execFileSync("getconf", ["PAGESIZE"], { encoding: "utf8" }).trim()) || 4096;
@@ -20,18 +17,6 @@ const PAGE_SIZE = (() => {
     return 4096;
   }
 })();
-
-/** CPU seconds (user + system) used so far by `pid`. */
-export function cpuSeconds(pid: number): number {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
-    // "pid (comm) state ppid …": comm may contain spaces; utime and stime are fields 14 and 15.
-    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-    return (Number(fields[11]) + Number(fields[12])) / CLK_TCK;
-  } catch {
-    return 0;
-  }
-}
 
 /** Resident set size of `pid` in bytes. */
 export function rssBytes(pid: number): number {

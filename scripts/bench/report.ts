@@ -10,6 +10,7 @@ import type { InsideLatency } from "./logs.ts";
 import { type OverloadResults, overloadTargets, renderOverload } from "./overload.ts";
 import type { CpuReport } from "./procstat.ts";
 import type { LatencySummary } from "./stats.ts";
+import type { ScalingResults } from "./scaling.ts";
 import type { RoundTripCount } from "./wan/roundtrips.ts";
 
 export interface Measured {
@@ -30,7 +31,17 @@ export interface StepSearch {
   case: Case;
   /** Highest rate that passed (0 if none). */
   maxRate: number;
-  steps: Array<{ rate: number; pass: boolean; p99: number; errors: number; achieved: number; otherCores: number }>;
+  steps: Array<{
+    rate: number;
+    pass: boolean;
+    p99: number;
+    errors: number;
+    achieved: number;
+    otherCores: number;
+    /** Requests answered within the step, and CPU seconds per role over it. */
+    completed?: number;
+    cpuS?: CpuReport;
+  }>;
 }
 
 export interface WanResults {
@@ -89,6 +100,8 @@ export interface BenchResults {
   /** Overload and bursts from a KMS-like caller (overload.ts). */
   overload?: OverloadResults;
   soak?: SoakResults;
+  /** Capacity and CPU per request by worker counts, chain and proxy only (scaling.ts). */
+  scaling?: ScalingResults;
   targets: Target[];
 }
 
@@ -123,7 +136,7 @@ const cpu = (v: number) => (Number.isFinite(v) ? v.toFixed(3) : "–");
 const cores = (v: number | undefined) => (v !== undefined && Number.isFinite(v) ? v.toFixed(2) : "–");
 
 /** Left-aligned first column, right-aligned others. */
-function table(head: string[], rows: string[][], indent = "  "): string {
+export function table(head: string[], rows: string[][], indent = "  "): string {
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? "").length)));
   const line = (cells: string[]) =>
     indent +

@@ -9,6 +9,7 @@ import { onCleanup, trackSshdSessions } from "./cleanup.ts";
 import { LoadGenerator } from "./loadgen/generator.ts";
 import type { Case, JobSpec, Target } from "./loadgen/protocol.ts";
 import { insideLatency, markLogs, type LogFiles } from "./logs.ts";
+import { processTree } from "../../testbed/procs.ts";
 import { startCpuMeter, type ProcessSet } from "./procstat.ts";
 import { int, ms, progress, type Measured } from "./report.ts";
 
@@ -20,20 +21,48 @@ export interface BenchChain {
 
 /**
  * The test-bed's chain in `dir`, stopped at cleanup; resolves once the agent is ACTIVE.
- * `remoteAgent` puts the agent on the far side of a network link (the WAN part).
+ * `remoteAgent` puts the agent on the far side of a network link (the WAN part);
+ * `workers` sets the proxy's and the agent's worker counts (not given: their configs leave `workers` out).
  */
 export async function startBenchChain(
   dir: string,
   logLevel: string | undefined,
   remoteAgent?: ChainOptions["remoteAgent"],
   proxyExtra?: ChainOptions["proxyExtra"],
+  workers: Pick<ChainOptions, "proxyWorkers" | "agentWorkers"> = {},
 ): Promise<BenchChain> {
-  const chain = await startChain({ dir, logLevel, remoteAgent, proxyExtra });
+  const chain = await startChain({ dir, logLevel, remoteAgent, proxyExtra, ...workers });
   const sessions = trackSshdSessions(chain.sshd, dir);
   onCleanup(`chain ${dir}`, () => chain.stop());
-  await chain.waitActive();
+  try {
+    await activeOrExited(chain);
+  } catch (err) {
+    await chain.stop();
+    throw err;
+  }
   sessions.pids();
   return { chain, sshdSessions: sessions.pids };
+}
+
+/** The last lines of a log, on one line (for an error message). */
+export function lastLines(text: string, n = 3): string {
+  return text.trim().split("\n").slice(-n).join(" | ").slice(0, 600);
+}
+
+/** chain.waitActive(), or an error as soon as the proxy or the agent has exited (e.g. it refused its config). */
+async function activeOrExited(chain: Chain): Promise<void> {
+  let waiting = true;
+  const exited = (async () => {
+    while (waiting) {
+      for (const d of [chain.proxy, chain.agent]) if (!d.running) throw new Error(`the ${d.name} exited: ${lastLines(d.logs())}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  try {
+    await Promise.race([chain.waitActive(), exited]);
+  } finally {
+    waiting = false;
+  }
 }
 
 export function loadTarget(chain: Chain, sockets: number): Target {
@@ -60,15 +89,17 @@ export interface Rig {
   logs: LogFiles;
 }
 
+/** A daemon's processes: its own and its workers' (its whole process tree). */
+export const treeOf = (pid: number | undefined) => () => (pid === undefined ? [] : processTree(pid));
+
 /** The rig for a chain. */
 export function rigFor(bc: BenchChain, gen: LoadGenerator): Rig {
-  const one = (pid: number | undefined) => (pid === undefined ? [] : [pid]);
   return {
     gen,
     procs: {
-      proxy: () => one(bc.chain.proxy.pid),
+      proxy: treeOf(bc.chain.proxy.pid),
       sshd: bc.sshdSessions,
-      agent: () => one(bc.chain.agent.pid),
+      agent: treeOf(bc.chain.agent.pid),
       generator: () => [gen.pid],
     },
     logs: { proxy: bc.chain.proxy.logFile, agent: bc.chain.agent.logFile },

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { PACKAGE_ROOT } from "../../shared/paths.ts";
 import { chainPidFiles } from "../../testbed/chain.ts";
 import { stopLeftovers } from "../../testbed/procs.ts";
+import { PROXY_ONLY_LEFTOVERS } from "./proxy-only.ts";
 import { progress } from "./report.ts";
 
 /** Builds dist/ when it is missing or older than a source file. */
@@ -28,7 +29,8 @@ export function ensureBuilt(): void {
 
 /** Stops daemons an interrupted earlier run left behind (pids recorded by the chains and by sshd). */
 export function stopBenchLeftovers(dir: string): void {
-  for (const pid of stopLeftovers([...chainPidFiles(join(dir, "chain")), ...chainPidFiles(join(dir, "wan-chain"))])) {
+  const chains = ["chain", "wan-chain", "cold-chain", "scaling-chain"].flatMap((d) => chainPidFiles(join(dir, d)));
+  for (const pid of [...stopLeftovers(chains), ...stopLeftovers([join(dir, "proxy-only", "pids")], PROXY_ONLY_LEFTOVERS)]) {
     progress(`stopped a leftover process of an earlier run (pid ${pid})`);
   }
 }
