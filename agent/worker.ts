@@ -110,6 +110,32 @@ function fatal(message: string): void {
   else process.exit(1);
 }
 
+/** Looks for the token this many times, this far apart, before a worker gives up on it. */
+const TOKEN_LOOKS = 5;
+const TOKEN_LOOK_MS = 200;
+
+/**
+ * Opens the worker's session. The primary found the token just before forking, yet once in a
+ * bench run a worker saw "tokens present: none" on the same token files and the agent could
+ * not start (the cause was not pinned down; SoftHSM keeps a token as files that every process
+ * reads and locks at C_Initialize). So a worker that finds no token with the label looks again
+ * a few times before that counts as permanent. Only that stage is retried: a refused PIN never is.
+ */
+function openSeeingToken(hsm: Hsm, log: Logger): void {
+  for (let look = 1; ; look++) {
+    try {
+      hsm.open();
+      return;
+    } catch (err) {
+      if (!(err instanceof HsmOpenError && err.stage === "token" && look < TOKEN_LOOKS)) throw err;
+      hsm.close();
+      log.warn({ look, err: err.message }, "token not found at the worker's start; looking again");
+      // Nothing else runs in a starting worker: wait synchronously.
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, TOKEN_LOOK_MS);
+    }
+  }
+}
+
 export function runWorker(): void {
   const send = (m: ToPrimary) => {
     if (process.connected) process.send?.(m);
@@ -136,7 +162,7 @@ function start(init: Extract<ToWorker, { t: "init" }>, send: (m: ToPrimary) => v
   });
   const hsm = new Hsm(config.pkcs11, log, { refusalMemoFile: join(dirname(config.stateFile), "pin-refused.json") });
   try {
-    hsm.open();
+    openSeeingToken(hsm, log);
   } catch (err) {
     if (err instanceof HsmOpenError && err.permanent) {
       hsm.close();
