@@ -87,17 +87,6 @@ export const monotonic: Clock = () => performance.now();
  * a request is taken to have arrived when the loop last stopped being idle
  * (from its event-loop utilization), but at most MAX_UNSEEN_MS before it is
  * seen: within a fraction of a millisecond of the truth at low load.
- *
- * On a kept-alive connection there is a tighter bound: a client that waits for
- * each answer (KMS does; HTTP pipelining is the exception, and such a client is
- * only admitted more readily) sends its next request after the previous answer
- * was written, so that request arrived no earlier than then. Without this bound
- * a loop busy for MAX_UNSEEN_MS without a pause (frequent near 60 % of the
- * chain's capacity on a shared 2-core machine) made every request read in that
- * turn look MAX_UNSEEN_MS old, and refused some while p99 was under 50 ms:
- * measured, Encrypt 32 B from 32 kept-alive sockets, 38 × 429 at 1,125/s.
- * A new connection has no such bound (it may have waited in the accept queue):
- * it keeps the loop's.
  */
 export class LoopClock {
   private inTurn = false;
@@ -114,22 +103,8 @@ export class LoopClock {
     this.busySince = clock();
   }
 
-  /** When the last answer on each kept-alive connection was written. */
-  private readonly answeredAt = new WeakMap<object, number>();
-
-  /** Notes that an answer on `connection` was just written (the next request on it comes after). */
-  answered(connection: object): void {
-    this.answeredAt.set(connection, this.clock());
-  }
-
-  /** The arrival time to give a request seen now, on `connection` when known. */
-  arrival(connection?: object): number {
-    const turn = this.turnStart();
-    const answered = connection === undefined ? undefined : this.answeredAt.get(connection);
-    return answered === undefined ? turn : Math.max(turn, answered);
-  }
-
-  private turnStart(): number {
+  /** The arrival time to give a request seen now. */
+  arrival(): number {
     if (!this.inTurn) {
       this.inTurn = true;
       const now = this.clock();

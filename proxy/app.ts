@@ -53,9 +53,7 @@ export interface AppDeps {
    * LoopClock (the proxy's own event loop). In-process tests share the loop with their client,
    * whose work is not the proxy's queue: they pass performance.now.
    */
-  arrival?: (req: IncomingMessage) => number;
-  /** Called once a request's answer is written or its connection gone (LoopClock's bound on the connection's next request). */
-  answered?: (req: IncomingMessage) => void;
+  arrival?: () => number;
   /** Where the pipeline counts requests, refusals and latencies (proxy/metrics.ts); none in some tests. */
   metrics?: ProxyMetrics;
   /** The key stores' quotas; default: this process's own buckets (a proxy worker passes leases from its primary). */
@@ -229,16 +227,14 @@ export function buildPipeline(deps: AppDeps): Pipeline {
   const now = deps.now ?? Date.now;
   const quotas: QuotaTaker = deps.quotas ?? new QuotaSet();
   const loop = new LoopClock();
-  const arrival = deps.arrival ?? ((req: IncomingMessage) => loop.arrival(req.socket));
-  const answered = deps.answered ?? (deps.arrival ? undefined : (req: IncomingMessage) => loop.answered(req.socket));
+  const arrival = deps.arrival ?? (() => loop.arrival());
 
   /** 1. The request's state and its one completion line (level from the status); `probe`: a load balancer's path. */
   function track(req: IncomingMessage, res: ServerResponse, path: string, probe?: "/ping" | "/ready"): RequestState {
-    const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(req), seenAt: performance.now() };
+    const st: RequestState = { start: process.hrtime.bigint(), arrivedAt: arrival(), seenAt: performance.now() };
     const counted = metrics !== undefined && probe === undefined;
     if (counted) metrics.requestStarted();
     res.once("close", () => {
-      answered?.(req);
       const latencyMs = Math.round(Number(process.hrtime.bigint() - st.start) / 1e4) / 100;
       // 499 (nginx's "client closed request") when the client left before any answer.
       const status = res.headersSent ? res.statusCode : 499;

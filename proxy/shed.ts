@@ -120,9 +120,8 @@ export function buildRequestHandler(deps: AppDeps): RequestHandler {
   const { config, agents, metrics } = deps;
   const keyStores = deps.keyStores ?? new KeyStoreRegistry(config.keyStores);
   const loop = new LoopClock();
-  const arrival = deps.arrival ?? ((req: IncomingMessage) => loop.arrival(req.socket));
-  const answered = deps.answered ?? (deps.arrival ? undefined : (req: IncomingMessage) => loop.answered(req.socket));
-  const { app, serveXks } = buildPipeline({ ...deps, keyStores, arrival, answered });
+  const arrival = deps.arrival ?? (() => loop.arrival());
+  const { app, serveXks } = buildPipeline({ ...deps, keyStores, arrival });
   const refusals = new RefusalLog(deps.log.child({ component: "admission" }));
   const handler = ((req: IncomingMessage, res: ServerResponse) => {
     if (req.method === "POST") {
@@ -131,12 +130,11 @@ export function buildRequestHandler(deps: AppDeps): RequestHandler {
       if (parsed && keyStores.get(parsed.prefix)) {
         if (parsed.operation !== "GetHealthStatus" && agents.refusal) {
           const start = process.hrtime.bigint();
-          const budget = new Budget(arrival(req), config.requestBudgetMs, monotonic, performance.now());
+          const budget = new Budget(arrival(), config.requestBudgetMs, monotonic, performance.now());
           const why = agents.refusal(budget);
           if (why) {
             res.writeHead(THROTTLED_STATUS, THROTTLED_HEADERS);
             res.end(THROTTLED_BODY);
-            answered?.(req);
             refusals.note(parsed.prefix, parsed.operation, why);
             if (metrics) {
               // Counted as the app counts a refusal before SigV4: routed, not authenticated.

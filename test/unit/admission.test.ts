@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, describe, it } from "node:test";
 import { WorkQueue } from "../../agent/admission.ts";
-import { AgentGate, Budget, LoopClock, PRIOR_COST_MS, QuotaSet, type Slot, TokenBucket } from "../../proxy/admission.ts";
+import { AgentGate, Budget, PRIOR_COST_MS, QuotaSet, type Slot, TokenBucket } from "../../proxy/admission.ts";
 import { parseProxyConfig } from "../../proxy/config.ts";
 import { XksError } from "../../shared/errors.ts";
 import { TEST_IDENTITIES, writeIdentity, writePins } from "../../testbed/identities.ts";
@@ -149,29 +149,6 @@ describe("the proxy's per-agent gate", () => {
       s.release(true);
     }
     assert.ok(Math.abs(gate.estimates().costMs - 0.25) < 0.01, `cost ${gate.estimates().costMs}`);
-  });
-});
-
-describe("the proxy's arrival estimate (LoopClock)", () => {
-  it("bounds a kept-alive connection's request by its previous answer, and a new connection by the loop only", () => {
-    // All in one synchronous block: the event loop is never idle meanwhile, so the loop's own
-    // bound is the most pessimistic one (seen now − 100 ms) whatever the machine's speed.
-    let t = 0;
-    const loop = new LoopClock(() => t);
-    const kept = {};
-    t = 120;
-    loop.answered(kept);
-    t = 150;
-    const fresh = {};
-    assert.equal(loop.arrival(fresh), 50, "a new connection: busy since start, at most 100 ms unseen");
-    assert.equal(loop.arrival(kept), 120, "the kept-alive connection's request came after its last answer");
-    assert.equal(loop.arrival(), 50);
-    // An answer long ago is no tighter than the loop's bound.
-    const old = {};
-    t = 10;
-    loop.answered(old);
-    t = 150;
-    assert.equal(loop.arrival(old), 50);
   });
 });
 
