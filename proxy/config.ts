@@ -81,9 +81,9 @@ export function proxyConfigSchema(ctx: LoadContext) {
       .describe("secret reference: the agent token, sent on every call (16-1024 printable ASCII characters)"),
     identities: pins(ctx).describe("paths of the agent's certificates accepted on its channel: 1, or 2 while rotating"),
     connections: int(1, 16)
-      .default(2)
+      .default(1)
       .describe(
-        "gRPC channels each proxy process opens to this agent; each call goes to the one with the fewest calls outstanding (several agent workers get work even from one proxy process)",
+        "gRPC channels each proxy process opens to this agent; each call goes to the one with the fewest calls outstanding. An agent hands each channel to one of its workers: with agent workers, proxy workers × connections should be at least the agent's workers (a second channel costs the agent and sshd CPU when the agent is one process)",
       ),
   });
   const credential = z.strictObject({

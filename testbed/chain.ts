@@ -83,6 +83,8 @@ export interface ChainOptions {
   proxyWorkers?: number | "auto";
   /** The agents' `workers` (default: the agent config's default). */
   agentWorkers?: number | "auto";
+  /** The proxy's `connections` to the (first) agent (default: the proxy's, 1). */
+  agentConnections?: number;
 }
 
 /** One of ChainOptions.moreAgents, started. */
@@ -239,7 +241,12 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     region: CHAIN_REGION,
     workers: o.proxyWorkers,
     agents: [
-      { id: "owner-machine", target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`, token: agentToken },
+      {
+        id: "owner-machine",
+        target: o.tunnel === "tcp" ? `127.0.0.1:${tcpPort}` : `unix://${remoteSocket}`,
+        token: agentToken,
+        connections: o.agentConnections,
+      },
       ...more.map((m) => ({ id: m.id, target: `unix://${m.remoteSocket}`, token: agentToken })),
     ],
     keyStores: [{ prefix: CHAIN_PREFIX, credentials: [cred], keys: kmsKeys(keys), ...(o.quota ? { quota: o.quota } : {}) }],

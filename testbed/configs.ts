@@ -80,6 +80,8 @@ export interface AgentEntry {
   token: string;
   /** The agent identities the proxy accepts for it (default [TEST_IDENTITIES.agent]). */
   identities?: Identity[];
+  /** gRPC channels per proxy process to this agent (default: the proxy's, 1). */
+  connections?: number;
 }
 
 /** One KMS external key store served by the proxy. */
@@ -118,6 +120,7 @@ export function writeProxyConfig(dir: string, o: ProxyConfigOptions): string {
       target: a.target,
       token: secretFile(dir, `agent-token-${i}`, a.token),
       identities: writePins(dir, `pinned-agent-${i}`, a.identities ?? [TEST_IDENTITIES.agent]),
+      ...(a.connections !== undefined ? { connections: a.connections } : {}),
     })),
     keyStores: o.keyStores.map((s) => ({
       uriPathPrefix: s.prefix,

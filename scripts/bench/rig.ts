@@ -29,7 +29,7 @@ export async function startBenchChain(
   logLevel: string | undefined,
   remoteAgent?: ChainOptions["remoteAgent"],
   proxyExtra?: ChainOptions["proxyExtra"],
-  workers: Pick<ChainOptions, "proxyWorkers" | "agentWorkers"> = {},
+  workers: Pick<ChainOptions, "proxyWorkers" | "agentWorkers" | "agentConnections"> = {},
 ): Promise<BenchChain> {
   const chain = await startChain({ dir, logLevel, remoteAgent, proxyExtra, ...workers });
   const sessions = trackSshdSessions(chain.sshd, dir);

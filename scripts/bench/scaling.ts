@@ -131,6 +131,8 @@ export async function measureScaling(o: ScalingOptions): Promise<ScalingResults>
           bc = await startBenchChain(join(o.dir, "scaling-chain"), o.logLevel, undefined, o.proxyExtra, {
             proxyWorkers: configured(pw),
             agentWorkers: configured(aw),
+            // Every agent worker gets a channel: the agent hands each connection to one worker.
+            agentConnections: configured(Math.ceil(aw / pw)),
           });
           await o.gen.init(loadTarget(bc.chain, o.sockets));
           const row = rowOf(await searchOn(rigFor(bc, o.gen), hint, o.stepS), base);

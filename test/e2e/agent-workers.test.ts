@@ -93,7 +93,7 @@ async function inForceOnEveryWorker(pred: (l: Record<string, any>) => boolean, w
 }
 
 before(async () => {
-  chain = await startChain({ agentWorkers: 2 });
+  chain = await startChain({ agentWorkers: 2, agentConnections: 2 });
   await chain.waitActive();
   for (let i = 0; i < 4; i++) clients.push(agentClient(`unix://${chain.agentSocket}`, chain.agentToken, {}, { ownConnection: true }));
 });
@@ -118,7 +118,7 @@ describe("an agent with two workers", () => {
   });
 
   test("one proxy process's calls reach both workers (its `connections` channels to the agent)", async () => {
-    // The chain's proxy is one process with the default two channels per agent; calls in
+    // The chain's proxy is one process with two channels to the agent (`connections: 2`); calls in
     // flight together go to the channel with the fewest outstanding, and the agent's primary
     // hands each channel's connection to the worker with the fewest connections.
     const ids = Array.from({ length: 16 }, () => `via-proxy-${seq++}`);
