@@ -28,6 +28,7 @@ import {
   secretRef,
   section,
   z,
+  workersField,
 } from "../shared/schema.ts";
 import { EXTERNAL_KEY_ID_RE, EXTERNAL_KEY_ID_RULE, MAX_CIPHERTEXT_METADATA_BYTES, prefixProblem } from "../shared/xks-spec.ts";
 import type { AuditSettings } from "./audit.ts";
@@ -181,8 +182,7 @@ export function agentConfigSchema(ctx: LoadContext) {
         .describe("the local dashboard; absent: none"),
       tunnels: z.array(tunnel).default([]).describe("the reverse tunnels to the proxies' hosts"),
       maxQueued: int(1, 100_000).default(256).describe("key operations waiting at most; more get THROTTLING (429)"),
-      workers: z
-        .union([z.literal("auto"), int(1, 64)], { error: 'must be "auto" or an integer from 1 to 64' })
+      workers: workersField()
         .default(1)
         .describe(
           'processes serving key operations, each with its own HSM session: 1 (one process), an integer up to 64, or "auto" (one per core); with more than 1 a primary process keeps the tunnels, switches, audit log, dashboard and metrics',

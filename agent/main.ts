@@ -19,18 +19,13 @@ import { startAgentServer, type AgentServer, type OperationRecord } from "./serv
 import { TunnelSet } from "./tunnel.ts";
 import { lateRefusal, startWorkerPool } from "./pool.ts";
 import { ConfigError } from "../shared/config.ts";
+import { workerCount } from "../shared/schema.ts";
 import { errorMessage } from "../shared/errors.ts";
 import { createLogger, type Logger } from "../shared/logging.ts";
 import { VERSION } from "../shared/version.ts";
 import type pino from "pino";
 import { EventEmitter } from "node:events";
-import { availableParallelism } from "node:os";
 import { dirname, join } from "node:path";
-
-/** How many worker processes the config asks for ("auto": one per core). */
-export function workerCount(workers: AgentConfig["workers"]): number {
-  return workers === "auto" ? Math.min(64, availableParallelism()) : workers;
-}
 
 /** Where a refusal of the PIN file is remembered across restarts (agent/hsm/hsm.ts). */
 export function refusalMemoFile(config: AgentConfig): string {

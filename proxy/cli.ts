@@ -21,7 +21,8 @@ import { createLogger } from "../shared/logging.ts";
 import { PACKAGE_ROOT } from "../shared/paths.ts";
 import { VERSION } from "../shared/version.ts";
 import { isWorker, runPrimary, runWorker } from "./cluster.ts";
-import { loadProxyConfig, type ProxyConfig, workerCount } from "./config.ts";
+import { loadProxyConfig, type ProxyConfig } from "./config.ts";
+import { workerCount } from "../shared/schema.ts";
 import { CREDENTIALS_DETAILS, credentialsNew } from "./credentials.ts";
 import { checkFleet } from "./fleet-check.ts";
 import { type RunningProxy, serve } from "./main.ts";
@@ -47,7 +48,7 @@ async function serveCommand(file: string): Promise<number> {
     throw e;
   }
   const log = createLogger({ level: config.log.level, format: config.log.format, name: "xks-proxy" });
-  const workers = workerCount(config);
+  const workers = workerCount(config.workers);
   if (workers > 1) return runPrimary(file, config, log, workers);
   let proxy: RunningProxy;
   try {

@@ -8,7 +8,6 @@
  * its reference page, deploy/CONFIG.md (`npm run gen:config-docs`): every
  * field's text is its `.describe()`. A new field is one line in the schema.
  */
-import { availableParallelism } from "node:os";
 import { deepFreeze } from "../shared/config.ts";
 import {
   identity,
@@ -25,6 +24,7 @@ import {
   section,
   viaChecker,
   z,
+  workersField,
 } from "../shared/schema.ts";
 import { describeTls, parseTlsConfig, type TlsConfig } from "./tls.ts";
 import {
@@ -115,10 +115,8 @@ export function proxyConfigSchema(ctx: LoadContext) {
 
   return z
     .strictObject({
-      workers: z
-        .union([z.literal("auto"), int(1, 64)], { error: '"auto" or an integer 1..64' })
+      workers: workersField()
         .default("auto")
-        .meta({ kind: '`"auto"` or integer 1–64' })
         .describe(
           '"auto" (one per core: os.availableParallelism()) or 1-64 proxy processes behind the one listener; 1: a single process, no primary',
         ),
@@ -267,11 +265,6 @@ export type AdmissionConfig = ProxyConfig["admission"];
 export type Limits = ProxyConfig["limits"];
 /** HTTP server hardening against slow, idle and too many clients (proxy/main.ts applies it). */
 export type HttpServerConfig = ProxyConfig["http"];
-
-/** How many worker processes `workers` means on this machine. */
-export function workerCount(cfg: Pick<ProxyConfig, "workers">, cores: number = availableParallelism()): number {
-  return cfg.workers === "auto" ? Math.max(1, Math.min(64, cores)) : cfg.workers;
-}
 
 /**
  * Reads, validates and freezes the proxy config. Throws one ConfigError listing

@@ -16,6 +16,7 @@
 import * as z from "zod";
 import { Checker, ConfigError, readJsonFile } from "./config.ts";
 import type { OwnIdentity, PinnedIdentity } from "./identity.ts";
+import { availableParallelism } from "node:os";
 import { isAbsolute, dirname, resolve } from "node:path";
 
 export { z };
@@ -261,4 +262,16 @@ export function metricsSection(defaultPort: number) {
 /** An integer field that may be invalid (a rule between fields runs even when a field failed): its value if an integer, else the default. */
 export function numOr(v: unknown, def: number): number {
   return Number.isInteger(v) ? (v as number) : def;
+}
+
+/** A daemon's `workers`: "auto" (one process per core) or 1..64 processes. */
+export function workersField() {
+  return z
+    .union([z.literal("auto"), int(1, 64)], { error: 'must be "auto" or an integer from 1 to 64' })
+    .meta({ kind: '`"auto"` or integer 1–64' });
+}
+
+/** How many processes `workers` means on a machine with `cores` cores. */
+export function workerCount(workers: "auto" | number, cores: number = availableParallelism()): number {
+  return workers === "auto" ? Math.max(1, Math.min(64, cores)) : workers;
 }

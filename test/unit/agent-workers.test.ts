@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { parseAgentConfig } from "../../agent/config.ts";
-import { workerCount } from "../../agent/main.ts";
+import { workerCount } from "../../shared/schema.ts";
 import { allowListMap, evaluateRules, parsePolicy, type PolicyRequest } from "../../agent/policy.ts";
 import { lateRefusal } from "../../agent/pool.ts";
 import type { OperationRecord } from "../../agent/server.ts";
