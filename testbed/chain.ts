@@ -23,8 +23,7 @@ import { freePort } from "./ports.ts";
 import { Daemon } from "./procs.ts";
 import { startSshd, type Sshd } from "./sshd.ts";
 import { makeTlsMaterial, TLS_CLIENT_NAME, type TlsMaterial } from "./tls.ts";
-import { GENEROUS_MS, until } from "./wait.ts";
-import { healthBody } from "./xks/bodies.ts";
+import { GENEROUS_MS } from "./wait.ts";
 import { XksClient, type XksEndpoint } from "./xks/client.ts";
 
 export const CHAIN_PREFIX = "/xks-demo";
@@ -324,22 +323,10 @@ export async function startChain(o: ChainOptions = {}): Promise<Chain> {
     identities: TEST_IDENTITIES,
     ...(tlsMaterial ? { tlsMaterial } : {}),
     waitActive: async (capMs = GENEROUS_MS) => {
-      let last = "";
       try {
-        await until(
-          async () => {
-            const r = await client.post("health", healthBody()).catch((err: Error) => ({ status: 0, text: err.message, json: undefined }));
-            last = r.text;
-            return r.status === 200 && r.json?.ekmFleetDetails?.[0]?.healthStatus === "ACTIVE";
-          },
-          "the chain to report the agent ACTIVE",
-          capMs,
-          100,
-        );
+        await client.untilActive("the chain to report the agent ACTIVE", { capMs });
       } catch (err) {
-        throw new Error(
-          `${(err as Error).message} (last answer: ${last})\nagent log:\n${agent.logs().slice(-3000)}\nproxy log:\n${proxy.logs().slice(-3000)}`,
-        );
+        throw new Error(`${(err as Error).message}\nagent log:\n${agent.logs().slice(-3000)}\nproxy log:\n${proxy.logs().slice(-3000)}`);
       }
     },
     stop: async () => {

@@ -16,8 +16,6 @@ import { writeProxyConfig } from "../../testbed/configs.ts";
 import type { Identity } from "../../testbed/identities.ts";
 import { freePort } from "../../testbed/ports.ts";
 import { DAEMON_NODE_FLAGS, Daemon } from "../../testbed/procs.ts";
-import { until } from "../../testbed/wait.ts";
-import { healthBody } from "../../testbed/xks/bodies.ts";
 import { XksClient } from "../../testbed/xks/client.ts";
 import { onCleanup } from "./cleanup.ts";
 import type { LoadGenerator } from "./loadgen/generator.ts";
@@ -101,23 +99,16 @@ export async function startProxyOnly(
     secretAccessKey: cred.secretAccessKey,
   };
   const client = new XksClient(endpoint);
-  let last = "";
   try {
-    await until(
-      async () => {
+    await client.untilActive("the proxy to report the fake agent ACTIVE", {
+      check: () => {
         if (!proxy.running) throw new Error(`the proxy exited: ${lastLines(proxy.logs())}`);
-        const r = await client.post("health", healthBody()).catch((err: Error) => ({ status: 0, text: err.message, json: undefined }));
-        last = r.text;
-        return r.status === 200 && r.json?.ekmFleetDetails?.[0]?.healthStatus === "ACTIVE";
       },
-      "the proxy to report the fake agent ACTIVE",
-      undefined,
-      100,
-    );
+    });
   } catch (err) {
     await stopProxy();
     await stopFake();
-    throw new Error(`${(err as Error).message} (last answer: ${last.slice(0, 300)})`);
+    throw err;
   } finally {
     client.close();
   }

@@ -9,7 +9,8 @@ import { readFileSync } from "node:fs";
 import { Agent, request as httpRequest } from "node:http";
 import { Agent as HttpsAgent, request as httpsRequest } from "node:https";
 import type { Socket } from "node:net";
-import { GENEROUS_MS, sleep } from "../wait.ts";
+import { GENEROUS_MS, sleep, until } from "../wait.ts";
+import { healthBody } from "./bodies.ts";
 import { smithySign, type Creds, type PlainRequest, type SignOptions } from "./sign.ts";
 
 export interface Resp {
@@ -269,6 +270,30 @@ export class XksClient {
   /** POSTs, retrying the spec's busy answers like KMS ({@link retryBusy}). */
   postRetrying(rest: string, body: unknown, attempts = 10): Promise<Resp> {
     return retryBusy(() => this.post(rest, body), attempts);
+  }
+
+  /**
+   * Resolves once GetHealthStatus reports the first agent ACTIVE (asked every 100 ms); `check`
+   * runs before each ask and may throw (a daemon exited). Past `capMs` it throws, naming `what`
+   * and the last answer.
+   */
+  async untilActive(what: string, o: { capMs?: number; check?: () => void } = {}): Promise<void> {
+    let last = "";
+    try {
+      await until(
+        async () => {
+          o.check?.();
+          const r = await this.post("health", healthBody()).catch((err: Error) => ({ status: 0, text: err.message, json: undefined }));
+          last = r.text;
+          return r.status === 200 && r.json?.ekmFleetDetails?.[0]?.healthStatus === "ACTIVE";
+        },
+        what,
+        o.capMs,
+        100,
+      );
+    } catch (err) {
+      throw new Error(`${(err as Error).message} (last answer: ${last})`);
+    }
   }
 
   close(): void {
