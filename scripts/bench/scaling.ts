@@ -86,6 +86,29 @@ function rowOf(search: StepSearch, base: Pick<ScalingRow, "proxyWorkers" | "agen
   };
 }
 
+/**
+ * One row: starts a set-up (its `stop` runs whatever happens next), points the generator at it
+ * (`rig`), searches its capacity; a failure anywhere gives a row that says "did not run" and why.
+ */
+async function measureRow(
+  base: Pick<ScalingRow, "proxyWorkers" | "agentWorkers">,
+  start: () => Promise<{ stop(): Promise<void>; rig(): Promise<Rig> }>,
+  hint: number,
+  stepS: number,
+): Promise<ScalingRow> {
+  let setUp: { stop(): Promise<void>; rig(): Promise<Rig> } | undefined;
+  try {
+    setUp = await start();
+    return rowOf(await searchOn(await setUp.rig(), hint, stepS), base);
+  } catch (err) {
+    const error = (err as Error).message.split("\n")[0];
+    progress(`     did not run: ${error}`);
+    return { ...base, capacity: 0, otherCores: NaN, error };
+  } finally {
+    await setUp?.stop();
+  }
+}
+
 /** A warm-up at half the hint, then the step search from the hint. */
 async function searchOn(rig: Rig, hint: number, stepS: number): Promise<StepSearch> {
   await rig.gen.run(openLoop(ENC32, hint / 2, 3));
@@ -122,52 +145,56 @@ export async function measureScaling(o: ScalingOptions): Promise<ScalingResults>
   if (o.chain) {
     for (const pw of o.workers) {
       for (const aw of o.workers) {
-        const base = { proxyWorkers: pw, agentWorkers: aw };
         progress(
           `scaling: full chain, proxy workers ${pw}, agent workers ${aw}: a fresh chain, warm-up 3 s, step search (${o.stepS} s steps)`,
         );
-        let bc: Awaited<ReturnType<typeof startBenchChain>> | undefined;
-        try {
-          bc = await startBenchChain(join(o.dir, "scaling-chain"), o.logLevel, undefined, o.proxyExtra, {
-            proxyWorkers: configured(pw),
-            agentWorkers: configured(aw),
-            // Every agent worker gets a channel: the agent hands each connection to one worker.
-            agentConnections: configured(Math.ceil(aw / pw)),
-          });
-          await o.gen.init(loadTarget(bc.chain, o.sockets));
-          const row = rowOf(await searchOn(rigFor(bc, o.gen), hint, o.stepS), base);
-          res.chain.push(row);
-          if (row.capacity > 0) hint = row.capacity;
-        } catch (err) {
-          const error = (err as Error).message.split("\n")[0];
-          progress(`     did not run: ${error}`);
-          res.chain.push({ ...base, capacity: 0, otherCores: NaN, error });
-        } finally {
-          await bc?.chain.stop();
-        }
+        const row = await measureRow(
+          { proxyWorkers: pw, agentWorkers: aw },
+          async () => {
+            const bc = await startBenchChain(join(o.dir, "scaling-chain"), o.logLevel, undefined, o.proxyExtra, {
+              proxyWorkers: configured(pw),
+              agentWorkers: configured(aw),
+              // Every agent worker gets a channel: the agent hands each connection to one worker.
+              agentConnections: configured(Math.ceil(aw / pw)),
+            });
+            return {
+              stop: () => bc.chain.stop(),
+              rig: async () => {
+                await o.gen.init(loadTarget(bc.chain, o.sockets));
+                return rigFor(bc, o.gen);
+              },
+            };
+          },
+          hint,
+          o.stepS,
+        );
+        res.chain.push(row);
+        if (row.capacity > 0) hint = row.capacity;
       }
     }
   }
   if (o.proxyOnly) {
     hint = o.hint;
     for (const pw of o.workers) {
-      const base = { proxyWorkers: pw };
       progress(`scaling: proxy only (fake agent), proxy workers ${pw}: warm-up 3 s, step search (${o.stepS} s steps)`);
       const dir = join(o.dir, "proxy-only");
-      let po: Awaited<ReturnType<typeof startProxyOnly>> | undefined;
-      try {
-        po = await startProxyOnly(dir, o.logLevel, configured(pw), o.proxyExtra);
-        await o.gen.init(po.target(o.sockets));
-        const row = rowOf(await searchOn(proxyOnlyRig(po, o.gen, dir), hint, o.stepS), base);
-        res.proxyOnly.push(row);
-        if (row.capacity > 0) hint = row.capacity;
-      } catch (err) {
-        const error = (err as Error).message.split("\n")[0];
-        progress(`     did not run: ${error}`);
-        res.proxyOnly.push({ ...base, capacity: 0, otherCores: NaN, error });
-      } finally {
-        await po?.stop();
-      }
+      const row = await measureRow(
+        { proxyWorkers: pw },
+        async () => {
+          const po = await startProxyOnly(dir, o.logLevel, configured(pw), o.proxyExtra);
+          return {
+            stop: () => po.stop(),
+            rig: async () => {
+              await o.gen.init(po.target(o.sockets));
+              return proxyOnlyRig(po, o.gen, dir);
+            },
+          };
+        },
+        hint,
+        o.stepS,
+      );
+      res.proxyOnly.push(row);
+      if (row.capacity > 0) hint = row.capacity;
     }
   }
   return res;
